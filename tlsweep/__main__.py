@@ -1,0 +1,5 @@
+import sys
+
+from tlsweep.cli import main
+
+sys.exit(main())

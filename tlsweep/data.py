@@ -1,0 +1,322 @@
+"""Images: finding them, labelling them, splitting them, and decoding them with ``tf.data``.
+
+Two layouts are understood:
+
+* **A**: ``dir/train``, ``dir/validation`` and optionally ``dir/test``, each with one subfolder
+  per class (the classic Keras recipe).
+* **B**: one subfolder per class directly under ``dir``; the tool makes a stratified,
+  seed-deterministic validation and test split.
+
+Finding images is pure Python and cheap (no TensorFlow import), so a cache hit never pays for
+TensorFlow. Decoding and resizing run in a ``tf.data`` pipeline (:func:`image_batches`).
+Files that cannot be used are skipped and reported, never fatal once work has started.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlsweep.config import DataConfig
+from tlsweep.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+SPLITS = ("train", "validation", "test")
+# The largest image accepted (pixels); larger ones are skipped as possible decompression bombs.
+MAX_PIXELS = 64_000_000
+_PIL_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "MPO"}
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One image: its path relative to the data folder, its class and its split."""
+
+    path: str  # relative to the data folder, with forward slashes
+    label: int
+    split: str
+
+
+@dataclass
+class ImageSet:
+    """Every candidate image of a data folder, labelled and split."""
+
+    root: Path
+    layout: str  # "A" or "B"
+    class_names: list[str]
+    files: list[ImageFile]
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): not images
+
+    def split_counts(self) -> dict[str, int]:
+        return {s: sum(f.split == s for f in self.files) for s in SPLITS}
+
+    def abspath(self, f: ImageFile) -> str:
+        return str(self.root / f.path)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__MACOSX")
+
+
+def _list_class_folder(root: Path, folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files under ``folder`` (recursively), relative to ``root``, sorted; and the rest."""
+    images: list[str] = []
+    ignored: list[tuple[str, str]] = []
+    seen_dirs: set[tuple[int, int]] = set()
+
+    def walk(d: Path) -> None:
+        try:
+            st = d.stat()
+        except OSError as e:
+            ignored.append((d.relative_to(root).as_posix(), f"unreadable folder ({e.strerror})"))
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in seen_dirs:  # a symlink loop
+            ignored.append((d.relative_to(root).as_posix(), "symlink loop"))
+            return
+        seen_dirs.add(key)
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            ignored.append((d.relative_to(root).as_posix(), f"unreadable folder ({e.strerror})"))
+            return
+        for e in entries:
+            if _is_hidden(e.name):
+                continue
+            rel = (d / e.name).relative_to(root).as_posix()
+            try:
+                is_dir = e.is_dir()
+                is_file = e.is_file()
+            except OSError as err:
+                ignored.append((rel, f"cannot stat ({err.strerror})"))
+                continue
+            if is_dir:
+                walk(d / e.name)
+            elif is_file:
+                if e.name.lower().endswith(IMAGE_EXTENSIONS):
+                    images.append(rel)
+                else:
+                    ignored.append((rel, "not an image file extension"))
+            else:
+                reason = "broken symlink or symlink loop" if e.is_symlink() else "not a file"
+                ignored.append((rel, reason))
+
+    walk(folder)
+    return images, ignored
+
+
+def _class_folders(where: Path) -> list[Path]:
+    try:
+        return sorted(
+            p for p in where.iterdir() if not _is_hidden(p.name) and p.is_dir()
+        )
+    except OSError as e:
+        raise DataError(f"{where}: cannot read the folder ({e.strerror})") from None
+
+
+def find_images(cfg: DataConfig) -> ImageSet:
+    """Find, label and split every image under ``cfg.dir``; refuse unusable folders."""
+    root = Path(cfg.dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; fix data.dir in the sweep file or pass --data")
+    has_splits = [s for s in SPLITS if (root / s).is_dir()]
+    if has_splits:
+        return _layout_a(root, has_splits)
+    return _layout_b(root, cfg)
+
+
+def _collect(root: Path, folder: Path, what: str) -> dict[str, tuple[list[str], list]]:
+    classes = _class_folders(folder)
+    if not classes:
+        raise DataError(
+            f"{folder}: no class folders in {what}; put each class's images in its own subfolder"
+        )
+    out = {}
+    for c in classes:
+        images, ignored = _list_class_folder(root, c)
+        out[c.name] = (images, ignored)
+    return out
+
+
+def _check_classes(found: dict[str, tuple[list[str], list]], folder: Path) -> None:
+    for name, (images, _) in found.items():
+        if not images:
+            raise DataError(
+                f"{folder / name}: empty class folder (no .jpg/.jpeg/.png/.bmp/.gif files); "
+                "add images or remove the folder"
+            )
+    if len(found) < 2:
+        raise DataError(
+            f"{folder}: only one class ({', '.join(found)}); a classifier needs at least two "
+            "class subfolders"
+        )
+
+
+def _layout_a(root: Path, present: list[str]) -> ImageSet:
+    for needed in ("train", "validation"):
+        if needed not in present:
+            raise DataError(
+                f"{root}: has {'/'.join(present)} but no '{needed}' folder; layout A needs "
+                "train/ and validation/ (test/ optional), or use one folder per class (layout B)"
+            )
+    per_split = {s: _collect(root, root / s, f"{s}/") for s in present}
+    class_names = sorted(per_split["train"])
+    _check_classes(per_split["train"], root / "train")
+    for s in present:
+        if s == "train":
+            continue
+        extra = sorted(set(per_split[s]) - set(class_names))
+        if extra:
+            raise DataError(
+                f"{root / s}: class folder(s) {', '.join(extra)} not in train/; "
+                f"the classes are {', '.join(class_names)}"
+            )
+        for name, (images, _) in per_split[s].items():
+            if not images:
+                raise DataError(f"{root / s / name}: empty class folder; add images or remove it")
+    files: list[ImageFile] = []
+    ignored: list[tuple[str, str]] = []
+    for s in present:
+        for name, (images, ign) in per_split[s].items():
+            label = class_names.index(name)
+            files.extend(ImageFile(p, label, s) for p in images)
+            ignored.extend(ign)
+    return ImageSet(root=root, layout="A", class_names=class_names, files=files, ignored=ignored)
+
+
+def _layout_b(root: Path, cfg: DataConfig) -> ImageSet:
+    found = _collect(root, root, "the data folder")
+    _check_classes(found, root)
+    class_names = sorted(found)
+    rng = np.random.default_rng(cfg.seed)
+    files: list[ImageFile] = []
+    ignored: list[tuple[str, str]] = []
+    for label, name in enumerate(class_names):
+        images, ign = found[name]
+        ignored.extend(ign)
+        order = rng.permutation(len(images))
+        n = len(images)
+        n_test = int(round(n * cfg.test_split))
+        n_val = int(round(n * cfg.validation_split))
+        if n - n_test - n_val < 1 or (cfg.validation_split > 0 and n_val < 1):
+            raise DataError(
+                f"{root / name}: {n} image(s) are too few to split into train/validation/test "
+                f"({cfg.validation_split:g}/{cfg.test_split:g}); add images or lower the splits"
+            )
+        for rank, i in enumerate(order):
+            split = "test" if rank < n_test else "validation" if rank < n_test + n_val else "train"
+            files.append(ImageFile(images[i], label, split))
+    files.sort(key=lambda f: f.path)
+    return ImageSet(root=root, layout="B", class_names=class_names, files=files, ignored=ignored)
+
+
+# --- content identity --------------------------------------------------------------------------
+def _digest_file(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError as e:
+        return f"unreadable:{e.errno}"
+    return h.hexdigest()
+
+
+def content_digest(images: ImageSet, workers: int = 8) -> str:
+    """One hash of every file's bytes, path, label and split: changes when any image does."""
+    paths = [images.abspath(f) for f in images.files]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        digests = list(pool.map(_digest_file, paths, chunksize=64))
+    h = hashlib.sha256()
+    h.update("\x00".join(images.class_names).encode())
+    for f, d in zip(images.files, digests, strict=True):
+        h.update(f"{f.path}\x00{f.label}\x00{d}\n".encode())
+    return h.hexdigest()
+
+
+# --- checking headers before decoding ----------------------------------------------------------
+def check_header(path: str) -> str | None:
+    """Why ``path`` cannot be used as an image, or None if its header looks fine.
+
+    Reads the header only (Pillow's lazy open): catches empty files, text named ``.jpg``,
+    unsupported formats and decompression bombs before TensorFlow allocates anything.
+    """
+    from PIL import Image
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as im:
+            fmt = im.format
+            w, h = im.size
+    except Image.DecompressionBombError:
+        return "image too large (possible decompression bomb)"
+    except OSError as e:
+        return f"not a readable image ({e.strerror or type(e).__name__})" if e.errno else (
+            "not a decodable image"
+        )
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types on corrupt headers
+        return f"not a decodable image ({type(e).__name__})"
+    if fmt not in _PIL_FORMATS:
+        return f"unsupported format {fmt}"
+    if w * h > MAX_PIXELS:
+        return f"image too large ({w}x{h} pixels; the limit is {MAX_PIXELS})"
+    if w < 1 or h < 1:
+        return "image has no pixels"
+    return None
+
+
+def check_headers(paths: Sequence[str], workers: int = 8) -> list[str | None]:
+    """:func:`check_header` on many files in parallel."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(check_header, paths, chunksize=64))
+
+
+# --- decoding with tf.data ---------------------------------------------------------------------
+def decode_and_resize(contents: Any, size: int) -> Any:
+    """Decode JPEG/PNG/BMP/GIF bytes to RGB and resize to ``size`` x ``size`` (float32 0..255).
+
+    Grayscale and RGBA become RGB; a GIF gives its first frame. The resize is bilinear and
+    ignores the aspect ratio, exactly what the exported model's ``Resizing`` layer does.
+    """
+    import tensorflow as tf
+
+    img = tf.io.decode_image(contents, channels=3, expand_animations=False, dtype=tf.uint8)
+    img.set_shape([None, None, 3])
+    return tf.image.resize(img, [size, size], method="bilinear")
+
+
+def image_batches(
+    paths: Sequence[str], size: int, batch_size: int, parallel: int | None = None
+) -> Iterator[tuple[np.ndarray, Any]]:
+    """Yield ``(indices, images)`` batches, decoding in parallel with whatever consumes them.
+
+    Files that fail to decode are dropped (``ignore_errors``); the caller sees which from the
+    indices that never arrive.
+    """
+    import tensorflow as tf
+
+    autotune = tf.data.AUTOTUNE if parallel is None else parallel
+    idx = np.arange(len(paths), dtype=np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((idx, list(paths)))
+    ds = ds.map(
+        lambda i, p: (i, decode_and_resize(tf.io.read_file(p), size)),
+        num_parallel_calls=autotune,
+        deterministic=True,
+    )
+    ds = ds.ignore_errors(log_warning=False)
+    ds = ds.batch(batch_size).prefetch(2)
+    for i, x in ds:
+        yield i.numpy(), x

@@ -1,0 +1,401 @@
+"""Feature extraction and the on-disk, content-addressed feature cache.
+
+One cache entry per (backbone, weights identity, input size, pooling, preprocessing, constructor
+arguments, image content and labels, library versions). An entry is a folder::
+
+    <cache_dir>/<Backbone>-<size>-<pooling>-<key16>/
+        manifest.json   # key, shapes, class names, files, skipped files, timings (written last)
+        features.npy    # float32 [rows, dim], memory-mappable, never pickled
+
+It is written under a temporary name and renamed into place; an entry whose manifest is missing,
+unreadable or does not match its key and arrays is never used. Extraction streams batches to a
+memory-mapped ``.npy`` file, so a dataset larger than memory works. A per-entry file lock makes
+concurrent workers extract each entry once: the others wait, and because the lock dies with its
+process, a worker that died while extracting is taken over.
+
+Computing a key reads image bytes but imports no TensorFlow, so a cache hit stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlsweep import backbones as bbs
+from tlsweep.config import BackboneConfig, SweepConfig
+from tlsweep.data import ImageSet, check_headers, content_digest, find_images, image_batches
+from tlsweep.errors import TlsweepError
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+EXTRACT_BATCH = 64
+Progress = Callable[[int, int], None]
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_identity(bb: BackboneConfig) -> str:
+    """What identifies the weights: Keras's ImageNet file, random init, or a file's bytes."""
+    if bb.weights == "imagenet":
+        return "imagenet"
+    if bb.weights == "none":
+        return f"random-seed-{bbs.RANDOM_WEIGHTS_SEED}"
+    return f"file:{_file_digest(bb.weights)}"
+
+
+def key_parts(bb: BackboneConfig, images_digest: str) -> dict[str, Any]:
+    """Everything that changes the features, as a JSON-able dict."""
+    return {
+        "format": CACHE_FORMAT,
+        "backbone": bb.name,
+        "args": {k: bb.args[k] for k in sorted(bb.args)},
+        "weights": weights_identity(bb),
+        "input_size": bb.input_size,
+        "pooling": bb.pooling,
+        "preprocessing": bbs.preprocessing_name(bb),
+        "resize": "bilinear-squash",
+        "images": images_digest,
+        "versions": {p: _version(p) for p in ("keras", "tensorflow")},
+    }
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def entry_name(bb: BackboneConfig, key: str) -> str:
+    return f"{bb.name}-{bb.input_size}-{bb.pooling}-{key[:16]}"
+
+
+@dataclass
+class Entry:
+    """A complete, verified cache entry."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.manifest["class_names"]
+
+    def features(self) -> np.ndarray:
+        """All rows, memory-mapped read-only."""
+        return np.load(self.path / "features.npy", mmap_mode="r", allow_pickle=False)
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of one split, in file order; empty arrays if the split is empty."""
+        rows = [(f["row"], f["label"]) for f in self.manifest["files"] if f["split"] == name]
+        feats = self.features()
+        if not rows:
+            return np.zeros((0, feats.shape[1]), np.float32), np.zeros((0,), np.int64)
+        idx = np.array([r for r, _ in rows], dtype=np.int64)
+        labels = np.array([lab for _, lab in rows], dtype=np.int64)
+        if np.all(np.diff(idx) == 1):
+            return feats[idx[0] : idx[-1] + 1], labels
+        return np.asarray(feats[idx]), labels
+
+    def split_sizes(self) -> dict[str, int]:
+        out = {"train": 0, "validation": 0, "test": 0}
+        for f in self.manifest["files"]:
+            out[f["split"]] += 1
+        return out
+
+
+def _read_entry(path: Path, key: str | None = None) -> Entry | None:
+    """The entry at ``path`` if complete and consistent, else None (never raises)."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        if manifest.get("format") != CACHE_FORMAT or not manifest.get("complete"):
+            return None
+        if key is not None and manifest.get("key") != key:
+            return None
+        if cache_key(manifest["key_parts"]) != manifest["key"]:
+            return None
+        arr = np.load(path / "features.npy", mmap_mode="r", allow_pickle=False)
+        if list(arr.shape) != manifest["shape"] or str(arr.dtype) != manifest["dtype"]:
+            return None
+        rows = [f["row"] for f in manifest["files"]]
+        if rows and (min(rows) < 0 or max(rows) >= arr.shape[0]):
+            return None
+        return Entry(path=path, manifest=manifest)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@contextlib.contextmanager
+def _entry_lock(cache_dir: Path, name: str) -> Iterator[None]:
+    """An exclusive lock per entry; the OS releases it if the holder dies."""
+    lock_path = cache_dir / f"{name}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process extracting %s", name)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class FeatureCache:
+    """The cache folder: lookup, extraction with publication, listing and clearing."""
+
+    def __init__(self, cache_dir: str | Path):
+        self.dir = Path(cache_dir)
+
+    def _mkdir(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TlsweepError(
+                f"{self.dir}: cannot create the cache folder ({e.strerror}); "
+                "set cache_dir or pass --cache-dir"
+            ) from None
+
+    def lookup(self, bb: BackboneConfig, key: str) -> Entry | None:
+        return _read_entry(self.dir / entry_name(bb, key), key)
+
+    def entries(self) -> list[Entry]:
+        if not self.dir.is_dir():
+            return []
+        out = []
+        for p in sorted(self.dir.iterdir()):
+            if p.is_dir() and ".tmp-" not in p.name:
+                e = _read_entry(p)
+                if e is not None:
+                    out.append(e)
+        return out
+
+    def clear(self, match: str | None = None) -> list[str]:
+        """Remove entries (all, or those whose name contains ``match``) and leftovers."""
+        removed = []
+        if not self.dir.is_dir():
+            return removed
+        for p in sorted(self.dir.iterdir()):
+            if match and match not in p.name:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+            elif p.suffix == ".lock":
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        return removed
+
+    def ensure(
+        self,
+        bb: BackboneConfig,
+        images: ImageSet,
+        images_digest: str | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[Entry, bool]:
+        """The entry for ``bb`` on ``images``, extracting it if needed; (entry, was_cached)."""
+        digest = images_digest or content_digest(images)
+        parts = key_parts(bb, digest)
+        key = cache_key(parts)
+        name = entry_name(bb, key)
+        hit = self.lookup(bb, key)
+        if hit is not None:
+            log.info("cache hit: %s", name)
+            return hit, True
+        self._mkdir()
+        with _entry_lock(self.dir, name):
+            hit = self.lookup(bb, key)  # another worker may have finished it while we waited
+            if hit is not None:
+                log.info("cache hit: %s (extracted by another worker)", name)
+                return hit, True
+            for stale in self.dir.glob(f"{name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            final = self.dir / name
+            if final.exists():  # a damaged entry: never used, replaced
+                log.warning("replacing damaged cache entry %s", name)
+                shutil.rmtree(final, ignore_errors=True)
+            entry = self._extract(bb, images, parts, key, name, progress)
+            return entry, False
+
+    def _extract(
+        self,
+        bb: BackboneConfig,
+        images: ImageSet,
+        parts: dict[str, Any],
+        key: str,
+        name: str,
+        progress: Progress | None,
+    ) -> Entry:
+        import tensorflow as tf
+
+        t0 = time.perf_counter()
+        paths = [images.abspath(f) for f in images.files]
+        reasons = check_headers(paths)
+        usable = [i for i, r in enumerate(reasons) if r is None]
+        skipped = {i: r for i, r in enumerate(reasons) if r is not None}
+        t_scan = time.perf_counter() - t0
+        if not usable:
+            raise TlsweepError(
+                f"{images.root}: none of the {len(paths)} image files is readable "
+                f"(first: {images.files[0].path}: {reasons[0]}); check the files"
+            )
+
+        extractor = bbs.build_extractor(bb)
+        dim = int(np.prod(extractor.output_shape[1:]))
+        forward = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
+
+        tmp = self.dir / f"{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            feats = np.lib.format.open_memmap(
+                tmp / "features.npy", mode="w+", dtype=np.float32, shape=(len(usable), dim)
+            )
+            got = np.zeros(len(usable), dtype=bool)
+            t1 = time.perf_counter()
+            done = 0
+            if progress:
+                progress(0, len(usable))
+            use_paths = [paths[i] for i in usable]
+            for idx, batch in image_batches(use_paths, bb.input_size, EXTRACT_BATCH):
+                out = forward(batch).numpy()
+                feats[idx] = out.reshape(len(idx), dim)
+                got[idx] = True
+                done += len(idx)
+                if progress:
+                    progress(done, len(usable))
+            t_forward = time.perf_counter() - t1
+            feats.flush()
+            del feats
+            for j in np.flatnonzero(~got):
+                skipped[usable[j]] = "not a decodable image (corrupt or truncated)"
+            row_of = {usable[j]: j for j in range(len(usable)) if got[j]}
+            files = [
+                {"path": f.path, "label": f.label, "split": f.split, "row": row_of[i]}
+                for i, f in enumerate(images.files)
+                if i in row_of
+            ]
+            skipped_list = [
+                {"path": images.files[i].path, "reason": r} for i, r in sorted(skipped.items())
+            ]
+            if not files:
+                raise TlsweepError(
+                    f"{images.root}: none of the {len(paths)} images could be decoded; "
+                    "check the files"
+                )
+            manifest = {
+                "format": CACHE_FORMAT,
+                "complete": True,
+                "key": key,
+                "key_parts": parts,
+                "name": name,
+                "backbone": {
+                    "name": bb.name,
+                    "weights": bb.weights,
+                    "input_size": bb.input_size,
+                    "pooling": bb.pooling,
+                    "args": dict(bb.args),
+                    "label": bb.label,
+                },
+                "shape": [len(usable), dim],
+                "dtype": "float32",
+                "data_dir": str(images.root),
+                "layout": images.layout,
+                "class_names": images.class_names,
+                "files": files,
+                "skipped": skipped_list,
+                "ignored": [{"path": p, "reason": r} for p, r in images.ignored],
+                "timings": {
+                    "header_check_s": round(t_scan, 3),
+                    "extract_s": round(t_forward, 3),
+                    "images_per_s": round(done / t_forward, 1) if t_forward > 0 else None,
+                },
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            with open(tmp / "manifest.json", "w") as f:
+                json.dump(manifest, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, self.dir / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        entry = _read_entry(self.dir / name, key)
+        if entry is None:  # pragma: no cover - we just wrote it
+            raise TlsweepError(f"{self.dir / name}: the new cache entry failed verification")
+        log.info(
+            "extracted %s: %d images in %.1fs (%.0f images/s), %d skipped",
+            name,
+            done,
+            t_forward,
+            done / max(t_forward, 1e-9),
+            len(skipped_list),
+        )
+        return entry
+
+
+def report_skipped(entry: Entry, limit: int = 3) -> None:
+    """Warn about files the entry skipped or ignored: the count and the first few paths."""
+    for kind, items in (("skipped", entry.manifest["skipped"]), ("ignored", entry.manifest["ignored"])):
+        if items:
+            first = "; ".join(f"{s['path']} ({s['reason']})" for s in items[:limit])
+            more = f" and {len(items) - limit} more" if len(items) > limit else ""
+            log.warning(
+                "%s: %d file(s) %s: %s%s (full list in %s)",
+                entry.manifest["backbone"]["label"],
+                len(items),
+                kind,
+                first,
+                more,
+                entry.path / "manifest.json",
+            )
+
+
+def extract_all(
+    cfg: SweepConfig,
+    progress: Callable[[BackboneConfig], Progress | None] | None = None,
+) -> list[tuple[BackboneConfig, Entry, bool]]:
+    """Find the images once, then make sure every configured backbone's entry exists.
+
+    Returns (resolved backbone, entry, was_cached) per backbone, in sweep-file order.
+    """
+    resolved = [bbs.resolve(b, f"backbones[{i}]") for i, b in enumerate(cfg.backbones)]
+    images = find_images(cfg.data)
+    digest = content_digest(images)
+    cache = FeatureCache(cfg.cache_dir)
+    out = []
+    for bb in resolved:
+        entry, cached = cache.ensure(bb, images, digest, progress(bb) if progress else None)
+        report_skipped(entry)
+        out.append((bb, entry, cached))
+    return out
