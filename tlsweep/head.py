@@ -1,0 +1,381 @@
+"""The dense head: built and trained on feature arrays as compiled TensorFlow code.
+
+The head is ``[Dense(units, relu) -> Dropout(dropout)] * hidden_layers -> Dense(classes)``
+with a sigmoid output for two classes and softmax for more, exactly what the classic recipe
+builds with Keras. Training does not go through ``Model.fit``: one ``tf.function`` runs a whole
+epoch (shuffle, every mini-batch's forward pass, gradients and optimizer update) in a single
+graph call, so Python overhead is paid once per epoch instead of once per step. The function
+takes the weights as arguments and returns new ones, with shape-generic signatures, so it is
+traced once per process and reused by every trial: memory does not grow from trial to trial.
+
+The same parameters and seed give the same result (stateless random ops everywhere).
+The trained weights load into an equivalent Keras model (:meth:`TrainedHead.to_keras`).
+
+This module knows nothing about Optuna or MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Keras's defaults, so results match Model.fit with the same optimizer.
+ADAM_BETA1, ADAM_BETA2, EPSILON = 0.9, 0.999, 1e-7
+SGD_MOMENTUM = 0.9
+RMSPROP_RHO = 0.9
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    """Everything that defines one head and its training."""
+
+    units: int = 256
+    dropout: float = 0.5
+    learning_rate: float = 1e-4
+    batch_size: int = 64
+    epochs: int = 30
+    hidden_layers: int = 1
+    l2: float = 0.0
+    label_smoothing: float = 0.0
+    optimizer: str = "adam"
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HeadParams:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    loss: float
+    accuracy: float
+    val_loss: float
+    val_accuracy: float
+
+    def as_dict(self) -> dict[str, float]:
+        d = asdict(self)
+        d.pop("epoch")
+        return d
+
+
+@dataclass
+class TrainedHead:
+    """The trained weights ([kernel, bias] per Dense layer) and the per-epoch history."""
+
+    params: HeadParams
+    n_features: int
+    n_classes: int
+    weights: list[np.ndarray]
+    history: list[EpochMetrics] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_keras(self, name: str = "head") -> Any:
+        """An equivalent ``keras.Sequential`` head with these weights."""
+        import keras
+
+        p = self.params
+        layers: list[Any] = [keras.Input((self.n_features,), name="features")]
+        for i in range(p.hidden_layers):
+            layers.append(keras.layers.Dense(p.units, activation="relu", name=f"dense_{i}"))
+            layers.append(keras.layers.Dropout(p.dropout, name=f"dropout_{i}"))
+        out_units = 1 if self.n_classes == 2 else self.n_classes
+        activation = "sigmoid" if self.n_classes == 2 else "softmax"
+        layers.append(keras.layers.Dense(out_units, activation=activation, name="probabilities"))
+        model = keras.Sequential(layers, name=name)
+        model.set_weights(self.weights)
+        return model
+
+    def predict_proba(self, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+        """Class probabilities [n, n_classes] (two columns for binary heads)."""
+        import tensorflow as tf
+
+        fn = _forward_fn(len(self.weights) // 2)
+        ws = tuple(tf.constant(w) for w in self.weights)
+        outs = []
+        for i in range(0, len(x), batch):
+            logits = fn(ws, tf.constant(np.asarray(x[i : i + batch], np.float32))).numpy()
+            outs.append(logits)
+        logits = np.concatenate(outs) if outs else np.zeros((0, 1), np.float32)
+        if self.n_classes == 2:
+            p1 = 1.0 / (1.0 + np.exp(-logits[:, 0]))
+            return np.stack([1.0 - p1, p1], axis=1)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+
+# --- compiled functions, one per structure, shared by every trial of the process -----------------
+_FUNCS: dict[tuple, Any] = {}
+
+
+def _forward(ws: tuple, x: Any, dropout: Any = None, seed: Any = None) -> Any:
+    """Logits of the head; dropout (inverted, stateless) when ``dropout`` is given."""
+    import tensorflow as tf
+
+    h = x
+    n = len(ws) // 2
+    for i in range(n - 1):
+        h = tf.nn.relu(tf.matmul(h, ws[2 * i]) + ws[2 * i + 1])
+        if dropout is not None:
+            keep = 1.0 - dropout
+            u = tf.random.stateless_uniform(tf.shape(h), seed=seed + tf.constant([0, 7919]) * i)
+            h = tf.where(u < keep, h / keep, tf.zeros_like(h))
+    return tf.matmul(h, ws[-2]) + ws[-1]
+
+
+def _loss_and_correct(logits: Any, y: Any, binary: bool, smoothing: Any) -> tuple[Any, Any]:
+    """Per-example loss (with label smoothing, as Keras defines it) and correctness."""
+    import tensorflow as tf
+
+    if binary:
+        z = logits[:, 0]
+        yf = tf.cast(y, tf.float32)
+        ys = yf * (1.0 - smoothing) + 0.5 * smoothing
+        loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=ys, logits=z)
+        correct = tf.cast(tf.equal(tf.cast(z > 0, tf.int64), y), tf.float32)
+    else:
+        k = tf.shape(logits)[1]
+        onehot = tf.one_hot(y, k)
+        ys = onehot * (1.0 - smoothing) + smoothing / tf.cast(k, tf.float32)
+        loss = tf.nn.softmax_cross_entropy_with_logits(labels=ys, logits=logits)
+        correct = tf.cast(tf.equal(tf.argmax(logits, axis=1), y), tf.float32)
+    return loss, correct
+
+
+def _forward_fn(n_dense: int) -> Any:
+    import tensorflow as tf
+
+    key = ("forward", n_dense)
+    if key not in _FUNCS:
+        sig = tuple(
+            tf.TensorSpec([None, None] if j % 2 == 0 else [None], tf.float32)
+            for j in range(2 * n_dense)
+        )
+        _FUNCS[key] = tf.function(
+            lambda ws, x: _forward(ws, x),
+            input_signature=[sig, tf.TensorSpec([None, None], tf.float32)],
+        )
+    return _FUNCS[key]
+
+
+def _eval_fn(n_dense: int, binary: bool) -> Any:
+    import tensorflow as tf
+
+    key = ("eval", n_dense, binary)
+    if key not in _FUNCS:
+        sig = tuple(
+            tf.TensorSpec([None, None] if j % 2 == 0 else [None], tf.float32)
+            for j in range(2 * n_dense)
+        )
+
+        def evaluate(ws: tuple, x: Any, y: Any, smoothing: Any) -> tuple[Any, Any]:
+            n = tf.shape(x)[0]
+            chunk = 2048
+            total_loss = tf.constant(0.0)
+            total_correct = tf.constant(0.0)
+            for s in tf.range(0, n, chunk):
+                e = tf.minimum(s + chunk, n)
+                logits = _forward(ws, x[s:e])
+                loss, correct = _loss_and_correct(logits, y[s:e], binary, smoothing)
+                total_loss += tf.reduce_sum(loss)
+                total_correct += tf.reduce_sum(correct)
+            nf = tf.cast(n, tf.float32)
+            return total_loss / nf, total_correct / nf
+
+        _FUNCS[key] = tf.function(
+            evaluate,
+            input_signature=[
+                sig,
+                tf.TensorSpec([None, None], tf.float32),
+                tf.TensorSpec([None], tf.int64),
+                tf.TensorSpec([], tf.float32),
+            ],
+        )
+    return _FUNCS[key]
+
+
+def _epoch_fn(n_dense: int, binary: bool, optimizer: str, batch_size: int) -> Any:
+    import tensorflow as tf
+
+    key = ("epoch", n_dense, binary, optimizer, batch_size)
+    if key in _FUNCS:
+        return _FUNCS[key]
+    wspec = tuple(
+        tf.TensorSpec([None, None] if j % 2 == 0 else [None], tf.float32)
+        for j in range(2 * n_dense)
+    )
+
+    def run_epoch(ws, m, v, step, x, y, seed, lr, dropout, l2, smoothing):  # noqa: ANN001
+        # Every batch has the static size `batch_size`; the last one wraps around and masks
+        # the extra rows, so the loss equals Keras's smaller last batch and XLA sees one shape.
+        n = tf.shape(x)[0]
+        perm = tf.random.experimental.stateless_shuffle(tf.range(n), seed=seed)
+        n_batches = (n + batch_size - 1) // batch_size
+        loss_sum = tf.constant(0.0)
+        correct_sum = tf.constant(0.0)
+        offsets = tf.range(batch_size)
+        for b in tf.range(n_batches):
+            pos = b * batch_size + offsets
+            mask = tf.cast(pos < n, tf.float32)
+            idx = tf.gather(perm, pos % n)
+            xb = tf.gather(x, idx)
+            yb = tf.gather(y, idx)
+            count = tf.reduce_sum(mask)
+            with tf.GradientTape() as tape:
+                tape.watch(ws)
+                logits = _forward(ws, xb, dropout, seed + tf.stack([b + 1, 0]))
+                loss, correct = _loss_and_correct(logits, yb, binary, smoothing)
+                mean_loss = tf.reduce_sum(loss * mask) / count
+                reg = tf.add_n([tf.reduce_sum(tf.square(ws[j])) for j in range(0, len(ws), 2)])
+                total = mean_loss + l2 * reg
+            grads = tape.gradient(total, ws)
+            step = step + 1.0
+            new_ws, new_m, new_v = [], [], []
+            for w, g, mj, vj in zip(ws, grads, m, v, strict=True):
+                if optimizer == "adam":
+                    mj = ADAM_BETA1 * mj + (1 - ADAM_BETA1) * g
+                    vj = ADAM_BETA2 * vj + (1 - ADAM_BETA2) * tf.square(g)
+                    lr_t = lr * tf.sqrt(1 - ADAM_BETA2**step) / (1 - ADAM_BETA1**step)
+                    w = w - lr_t * mj / (tf.sqrt(vj) + EPSILON)
+                elif optimizer == "sgd":
+                    mj = SGD_MOMENTUM * mj - lr * g
+                    w = w + mj
+                else:  # rmsprop
+                    vj = RMSPROP_RHO * vj + (1 - RMSPROP_RHO) * tf.square(g)
+                    w = w - lr * g / (tf.sqrt(vj) + EPSILON)
+                new_ws.append(w)
+                new_m.append(mj)
+                new_v.append(vj)
+            ws, m, v = tuple(new_ws), tuple(new_m), tuple(new_v)
+            loss_sum += mean_loss * count
+            correct_sum += tf.reduce_sum(correct * mask)
+        nf = tf.cast(n, tf.float32)
+        return ws, m, v, step, loss_sum / nf, correct_sum / nf
+
+    fn = tf.function(
+        run_epoch,
+        input_signature=[
+            wspec,
+            wspec,
+            wspec,
+            tf.TensorSpec([], tf.float32),
+            tf.TensorSpec([None, None], tf.float32),
+            tf.TensorSpec([None], tf.int64),
+            tf.TensorSpec([2], tf.int32),
+            tf.TensorSpec([], tf.float32),
+            tf.TensorSpec([], tf.float32),
+            tf.TensorSpec([], tf.float32),
+            tf.TensorSpec([], tf.float32),
+        ],
+    )
+    _FUNCS[key] = fn
+    return fn
+
+
+def _glorot(shape: tuple[int, int], seed: tuple[int, int]) -> Any:
+    import tensorflow as tf
+
+    limit = math.sqrt(6.0 / (shape[0] + shape[1]))
+    return tf.random.stateless_uniform(shape, seed=seed, minval=-limit, maxval=limit)
+
+
+def as_tensor(x: np.ndarray) -> Any:
+    """Features as a float32 tensor, made once and shared by every trial."""
+    import tensorflow as tf
+
+    return tf.convert_to_tensor(np.asarray(x, dtype=np.float32))
+
+
+EpochCallback = Callable[[EpochMetrics], None]
+
+
+def train_head(
+    x_train: Any,
+    y_train: Any,
+    x_val: Any,
+    y_val: Any,
+    n_classes: int,
+    params: HeadParams,
+    on_epoch: EpochCallback | None = None,
+) -> TrainedHead:
+    """Train a head; ``on_epoch`` sees each epoch's metrics and may raise to stop (pruning).
+
+    ``x_*`` may be numpy arrays or tensors from :func:`as_tensor` (preferred: no copy).
+    """
+    import tensorflow as tf
+
+    if n_classes < 2:
+        raise ValueError("a head needs at least two classes")
+    t0 = time.perf_counter()
+    xt = x_train if tf.is_tensor(x_train) else as_tensor(x_train)
+    xv = x_val if tf.is_tensor(x_val) else as_tensor(x_val)
+    yt = tf.convert_to_tensor(np.asarray(y_train, np.int64)) if not tf.is_tensor(y_train) else y_train
+    yv = tf.convert_to_tensor(np.asarray(y_val, np.int64)) if not tf.is_tensor(y_val) else y_val
+    binary = n_classes == 2
+    n_features = int(xt.shape[1])
+    out_units = 1 if binary else n_classes
+    sizes = [n_features] + [params.units] * params.hidden_layers + [out_units]
+    ws: list[Any] = []
+    for i in range(len(sizes) - 1):
+        ws.append(_glorot((sizes[i], sizes[i + 1]), (params.seed, 1000 + i)))
+        ws.append(tf.zeros((sizes[i + 1],), tf.float32))
+    wt = tuple(ws)
+    m = tuple(tf.zeros_like(w) for w in wt)
+    v = tuple(tf.zeros_like(w) for w in wt)
+    step = tf.constant(0.0)
+    n_dense = len(wt) // 2
+    bs = min(params.batch_size, int(xt.shape[0]))
+    epoch = _epoch_fn(n_dense, binary, params.optimizer, bs)
+    evaluate = _eval_fn(n_dense, binary)
+    lr = tf.constant(params.learning_rate, tf.float32)
+    dropout = tf.constant(params.dropout, tf.float32)
+    l2 = tf.constant(params.l2, tf.float32)
+    smoothing = tf.constant(params.label_smoothing, tf.float32)
+    head = TrainedHead(params, n_features, n_classes, [])
+    for e in range(params.epochs):
+        seed = tf.constant([params.seed, e], tf.int32)
+        wt, m, v, step, loss, acc = epoch(wt, m, v, step, xt, yt, seed, lr, dropout, l2, smoothing)
+        val_loss, val_acc = evaluate(wt, xv, yv, smoothing)
+        metrics = EpochMetrics(e, float(loss), float(acc), float(val_loss), float(val_acc))
+        head.history.append(metrics)
+        if not all(math.isfinite(x) for x in (metrics.loss, metrics.val_loss)):
+            head.weights = [w.numpy() for w in wt]
+            head.seconds = time.perf_counter() - t0
+            raise FloatingPointError(f"training diverged at epoch {e} (loss {metrics.loss})")
+        if on_epoch is not None:
+            head.weights = [w.numpy() for w in wt] if e == params.epochs - 1 else []
+            on_epoch(metrics)
+    head.weights = [w.numpy() for w in wt]
+    head.seconds = time.perf_counter() - t0
+    return head
+
+
+def evaluate_head(head: TrainedHead, x: Any, y: Any) -> dict[str, Any]:
+    """Loss, accuracy, per-class precision and recall and the confusion matrix on (x, y)."""
+    y = np.asarray(y, np.int64)
+    proba = head.predict_proba(np.asarray(x, np.float32))
+    pred = proba.argmax(axis=1)
+    k = head.n_classes
+    eps = 1e-7
+    loss = float(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], eps, 1.0)))) if len(y) else 0.0
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (y, pred), 1)
+    precision = [float(cm[c, c] / cm[:, c].sum()) if cm[:, c].sum() else 0.0 for c in range(k)]
+    recall = [float(cm[c, c] / cm[c, :].sum()) if cm[c, :].sum() else 0.0 for c in range(k)]
+    return {
+        "loss": loss,
+        "accuracy": float((pred == y).mean()) if len(y) else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "confusion_matrix": cm.tolist(),
+        "n": int(len(y)),
+    }
