@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +135,7 @@ def resolve(bb: BackboneConfig, where: str = "backbones") -> BackboneConfig:
             f"{where}.input_size: got {size}; {bb.name} ImageNet weights need "
             f"{spec.default_size} px (or weights: none)"
         )
-    return BackboneConfig(
-        name=bb.name, weights=bb.weights, input_size=size, pooling=bb.pooling, args=dict(bb.args)
-    )
+    return replace(bb, input_size=size)
 
 
 def preprocessing_name(bb: BackboneConfig) -> str:

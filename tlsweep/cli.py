@@ -33,6 +33,13 @@ class _Formatter(logging.Formatter):
 def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is experimental.*")
+    warnings.filterwarnings("ignore", message=".*Heartbeat of storage.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
     root = logging.getLogger()
@@ -175,7 +182,141 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_EXTRA_COMMANDS: list[Any] = []
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _short_params(params: dict[str, Any], cfg: Any) -> str:
+    fixed = {n for n, p in cfg.search.space.items() if p.kind == "fixed"}
+    items = [(k, v) for k, v in params.items() if k not in fixed]
+    if len(cfg.backbones) == 1:
+        items = [(k, v) for k, v in items if k != "backbone"]
+    return " ".join(f"{k}={_fmt(v)}" for k, v in items)
+
+
+def _print_summary(summary: Any, cfg: Any) -> None:
+    c = summary.counts
+    print(
+        f"study {summary.study}: {summary.finished}/{summary.n_trials} finished "
+        f"({c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned), "
+        f"{c.get('FAIL', 0)} failed, {c.get('RUNNING', 0)} running, {c.get('WAITING', 0)} queued"
+    )
+    if len(summary.per_backbone) > 1 or summary.per_backbone:
+        print(f"\n{'backbone':<48} {'trials':>6} {'best':>8} {'median':>8} {'s/trial':>8}")
+        for b in summary.per_backbone:
+            print(
+                f"{b['backbone'][:48]:<48} {b['trials']:>6} {_fmt(b['best']):>8} "
+                f"{_fmt(b['median']):>8} {_fmt(b['seconds_per_trial']):>8}"
+            )
+    if summary.best:
+        print(f"\nbest trials ({summary.metric}, {summary.direction}):")
+        print(f"{'trial':>5} {summary.metric:>12} {'seconds':>8}  parameters")
+        for b in summary.best:
+            print(
+                f"{b['number']:>5} {b['value']:>12.4f} {_fmt(b['seconds']):>8}  "
+                f"{_short_params(b['params'], cfg)}"
+            )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import signal
+
+    from tlsweep.sweep import run_sweep
+
+    def _terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    cfg = _load(args)
+    n = cfg.search.n_trials
+
+    def on_trial(o: Any) -> None:
+        value = f"{cfg.search.metric}={o.value:.4f}" if o.value is not None else "no value"
+        best = f"best={o.best_value:.4f} (#{o.best_number})" if o.best_value is not None else ""
+        err = f"  {o.error[:120]}" if o.error else ""
+        print(
+            f"[{o.finished:>{len(str(n))}}/{n}] trial {o.number:<4} {o.state:<8} {value}  {best}  "
+            f"{o.seconds:5.1f}s  {_short_params(o.params, cfg)}{err}",
+            flush=True,
+        )
+
+    argv = ["run", args.sweep, "--workers", "1", "-q"]
+    for flag in ("data", "cache_dir", "study", "storage", "tracking_uri", "n_trials"):
+        v = getattr(args, flag)
+        if v is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(v)]
+    summary = run_sweep(
+        cfg,
+        on_trial=on_trial,
+        progress=_bar_factory(args.quiet),
+        workers=args.workers,
+        worker_index=args.worker_index,
+        worker_argv=argv,
+    )
+    if args.worker_index is None:
+        print()
+        _print_summary(summary, cfg)
+    return 0 if summary.finished >= n or cfg.search.timeout else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tlsweep.search import open_storage, open_study
+    from tlsweep.sweep import summarize
+
+    cfg = _load(args, check_data_dir=False)
+    study = open_study(cfg, open_storage(cfg), create=False)
+    _print_summary(summarize(cfg, study), cfg)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    cfg = _load(args, check_data_dir=False)
+    uri = cfg.tracking_uri
+    if uri is None:
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
+    if uri.startswith("http"):
+        print(f"the tracking store is a server: open {uri} in a browser")
+        return 0
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C to stop)", flush=True)
+    return subprocess.call(cmd)
+
+
+def _register_run(sub: Any) -> None:
+    r = sub.add_parser("run", help="extract (or reuse) features and run or resume the study")
+    _add_common(r)
+    r.add_argument("--n-trials", type=int, metavar="N", help="finished trials to reach")
+    r.add_argument("--study", metavar="NAME", help="study name (overrides study)")
+    r.add_argument("--storage", metavar="URL", help="Optuna storage URL (overrides storage)")
+    r.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI")
+    r.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes on this machine (default 1)")
+    r.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("status", help="show the study: finished, pruned, failed, running, best")
+    _add_common(st)
+    st.add_argument("--study", metavar="NAME")
+    st.add_argument("--storage", metavar="URL")
+    st.set_defaults(func=cmd_status)
+
+    u = sub.add_parser("ui", help="start the MLflow UI on the sweep's tracking store")
+    u.add_argument("sweep")
+    u.add_argument("--tracking-uri", metavar="URI")
+    u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    u.add_argument("--port", type=int, default=5000)
+    u.set_defaults(func=cmd_ui)
+
+
+_EXTRA_COMMANDS: list[Any] = [_register_run]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

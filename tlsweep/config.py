@@ -114,18 +114,19 @@ class BackboneConfig:
     input_size: int | None = None  # None: the backbone's default
     pooling: str = DEFAULT_POOLING
     args: Mapping[str, Any] = field(default_factory=dict)
+    weights_tag: str = ""  # set only when two backbones differ by their weights file alone
 
     @property
     def label(self) -> str:
-        """A short, human-readable and unique-enough name, used as the categorical choice."""
-        extra = ",".join(f"{k}={v}" for k, v in sorted(self.args.items()))
-        weights = self.weights if self.weights in ("imagenet", "none") else Path(self.weights).name
-        parts = [self.name, str(self.input_size), self.pooling]
-        if extra:
-            parts.append(extra)
-        if weights != "imagenet":
-            parts.append(weights)
-        return "/".join(parts)
+        """A short, readable name (``MobileNetV2-alpha0.35-160-avg``): the categorical choice."""
+        extra = "-".join(f"{k}{v}" for k, v in sorted(self.args.items()))
+        parts = [self.name] + ([extra] if extra else [])
+        parts += [str(self.input_size or "default"), self.pooling]
+        if self.weights == "none":
+            parts.append("random")
+        elif self.weights != "imagenet" and self.weights_tag:
+            parts.append(self.weights_tag)
+        return "-".join(parts)
 
 
 @dataclass(frozen=True)
@@ -439,7 +440,18 @@ def load_sweep(
     bb_raw = raw.get("backbones")
     if not isinstance(bb_raw, list) or not bb_raw:
         raise _fail(where, "backbones", bb_raw, "expected a non-empty list of backbones")
-    backbones = tuple(_parse_backbone(where, i, s, base) for i, s in enumerate(bb_raw))
+    from tlsweep.backbones import resolve  # the registry: metadata only, no TensorFlow
+
+    backbones = tuple(
+        resolve(_parse_backbone(where, i, s, base), f"{where}: backbones[{i}]")
+        for i, s in enumerate(bb_raw)
+    )
+    plain = [b.label for b in backbones]
+    if len(set(plain)) < len(plain):
+        backbones = tuple(
+            replace(b, weights_tag=Path(b.weights).stem) if plain.count(b.label) > 1 else b
+            for b in backbones
+        )
     labels = [(b.name, b.weights, b.input_size, b.pooling, sorted(b.args.items())) for b in backbones]
     for i, lab in enumerate(labels):
         if lab in labels[:i]:

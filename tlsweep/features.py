@@ -389,7 +389,7 @@ def extract_all(
 
     Returns (resolved backbone, entry, was_cached) per backbone, in sweep-file order.
     """
-    resolved = [bbs.resolve(b, f"backbones[{i}]") for i, b in enumerate(cfg.backbones)]
+    resolved = list(cfg.backbones)  # load_sweep resolved them against the registry
     images = find_images(cfg.data)
     digest = content_digest(images)
     cache = FeatureCache(cfg.cache_dir)

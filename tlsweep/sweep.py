@@ -1,0 +1,188 @@
+"""One sweep end to end: features (cached) -> study (Optuna) -> runs (MLflow) -> summary.
+
+This is the only module that wires the steps together; each step lives in its own module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tlsweep.config import SweepConfig
+from tlsweep.errors import StudyError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudySummary:
+    """What ``tlsweep status`` and the end of ``tlsweep run`` show."""
+
+    study: str
+    n_trials: int
+    counts: dict[str, int]
+    best: list[dict[str, Any]]  # the best finished trials, best first
+    per_backbone: list[dict[str, Any]]
+    metric: str
+    direction: str
+
+    @property
+    def finished(self) -> int:
+        return self.counts.get("COMPLETE", 0) + self.counts.get("PRUNED", 0)
+
+
+def summarize(cfg: SweepConfig, study: Any, top: int = 5) -> StudySummary:
+    import statistics
+
+    trials = study.get_trials(deepcopy=False)
+    counts = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+    for t in trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    sign = -1 if cfg.search.direction == "maximize" else 1
+    complete = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
+    ranked = sorted(complete, key=lambda t: sign * t.value)
+    best = [
+        {"number": t.number, "value": t.value, "params": dict(t.params),
+         "seconds": t.duration.total_seconds() if t.duration else None}
+        for t in ranked[:top]
+    ]
+    per_bb = []
+    labels = [b.label for b in cfg.backbones]
+    for label in labels:
+        ts = [t for t in trials if t.params.get("backbone", labels[0]) == label]
+        vals = [t.value for t in ts if t.state.name == "COMPLETE" and t.value is not None]
+        secs = [t.duration.total_seconds() for t in ts if t.duration and t.state.name in ("COMPLETE", "PRUNED")]
+        per_bb.append({
+            "backbone": label,
+            "trials": len([t for t in ts if t.state.name in ("COMPLETE", "PRUNED")]),
+            "best": (max(vals) if sign < 0 else min(vals)) if vals else None,
+            "median": statistics.median(vals) if vals else None,
+            "seconds_per_trial": statistics.mean(secs) if secs else None,
+        })
+    return StudySummary(cfg.study, cfg.search.n_trials, counts, best, per_bb,
+                        cfg.search.metric, cfg.search.direction)
+
+
+def _parent_params(cfg: SweepConfig) -> dict[str, Any]:
+    s = cfg.search
+    return {
+        "sweep_file": str(cfg.path),
+        "data_dir": str(cfg.data.dir),
+        "backbones": ", ".join(b.label for b in cfg.backbones),
+        "n_trials": s.n_trials,
+        "sampler": s.sampler,
+        "pruner": s.pruner,
+        "metric": s.metric,
+        "direction": s.direction,
+        "seed": s.seed,
+        "storage": cfg.storage.split("@")[-1],
+        **{f"space.{n}": p.to_json() for n, p in s.space.items()},
+    }
+
+
+def attach_parent(cfg: SweepConfig, study: Any, tracker: Any) -> str:
+    """Find the study's parent MLflow run (resume) or create it, and remember it in the study."""
+    from tlsweep.search import PARENT_ATTR
+
+    rid = study.user_attrs.get(PARENT_ATTR)
+    if rid:
+        try:
+            run = tracker.client.get_run(rid)
+            if run.info.lifecycle_stage == "active" and run.info.experiment_id == tracker.experiment_id:
+                tracker.parent_run_id = rid
+                tracker.reopen_parent()
+                return rid
+        except Exception:  # noqa: BLE001 - a parent deleted or in another tracking store
+            pass
+    rid = tracker.find_parent()
+    if rid:
+        tracker.parent_run_id = rid
+        tracker.reopen_parent()
+    else:
+        rid = tracker.create_parent(_parent_params(cfg), cfg.text, cfg.path.name)
+    study.set_user_attr(PARENT_ATTR, rid)
+    return rid
+
+
+def run_sweep(
+    cfg: SweepConfig,
+    *,
+    on_trial: Callable[[Any], None] | None = None,
+    progress: Callable[[Any], Any] | None = None,
+    workers: int = 1,
+    worker_index: int | None = None,
+    worker_argv: Sequence[str] | None = None,
+    evaluate_winner: bool = True,
+) -> StudySummary:
+    """Extract (or reuse) features, run the study to ``n_trials`` finished trials, summarize.
+
+    With ``workers > 1`` this process prepares everything (features, study, parent run) and
+    starts ``workers`` worker processes (``worker_argv``) on the same study, then waits.
+    """
+    from tlsweep.features import extract_all
+    from tlsweep.search import StudyRunner, load_features, open_storage, open_study
+    from tlsweep.tracking import Tracker
+
+    entries = extract_all(cfg, progress)
+    tracker = Tracker(cfg.tracking_uri, cfg.study)
+    if workers > 1:
+        study = open_study(cfg, open_storage(cfg))
+        attach_parent(cfg, study, tracker)
+        _run_workers(workers, worker_argv or [])
+        summary = summarize(cfg, study)
+        _finish(cfg, study, tracker, summary, evaluate_winner)
+        return summary
+    features = load_features([(bb, e) for bb, e, _ in entries])
+    runner = StudyRunner(cfg, features, tracker, on_trial, worker_index or 0)
+    attach_parent(cfg, runner.study, tracker)
+    done = False
+    try:
+        runner.run()
+        done = runner.finished() >= cfg.search.n_trials
+    finally:
+        summary = summarize(cfg, runner.study)
+        if worker_index is None:
+            with contextlib.suppress(Exception):
+                _finish(cfg, runner.study, tracker, summary, evaluate_winner and done, done)
+    return summary
+
+
+def _finish(
+    cfg: SweepConfig, study: Any, tracker: Any, summary: StudySummary, evaluate: bool,
+    done: bool | None = None,
+) -> None:
+    done = summary.finished >= cfg.search.n_trials if done is None else done
+    if summary.best:
+        b = summary.best[0]
+        tracker.log_best(b["number"], b["value"], cfg.search.metric, b["params"])
+    if done and evaluate:
+        try:
+            from tlsweep import winner
+
+            winner.evaluate_and_log(cfg, study, tracker)
+        except ImportError:
+            pass
+    tracker.close_parent(done)
+
+
+def _run_workers(n: int, argv: Sequence[str]) -> None:
+    procs = []
+    try:
+        for i in range(n):
+            cmd = [sys.executable, "-m", "tlsweep", *argv, "--worker-index", str(i)]
+            procs.append(subprocess.Popen(cmd, env=os.environ.copy()))
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            with contextlib.suppress(Exception):
+                p.wait(timeout=60)
+        raise
+    bad = [c for c in codes if c != 0]
+    if bad:
+        raise StudyError(f"{len(bad)} of {n} workers exited with an error (codes {bad}); see above")

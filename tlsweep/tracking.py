@@ -1,0 +1,207 @@
+"""MLflow: one experiment per study, one parent run per study, one nested child run per trial.
+
+Everything goes through ``mlflow.MlflowClient`` with explicit run ids (no fluent global "active
+run"), so several workers, retries and resumed processes log under the same parent safely.
+A child run is created when its trial starts (parameters first), gets its per-epoch curves and
+final metric when the trial ends, and is terminated FINISHED (COMPLETE or PRUNED, in the
+``optuna.state`` tag) or FAILED. Runs left RUNNING by a killed process are closed by the next
+process from the trial states Optuna recorded (:meth:`Tracker.close_stale_runs`).
+
+This module knows nothing about Optuna's internals: it is handed numbers, states and params.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ROLE_TAG = "tlsweep.role"
+STUDY_TAG = "tlsweep.study"
+TRIAL_TAG = "optuna.trial_number"
+STATE_TAG = "optuna.state"
+
+
+def _mlflow_value(v: Any) -> str:
+    s = str(v)
+    return s if len(s) <= 6000 else s[:5997] + "..."
+
+
+class Tracker:
+    """The MLflow side of one study."""
+
+    def __init__(self, tracking_uri: str | None, study: str, parent_run_id: str | None = None):
+        import mlflow
+        from mlflow import MlflowClient
+
+        os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self.study = study
+        self.experiment_id = self._experiment(study)
+        self.parent_run_id = parent_run_id
+
+    def _experiment(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(5):
+            exp = self.client.get_experiment_by_name(name)
+            if exp is not None:
+                if exp.lifecycle_stage == "deleted":
+                    self.client.restore_experiment(exp.experiment_id)
+                return exp.experiment_id
+            try:
+                return self.client.create_experiment(name)
+            except MlflowException:  # another worker created it first
+                time.sleep(0.2 * (attempt + 1))
+        raise RuntimeError(f"cannot create or find the MLflow experiment '{name}'")
+
+    # --- the parent run ------------------------------------------------------------------------
+    def find_parent(self) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{ROLE_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{self.study}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    def create_parent(self, params: Mapping[str, Any], sweep_text: str, sweep_name: str) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=self.study,
+            tags={ROLE_TAG: "study", STUDY_TAG: self.study},
+        )
+        rid = run.info.run_id
+        self._log_params(rid, params)
+        self.client.log_text(rid, sweep_text, f"sweep/{sweep_name}")
+        self.parent_run_id = rid
+        return rid
+
+    def reopen_parent(self) -> None:
+        """Mark the parent RUNNING again when a study is resumed."""
+        if self.parent_run_id:
+            self.client.update_run(self.parent_run_id, status="RUNNING")
+
+    def close_parent(self, finished: bool) -> None:
+        if self.parent_run_id:
+            self.client.set_terminated(self.parent_run_id, "FINISHED" if finished else "KILLED")
+
+    def log_best(self, number: int, value: float, metric: str, params: Mapping[str, Any]) -> None:
+        if not self.parent_run_id:
+            return
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.parent_run_id,
+            metrics=[Metric(f"best_{metric}", float(value), now, 0)],
+            tags=[RunTag("best_trial", str(number))]
+            + [RunTag(f"best.{k}", _mlflow_value(v)) for k, v in sorted(params.items())],
+        )
+
+    # --- child runs ----------------------------------------------------------------------------
+    def start_trial(self, number: int, params: Mapping[str, Any], worker: str) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{number}",
+            tags={
+                "mlflow.parentRunId": self.parent_run_id or "",
+                STUDY_TAG: self.study,
+                ROLE_TAG: "trial",
+                TRIAL_TAG: str(number),
+                STATE_TAG: "RUNNING",
+                "tlsweep.worker": worker,
+            },
+        )
+        self._log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def end_trial(
+        self,
+        run_id: str,
+        state: str,
+        history: list[Mapping[str, float]],
+        final: Mapping[str, float],
+        error: str | None = None,
+    ) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(v), now, step) for step, h in enumerate(history) for k, v in h.items()
+        ]
+        metrics += [Metric(k, float(v), now, 0) for k, v in final.items()]
+        tags = [RunTag(STATE_TAG, state)]
+        if error:
+            tags.append(RunTag("error", error[:5000]))
+        for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 entries
+            self.client.log_batch(run_id, metrics=metrics[i : i + 900])
+        self.client.log_batch(run_id, tags=tags)
+        self.client.set_terminated(run_id, "FAILED" if state == "FAIL" else "FINISHED")
+
+    def close_stale_runs(self, trial_states: Mapping[int, str], alive: set[int]) -> int:
+        """Terminate child runs left RUNNING whose trial is no longer running in this study.
+
+        ``trial_states`` maps trial number -> Optuna state name; ``alive`` holds the numbers of
+        trials some live worker is still running. Returns how many runs were closed.
+        """
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`{STUDY_TAG}` = '{self.study}'"
+            f" and tags.`{ROLE_TAG}` = 'trial'",
+            max_results=5000,
+        )
+        closed = 0
+        for r in runs:
+            try:
+                number = int(r.data.tags.get(TRIAL_TAG, "-1"))
+            except ValueError:
+                number = -1
+            if number in alive:
+                continue
+            state = trial_states.get(number, "FAIL")
+            if state == "RUNNING":
+                continue
+            self.client.set_tag(r.info.run_id, STATE_TAG, state)
+            self.client.set_terminated(
+                r.info.run_id, "FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED"
+            )
+            closed += 1
+        if closed:
+            log.info("closed %d MLflow run(s) left RUNNING by a process that died", closed)
+        return closed
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _mlflow_value(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 90):
+            self.client.log_batch(run_id, params=items[i : i + 90])
+
+    # --- artifacts on the parent ---------------------------------------------------------------
+    def log_parent_text(self, text: str, path: str) -> None:
+        if self.parent_run_id:
+            self.client.log_text(self.parent_run_id, text, path)
+
+    def log_parent_dict(self, d: Any, path: str) -> None:
+        if self.parent_run_id:
+            self.client.log_dict(self.parent_run_id, d, path)
+
+    def log_parent_metrics(self, metrics: Mapping[str, float]) -> None:
+        if not self.parent_run_id:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        )
+
+    def log_parent_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        if self.parent_run_id:
+            self.client.log_artifact(self.parent_run_id, local_path, artifact_path)
