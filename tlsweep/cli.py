@@ -210,6 +210,14 @@ def _print_summary(summary: Any, cfg: Any) -> None:
                 f"{b['backbone'][:48]:<48} {b['trials']:>6} {_fmt(b['best']):>8} "
                 f"{_fmt(b['median']):>8} {_fmt(b['seconds_per_trial']):>8}"
             )
+    if summary.test is not None:
+        t = summary.test
+        print(
+            f"\nwinner (trial {summary.best[0]['number']}) on the held-out test split: "
+            f"accuracy {t['accuracy']:.4f}, loss {t['loss']:.4f} ({t['n']} images)"
+        )
+    elif summary.test_note:
+        print(f"\nwinner: {summary.test_note}; no test score reported")
     if summary.best:
         print(f"\nbest trials ({summary.metric}, {summary.direction}):")
         print(f"{'trial':>5} {summary.metric:>12} {'seconds':>8}  parameters")
@@ -289,6 +297,82 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def _study_and_tracker(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    from tlsweep.search import open_storage, open_study
+    from tlsweep.sweep import attach_parent
+    from tlsweep.tracking import Tracker
+
+    cfg = _load(args)
+    study = open_study(cfg, open_storage(cfg), create=False)
+    tracker = Tracker(cfg.tracking_uri, cfg.study)
+    attach_parent(cfg, study, tracker)
+    return cfg, study, tracker
+
+
+def _print_test(w: Any, cfg: Any) -> None:
+    print(f"winner: trial {w.number}, validation {cfg.search.metric} {w.value:.4f}")
+    if w.test is None:
+        print("no test split (no test/ folder, or test_split: 0): no test score reported")
+        return
+    t = w.test
+    print(f"test accuracy {t['accuracy']:.4f}, loss {t['loss']:.4f} on {t['n']} held-out images")
+    names = t["class_names"]
+    print(f"{'class':<20} {'precision':>9} {'recall':>7}")
+    for n, p, r in zip(names, t["precision"], t["recall"], strict=True):
+        print(f"{n:<20} {p:>9.4f} {r:>7.4f}")
+    print("confusion matrix (rows true, columns predicted):")
+    for n, row in zip(names, t["confusion_matrix"], strict=True):
+        print(f"  {n:<18} " + " ".join(f"{v:>6}" for v in row))
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from tlsweep.winner import evaluate_and_log
+
+    cfg, study, tracker = _study_and_tracker(args)
+    try:
+        _print_test(evaluate_and_log(cfg, study, tracker), cfg)
+    finally:
+        tracker.close_parent(True)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tlsweep.winner import export
+
+    cfg, study, tracker = _study_and_tracker(args)
+    try:
+        w = export(cfg, study, args.output, tracker)
+    finally:
+        tracker.close_parent(True)
+    _print_test(w, cfg)
+    print(f"exported {args.output} (raw RGB images of any size -> probabilities of "
+          f"{', '.join(w.entry.class_names)})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+
+    from tlsweep.winner import predict
+
+    rows, bad, names = predict(args.model, args.paths, args.batch_size)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["file", "class", "probability"])
+            for r in rows:
+                w.writerow([r["file"], r["class"], f"{r['probability']:.6f}"])
+    else:
+        width = max([len(r["file"]) for r in rows] + [4])
+        print(f"{'file':<{width}}  {'class':<16} probability")
+        for r in rows:
+            print(f"{r['file']:<{width}}  {r['class']:<16} {r['probability']:.4f}")
+    for f, reason in bad:
+        log.warning("skipped %s: %s", f, reason)
+    print(f"{len(rows)} image(s) predicted, {len(bad)} skipped", file=sys.stderr)
+    return 0 if rows or not bad else 1
+
+
 def _register_run(sub: Any) -> None:
     r = sub.add_parser("run", help="extract (or reuse) features and run or resume the study")
     _add_common(r)
@@ -307,6 +391,28 @@ def _register_run(sub: Any) -> None:
     st.add_argument("--study", metavar="NAME")
     st.add_argument("--storage", metavar="URL")
     st.set_defaults(func=cmd_status)
+
+    bst = sub.add_parser("best", help="retrain the best head and score it once on the test split")
+    _add_common(bst)
+    bst.add_argument("--study", metavar="NAME")
+    bst.add_argument("--storage", metavar="URL")
+    bst.add_argument("--tracking-uri", metavar="URI")
+    bst.set_defaults(func=cmd_best)
+
+    ex = sub.add_parser("export", help="write the winner as one Keras model taking raw images")
+    _add_common(ex)
+    ex.add_argument("--output", "-o", required=True, metavar="FILE.keras")
+    ex.add_argument("--study", metavar="NAME")
+    ex.add_argument("--storage", metavar="URL")
+    ex.add_argument("--tracking-uri", metavar="URI")
+    ex.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("predict", help="classify image files and folders with an exported model")
+    pr.add_argument("model", help="an exported .keras file")
+    pr.add_argument("paths", nargs="+", help="image files or folders")
+    pr.add_argument("--csv", metavar="FILE", help="write file,class,probability rows to FILE")
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.set_defaults(func=cmd_predict)
 
     u = sub.add_parser("ui", help="start the MLflow UI on the sweep's tracking store")
     u.add_argument("sweep")

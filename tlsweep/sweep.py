@@ -31,6 +31,8 @@ class StudySummary:
     per_backbone: list[dict[str, Any]]
     metric: str
     direction: str
+    test: dict[str, Any] | None = None  # the winner's held-out test score, once evaluated
+    test_note: str | None = None  # why there is no test score
 
     @property
     def finished(self) -> int:
@@ -148,8 +150,12 @@ def run_sweep(
     finally:
         summary = summarize(cfg, runner.study)
         if worker_index is None:
-            with contextlib.suppress(Exception):
+            try:
                 _finish(cfg, runner.study, tracker, summary, evaluate_winner and done, done)
+            except Exception as e:  # noqa: BLE001 - the trials are safe; report and go on
+                log.warning("could not evaluate the winner: %s", e)
+                with contextlib.suppress(Exception):
+                    tracker.close_parent(done)
     return summary
 
 
@@ -162,12 +168,11 @@ def _finish(
         b = summary.best[0]
         tracker.log_best(b["number"], b["value"], cfg.search.metric, b["params"])
     if done and evaluate:
-        try:
-            from tlsweep import winner
+        from tlsweep import winner
 
-            winner.evaluate_and_log(cfg, study, tracker)
-        except ImportError:
-            pass
+        w = winner.evaluate_and_log(cfg, study, tracker)
+        summary.test = w.test
+        summary.test_note = None if w.test else "no test split (no test/ folder, or test_split: 0)"
     tracker.close_parent(done)
 
 

@@ -1,0 +1,303 @@
+"""The winner: one honest test score, an exported model that takes raw images, predictions, reports.
+
+The best trial's head is rebuilt by retraining it from its parameters and seed on the cached
+training features (training is deterministic, so this is the same head the trial scored) and is
+evaluated once on the test split, which the search never reads. The exported model is one
+Keras model: ``Resizing -> preprocessing (a frozen Dense(3)) -> backbone -> pooling -> head``,
+taking raw RGB images (0..255) of any size and returning class probabilities; it uses built-in
+layers only, so ``keras.models.load_model`` loads it in safe mode without tlsweep installed.
+The class names travel inside the ``.keras`` file as ``tlsweep.json`` (see :func:`read_metadata`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlsweep.config import SweepConfig
+from tlsweep.errors import StudyError, TlsweepError
+
+log = logging.getLogger(__name__)
+
+METADATA_NAME = "tlsweep.json"
+
+
+@dataclass
+class Winner:
+    number: int
+    value: float
+    params: dict[str, Any]
+    backbone: Any
+    entry: Any
+    head: Any
+    test: dict[str, Any] | None  # None: no test split
+
+
+def best_trial(study: Any) -> Any:
+    try:
+        return study.best_trial
+    except ValueError:
+        raise StudyError(
+            f"study '{study.study_name}' has no complete trial yet; run 'tlsweep run' first"
+        ) from None
+
+
+def rebuild(cfg: SweepConfig, study: Any) -> Winner:
+    """Retrain the best trial's head on the cached features and score it on the test split."""
+    from tlsweep.features import extract_all
+    from tlsweep.head import HeadParams, evaluate_head, train_head
+    from tlsweep.search import suggest
+
+    best = best_trial(study)
+    entries = {bb.label: (bb, e) for bb, e, _ in extract_all(cfg)}
+    params = dict(best.params)
+
+    class _Fixed:  # replays the trial's parameters through the same suggest() code path
+        def suggest_categorical(self, name: str, choices: Any) -> Any:
+            return params[name]
+
+        suggest_int = suggest_float = lambda self, name, *a, **k: params[name]  # noqa: E731
+
+    full = suggest(_Fixed(), cfg)
+    label = full["backbone"]
+    if label not in entries:
+        raise StudyError(f"the best trial's backbone {label} is not in the sweep file any more")
+    bb, entry = entries[label]
+    xt, yt = entry.split("train")
+    xv, yv = entry.split("validation")
+    hp = HeadParams.from_dict({**full, "seed": cfg.search.seed})
+    head = train_head(xt, yt, xv, yv, len(entry.class_names), hp)
+    xs, ys = entry.split("test")
+    test = evaluate_head(head, xs, ys) if len(ys) else None
+    if test is not None:
+        test["class_names"] = entry.class_names
+    return Winner(best.number, float(best.value), full, bb, entry, head, test)
+
+
+def evaluate_and_log(cfg: SweepConfig, study: Any, tracker: Any | None) -> Winner:
+    """Rebuild the winner, score it on the test split and put the results on the parent run."""
+    w = rebuild(cfg, study)
+    if tracker is not None and tracker.parent_run_id:
+        metrics: dict[str, float] = {
+            f"rebuilt_{cfg.search.metric}": w.head.history[-1].as_dict()[cfg.search.metric]
+        }
+        if w.test is not None:
+            metrics["test_accuracy"] = w.test["accuracy"]
+            metrics["test_loss"] = w.test["loss"]
+            for name, p, r in zip(w.entry.class_names, w.test["precision"], w.test["recall"], strict=True):
+                metrics[f"test_precision_{_safe(name)}"] = p
+                metrics[f"test_recall_{_safe(name)}"] = r
+            tracker.log_parent_dict(w.test, "test/metrics.json")
+            tracker.log_parent_text(_confusion_text(w.test), "test/confusion_matrix.txt")
+        else:
+            tracker.log_parent_text(
+                "no test split: layout A without a test/ folder, or test_split: 0\n",
+                "test/NO_TEST_SPLIT.txt",
+            )
+        tracker.log_parent_metrics(metrics)
+        tracker.client.set_tag(tracker.parent_run_id, "winner_trial", str(w.number))
+        log_reports(cfg, study, tracker)
+    return w
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _confusion_text(test: dict[str, Any]) -> str:
+    names = test["class_names"]
+    width = max(8, *(len(n) for n in names))
+    lines = ["rows: true class, columns: predicted class", " " * width + "".join(f"{n:>{width}}" for n in names)]
+    for n, row in zip(names, test["confusion_matrix"], strict=True):
+        lines.append(f"{n:>{width}}" + "".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines) + "\n"
+
+
+def log_reports(cfg: SweepConfig, study: Any, tracker: Any) -> list[str]:
+    """Optuna's plots (HTML) and the per-backbone comparison on the parent run."""
+    import warnings
+
+    from tlsweep.sweep import summarize
+
+    written = []
+    summary = summarize(cfg, study)
+    tracker.log_parent_dict(summary.per_backbone, "reports/backbones.json")
+    rows = ["| backbone | trials | best | median | s/trial |", "|---|---|---|---|---|"]
+    for b in summary.per_backbone:
+        rows.append(
+            f"| {b['backbone']} | {b['trials']} | {b['best']} | {b['median']} | "
+            f"{round(b['seconds_per_trial'], 2) if b['seconds_per_trial'] else None} |"
+        )
+    tracker.log_parent_text("\n".join(rows) + "\n", "reports/backbones.md")
+    try:
+        import optuna.visualization as vis
+    except ImportError:  # pragma: no cover
+        return written
+    plots = {
+        "optimization_history": vis.plot_optimization_history,
+        "param_importances": vis.plot_param_importances,
+        "parallel_coordinate": vis.plot_parallel_coordinate,
+    }
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, fn in plots.items():
+            try:
+                fig = fn(study)
+                path = Path(tmp) / f"{name}.html"
+                fig.write_html(str(path), include_plotlyjs="cdn")
+                tracker.log_parent_artifact(str(path), "reports")
+                written.append(name)
+            except Exception as e:  # noqa: BLE001 - e.g. importances need 2+ varied trials
+                log.info("report %s skipped: %s", name, e)
+    return written
+
+
+# --- export ------------------------------------------------------------------------------------
+def build_export_model(w: Winner) -> Any:
+    """Raw RGB images of any size -> class probabilities [n, classes]."""
+    import keras
+
+    from tlsweep import backbones as bbs
+
+    bb = w.backbone
+    size = bb.input_size
+    inputs = keras.Input((None, None, 3), name="image")
+    x = keras.layers.Resizing(size, size, interpolation="bilinear", name="resize")(inputs)
+    x = bbs.preprocess_layer(bb)(x)
+    base = bbs.build_base(bb)
+    x = base(x, training=False)
+    x = bbs.pooling_layer(bb.pooling)(x)
+    head = w.head.to_keras()
+    p = head(x)
+    if w.head.n_classes == 2:
+        p = keras.layers.Concatenate(name="probabilities")([1.0 - p, p])
+    return keras.Model(inputs, p, name="tlsweep_classifier")
+
+
+def metadata(cfg: SweepConfig, w: Winner) -> dict[str, Any]:
+    return {
+        "class_names": w.entry.class_names,
+        "input": "RGB images, values 0..255, any size (resized to "
+        f"{w.backbone.input_size}x{w.backbone.input_size} inside the model)",
+        "output": "class probabilities, one column per class_names entry",
+        "backbone": w.entry.manifest["backbone"],
+        "study": cfg.study,
+        "trial": w.number,
+        "params": w.params,
+        f"validation_{cfg.search.metric}": w.value,
+        "test": w.test,
+    }
+
+
+def export(cfg: SweepConfig, study: Any, output: str | Path, tracker: Any | None) -> Winner:
+    """Write the winner as one ``.keras`` file (and log it to the parent run as an MLflow model)."""
+    output = Path(output)
+    if output.suffix != ".keras":
+        raise TlsweepError(f"--output {output}: the file name must end in .keras")
+    w = evaluate_and_log(cfg, study, tracker)
+    model = build_export_model(w)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp.keras")
+    model.save(tmp)
+    meta = metadata(cfg, w)
+    with zipfile.ZipFile(tmp, "a") as z:
+        z.writestr(METADATA_NAME, json.dumps(meta, indent=1, default=str))
+    os.replace(tmp, output)
+    if tracker is not None and tracker.parent_run_id:
+        _log_mlflow_model(tracker, model, meta, output)
+    return w
+
+
+def _log_mlflow_model(tracker: Any, model: Any, meta: dict[str, Any], path: Path) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    with mlflow.start_run(run_id=tracker.parent_run_id):
+        mlflow.keras.log_model(
+            model,
+            name="model",
+            pip_requirements=["keras", "tensorflow"],
+            metadata={"class_names": meta["class_names"]},
+        )
+        mlflow.log_dict(meta, "model_metadata.json")
+        mlflow.log_artifact(str(path), "export")
+
+
+def read_metadata(model_path: str | Path) -> dict[str, Any]:
+    """The ``tlsweep.json`` stored inside an exported ``.keras`` file."""
+    try:
+        with zipfile.ZipFile(model_path) as z:
+            return json.loads(z.read(METADATA_NAME))
+    except (OSError, KeyError, zipfile.BadZipFile, ValueError):
+        return {}
+
+
+# --- predict -----------------------------------------------------------------------------------
+def find_files(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files from files and folders (recursively); and the paths that are not usable."""
+    from tlsweep.data import IMAGE_EXTENSIONS
+
+    files: list[str] = []
+    bad: list[tuple[str, str]] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for n in sorted(names):
+                    if n.startswith("."):
+                        continue
+                    f = os.path.join(root, n)
+                    if n.lower().endswith(IMAGE_EXTENSIONS):
+                        files.append(f)
+                    else:
+                        bad.append((f, "not an image file extension"))
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            bad.append((str(path), "no such file or folder"))
+    return files, bad
+
+
+def predict(model_path: str | Path, paths: list[str], batch_size: int = 64) -> tuple[list[dict], list[tuple[str, str]], list[str]]:
+    """(rows of file/class/probability, unusable files with reasons, class names)."""
+    import keras
+
+    from tlsweep.data import check_headers, image_batches
+
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise TlsweepError(f"{model_path}: no such model file; create one with 'tlsweep export'")
+    try:
+        model = keras.models.load_model(model_path, safe_mode=True, compile=False)
+    except Exception as e:  # noqa: BLE001
+        raise TlsweepError(f"{model_path}: not a loadable Keras model ({type(e).__name__})") from None
+    meta = read_metadata(model_path)
+    n_out = int(model.output_shape[-1])
+    names = meta.get("class_names") or [str(i) for i in range(n_out)]
+    resize = next((layer for layer in model.layers if layer.name == "resize"), None)
+    size = int(resize.get_config()["height"]) if resize is not None else 224
+    files, bad = find_files(paths)
+    reasons = check_headers(files)
+    ok = [f for f, r in zip(files, reasons, strict=True) if r is None]
+    bad += [(f, r) for f, r in zip(files, reasons, strict=True) if r is not None]
+    rows: list[dict] = []
+    seen = np.zeros(len(ok), dtype=bool)
+    for idx, batch in image_batches(ok, size, batch_size):
+        proba = np.asarray(model.predict_on_batch(batch))
+        for i, pr in zip(idx, proba, strict=True):
+            seen[i] = True
+            k = int(pr.argmax())
+            rows.append({"file": ok[i], "class": names[k], "probability": float(pr[k]),
+                         **{f"p_{n}": float(v) for n, v in zip(names, pr, strict=True)}})
+    bad += [(ok[i], "not a decodable image (corrupt or truncated)") for i in np.flatnonzero(~seen)]
+    rows.sort(key=lambda r: r["file"])
+    return rows, bad, names
