@@ -1,0 +1,133 @@
+"""Shared fixtures: the real data in ../shared, small copies of it, and one feature cache.
+
+Tests that need ../shared skip when it is missing on a developer machine, and fail in CI
+(``CI=true``), where it must be there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TLSWEEP_SHARED", REPO.parent / "shared"))
+CATS_DOGS = SHARED / "datasets" / "cats_vs_dogs"
+FLOWERS = SHARED / "datasets" / "flowers"
+MODELS = SHARED / "keras_home" / "models"
+MNV2_WEIGHTS = MODELS / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+MN_WEIGHTS = MODELS / "mobilenet_2_5_224_tf_no_top.h5"
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
+def need_shared() -> Path:
+    """The shared folder, or skip (fail in CI) when it is missing."""
+    if not (CATS_DOGS.is_dir() and MNV2_WEIGHTS.is_file()):
+        msg = f"{SHARED} with datasets/ and keras_home/ is missing"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg + " (required in CI)")
+        pytest.skip(msg)
+    return SHARED
+
+
+def small_copy(src: Path, dst: Path, per_class: int, splits: tuple[str, ...] | None) -> Path:
+    """Copy ``per_class`` images of every class (of every split, for layout A) to ``dst``."""
+    if splits:
+        for s in splits:
+            for cls in sorted(p for p in (src / s).iterdir() if p.is_dir()):
+                out = dst / s / cls.name
+                out.mkdir(parents=True, exist_ok=True)
+                for f in sorted(cls.iterdir())[:per_class]:
+                    shutil.copy(f, out / f.name)
+    else:
+        for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+            out = dst / cls.name
+            out.mkdir(parents=True, exist_ok=True)
+            for f in sorted(cls.iterdir())[:per_class]:
+                shutil.copy(f, out / f.name)
+    return dst
+
+
+def write_sweep(path: Path, data_dir: Path, **extra: object) -> Path:
+    """A sweep file on MobileNetV2 a0.35 (real weights) at 96 px, for fast tests."""
+    import yaml
+
+    doc: dict = {
+        "study": extra.pop("study", "test"),
+        "data": {"dir": str(data_dir)},
+        "backbones": extra.pop(
+            "backbones",
+            [
+                {
+                    "name": "MobileNetV2",
+                    "weights": str(MNV2_WEIGHTS),
+                    "input_size": 96,
+                    "pooling": "avg",
+                    "args": {"alpha": 0.35},
+                }
+            ],
+        ),
+        "cache_dir": str(extra.pop("cache_dir", path.parent / "cache")),
+        "search": extra.pop(
+            "search",
+            {
+                "n_trials": 3,
+                "sampler": "random",
+                "pruner": "none",
+                "space": {
+                    "units": {"low": 16, "high": 128, "log": True},
+                    "dropout": {"low": 0.0, "high": 0.5},
+                    "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
+                    "batch_size": {"choices": [32, 64]},
+                    "epochs": 5,
+                },
+            },
+        ),
+        "storage": extra.pop("storage", f"sqlite:///{path.parent / 'optuna.db'}"),
+        "tracking_uri": extra.pop("tracking_uri", f"sqlite:///{path.parent / 'mlflow.db'}"),
+    }
+    doc.update(extra)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The real ``tlsweep`` command line in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "tlsweep", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+
+
+@pytest.fixture(scope="session")
+def cats_dogs_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Layout A: 40 train, 20 validation and 20 test images per class of the real photos."""
+    need_shared()
+    dst = tmp_path_factory.mktemp("cd_small")
+    small_copy(CATS_DOGS / "train", dst / "train", 40, None)
+    small_copy(CATS_DOGS / "validation", dst / "validation", 20, None)
+    small_copy(CATS_DOGS / "test", dst / "test", 20, None)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def flowers_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Layout B: 30 real flower photos per class, 5 classes, no split folders."""
+    need_shared()
+    return small_copy(FLOWERS, tmp_path_factory.mktemp("flowers_small"), 30, None)
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One feature cache folder shared by the tests that only need features to exist."""
+    return tmp_path_factory.mktemp("shared_cache")
