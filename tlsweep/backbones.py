@@ -16,7 +16,6 @@ from __future__ import annotations
 import difflib
 import logging
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from tlsweep.config import BackboneConfig
@@ -92,9 +91,7 @@ def _specs() -> dict[str, BackboneSpec]:
         ("VGG19", "vgg19", 224, 32, 512),
         ("Xception", "xception", 299, 71, 2048),
     ]
-    return {
-        r[0]: BackboneSpec(*r, fixed_size_with_imagenet=r[1] == "nasnet") for r in rows
-    }
+    return {r[0]: BackboneSpec(*r, fixed_size_with_imagenet=r[1] == "nasnet") for r in rows}
 
 
 REGISTRY: dict[str, BackboneSpec] = _specs()

@@ -142,7 +142,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
             )
         return 0
     removed = cache.clear(args.match)
-    print(f"removed {len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} from {cache.dir}")
+    print(
+        f"removed {len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} from {cache.dir}"
+    )
     return 0
 
 
@@ -291,8 +293,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if uri.startswith("http"):
         print(f"the tracking store is a server: open {uri} in a browser")
         return 0
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", args.host, "--port", str(args.port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C to stop)", flush=True)
     return subprocess.call(cmd)
 
@@ -345,8 +357,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         tracker.close_parent(True)
     _print_test(w, cfg)
-    print(f"exported {args.output} (raw RGB images of any size -> probabilities of "
-          f"{', '.join(w.entry.class_names)})")
+    print(
+        f"exported {args.output} (raw RGB images of any size -> probabilities of "
+        f"{', '.join(w.entry.class_names)})"
+    )
     return 0
 
 
@@ -380,8 +394,13 @@ def _register_run(sub: Any) -> None:
     r.add_argument("--study", metavar="NAME", help="study name (overrides study)")
     r.add_argument("--storage", metavar="URL", help="Optuna storage URL (overrides storage)")
     r.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI")
-    r.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="worker processes on this machine (default 1)")
+    r.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes on this machine (default 1)",
+    )
     r.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from tlsweep.errors import ConfigError
+from tlsweep.errors import BackboneError, ConfigError
 
 # --- every default, in one place ---------------------------------------------------------------
 DEFAULT_CACHE_DIR = ".tlsweep/cache"  # relative to the working directory
@@ -442,17 +442,22 @@ def load_sweep(
         raise _fail(where, "backbones", bb_raw, "expected a non-empty list of backbones")
     from tlsweep.backbones import resolve  # the registry: metadata only, no TensorFlow
 
-    backbones = tuple(
-        resolve(_parse_backbone(where, i, s, base), f"{where}: backbones[{i}]")
-        for i, s in enumerate(bb_raw)
-    )
+    try:
+        backbones = tuple(
+            resolve(_parse_backbone(where, i, s, base), f"{where}: backbones[{i}]")
+            for i, s in enumerate(bb_raw)
+        )
+    except BackboneError as e:  # an unknown name or a size the backbone cannot take
+        raise ConfigError(str(e)) from None
     plain = [b.label for b in backbones]
     if len(set(plain)) < len(plain):
         backbones = tuple(
             replace(b, weights_tag=Path(b.weights).stem) if plain.count(b.label) > 1 else b
             for b in backbones
         )
-    labels = [(b.name, b.weights, b.input_size, b.pooling, sorted(b.args.items())) for b in backbones]
+    labels = [
+        (b.name, b.weights, b.input_size, b.pooling, sorted(b.args.items())) for b in backbones
+    ]
     for i, lab in enumerate(labels):
         if lab in labels[:i]:
             raise ConfigError(f"{where}: backbones[{i}]: the same backbone is listed twice")

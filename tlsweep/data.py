@@ -35,6 +35,8 @@ SPLITS = ("train", "validation", "test")
 # The largest image accepted (pixels); larger ones are skipped as possible decompression bombs.
 MAX_PIXELS = 64_000_000
 _PIL_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "MPO"}
+# How many decoded images image_batches may hold ready ahead of its consumer.
+_PREFETCH_IMAGES = 512
 
 
 @dataclass(frozen=True)
@@ -116,9 +118,7 @@ def _list_class_folder(root: Path, folder: Path) -> tuple[list[str], list[tuple[
 
 def _class_folders(where: Path) -> list[Path]:
     try:
-        return sorted(
-            p for p in where.iterdir() if not _is_hidden(p.name) and p.is_dir()
-        )
+        return sorted(p for p in where.iterdir() if not _is_hidden(p.name) and p.is_dir())
     except OSError as e:
         raise DataError(f"{where}: cannot read the folder ({e.strerror})") from None
 
@@ -261,8 +261,10 @@ def check_header(path: str) -> str | None:
     except Image.DecompressionBombError:
         return "image too large (possible decompression bomb)"
     except OSError as e:
-        return f"not a readable image ({e.strerror or type(e).__name__})" if e.errno else (
-            "not a decodable image"
+        return (
+            f"not a readable image ({e.strerror or type(e).__name__})"
+            if e.errno
+            else ("not a decodable image")
         )
     except Exception as e:  # noqa: BLE001 - Pillow raises many types on corrupt headers
         return f"not a decodable image ({type(e).__name__})"
@@ -317,6 +319,8 @@ def image_batches(
         deterministic=True,
     )
     ds = ds.ignore_errors(log_warning=False)
-    ds = ds.batch(batch_size).prefetch(2)
+    # A deep enough buffer (about 512 images) to decode ahead while the consumer is busy
+    # with something else (building and tracing the model), not just with the previous batch.
+    ds = ds.batch(batch_size).prefetch(max(2, _PREFETCH_IMAGES // batch_size))
     for i, x in ds:
         yield i.numpy(), x

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -271,9 +272,17 @@ class FeatureCache:
                 f"(first: {images.files[0].path}: {reasons[0]}); check the files"
             )
 
+        # Start decoding first: the pipeline fills its prefetch buffer on the other core while
+        # this thread builds the model and traces the forward pass (seconds of Python).
+        use_paths = [paths[i] for i in usable]
+        batches = image_batches(use_paths, bb.input_size, EXTRACT_BATCH)
+        first = next(batches, None)
+
         extractor = bbs.build_extractor(bb)
         dim = int(np.prod(extractor.output_shape[1:]))
-        forward = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
+        # One trace for every batch size (the last batch is smaller): no second trace at the end.
+        spec = tf.TensorSpec([None, bb.input_size, bb.input_size, 3], tf.float32)
+        forward = tf.function(lambda x: extractor(x, training=False), input_signature=[spec])
 
         tmp = self.dir / f"{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -286,8 +295,7 @@ class FeatureCache:
             done = 0
             if progress:
                 progress(0, len(usable))
-            use_paths = [paths[i] for i in usable]
-            for idx, batch in image_batches(use_paths, bb.input_size, EXTRACT_BATCH):
+            for idx, batch in itertools.chain([first] if first is not None else [], batches):
                 out = forward(batch).numpy()
                 feats[idx] = out.reshape(len(idx), dim)
                 got[idx] = True
@@ -366,7 +374,10 @@ class FeatureCache:
 
 def report_skipped(entry: Entry, limit: int = 3) -> None:
     """Warn about files the entry skipped or ignored: the count and the first few paths."""
-    for kind, items in (("skipped", entry.manifest["skipped"]), ("ignored", entry.manifest["ignored"])):
+    for kind, items in (
+        ("skipped", entry.manifest["skipped"]),
+        ("ignored", entry.manifest["ignored"]),
+    ):
         if items:
             first = "; ".join(f"{s['path']} ({s['reason']})" for s in items[:limit])
             more = f" and {len(items) - limit} more" if len(items) > limit else ""

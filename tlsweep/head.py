@@ -318,7 +318,11 @@ def train_head(
     t0 = time.perf_counter()
     xt = x_train if tf.is_tensor(x_train) else as_tensor(x_train)
     xv = x_val if tf.is_tensor(x_val) else as_tensor(x_val)
-    yt = tf.convert_to_tensor(np.asarray(y_train, np.int64)) if not tf.is_tensor(y_train) else y_train
+    yt = (
+        tf.convert_to_tensor(np.asarray(y_train, np.int64))
+        if not tf.is_tensor(y_train)
+        else y_train
+    )
     yv = tf.convert_to_tensor(np.asarray(y_val, np.int64)) if not tf.is_tensor(y_val) else y_val
     binary = n_classes == 2
     n_features = int(xt.shape[1])
@@ -366,7 +370,9 @@ def evaluate_head(head: TrainedHead, x: Any, y: Any) -> dict[str, Any]:
     pred = proba.argmax(axis=1)
     k = head.n_classes
     eps = 1e-7
-    loss = float(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], eps, 1.0)))) if len(y) else 0.0
+    loss = (
+        float(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], eps, 1.0)))) if len(y) else 0.0
+    )
     cm = np.zeros((k, k), dtype=np.int64)
     np.add.at(cm, (y, pred), 1)
     precision = [float(cm[c, c] / cm[:, c].sum()) if cm[:, c].sum() else 0.0 for c in range(k)]

@@ -111,7 +111,9 @@ def _redact(url: str) -> str:
 @contextlib.contextmanager
 def storage_lock(url: str, name: str) -> Iterator[None]:
     """A mutex shared by every worker of a storage, held in or beside the storage itself."""
-    path = _sqlite_path(url) or (Path(url[len("journal:") :]) if url.startswith("journal:") else None)
+    path = _sqlite_path(url) or (
+        Path(url[len("journal:") :]) if url.startswith("journal:") else None
+    )
     if path is not None:
         fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -173,8 +175,7 @@ def make_sampler(cfg: SweepConfig, seed: int) -> Any:
             import torch  # noqa: F401
         except ImportError:
             raise StudyError(
-                "search.sampler: 'gp' needs PyTorch and SciPy (pip install torch scipy); "
-                "or use tpe"
+                "search.sampler: 'gp' needs PyTorch and SciPy (pip install torch scipy); or use tpe"
             ) from None
         return optuna.samplers.GPSampler(seed=seed)
     return optuna.samplers.GridSampler(grid_space(cfg), seed=seed)
@@ -412,12 +413,19 @@ def load_features(backbones: list[tuple[BackboneConfig, Any]]) -> dict[str, Feat
         xt, yt = entry.split("train")
         xv, yv = entry.split("validation")
         if len(yt) == 0 or len(yv) == 0:
+            which = "training" if len(yt) == 0 else "validation"
             raise StudyError(
-                f"{entry.manifest['data_dir']}: no usable {'training' if len(yt) == 0 else 'validation'}"
-                " images after skipping unreadable files; check the folder"
+                f"{entry.manifest['data_dir']}: no usable {which} images after skipping "
+                "unreadable files; add images or check the folder"
             )
         out[bb.label] = FeatureData(
-            bb, entry, as_tensor(xt), yt, as_tensor(xv), yv, len(entry.class_names),
+            bb,
+            entry,
+            as_tensor(xt),
+            yt,
+            as_tensor(xv),
+            yv,
+            len(entry.class_names),
             entry.split_sizes(),
         )
     return out
@@ -525,7 +533,9 @@ class StudyRunner:
             "seed": cfg.search.seed,
             "trial_number": trial.number,
         }
-        run_id = self.tracker.start_trial(trial.number, logged, self.worker) if self.tracker else None
+        run_id = (
+            self.tracker.start_trial(trial.number, logged, self.worker) if self.tracker else None
+        )
         history: list[dict[str, float]] = []
 
         def on_epoch(m: Any) -> None:
@@ -540,7 +550,12 @@ class StudyRunner:
         with _Heartbeat(self.storage, trial._trial_id, cfg.search.heartbeat_interval):
             try:
                 train_head(
-                    data.x_train, data.y_train, data.x_val, data.y_val, data.n_classes, hp,
+                    data.x_train,
+                    data.y_train,
+                    data.x_val,
+                    data.y_val,
+                    data.n_classes,
+                    hp,
                     on_epoch=on_epoch,
                 )
                 value = history[-1][metric]
@@ -573,8 +588,16 @@ class StudyRunner:
             best_value, best_number = self.best()
             self.on_trial(
                 TrialOutcome(
-                    trial.number, state, value, params, time.perf_counter() - t0,
-                    self.finished(), cfg.search.n_trials, best_value, best_number, error,
+                    trial.number,
+                    state,
+                    value,
+                    params,
+                    time.perf_counter() - t0,
+                    self.finished(),
+                    cfg.search.n_trials,
+                    best_value,
+                    best_number,
+                    error,
                 )
             )
 

@@ -50,8 +50,12 @@ def summarize(cfg: SweepConfig, study: Any, top: int = 5) -> StudySummary:
     complete = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
     ranked = sorted(complete, key=lambda t: sign * t.value)
     best = [
-        {"number": t.number, "value": t.value, "params": dict(t.params),
-         "seconds": t.duration.total_seconds() if t.duration else None}
+        {
+            "number": t.number,
+            "value": t.value,
+            "params": dict(t.params),
+            "seconds": t.duration.total_seconds() if t.duration else None,
+        }
         for t in ranked[:top]
     ]
     per_bb = []
@@ -59,16 +63,29 @@ def summarize(cfg: SweepConfig, study: Any, top: int = 5) -> StudySummary:
     for label in labels:
         ts = [t for t in trials if t.params.get("backbone", labels[0]) == label]
         vals = [t.value for t in ts if t.state.name == "COMPLETE" and t.value is not None]
-        secs = [t.duration.total_seconds() for t in ts if t.duration and t.state.name in ("COMPLETE", "PRUNED")]
-        per_bb.append({
-            "backbone": label,
-            "trials": len([t for t in ts if t.state.name in ("COMPLETE", "PRUNED")]),
-            "best": (max(vals) if sign < 0 else min(vals)) if vals else None,
-            "median": statistics.median(vals) if vals else None,
-            "seconds_per_trial": statistics.mean(secs) if secs else None,
-        })
-    return StudySummary(cfg.study, cfg.search.n_trials, counts, best, per_bb,
-                        cfg.search.metric, cfg.search.direction)
+        secs = [
+            t.duration.total_seconds()
+            for t in ts
+            if t.duration and t.state.name in ("COMPLETE", "PRUNED")
+        ]
+        per_bb.append(
+            {
+                "backbone": label,
+                "trials": len([t for t in ts if t.state.name in ("COMPLETE", "PRUNED")]),
+                "best": (max(vals) if sign < 0 else min(vals)) if vals else None,
+                "median": statistics.median(vals) if vals else None,
+                "seconds_per_trial": statistics.mean(secs) if secs else None,
+            }
+        )
+    return StudySummary(
+        cfg.study,
+        cfg.search.n_trials,
+        counts,
+        best,
+        per_bb,
+        cfg.search.metric,
+        cfg.search.direction,
+    )
 
 
 def _parent_params(cfg: SweepConfig) -> dict[str, Any]:
@@ -96,7 +113,10 @@ def attach_parent(cfg: SweepConfig, study: Any, tracker: Any) -> str:
     if rid:
         try:
             run = tracker.client.get_run(rid)
-            if run.info.lifecycle_stage == "active" and run.info.experiment_id == tracker.experiment_id:
+            if (
+                run.info.lifecycle_stage == "active"
+                and run.info.experiment_id == tracker.experiment_id
+            ):
                 tracker.parent_run_id = rid
                 tracker.reopen_parent()
                 return rid
@@ -160,7 +180,11 @@ def run_sweep(
 
 
 def _finish(
-    cfg: SweepConfig, study: Any, tracker: Any, summary: StudySummary, evaluate: bool,
+    cfg: SweepConfig,
+    study: Any,
+    tracker: Any,
+    summary: StudySummary,
+    evaluate: bool,
     done: bool | None = None,
 ) -> None:
     done = summary.finished >= cfg.search.n_trials if done is None else done

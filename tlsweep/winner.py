@@ -92,7 +92,9 @@ def evaluate_and_log(cfg: SweepConfig, study: Any, tracker: Any | None) -> Winne
         if w.test is not None:
             metrics["test_accuracy"] = w.test["accuracy"]
             metrics["test_loss"] = w.test["loss"]
-            for name, p, r in zip(w.entry.class_names, w.test["precision"], w.test["recall"], strict=True):
+            for name, p, r in zip(
+                w.entry.class_names, w.test["precision"], w.test["recall"], strict=True
+            ):
                 metrics[f"test_precision_{_safe(name)}"] = p
                 metrics[f"test_recall_{_safe(name)}"] = r
             tracker.log_parent_dict(w.test, "test/metrics.json")
@@ -115,7 +117,10 @@ def _safe(name: str) -> str:
 def _confusion_text(test: dict[str, Any]) -> str:
     names = test["class_names"]
     width = max(8, *(len(n) for n in names))
-    lines = ["rows: true class, columns: predicted class", " " * width + "".join(f"{n:>{width}}" for n in names)]
+    lines = [
+        "rows: true class, columns: predicted class",
+        " " * width + "".join(f"{n:>{width}}" for n in names),
+    ]
     for n, row in zip(names, test["confusion_matrix"], strict=True):
         lines.append(f"{n:>{width}}" + "".join(f"{v:>{width}}" for v in row))
     return "\n".join(lines) + "\n"
@@ -267,7 +272,9 @@ def find_files(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     return files, bad
 
 
-def predict(model_path: str | Path, paths: list[str], batch_size: int = 64) -> tuple[list[dict], list[tuple[str, str]], list[str]]:
+def predict(
+    model_path: str | Path, paths: list[str], batch_size: int = 64
+) -> tuple[list[dict], list[tuple[str, str]], list[str]]:
     """(rows of file/class/probability, unusable files with reasons, class names)."""
     import keras
 
@@ -279,7 +286,9 @@ def predict(model_path: str | Path, paths: list[str], batch_size: int = 64) -> t
     try:
         model = keras.models.load_model(model_path, safe_mode=True, compile=False)
     except Exception as e:  # noqa: BLE001
-        raise TlsweepError(f"{model_path}: not a loadable Keras model ({type(e).__name__})") from None
+        raise TlsweepError(
+            f"{model_path}: not a loadable Keras model ({type(e).__name__})"
+        ) from None
     meta = read_metadata(model_path)
     n_out = int(model.output_shape[-1])
     names = meta.get("class_names") or [str(i) for i in range(n_out)]
@@ -296,8 +305,14 @@ def predict(model_path: str | Path, paths: list[str], batch_size: int = 64) -> t
         for i, pr in zip(idx, proba, strict=True):
             seen[i] = True
             k = int(pr.argmax())
-            rows.append({"file": ok[i], "class": names[k], "probability": float(pr[k]),
-                         **{f"p_{n}": float(v) for n, v in zip(names, pr, strict=True)}})
+            rows.append(
+                {
+                    "file": ok[i],
+                    "class": names[k],
+                    "probability": float(pr[k]),
+                    **{f"p_{n}": float(v) for n, v in zip(names, pr, strict=True)},
+                }
+            )
     bad += [(ok[i], "not a decodable image (corrupt or truncated)") for i in np.flatnonzero(~seen)]
     rows.sort(key=lambda r: r["file"])
     return rows, bad, names
