@@ -197,13 +197,16 @@ def _layout_b(root: Path, cfg: DataConfig) -> ImageSet:
     found = _collect(root, root, "the data folder")
     _check_classes(found, root)
     class_names = sorted(found)
-    rng = np.random.default_rng(cfg.seed)
     files: list[ImageFile] = []
     ignored: list[tuple[str, str]] = []
     for label, name in enumerate(class_names):
         images, ign = found[name]
         ignored.extend(ign)
-        order = rng.permutation(len(images))
+        # One generator per class, from the seed and the class name: adding or removing an image
+        # in one class never reshuffles another (a shared generator would shift for every later
+        # class).
+        class_seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+        order = np.random.default_rng([cfg.seed, class_seed]).permutation(len(images))
         n = len(images)
         n_test = int(round(n * cfg.test_split))
         n_val = int(round(n * cfg.validation_split))
