@@ -242,7 +242,7 @@ def content_digest(images: ImageSet, workers: int = 8) -> str:
     h = hashlib.sha256()
     h.update("\x00".join(images.class_names).encode())
     for f, d in zip(images.files, digests, strict=True):
-        h.update(f"{f.path}\x00{f.label}\x00{d}\n".encode())
+        h.update(f"{f.path}\x00{f.label}\x00{f.split}\x00{d}\n".encode())
     return h.hexdigest()
 
 
