@@ -81,6 +81,7 @@ def open_storage(cfg: SweepConfig) -> Any:
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
+        url = _pg_driver(url)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -99,6 +100,19 @@ def open_storage(cfg: SweepConfig) -> Any:
                 f"storage: cannot open {_redact(url)} ({first}); check the URL, the server and "
                 "its driver (pip install psycopg2-binary for PostgreSQL)"
             ) from None
+
+
+def _pg_driver(url: str) -> str:
+    """``postgresql://`` with the installed driver: SQLAlchemy 2.1 defaults to psycopg 3, but
+    the documented driver is psycopg2-binary; use psycopg2 when psycopg 3 is missing."""
+    import importlib.util
+
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+                return "postgresql+psycopg2://" + url[len(scheme):]
+            return "postgresql://" + url[len(scheme):]
+    return url
 
 
 def _redact(url: str) -> str:

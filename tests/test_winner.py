@@ -1,0 +1,185 @@
+"""The winner end to end through the real CLI: test score on the parent run, reports, export,
+a fresh-process load of the exported model, the MLflow model, predict over bad files, no test split.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, write_sweep
+
+pytestmark = pytest.mark.slow
+
+SEARCH = {
+    "n_trials": 3,
+    "sampler": "random",
+    "pruner": "none",
+    "space": {
+        "units": {"low": 16, "high": 64, "log": True},
+        "dropout": {"low": 0.0, "high": 0.3},
+        "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True},
+        "batch_size": {"choices": [32]},
+        "epochs": 5,
+    },
+}
+
+
+def _parent(tracking_uri: str, study: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(study)
+    runs = client.search_runs([exp.experiment_id], "tags.`tlsweep.role` = 'study'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
+
+
+def _all_artifacts(client, run_id: str, path: str | None = None) -> set[str]:
+    out: set[str] = set()
+    for a in client.list_artifacts(run_id, path):
+        if a.is_dir:
+            out |= _all_artifacts(client, run_id, a.path)
+        else:
+            out.add(a.path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(cats_dogs_small: Path, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory):
+    d = tmp_path_factory.mktemp("winner")
+    sweep = write_sweep(d / "sweep.yaml", cats_dogs_small, study="winner", cache_dir=shared_cache,
+                        search=SEARCH)
+    r = run_cli("run", str(sweep), "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = d / "m.keras"
+    r = run_cli("export", str(sweep), "-o", str(model))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert model.is_file()
+    return {"dir": d, "sweep": sweep, "model": model, "tracking": f"sqlite:///{d / 'mlflow.db'}"}
+
+
+def test_parent_run_has_test_metrics_and_reports(exported):
+    client, run = _parent(exported["tracking"], "winner")
+    m = run.data.metrics
+    for k in ("test_accuracy", "test_loss", "test_precision_cats", "test_precision_dogs",
+              "test_recall_cats", "test_recall_dogs"):
+        assert k in m, (k, sorted(m))
+    assert 0.0 <= m["test_accuracy"] <= 1.0
+    arts = _all_artifacts(client, run.info.run_id)
+    for a in ("test/metrics.json", "reports/optimization_history.html",
+              "reports/parallel_coordinate.html", "reports/backbones.json"):
+        assert a in arts, (a, sorted(arts))
+    local = client.download_artifacts(run.info.run_id, "test/metrics.json", str(exported["dir"]))
+    metrics = json.loads(Path(local).read_text())
+    cm = metrics["confusion_matrix"]
+    assert len(cm) == 2 and all(len(row) == 2 for row in cm)
+    assert sum(map(sum, cm)) == 40  # 20 test images per class
+    assert metrics["class_names"] == ["cats", "dogs"]
+    assert abs(metrics["accuracy"] - m["test_accuracy"]) < 1e-6
+
+
+FRESH = r"""
+import json, sys, zipfile
+from pathlib import Path
+import numpy as np
+import keras
+from PIL import Image
+path, test_dir = sys.argv[1], Path(sys.argv[2])
+meta = json.loads(zipfile.ZipFile(path).read("tlsweep.json"))
+names = meta["class_names"]
+model = keras.models.load_model(path, safe_mode=True)
+correct = n = 0
+for k, cls in enumerate(names):
+    for f in sorted((test_dir / cls).iterdir()):
+        x = np.asarray(Image.open(f).convert("RGB"), dtype=np.float32)[None]
+        p = np.asarray(model.predict_on_batch(x))
+        assert p.shape == (1, len(names)), p.shape
+        correct += int(p[0].argmax() == k)
+        n += 1
+assert "tlsweep" not in sys.modules, "tlsweep was imported"
+print(json.dumps({"correct": correct, "n": n, "names": names}))
+"""
+
+
+def test_export_loads_in_fresh_process_without_tlsweep(exported, cats_dogs_small: Path):
+    client, run = _parent(exported["tracking"], "winner")
+    logged = run.data.metrics["test_accuracy"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    r = subprocess.run([sys.executable, "-c", FRESH, str(exported["model"]),
+                        str(cats_dogs_small / "test")], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=str(exported["dir"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["names"] == ["cats", "dogs"]
+    assert out["n"] == 40
+    # raw images of their own size vs features of the cache: allow one image of difference
+    assert abs(out["correct"] - logged * out["n"]) <= 1.0 + 1e-6, (out, logged)
+    with zipfile.ZipFile(exported["model"]) as z:
+        assert json.loads(z.read("tlsweep.json"))["class_names"] == ["cats", "dogs"]
+
+
+def test_parent_run_holds_mlflow_model(exported):
+    client, run = _parent(exported["tracking"], "winner")
+    import mlflow
+
+    mlflow.set_tracking_uri(exported["tracking"])
+    models = [m for m in mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list") if m.name == "model"]
+    assert len(models) == 1, models
+    assert models[0].source_run_id == run.info.run_id
+    arts = _all_artifacts(client, run.info.run_id)
+    assert "export/m.keras" in arts
+    loaded = mlflow.keras.load_model(models[0].model_uri)
+    assert int(loaded.output_shape[-1]) == 2
+
+
+def test_predict_csv_with_bad_files(exported, cats_dogs_small: Path, tmp_path: Path):
+    import shutil
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    good = sorted((cats_dogs_small / "test" / "cats").iterdir())[:3] + sorted(
+        (cats_dogs_small / "test" / "dogs").iterdir())[:3]
+    for f in good:
+        shutil.copy(f, folder / f.name)
+    data = good[0].read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not a jpeg\n")
+    out = tmp_path / "out.csv"
+    r = run_cli("predict", str(exported["model"]), str(folder), "--csv", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    rows = list(csv.DictReader(out.open()))
+    listed = {Path(row["file"]).name for row in rows}
+    assert {f.name for f in good} <= listed
+    assert all(row["class"] in ("cats", "dogs") for row in rows)
+    assert all(0.0 <= float(row["probability"]) <= 1.0 for row in rows)
+    for bad in ("zero.jpg", "text.jpg"):
+        assert bad not in listed
+        assert bad in r.stderr
+    # a truncated JPEG is either decoded partially (listed) or reported as skipped
+    assert ("truncated.jpg" in listed) != ("truncated.jpg" in r.stderr)
+
+
+def test_no_test_split_best_says_so(flowers_small: Path, shared_cache: Path, tmp_path: Path):
+    search = {**SEARCH, "n_trials": 2, "space": {**SEARCH["space"], "epochs": 3}}
+    sweep = write_sweep(tmp_path / "sweep.yaml", flowers_small, study="notest",
+                        cache_dir=shared_cache, search=search,
+                        data={"dir": str(flowers_small), "test_split": 0})
+    r = run_cli("run", str(sweep), "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("best", str(sweep))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no test split" in r.stdout
+    assert "test accuracy" not in r.stdout
+    client, run = _parent(f"sqlite:///{tmp_path / 'mlflow.db'}", "notest")
+    assert "test_accuracy" not in run.data.metrics
