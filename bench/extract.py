@@ -1,0 +1,358 @@
+"""Benchmark feature extraction: tlsweep cache miss vs. bare forward pass vs. classic recipe.
+
+Measures, in one run and interleaved per repeat (so machine noise hits all three alike), for
+MobileNetV2(alpha=0.35) at 160 px with average pooling on every image of the data folder:
+
+  (a) tlsweep end to end: ``FeatureCache(<fresh tmp dir>).ensure(...)`` on a cache miss, timing the
+      whole call (header check, model build, decode + resize, forward, writing the .npy).
+  (b) the forward pass alone: every image decoded and resized into memory first (not timed), then
+      only the forward passes, via a compiled ``tf.function`` on large batches. This is the
+      machine's limit for this model; (a) cannot beat it.
+  (c) the classic Keras recipe: ``ImageDataGenerator(rescale=1/255).flow_from_directory(...,
+      batch_size=20, shuffle=False)`` and ``model.predict(batch, verbose=0)`` per batch, over the
+      same images (one generator per split folder), timed end to end.
+
+The page cache is warmed first (every file read once), so the disk is not measured.
+
+Usage (from the repository root)::
+
+    /work/venv/bin/python bench/extract.py --repeats 3 --json /tmp/bench_extract.json
+
+Targets: a/b >= 0.85 and a/c >= 2.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO / ".." / "shared" / "datasets" / "cats_vs_dogs"
+DEFAULT_WEIGHTS = (
+    REPO
+    / ".."
+    / "shared"
+    / "keras_home"
+    / "models"
+    / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+)
+SIZE = 160
+ALPHA = 0.35
+SPLITS = ("train", "validation", "test")
+CANDIDATE_BATCHES = (32, 64, 128, 256)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA.resolve(),
+        help="layout-A data folder (train/validation/test with class subfolders)",
+    )
+    p.add_argument(
+        "--weights",
+        type=Path,
+        default=DEFAULT_WEIGHTS.resolve(),
+        help="MobileNetV2 alpha=0.35 no-top weights file (.h5)",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of a, b, c")
+    p.add_argument(
+        "--forward-batch",
+        default="auto",
+        help="batch size for (b), the bare forward pass; 'auto' (default) times "
+        f"{'/'.join(map(str, CANDIDATE_BATCHES))} once and keeps the fastest",
+    )
+    p.add_argument(
+        "--only",
+        default="abc",
+        help="which measurements to run, e.g. 'ab' while tuning (default: abc)",
+    )
+    p.add_argument("--json", type=Path, default=None, help="also write the numbers here as JSON")
+    return p.parse_args(argv)
+
+
+def warm_page_cache(paths: list[str]) -> int:
+    total = 0
+    for p in paths:
+        with open(p, "rb") as f:
+            total += len(f.read())
+    return total
+
+
+# --- (a) tlsweep end to end ---------------------------------------------------------------------
+def run_tlsweep(bb, images, digest) -> tuple[float, int, dict]:
+    from tlsweep.features import FeatureCache
+
+    with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
+        cache = FeatureCache(Path(tmp) / "cache")
+        t0 = time.perf_counter()
+        entry, cached = cache.ensure(bb, images, digest)
+        dt = time.perf_counter() - t0
+        assert not cached, "expected a cache miss in a fresh cache dir"
+        n = len(entry.manifest["files"])
+        timings = dict(entry.manifest["timings"])
+    return dt, n, timings
+
+
+# --- (b) the forward pass alone -----------------------------------------------------------------
+def decode_all(paths: list[str], batch: int):
+    """Every image decoded and resized exactly like tlsweep does, as float32 batches in memory."""
+    import tensorflow as tf
+
+    from tlsweep.data import decode_and_resize
+
+    ds = tf.data.Dataset.from_tensor_slices(list(paths))
+    ds = ds.map(
+        lambda p: decode_and_resize(tf.io.read_file(p), SIZE),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    ds = ds.batch(batch)
+    return [tf.identity(x) for x in ds]  # materialised tensors, not re-decoded later
+
+
+class Forward:
+    """tlsweep's own extractor model, called through one compiled tf.function."""
+
+    def __init__(self, bb):
+        import tensorflow as tf
+
+        from tlsweep import backbones as bbs
+
+        self.model = bbs.build_extractor(bb)
+        spec = tf.TensorSpec([None, SIZE, SIZE, 3], tf.float32)
+        self.fn = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
+
+    def warm(self, batches) -> None:
+        for shape in sorted({int(b.shape[0]) for b in batches}):
+            x = next(b for b in batches if int(b.shape[0]) == shape)
+            self.fn(x).numpy()
+
+    def calibrate(self, images, candidates=CANDIDATE_BATCHES, n=512) -> dict[int, float]:
+        """images/s of each batch size on the first ``n`` in-memory images (after a warm call)."""
+        import tensorflow as tf
+
+        sample = tf.concat(images, axis=0)[:n] if len(images) > 1 else images[0][:n]
+        speed = {}
+        for bs in candidates:
+            chunks = [sample[i : i + bs] for i in range(0, int(sample.shape[0]), bs)]
+            self.fn(chunks[0]).numpy()
+            dt, k = self.run(chunks)
+            speed[bs] = k / dt
+        return speed
+
+    def run(self, batches) -> tuple[float, int]:
+        n = 0
+        t0 = time.perf_counter()
+        for x in batches:
+            out = self.fn(x).numpy()
+            n += out.shape[0]
+        return time.perf_counter() - t0, n
+
+
+# --- (c) the classic recipe ---------------------------------------------------------------------
+def classic_model(weights: Path):
+    import keras
+
+    return keras.applications.MobileNetV2(
+        alpha=ALPHA,
+        include_top=False,
+        input_shape=(SIZE, SIZE, 3),
+        weights=str(weights),
+        pooling="avg",
+    )
+
+
+def run_classic(model, data: Path) -> tuple[float, int]:
+    from keras.src.legacy.preprocessing.image import ImageDataGenerator
+
+    t0 = time.perf_counter()
+    n = 0
+    gen = ImageDataGenerator(rescale=1 / 255)
+    for split in SPLITS:
+        d = data / split
+        if not d.is_dir():
+            continue
+        flow = gen.flow_from_directory(
+            str(d), target_size=(SIZE, SIZE), batch_size=20, class_mode="binary", shuffle=False
+        )
+        for _ in range(len(flow)):
+            x, _y = next(flow)
+            model.predict(x, verbose=0)
+            n += x.shape[0]
+    return time.perf_counter() - t0, n
+
+
+# --- driver -------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.WARNING)
+    data, weights = args.data.resolve(), args.weights.resolve()
+    if not data.is_dir():
+        sys.exit(f"{data}: no such data folder; pass --data")
+    if not weights.is_file():
+        sys.exit(f"{weights}: no such weights file; pass --weights")
+
+    from tlsweep import backbones as bbs
+    from tlsweep import features
+    from tlsweep.config import BackboneConfig, DataConfig
+    from tlsweep.data import content_digest, find_images
+
+    bb = bbs.resolve(
+        BackboneConfig(
+            name="MobileNetV2",
+            weights=str(weights),
+            input_size=SIZE,
+            pooling="avg",
+            args={"alpha": ALPHA},
+        )
+    )
+    images = find_images(DataConfig(dir=data))
+    paths = [images.abspath(f) for f in images.files]
+    print(f"{len(paths)} images under {data}", flush=True)
+    t = time.perf_counter()
+    nbytes = warm_page_cache(paths)
+    print(
+        f"warmed the page cache: {nbytes / 1e6:.0f} MB in {time.perf_counter() - t:.1f}s",
+        flush=True,
+    )
+    digest = content_digest(images)  # part of the cache key; computed by callers, not by ensure
+
+    import tensorflow as tf
+
+    fwd = batches = classic = None
+    forward_batch = None
+    if "b" in args.only:
+        t = time.perf_counter()
+        batches = decode_all(paths, 256)
+        print(
+            f"(b) decoded {sum(int(b.shape[0]) for b in batches)} images into memory in "
+            f"{time.perf_counter() - t:.1f}s (not timed)",
+            flush=True,
+        )
+        fwd = Forward(bb)
+        if args.forward_batch == "auto":
+            speed = fwd.calibrate(batches)
+            forward_batch = max(speed, key=speed.get)
+            print(
+                "(b) batch size calibration (images/s): "
+                + ", ".join(f"{k}: {v:.0f}" for k, v in speed.items())
+                + f" -> using {forward_batch}",
+                flush=True,
+            )
+        else:
+            forward_batch = int(args.forward_batch)
+        if forward_batch != 256:
+            whole = tf.concat(batches, axis=0)
+            batches = [
+                whole[i : i + forward_batch] for i in range(0, int(whole.shape[0]), forward_batch)
+            ]
+            del whole
+        fwd.warm(batches)
+    if "c" in args.only:
+        classic = classic_model(weights)
+        classic.predict(tf.zeros((20, SIZE, SIZE, 3)), verbose=0)  # build predict_function once
+
+    res: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    counts: dict[str, int] = {}
+    a_timings = []
+    for r in range(args.repeats):
+        if "a" in args.only:
+            dt, n, tm = run_tlsweep(bb, images, digest)
+            res["a"].append(n / dt)
+            counts["a"] = n
+            a_timings.append(tm)
+            print(
+                f"[{r + 1}/{args.repeats}] (a) tlsweep ensure: {n} images in {dt:.2f}s = "
+                f"{n / dt:.1f} images/s (header {tm['header_check_s']}s, decode+forward+write "
+                f"{tm['extract_s']}s)",
+                flush=True,
+            )
+        if "b" in args.only:
+            dt, n = fwd.run(batches)
+            res["b"].append(n / dt)
+            counts["b"] = n
+            print(
+                f"[{r + 1}/{args.repeats}] (b) forward only:   {n} images in {dt:.2f}s = "
+                f"{n / dt:.1f} images/s",
+                flush=True,
+            )
+        if "c" in args.only:
+            dt, n = run_classic(classic, data)
+            res["c"].append(n / dt)
+            counts["c"] = n
+            print(
+                f"[{r + 1}/{args.repeats}] (c) classic recipe: {n} images in {dt:.2f}s = "
+                f"{n / dt:.1f} images/s",
+                flush=True,
+            )
+
+    med = {k: statistics.median(v) for k, v in res.items() if v}
+    ratios = {}
+    if "a" in med and "b" in med:
+        ratios["a/b"] = med["a"] / med["b"]
+    if "a" in med and "c" in med:
+        ratios["a/c"] = med["a"] / med["c"]
+    targets = {"a/b": 0.85, "a/c": 2.0}
+
+    labels = {
+        "a": "tlsweep FeatureCache.ensure (cache miss, end to end)",
+        "b": f"forward pass only (in-memory batches of {forward_batch})",
+        "c": "classic ImageDataGenerator + model.predict (batch 20)",
+    }
+    print()
+    print(
+        f"MobileNetV2(alpha={ALPHA}) {SIZE}px avg pooling, {len(paths)} images, "
+        f"{args.repeats} repeat(s), {os.cpu_count()} CPU(s), TF {tf.__version__}, "
+        f"EXTRACT_BATCH={features.EXTRACT_BATCH}"
+    )
+    print(f"{'':4}{'measurement':58}{'median img/s':>14}{'runs':>26}")
+    for k in "abc":
+        if k in med:
+            runs = ", ".join(f"{v:.0f}" for v in res[k])
+            print(f"({k}) {labels[k]:58}{med[k]:14.1f}{runs:>26}")
+    for k, v in ratios.items():
+        ok = "ok" if v >= targets[k] else "below target"
+        print(f"    {k:58}{v:14.2f}   (target >= {targets[k]}: {ok})")
+
+    if args.json:
+        out = {
+            "model": f"MobileNetV2(alpha={ALPHA})",
+            "input_size": SIZE,
+            "pooling": "avg",
+            "images": len(paths),
+            "data": str(data),
+            "weights": str(weights),
+            "repeats": args.repeats,
+            "forward_batch_b": forward_batch,
+            "extract_batch_a": features.EXTRACT_BATCH,
+            "median_images_per_s": med,
+            "runs_images_per_s": res,
+            "images_counted": counts,
+            "ratios": ratios,
+            "targets": targets,
+            "a_manifest_timings": a_timings,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "tensorflow": tf.__version__,
+            },
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
