@@ -116,7 +116,8 @@ def test_sigkill_during_extraction_and_trials(cats_dogs_small: Path, tmp_path: P
 
     s = optuna.load_study(study_name="faults", storage=storage)
     trials = s.get_trials(deepcopy=False)
-    finished = [t for t in trials if t.state.is_finished()]
+    finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE,
+                                                 optuna.trial.TrialState.PRUNED)]
     assert len(finished) == N_TRIALS, [(t.number, t.state) for t in trials]
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
     final_complete = {t.number for t in trials if t.state == optuna.trial.TrialState.COMPLETE}

@@ -57,7 +57,8 @@ def _check_study(storage: str, study: str, n: int) -> None:
         storage = _pg_driver(storage)
     s = optuna.load_study(study_name=study, storage=storage)
     states = [t.state for t in s.get_trials(deepcopy=False)]
-    finished = [st for st in states if st.is_finished()]
+    finished = [st for st in states if st in (optuna.trial.TrialState.COMPLETE,
+                                              optuna.trial.TrialState.PRUNED)]
     assert len(finished) == n, states
     assert optuna.trial.TrialState.FAIL not in states
     assert optuna.trial.TrialState.RUNNING not in states

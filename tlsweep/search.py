@@ -166,7 +166,7 @@ def _lock_engine(url: str) -> Any:
     import sqlalchemy
 
     if url not in _ENGINES:
-        _ENGINES[url] = sqlalchemy.create_engine(url, pool_size=1, pool_pre_ping=True)
+        _ENGINES[url] = sqlalchemy.create_engine(_pg_driver(url), pool_size=1, pool_pre_ping=True)
     return _ENGINES[url]
 
 
@@ -594,9 +594,10 @@ class StudyRunner:
                     raise
                 log.warning("trial %d failed: %s", trial.number, error)
         if self.tracker and run_id and state != "FAIL":
-            final = {metric: value} if value is not None else {}
-            final["epochs_run"] = len(history)
-            final["trial_seconds"] = time.perf_counter() - t0
+            # The trial's value is the last point of its per-epoch `metric` curve, which MLflow
+            # already shows as the run's value (the highest step); logging it again at step 0
+            # would add a second point to the curve's first epoch.
+            final = {"epochs_run": len(history), "trial_seconds": time.perf_counter() - t0}
             self.tracker.end_trial(run_id, state, history, final)
         if self.on_trial:
             best_value, best_number = self.best()
