@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -131,3 +132,38 @@ def flowers_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One feature cache folder shared by the tests that only need features to exist."""
     return tmp_path_factory.mktemp("shared_cache")
+
+
+# --- features extracted once per session (shared by test_head and test_run) -------------------
+@pytest.fixture(scope="session")
+def cd_features(
+    cats_dogs_small: Path, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Any:
+    """The cache entry of MobileNetV2 a0.35 96 px avg features of ``cats_dogs_small``.
+
+    Extracted in this process into ``shared_cache`` with exactly the backbone of ``write_sweep``,
+    so a sweep written with ``write_sweep(..., cats_dogs_small, cache_dir=shared_cache)`` hits it.
+    """
+    from tlsweep.config import load_sweep
+    from tlsweep.features import extract_all
+
+    sweep = write_sweep(
+        tmp_path_factory.mktemp("cd_sweep") / "sweep.yaml", cats_dogs_small, cache_dir=shared_cache
+    )
+    ((_, entry, _),) = extract_all(load_sweep(sweep))
+    return entry
+
+
+@pytest.fixture(scope="session")
+def flowers_features(
+    flowers_small: Path, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Any:
+    """The cache entry of MobileNetV2 a0.35 96 px avg features of ``flowers_small`` (layout B)."""
+    from tlsweep.config import load_sweep
+    from tlsweep.features import extract_all
+
+    sweep = write_sweep(
+        tmp_path_factory.mktemp("fl_sweep") / "sweep.yaml", flowers_small, cache_dir=shared_cache
+    )
+    ((_, entry, _),) = extract_all(load_sweep(sweep))
+    return entry
