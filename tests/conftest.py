@@ -27,11 +27,33 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--slow",
+        action="store_true",
+        help="also run the slow end-to-end tests (always on in CI, CI=true)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow real-data tests run in CI (CI=true), with --slow, or when selected with -m."""
+    if _in_ci() or config.getoption("--slow") or config.getoption("-m"):
+        return
+    skip = pytest.mark.skip(reason="slow: runs in CI (CI=true) or with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def need_shared() -> Path:
     """The shared folder, or skip (fail in CI) when it is missing."""
     if not (CATS_DOGS.is_dir() and MNV2_WEIGHTS.is_file()):
         msg = f"{SHARED} with datasets/ and keras_home/ is missing"
-        if os.environ.get("CI", "").lower() == "true":
+        if _in_ci():
             pytest.fail(msg + " (required in CI)")
         pytest.skip(msg)
     return SHARED
@@ -98,7 +120,9 @@ def write_sweep(path: Path, data_dir: Path, **extra: object) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """The real ``tlsweep`` command line in a subprocess."""
     return subprocess.run(
         [sys.executable, "-m", "tlsweep", *args],
