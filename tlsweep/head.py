@@ -4,9 +4,11 @@ The head is ``[Dense(units, relu) -> Dropout(dropout)] * hidden_layers -> Dense(
 with a sigmoid output for two classes and softmax for more, exactly what the classic recipe
 builds with Keras. Training does not go through ``Model.fit``: one ``tf.function`` runs a whole
 epoch (shuffle, every mini-batch's forward pass, gradients and optimizer update) in a single
-graph call, so Python overhead is paid once per epoch instead of once per step. The function
-takes the weights as arguments and returns new ones, with shape-generic signatures, so it is
-traced once per process and reused by every trial: memory does not grow from trial to trial.
+graph call, so Python overhead is paid once per epoch instead of once per step. Each trial's
+weights and optimizer slots are variables of that trial, updated in place by TensorFlow's fused
+optimizer kernels; the function takes their handles with shape-generic signatures, so it is
+traced once per process (per batch size) and reused by every trial: memory does not grow from
+trial to trial.
 
 The same parameters and seed give the same result (stateless random ops everywhere).
 The trained weights load into an equivalent Keras model (:meth:`TrainedHead.to_keras`).
@@ -203,26 +205,40 @@ def _eval_fn(n_dense: int, binary: bool) -> Any:
     return _FUNCS[key]
 
 
+# Optimizer state per weight, as variables updated in place by TensorFlow's fused kernels.
+SLOTS = {"adam": 2, "sgd": 1, "rmsprop": 2}
+
+
 def _epoch_fn(n_dense: int, binary: bool, optimizer: str, batch_size: int) -> Any:
+    """One epoch as one graph call, on weights and optimizer slots held in resource variables.
+
+    The weights and slots are passed as resource handles with shape-generic signatures, so one
+    trace serves every layer width and feature count. Each update is a single fused kernel
+    (``ResourceApplyAdam``, ``ResourceApplyKerasMomentum``, ``ResourceApplyRMSProp``) that
+    updates the weights and slots in place: one pass over memory and no new buffers per step,
+    where composing the update from elementwise ops makes a dozen weight-sized temporaries.
+    The formulas are exactly Keras's (Adam, SGD with momentum, RMSprop without momentum).
+    """
     import tensorflow as tf
 
     key = ("epoch", n_dense, binary, optimizer, batch_size)
     if key in _FUNCS:
         return _FUNCS[key]
-    wspec = tuple(
-        tf.TensorSpec([None, None] if j % 2 == 0 else [None], tf.float32)
-        for j in range(2 * n_dense)
-    )
+    handle = tf.TensorSpec([], tf.resource)
+    wspec = tuple(handle for _ in range(2 * n_dense))
+    sspec = tuple(wspec for _ in range(SLOTS[optimizer]))
 
-    def run_epoch(ws, m, v, step, x, y, seed, lr, dropout, l2, smoothing):  # noqa: ANN001
+    def run_epoch(wvars, slots, step, x, y, seed, lr, dropout, l2, smoothing):  # noqa: ANN001
         # Every batch has the static size `batch_size`; the last one wraps around and masks
-        # the extra rows, so the loss equals Keras's smaller last batch and XLA sees one shape.
+        # the extra rows, so the loss equals Keras's smaller last batch and the graph sees one
+        # batch shape.
         n = tf.shape(x)[0]
         perm = tf.random.experimental.stateless_shuffle(tf.range(n), seed=seed)
         n_batches = (n + batch_size - 1) // batch_size
         loss_sum = tf.constant(0.0)
         correct_sum = tf.constant(0.0)
         offsets = tf.range(batch_size)
+        use_l2 = l2 > 0.0
         for b in tf.range(n_batches):
             pos = b * batch_size + offsets
             mask = tf.cast(pos < n, tf.float32)
@@ -230,43 +246,58 @@ def _epoch_fn(n_dense: int, binary: bool, optimizer: str, batch_size: int) -> An
             xb = tf.gather(x, idx)
             yb = tf.gather(y, idx)
             count = tf.reduce_sum(mask)
+            ws = tuple(tf.raw_ops.ReadVariableOp(resource=h, dtype=tf.float32) for h in wvars)
             with tf.GradientTape() as tape:
                 tape.watch(ws)
                 logits = _forward(ws, xb, dropout, seed + tf.stack([b + 1, 0]))
                 loss, correct = _loss_and_correct(logits, yb, binary, smoothing)
                 mean_loss = tf.reduce_sum(loss * mask) / count
-                reg = tf.add_n([tf.reduce_sum(tf.square(ws[j])) for j in range(0, len(ws), 2)])
-                total = mean_loss + l2 * reg
-            grads = tape.gradient(total, ws)
+            grads = list(tape.gradient(mean_loss, ws))
+            # The L2 penalty l2 * sum(kernel**2) adds 2 * l2 * kernel to each kernel's gradient;
+            # skipped at run time when l2 is 0 (two weight-sized passes saved per kernel).
+            for j in range(0, len(ws), 2):
+                g, w = grads[j], ws[j]
+                grads[j] = tf.cond(use_l2, lambda g=g, w=w: g + (2.0 * l2) * w, lambda g=g: g)
             step = step + 1.0
-            new_ws, new_m, new_v = [], [], []
-            for w, g, mj, vj in zip(ws, grads, m, v, strict=True):
+            for j, g in enumerate(grads):
                 if optimizer == "adam":
-                    mj = ADAM_BETA1 * mj + (1 - ADAM_BETA1) * g
-                    vj = ADAM_BETA2 * vj + (1 - ADAM_BETA2) * tf.square(g)
-                    lr_t = lr * tf.sqrt(1 - ADAM_BETA2**step) / (1 - ADAM_BETA1**step)
-                    w = w - lr_t * mj / (tf.sqrt(vj) + EPSILON)
+                    tf.raw_ops.ResourceApplyAdam(
+                        var=wvars[j],
+                        m=slots[0][j],
+                        v=slots[1][j],
+                        beta1_power=tf.pow(ADAM_BETA1, step),
+                        beta2_power=tf.pow(ADAM_BETA2, step),
+                        lr=lr,
+                        beta1=ADAM_BETA1,
+                        beta2=ADAM_BETA2,
+                        epsilon=EPSILON,
+                        grad=g,
+                    )
                 elif optimizer == "sgd":
-                    mj = SGD_MOMENTUM * mj - lr * g
-                    w = w + mj
-                else:  # rmsprop
-                    vj = RMSPROP_RHO * vj + (1 - RMSPROP_RHO) * tf.square(g)
-                    w = w - lr * g / (tf.sqrt(vj) + EPSILON)
-                new_ws.append(w)
-                new_m.append(mj)
-                new_v.append(vj)
-            ws, m, v = tuple(new_ws), tuple(new_m), tuple(new_v)
+                    tf.raw_ops.ResourceApplyKerasMomentum(
+                        var=wvars[j], accum=slots[0][j], lr=lr, grad=g, momentum=SGD_MOMENTUM
+                    )
+                else:  # rmsprop: w -= lr * g / sqrt(ms + epsilon), as Keras
+                    tf.raw_ops.ResourceApplyRMSProp(
+                        var=wvars[j],
+                        ms=slots[0][j],
+                        mom=slots[1][j],
+                        lr=lr,
+                        rho=RMSPROP_RHO,
+                        momentum=0.0,
+                        epsilon=EPSILON,
+                        grad=g,
+                    )
             loss_sum += mean_loss * count
             correct_sum += tf.reduce_sum(correct * mask)
         nf = tf.cast(n, tf.float32)
-        return ws, m, v, step, loss_sum / nf, correct_sum / nf
+        return step, loss_sum / nf, correct_sum / nf
 
     fn = tf.function(
         run_epoch,
         input_signature=[
             wspec,
-            wspec,
-            wspec,
+            sspec,
             tf.TensorSpec([], tf.float32),
             tf.TensorSpec([None, None], tf.float32),
             tf.TensorSpec([None], tf.int64),
@@ -328,15 +359,27 @@ def train_head(
     n_features = int(xt.shape[1])
     out_units = 1 if binary else n_classes
     sizes = [n_features] + [params.units] * params.hidden_layers + [out_units]
-    ws: list[Any] = []
+    init: list[Any] = []
     for i in range(len(sizes) - 1):
-        ws.append(_glorot((sizes[i], sizes[i + 1]), (params.seed, 1000 + i)))
-        ws.append(tf.zeros((sizes[i + 1],), tf.float32))
-    wt = tuple(ws)
-    m = tuple(tf.zeros_like(w) for w in wt)
-    v = tuple(tf.zeros_like(w) for w in wt)
+        init.append(_glorot((sizes[i], sizes[i + 1]), (params.seed, 1000 + i)))
+        init.append(tf.zeros((sizes[i + 1],), tf.float32))
+    if params.optimizer not in SLOTS:
+        raise ValueError(f"unknown optimizer {params.optimizer!r}; use one of {sorted(SLOTS)}")
+
+    # This trial's weights and optimizer slots; freed with the trial (the graph holds no state).
+    # Declared with an unknown shape: TensorFlow keys its cache of instantiated functions on the
+    # shapes of resource arguments, so shaped variables would instantiate (and keep) a new copy
+    # of the epoch function for every new layer width, about 1.5 MB per distinct width.
+    def variable(value: Any) -> Any:
+        return tf.Variable(value, trainable=False, shape=tf.TensorShape(None))
+
+    wvars = [variable(w) for w in init]
+    slot_vars = [[variable(tf.zeros_like(w)) for w in init] for _ in range(SLOTS[params.optimizer])]
+    del init
+    handles = tuple(v.handle for v in wvars)
+    slot_handles = tuple(tuple(v.handle for v in s) for s in slot_vars)
     step = tf.constant(0.0)
-    n_dense = len(wt) // 2
+    n_dense = len(wvars) // 2
     bs = min(params.batch_size, int(xt.shape[0]))
     epoch = _epoch_fn(n_dense, binary, params.optimizer, bs)
     evaluate = _eval_fn(n_dense, binary)
@@ -345,20 +388,26 @@ def train_head(
     l2 = tf.constant(params.l2, tf.float32)
     smoothing = tf.constant(params.label_smoothing, tf.float32)
     head = TrainedHead(params, n_features, n_classes, [])
+
+    def numpy_weights() -> list[np.ndarray]:
+        return [v.numpy() for v in wvars]
+
     for e in range(params.epochs):
         seed = tf.constant([params.seed, e], tf.int32)
-        wt, m, v, step, loss, acc = epoch(wt, m, v, step, xt, yt, seed, lr, dropout, l2, smoothing)
-        val_loss, val_acc = evaluate(wt, xv, yv, smoothing)
+        step, loss, acc = epoch(
+            handles, slot_handles, step, xt, yt, seed, lr, dropout, l2, smoothing
+        )
+        val_loss, val_acc = evaluate(tuple(v.value() for v in wvars), xv, yv, smoothing)
         metrics = EpochMetrics(e, float(loss), float(acc), float(val_loss), float(val_acc))
         head.history.append(metrics)
         if not all(math.isfinite(x) for x in (metrics.loss, metrics.val_loss)):
-            head.weights = [w.numpy() for w in wt]
+            head.weights = numpy_weights()
             head.seconds = time.perf_counter() - t0
             raise FloatingPointError(f"training diverged at epoch {e} (loss {metrics.loss})")
         if on_epoch is not None:
-            head.weights = [w.numpy() for w in wt] if e == params.epochs - 1 else []
+            head.weights = numpy_weights() if e == params.epochs - 1 else []
             on_epoch(metrics)
-    head.weights = [w.numpy() for w in wt]
+    head.weights = numpy_weights()
     head.seconds = time.perf_counter() - t0
     return head
 
