@@ -34,36 +34,16 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO / ".." / "shared" / "datasets" / "cats_vs_dogs"
-DEFAULT_WEIGHTS = (
-    REPO
-    / ".."
-    / "shared"
-    / "keras_home"
-    / "models"
-    / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
-)
-SIZE = 160
-ALPHA = 0.35
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ALPHA, SIZE, add_data_args  # noqa: E402
+
 SPLITS = ("train", "validation", "test")
 CANDIDATE_BATCHES = (32, 64, 128, 256)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=DEFAULT_DATA.resolve(),
-        help="layout-A data folder (train/validation/test with class subfolders)",
-    )
-    p.add_argument(
-        "--weights",
-        type=Path,
-        default=DEFAULT_WEIGHTS.resolve(),
-        help="MobileNetV2 alpha=0.35 no-top weights file (.h5)",
-    )
+    add_data_args(p, cache=False)
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of a, b, c")
     p.add_argument(
         "--forward-batch",

@@ -42,18 +42,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO / ".." / "shared" / "datasets" / "cats_vs_dogs"
-DEFAULT_WEIGHTS = (
-    REPO
-    / ".."
-    / "shared"
-    / "keras_home"
-    / "models"
-    / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
-)
-SIZE = 160
-ALPHA = 0.35
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ALPHA, SIZE, add_data_args  # noqa: E402
+
 UNITS, DROPOUT, LR, BATCH, EPOCHS = 256, 0.5, 1e-4, 64, 30
 TARGETS = {"avg": 3.0, "flatten": 1.5}
 ACC_TOLERANCE = 0.01
@@ -61,24 +52,7 @@ ACC_TOLERANCE = 0.01
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=DEFAULT_DATA.resolve(),
-        help="layout-A data folder (train/validation[/test] with class subfolders)",
-    )
-    p.add_argument(
-        "--weights",
-        type=Path,
-        default=DEFAULT_WEIGHTS.resolve(),
-        help="MobileNetV2 alpha=0.35 no-top weights file (.h5)",
-    )
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=Path(".tlsweep/cache"),
-        help="tlsweep feature cache (default .tlsweep/cache, reused across runs)",
-    )
+    add_data_args(p)
     p.add_argument("--poolings", default="avg,flatten", help="comma-separated: avg, flatten")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats (default 1)")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per training (default 30)")

@@ -41,18 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO / ".." / "shared" / "datasets" / "cats_vs_dogs"
-DEFAULT_WEIGHTS = (
-    REPO
-    / ".."
-    / "shared"
-    / "keras_home"
-    / "models"
-    / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
-)
-SIZE = 160
-ALPHA = 0.35
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ALPHA, SIZE, add_data_args  # noqa: E402
+
 FIRST = 10
 TARGET_MB = 100.0
 BATCH_SIZES = (16, 32, 64, 128)
@@ -60,24 +51,7 @@ BATCH_SIZES = (16, 32, 64, 128)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=DEFAULT_DATA.resolve(),
-        help="layout-A data folder (train/validation[/test] with class subfolders)",
-    )
-    p.add_argument(
-        "--weights",
-        type=Path,
-        default=DEFAULT_WEIGHTS.resolve(),
-        help="MobileNetV2 alpha=0.35 no-top weights file (.h5)",
-    )
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=Path(".tlsweep/cache"),
-        help="tlsweep feature cache (default .tlsweep/cache, reused across runs)",
-    )
+    add_data_args(p)
     p.add_argument(
         "--mode",
         choices=("study", "head"),
