@@ -239,6 +239,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
+    if args.workers < 1:
+        raise TlsweepError(f"--workers: got {args.workers}; expected an integer >= 1")
     cfg = _load(args)
     n = cfg.search.n_trials
 

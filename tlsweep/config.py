@@ -220,7 +220,8 @@ _PARAM_KEYS = ("low", "high", "log", "step", "choices")
 
 def _check_keys(where: str, section: str, mapping: Any, allowed: tuple[str, ...]) -> None:
     if not isinstance(mapping, dict):
-        raise _fail(where, section, mapping, "expected a mapping of keys to values")
+        what = section or "the sweep file"
+        raise _fail(where, what, mapping, "expected a mapping of keys to values")
     for key in mapping:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
