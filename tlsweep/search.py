@@ -23,6 +23,7 @@ Logging to MLflow goes through a :class:`~tlsweep.tracking.Tracker` handed in by
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import logging
 import math
@@ -110,8 +111,8 @@ def _pg_driver(url: str) -> str:
     for scheme in ("postgresql://", "postgres://"):
         if url.startswith(scheme):
             if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
-                return "postgresql+psycopg2://" + url[len(scheme):]
-            return "postgresql://" + url[len(scheme):]
+                return "postgresql+psycopg2://" + url[len(scheme) :]
+            return "postgresql://" + url[len(scheme) :]
     return url
 
 
@@ -359,7 +360,9 @@ class _Heartbeat:
             self._thread.join()
 
 
-def recover(study: Any, retry: Callable[[Any, Any], None] | None) -> list[int]:
+def recover(
+    study: Any, retry: Callable[[Any, Any], None] | None, grace_period: float = 30.0
+) -> list[int]:
     """Fail the trials of dead workers and queue their parameters again; returns their numbers."""
     import optuna
     from optuna.trial import TrialState
@@ -367,7 +370,15 @@ def recover(study: Any, retry: Callable[[Any, Any], None] | None) -> list[int]:
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         w = t.user_attrs.get(WORKER_ATTR) or t.system_attrs.get(WORKER_ATTR)
-        if w and worker_is_dead(w):
+        # A worker tags its trial within milliseconds of asking for it; an untagged trial older
+        # than the grace period was asked for by a process killed in between (no heartbeat
+        # either, so Optuna's stale-trial check would never see it).
+        orphan = (
+            not w
+            and t.datetime_start is not None
+            and ((datetime.datetime.now() - t.datetime_start).total_seconds() > grace_period)
+        )
+        if orphan or (w and worker_is_dead(w)):
             try:
                 ok = study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
@@ -478,7 +489,7 @@ class StudyRunner:
         return c["COMPLETE"] + c["PRUNED"]
 
     def recover(self) -> None:
-        recover(self.study, self.retry)
+        recover(self.study, self.retry, self.cfg.search.grace_period)
         if self.tracker is not None:
             states = {t.number: t.state.name for t in self.study.get_trials(deepcopy=False)}
             alive = {n for n, s in states.items() if s == "RUNNING"}
@@ -495,6 +506,8 @@ class StudyRunner:
                 return None, False
             trial = self.study.ask()
             trial.set_user_attr(WORKER_ATTR, self.worker)
+            if hasattr(self.storage, "record_heartbeat"):
+                self.storage.record_heartbeat(trial._trial_id)
             return trial, False
 
     def run(self, stop: threading.Event | None = None) -> int:
