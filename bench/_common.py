@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -39,3 +43,28 @@ def add_data_args(p: argparse.ArgumentParser, cache: bool = True) -> None:
             default=Path(".tlsweep/cache"),
             help="tlsweep feature cache (default .tlsweep/cache, reused across runs)",
         )
+
+
+def setup(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Quiet logging; the checked (data folder, weights file) of the flags."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.WARNING)
+    data, weights = args.data.resolve(), args.weights.resolve()
+    if not data.is_dir():
+        sys.exit(f"{data}: no such data folder; pass --data")
+    if not weights.is_file():
+        sys.exit(f"{weights}: no such weights file; pass --weights")
+    return data, weights
+
+
+def mobilenet_v2(weights: Path, pooling: str = "avg") -> Any:
+    """The benches' backbone: MobileNetV2 a0.35 at 160 px with the given weights file."""
+    from tlsweep.config import BackboneConfig
+
+    return BackboneConfig(
+        name="MobileNetV2",
+        weights=str(weights),
+        input_size=SIZE,
+        pooling=pooling,
+        args={"alpha": ALPHA},
+    )

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import statistics
@@ -35,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ALPHA, SIZE, add_data_args  # noqa: E402
+from _common import ALPHA, SIZE, add_data_args, mobilenet_v2, setup  # noqa: E402
 
 SPLITS = ("train", "validation", "test")
 CANDIDATE_BATCHES = (32, 64, 128, 256)
@@ -175,28 +174,14 @@ def run_classic(model, data: Path) -> tuple[float, int]:
 # --- driver -------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.WARNING)
-    data, weights = args.data.resolve(), args.weights.resolve()
-    if not data.is_dir():
-        sys.exit(f"{data}: no such data folder; pass --data")
-    if not weights.is_file():
-        sys.exit(f"{weights}: no such weights file; pass --weights")
+    data, weights = setup(args)
 
     from tlsweep import backbones as bbs
     from tlsweep import features
-    from tlsweep.config import BackboneConfig, DataConfig
+    from tlsweep.config import DataConfig
     from tlsweep.data import content_digest, find_images
 
-    bb = bbs.resolve(
-        BackboneConfig(
-            name="MobileNetV2",
-            weights=str(weights),
-            input_size=SIZE,
-            pooling="avg",
-            args={"alpha": ALPHA},
-        )
-    )
+    bb = bbs.resolve(mobilenet_v2(weights))
     images = find_images(DataConfig(dir=data))
     paths = [images.abspath(f) for f in images.files]
     print(f"{len(paths)} images under {data}", flush=True)

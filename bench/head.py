@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import statistics
@@ -43,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ALPHA, SIZE, add_data_args  # noqa: E402
+from _common import ALPHA, SIZE, add_data_args, mobilenet_v2, setup  # noqa: E402
 
 UNITS, DROPOUT, LR, BATCH, EPOCHS = 256, 0.5, 1e-4, 64, 30
 TARGETS = {"avg": 3.0, "flatten": 1.5}
@@ -72,19 +71,11 @@ def load_features(data: Path, weights: Path, cache_dir: Path, pooling: str):
     import numpy as np
 
     from tlsweep import backbones as bbs
-    from tlsweep.config import BackboneConfig, DataConfig
+    from tlsweep.config import DataConfig
     from tlsweep.data import find_images
     from tlsweep.features import FeatureCache
 
-    bb = bbs.resolve(
-        BackboneConfig(
-            name="MobileNetV2",
-            weights=str(weights),
-            input_size=SIZE,
-            pooling=pooling,
-            args={"alpha": ALPHA},
-        )
-    )
+    bb = bbs.resolve(mobilenet_v2(weights, pooling))
     images = find_images(DataConfig(dir=data))
     t0 = time.perf_counter()
     entry, cached = FeatureCache(cache_dir).ensure(bb, images)
@@ -181,13 +172,7 @@ def head_flop(n_features: int, n_train: int, n_val: int, epochs: int) -> float:
 # --- driver --------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.WARNING)
-    data, weights = args.data.resolve(), args.weights.resolve()
-    if not data.is_dir():
-        sys.exit(f"{data}: no such data folder; pass --data")
-    if not weights.is_file():
-        sys.exit(f"{weights}: no such weights file; pass --weights")
+    data, weights = setup(args)
     poolings = [p.strip() for p in args.poolings.split(",") if p.strip()]
     for p in poolings:
         if p not in TARGETS:

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ALPHA, SIZE, add_data_args  # noqa: E402
+from _common import ALPHA, SIZE, add_data_args, mobilenet_v2  # noqa: E402
 
 FIRST = 10
 TARGET_MB = 100.0
@@ -160,17 +160,8 @@ class Recorder:
 # --- features ------------------------------------------------------------------------------------
 def backbone(weights: Path):
     from tlsweep import backbones as bbs
-    from tlsweep.config import BackboneConfig
 
-    return bbs.resolve(
-        BackboneConfig(
-            name="MobileNetV2",
-            weights=str(weights),
-            input_size=SIZE,
-            pooling="avg",
-            args={"alpha": ALPHA},
-        )
-    )
+    return bbs.resolve(mobilenet_v2(weights))
 
 
 # --- the two modes -------------------------------------------------------------------------------
