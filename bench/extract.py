@@ -3,11 +3,13 @@
 Measures, in one run and interleaved per repeat (so machine noise hits all three alike), for
 MobileNetV2(alpha=0.35) at 160 px with average pooling on every image of the data folder:
 
-  (a) tlsweep end to end: ``FeatureCache(<fresh tmp dir>).ensure(...)`` on a cache miss, timing the
-      whole call (header check, model build, decode + resize, forward, writing the .npy).
+  (a) tlsweep end to end on a cache miss in a fresh cache folder: listing the folder, hashing
+      every file (the cache key), then ``FeatureCache.ensure`` (model build, header checks,
+      decode + resize, forward passes, writing the .npy and the manifest).
   (b) the forward pass alone: every image decoded and resized into memory first (not timed), then
-      only the forward passes, via a compiled ``tf.function`` on large batches. This is the
-      machine's limit for this model; (a) cannot beat it.
+      only the forward passes through the same compiled ``tf.function``. Batch size and passes
+      in flight (1, or 2 as tlsweep runs them) are calibrated first and the fastest is kept, so
+      this is the machine's limit for this model; (a) cannot beat it.
   (c) the classic Keras recipe: ``ImageDataGenerator(rescale=1/255).flow_from_directory(...,
       batch_size=20, shuffle=False)`` and ``model.predict(batch, verbose=0)`` per batch, over the
       same images (one generator per split folder), timed end to end.
@@ -38,6 +40,7 @@ from _common import ALPHA, SIZE, add_data_args, mobilenet_v2, setup  # noqa: E40
 
 SPLITS = ("train", "validation", "test")
 CANDIDATE_BATCHES = (32, 64, 128, 256)
+IN_FLIGHT = (1, 2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,10 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_data_args(p, cache=False)
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of a, b, c")
     p.add_argument(
-        "--forward-batch",
+        "--forward",
         default="auto",
-        help="batch size for (b), the bare forward pass; 'auto' (default) times "
-        f"{'/'.join(map(str, CANDIDATE_BATCHES))} once and keeps the fastest",
+        metavar="BATCHxIN_FLIGHT",
+        help="batch size and passes in flight for (b), the bare forward pass, e.g. 64x1; "
+        f"'auto' (default) times batches of {'/'.join(map(str, CANDIDATE_BATCHES))} with "
+        f"{' or '.join(map(str, IN_FLIGHT))} in flight once and keeps the fastest",
     )
     p.add_argument(
         "--only",
@@ -68,13 +73,16 @@ def warm_page_cache(paths: list[str]) -> int:
 
 
 # --- (a) tlsweep end to end ---------------------------------------------------------------------
-def run_tlsweep(bb, images, digest) -> tuple[float, int, dict]:
+def run_tlsweep(bb, data: Path) -> tuple[float, int, dict]:
+    from tlsweep.config import DataConfig
+    from tlsweep.data import content_digest, find_images
     from tlsweep.features import FeatureCache
 
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         cache = FeatureCache(Path(tmp) / "cache")
         t0 = time.perf_counter()
-        entry, cached = cache.ensure(bb, images, digest)
+        images = find_images(DataConfig(dir=data))  # what `tlsweep extract` does on a miss
+        entry, cached = cache.ensure(bb, images, content_digest(images))
         dt = time.perf_counter() - t0
         assert not cached, "expected a cache miss in a fresh cache dir"
         n = len(entry.manifest["files"])
@@ -109,33 +117,44 @@ class Forward:
 
         self.model = bbs.build_extractor(bb)
         spec = tf.TensorSpec([None, SIZE, SIZE, 3], tf.float32)
-        self.fn = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
+        self.fn = tf.function(
+            lambda x: self.model(x, training=False), input_signature=[spec], autograph=False
+        )
+        self.fn.get_concrete_function()
 
-    def warm(self, batches) -> None:
-        for shape in sorted({int(b.shape[0]) for b in batches}):
-            x = next(b for b in batches if int(b.shape[0]) == shape)
-            self.fn(x).numpy()
-
-    def calibrate(self, images, candidates=CANDIDATE_BATCHES, n=512) -> dict[int, float]:
-        """images/s of each batch size on the first ``n`` in-memory images (after a warm call)."""
+    def calibrate(self, images, n=1024) -> dict[tuple[int, int], float]:
+        """images/s of each (batch size, passes in flight) on the first ``n`` in-memory images."""
         import tensorflow as tf
 
-        sample = tf.concat(images, axis=0)[:n] if len(images) > 1 else images[0][:n]
+        sample = tf.concat(images, axis=0)[:n]
         speed = {}
-        for bs in candidates:
+        for bs in CANDIDATE_BATCHES:
             chunks = [sample[i : i + bs] for i in range(0, int(sample.shape[0]), bs)]
             self.fn(chunks[0]).numpy()
-            dt, k = self.run(chunks)
-            speed[bs] = k / dt
+            for in_flight in IN_FLIGHT:
+                dt, k = self.run(chunks, in_flight)
+                speed[(bs, in_flight)] = k / dt
         return speed
 
-    def run(self, batches) -> tuple[float, int]:
+    def run(self, batches, in_flight: int) -> tuple[float, int]:
+        from tlsweep.features import _forward_all
+
         n = 0
         t0 = time.perf_counter()
-        for x in batches:
-            out = self.fn(x).numpy()
-            n += out.shape[0]
+        if in_flight == 1:
+            for x in batches:
+                n += self.fn(x).numpy().shape[0]
+        else:
+            for _, out in _forward_all(self.fn, ((None, x) for x in batches), in_flight):
+                n += out.shape[0]
         return time.perf_counter() - t0, n
+
+
+def rebatch(batches, size: int):
+    import tensorflow as tf
+
+    whole = tf.concat(batches, axis=0)
+    return [whole[i : i + size] for i in range(0, int(whole.shape[0]), size)]
 
 
 # --- (c) the classic recipe ---------------------------------------------------------------------
@@ -179,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     from tlsweep import backbones as bbs
     from tlsweep import features
     from tlsweep.config import DataConfig
-    from tlsweep.data import content_digest, find_images
+    from tlsweep.data import find_images
 
     bb = bbs.resolve(mobilenet_v2(weights))
     images = find_images(DataConfig(dir=data))
@@ -191,12 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         f"warmed the page cache: {nbytes / 1e6:.0f} MB in {time.perf_counter() - t:.1f}s",
         flush=True,
     )
-    digest = content_digest(images)  # part of the cache key; computed by callers, not by ensure
-
     import tensorflow as tf
 
     fwd = batches = classic = None
-    forward_batch = None
+    forward_cfg = None
     if "b" in args.only:
         t = time.perf_counter()
         batches = decode_all(paths, 256)
@@ -206,24 +223,20 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         fwd = Forward(bb)
-        if args.forward_batch == "auto":
+        if args.forward == "auto":
             speed = fwd.calibrate(batches)
-            forward_batch = max(speed, key=speed.get)
+            forward_cfg = max(speed, key=speed.get)
             print(
-                "(b) batch size calibration (images/s): "
-                + ", ".join(f"{k}: {v:.0f}" for k, v in speed.items())
-                + f" -> using {forward_batch}",
+                "(b) calibration, images/s by batch x passes in flight: "
+                + ", ".join(f"{b}x{k}: {v:.0f}" for (b, k), v in speed.items())
+                + f" -> using {forward_cfg[0]}x{forward_cfg[1]}",
                 flush=True,
             )
         else:
-            forward_batch = int(args.forward_batch)
-        if forward_batch != 256:
-            whole = tf.concat(batches, axis=0)
-            batches = [
-                whole[i : i + forward_batch] for i in range(0, int(whole.shape[0]), forward_batch)
-            ]
-            del whole
-        fwd.warm(batches)
+            bs, _, k = args.forward.partition("x")
+            forward_cfg = (int(bs), int(k or 1))
+        batches = rebatch(batches, forward_cfg[0])
+        fwd.fn(batches[-1]).numpy()
     if "c" in args.only:
         classic = classic_model(weights)
         classic.predict(tf.zeros((20, SIZE, SIZE, 3)), verbose=0)  # build predict_function once
@@ -233,18 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     a_timings = []
     for r in range(args.repeats):
         if "a" in args.only:
-            dt, n, tm = run_tlsweep(bb, images, digest)
+            dt, n, tm = run_tlsweep(bb, data)
             res["a"].append(n / dt)
             counts["a"] = n
             a_timings.append(tm)
             print(
                 f"[{r + 1}/{args.repeats}] (a) tlsweep ensure: {n} images in {dt:.2f}s = "
-                f"{n / dt:.1f} images/s (header {tm['header_check_s']}s, decode+forward+write "
-                f"{tm['extract_s']}s)",
+                f"{n / dt:.1f} images/s (model build+trace {tm['build_s']}s, overlapped with "
+                f"decoding; all done at {tm['extract_s']}s)",
                 flush=True,
             )
         if "b" in args.only:
-            dt, n = fwd.run(batches)
+            dt, n = fwd.run(batches, forward_cfg[1])
             res["b"].append(n / dt)
             counts["b"] = n
             print(
@@ -272,14 +285,15 @@ def main(argv: list[str] | None = None) -> int:
 
     labels = {
         "a": "tlsweep FeatureCache.ensure (cache miss, end to end)",
-        "b": f"forward pass only (in-memory batches of {forward_batch})",
+        "b": f"forward pass only (in-memory, batch {forward_cfg[0] if forward_cfg else '-'}, "
+        f"{forward_cfg[1] if forward_cfg else '-'} in flight)",
         "c": "classic ImageDataGenerator + model.predict (batch 20)",
     }
     print()
     print(
         f"MobileNetV2(alpha={ALPHA}) {SIZE}px avg pooling, {len(paths)} images, "
         f"{args.repeats} repeat(s), {os.cpu_count()} CPU(s), TF {tf.__version__}, "
-        f"EXTRACT_BATCH={features.EXTRACT_BATCH}"
+        f"tlsweep batch {features.EXTRACT_BATCH} x {features.IN_FLIGHT} in flight"
     )
     print(f"{'':4}{'measurement':58}{'median img/s':>14}{'runs':>26}")
     for k in "abc":
@@ -299,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
             "data": str(data),
             "weights": str(weights),
             "repeats": args.repeats,
-            "forward_batch_b": forward_batch,
-            "extract_batch_a": features.EXTRACT_BATCH,
+            "forward_b": {"batch": forward_cfg[0], "in_flight": forward_cfg[1]}
+            if forward_cfg
+            else None,
+            "a": {"batch": features.EXTRACT_BATCH, "in_flight": features.IN_FLIGHT},
             "median_images_per_s": med,
             "runs_images_per_s": res,
             "images_counted": counts,

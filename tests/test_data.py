@@ -312,3 +312,92 @@ def test_image_batches_decode_every_format_to_rgb_and_drop_truncated(tmp_path: P
             np.testing.assert_allclose(img.mean(axis=(0, 1)), color, atol=4, err_msg=names[i])
             assert img.std(axis=(0, 1)).max() < 3, names[i]  # solid colours stay solid
     assert seen[names.index("noise")].std() > 10  # not a flat grey
+
+
+# --- the header check inside the tf.data pipeline ----------------------------------------------
+def _with_size(fmt: str, path: Path, width: int, height: int) -> bytes:
+    """A small, valid ``fmt`` file whose header is then rewritten to claim width x height."""
+    if fmt == "PNG":
+        return _png_header(path, width, height).read_bytes()
+    Image.new("RGB" if fmt != "GIF" else "P", (10, 10)).save(path, fmt)
+    data = bytearray(path.read_bytes())
+    if fmt == "GIF":
+        data[6:10] = struct.pack("<HH", width, height)
+    elif fmt == "BMP":
+        data[18:26] = struct.pack("<ii", width, height)  # a negative height is top-down
+    else:  # JPEG: the start-of-frame segment holds height, then width
+        sof = data.index(b"\xff\xc0")
+        data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP"])
+def test_pipeline_header_guard_stops_what_check_header_stops(tmp_path: Path, fmt: str) -> None:
+    import tensorflow as tf
+
+    from tlsweep.data import MAX_PIXELS, _header_guard
+
+    def passes(data: bytes) -> bool:
+        try:
+            out = _header_guard(tf.constant(data))
+        except tf.errors.InvalidArgumentError:
+            return False
+        assert out.numpy() == data  # the bytes go through untouched
+        return True
+
+    path = tmp_path / f"x.{fmt.lower()}"
+    assert passes(_with_size(fmt, path, 10, 10))
+    assert passes(_with_size(fmt, path, 4000, 4000))  # 16 M pixels: big, not too big
+    assert not passes(_with_size(fmt, path, 9000, 9000))  # 81 M > MAX_PIXELS
+    assert 9000 * 9000 > MAX_PIXELS > 4000 * 4000
+    assert not passes(_with_size(fmt, path, 0, 10))
+    if fmt == "BMP":
+        assert passes(_with_size(fmt, path, 10, -10))
+        assert not passes(_with_size(fmt, path, 9000, -9000))
+    assert not passes(path.read_bytes()[:5])  # cut inside the header
+
+
+def test_pipeline_header_guard_rejects_other_content(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    from tlsweep.data import _header_guard
+
+    tiff = tmp_path / "x.tiff"
+    Image.new("RGB", (4, 4)).save(tiff, "TIFF")
+    webp = tmp_path / "x.webp"
+    Image.new("RGB", (4, 4)).save(webp, "WEBP")
+    for data in (b"", b"hello, not an image", tiff.read_bytes(), webp.read_bytes()):
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            _header_guard(tf.constant(data))
+
+
+def test_image_batches_skip_a_real_bomb_and_why_skipped_says_why(tmp_path: Path) -> None:
+    from tlsweep.data import why_skipped
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (9000, 9000)).save(bomb)  # a 9000x9000 image that would decode for real
+    ok = _jpeg(tmp_path / "ok.jpg")
+    text = tmp_path / "text.jpg"
+    text.write_text("not an image")
+    paths = [str(bomb), str(ok), str(text), str(tmp_path / "gone.jpg")]
+    got = [int(i) for idx, _ in image_batches(paths, 16, 4) for i in idx]
+    assert got == [1]
+    reasons = why_skipped([paths[0], paths[2], paths[3]])
+    assert "too large" in reasons[0]
+    assert reasons[1].startswith("not a decodable image")
+    assert reasons[2].startswith("not a readable image")
+
+
+def test_decoded_chunks_first_chunk_is_bigger_and_all_images_come_once(tmp_path: Path) -> None:
+    from tlsweep.data import decoded_chunks
+
+    paths = [str(_noise_jpeg(tmp_path / f"{i}.jpg", size=20, seed=i)) for i in range(11)]
+    paths.insert(5, str(tmp_path / "missing.jpg"))
+    per_batch = 2 * 8 * 8 * 3 * 4  # batch 2 at 8 px, float32
+    chunks = list(decoded_chunks(paths, 8, 2, first_bytes=3 * per_batch, chunk_bytes=per_batch))
+    assert [len(c) for c in chunks] == [3, 1, 1, 1]  # 11 decodable images in batches of 2
+    seen = [int(i) for c in chunks for idx, _ in c for i in idx]
+    assert seen == [i for i in range(12) if i != 5]
+    for c in chunks:
+        for idx, x in c:
+            assert x.shape == (len(idx), 8, 8, 3)

@@ -278,7 +278,7 @@ def predict(
     """(rows of file/class/probability, unusable files with reasons, class names)."""
     import keras
 
-    from tlsweep.data import check_headers, image_batches
+    from tlsweep.data import image_batches, why_skipped
 
     model_path = Path(model_path)
     if not model_path.is_file():
@@ -295,9 +295,7 @@ def predict(
     resize = next((layer for layer in model.layers if layer.name == "resize"), None)
     size = int(resize.get_config()["height"]) if resize is not None else 224
     files, bad = find_files(paths)
-    reasons = check_headers(files)
-    ok = [f for f, r in zip(files, reasons, strict=True) if r is None]
-    bad += [(f, r) for f, r in zip(files, reasons, strict=True) if r is not None]
+    ok = files
     rows: list[dict] = []
     seen = np.zeros(len(ok), dtype=bool)
     for idx, batch in image_batches(ok, size, batch_size):
@@ -313,6 +311,7 @@ def predict(
                     **{f"p_{n}": float(v) for n, v in zip(names, pr, strict=True)},
                 }
             )
-    bad += [(ok[i], "not a decodable image (corrupt or truncated)") for i in np.flatnonzero(~seen)]
+    unseen = [ok[i] for i in np.flatnonzero(~seen)]
+    bad += list(zip(unseen, why_skipped(unseen), strict=True))
     rows.sort(key=lambda r: r["file"])
     return rows, bad, names
