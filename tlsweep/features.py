@@ -304,6 +304,8 @@ class FeatureCache:
                 chunk = None  # free it before decoding the next one
                 chunk = next(chunks, None)
             t_extract = time.perf_counter() - t0
+            if progress and done < len(paths):
+                progress(len(paths), len(paths))  # every file handled; the skipped are reported
             log.debug("TL forward done %.2f", t_extract)
             feats.flush()
             del feats
