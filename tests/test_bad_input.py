@@ -22,8 +22,15 @@ def _one_error_line(stderr: str) -> None:
 
 # --- a corpus of odd files next to good photos --------------------------------------------------
 BAD = ("truncated.jpg", "zero.jpg", "text.jpg", "bomb.png")
-ODD = ("rgba.png", "deep16.png", "gray.png", "gray.jpg", "cmyk.jpg", "with space.jpg",
-       "chat été 1.jpg")
+ODD = (
+    "rgba.png",
+    "deep16.png",
+    "gray.png",
+    "gray.jpg",
+    "cmyk.jpg",
+    "with space.jpg",
+    "chat été 1.jpg",
+)
 HIDDEN = (".DS_Store", "._x.jpg")
 
 
@@ -45,7 +52,7 @@ def _make_corpus(root: Path) -> Path:
     (d / "zero.jpg").write_bytes(b"")
     (d / "text.jpg").write_text("hello, I am not a JPEG\n")
     photo.convert("RGBA").save(d / "rgba.png")
-    arr16 = (np.asarray(photo.convert("L"), dtype=np.uint16) * 257)
+    arr16 = np.asarray(photo.convert("L"), dtype=np.uint16) * 257
     Image.fromarray(arr16).save(d / "deep16.png")
     photo.convert("L").save(d / "gray.png")
     photo.convert("L").save(d / "gray.jpg")
@@ -67,8 +74,12 @@ def test_extract_odd_corpus(tmp_path: Path):
         unreadable = data / "dogs" / "locked.jpg"
         shutil.copy(sorted((data / "dogs").iterdir())[0], unreadable)
         unreadable.chmod(0)
-    sweep = write_sweep(tmp_path / "sweep.yaml", data, study="odd",
-                        data={"dir": str(data), "validation_split": 0.2, "test_split": 0.2})
+    sweep = write_sweep(
+        tmp_path / "sweep.yaml",
+        data,
+        study="odd",
+        data={"dir": str(data), "validation_split": 0.2, "test_split": 0.2},
+    )
     try:
         r = run_cli("extract", str(sweep), "-q")
     finally:
@@ -220,5 +231,3 @@ def test_bad_sweep_run(tmp_path: Path, tiny_data: Path, case: str):
     assert r.returncode == 2, (r.returncode, r.stdout[-1000:], r.stderr[-3000:])
     _one_error_line(r.stderr)
     _nothing_created(tmp_path)
-
-

@@ -41,8 +41,11 @@ def _search() -> dict:
 def _start(sweep: Path) -> tuple[subprocess.Popen, list[str]]:
     p = subprocess.Popen(
         [sys.executable, "-m", "tlsweep", "run", str(sweep), "-q"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        start_new_session=True,
     )
     lines: list[str] = []
 
@@ -66,8 +69,11 @@ def _complete(storage: str) -> set[int]:
         s = optuna.load_study(study_name="faults", storage=storage)
     except KeyError:
         return set()
-    return {t.number for t in s.get_trials(deepcopy=False)
-            if t.state == optuna.trial.TrialState.COMPLETE}
+    return {
+        t.number
+        for t in s.get_trials(deepcopy=False)
+        if t.state == optuna.trial.TrialState.COMPLETE
+    }
 
 
 def _trial_lines(lines: list[str]) -> int:
@@ -116,8 +122,11 @@ def test_sigkill_during_extraction_and_trials(cats_dogs_small: Path, tmp_path: P
 
     s = optuna.load_study(study_name="faults", storage=storage)
     trials = s.get_trials(deepcopy=False)
-    finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE,
-                                                 optuna.trial.TrialState.PRUNED)]
+    finished = [
+        t
+        for t in trials
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ]
     assert len(finished) == N_TRIALS, [(t.number, t.state) for t in trials]
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
     final_complete = {t.number for t in trials if t.state == optuna.trial.TrialState.COMPLETE}

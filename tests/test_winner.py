@@ -54,8 +54,9 @@ def _all_artifacts(client, run_id: str, path: str | None = None) -> set[str]:
 @pytest.fixture(scope="module")
 def exported(cats_dogs_small: Path, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("winner")
-    sweep = write_sweep(d / "sweep.yaml", cats_dogs_small, study="winner", cache_dir=shared_cache,
-                        search=SEARCH)
+    sweep = write_sweep(
+        d / "sweep.yaml", cats_dogs_small, study="winner", cache_dir=shared_cache, search=SEARCH
+    )
     r = run_cli("run", str(sweep), "-q")
     assert r.returncode == 0, r.stderr[-3000:]
     model = d / "m.keras"
@@ -68,13 +69,23 @@ def exported(cats_dogs_small: Path, shared_cache: Path, tmp_path_factory: pytest
 def test_parent_run_has_test_metrics_and_reports(exported):
     client, run = _parent(exported["tracking"], "winner")
     m = run.data.metrics
-    for k in ("test_accuracy", "test_loss", "test_precision_cats", "test_precision_dogs",
-              "test_recall_cats", "test_recall_dogs"):
+    for k in (
+        "test_accuracy",
+        "test_loss",
+        "test_precision_cats",
+        "test_precision_dogs",
+        "test_recall_cats",
+        "test_recall_dogs",
+    ):
         assert k in m, (k, sorted(m))
     assert 0.0 <= m["test_accuracy"] <= 1.0
     arts = _all_artifacts(client, run.info.run_id)
-    for a in ("test/metrics.json", "reports/optimization_history.html",
-              "reports/parallel_coordinate.html", "reports/backbones.json"):
+    for a in (
+        "test/metrics.json",
+        "reports/optimization_history.html",
+        "reports/parallel_coordinate.html",
+        "reports/backbones.json",
+    ):
         assert a in arts, (a, sorted(arts))
     local = client.download_artifacts(run.info.run_id, "test/metrics.json", str(exported["dir"]))
     metrics = json.loads(Path(local).read_text())
@@ -113,9 +124,14 @@ def test_export_loads_in_fresh_process_without_tlsweep(exported, cats_dogs_small
     logged = run.data.metrics["test_accuracy"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    r = subprocess.run([sys.executable, "-c", FRESH, str(exported["model"]),
-                        str(cats_dogs_small / "test")], capture_output=True, text=True,
-                       timeout=300, env=env, cwd=str(exported["dir"]))
+    r = subprocess.run(
+        [sys.executable, "-c", FRESH, str(exported["model"]), str(cats_dogs_small / "test")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=str(exported["dir"]),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["names"] == ["cats", "dogs"]
@@ -131,8 +147,13 @@ def test_parent_run_holds_mlflow_model(exported):
     import mlflow
 
     mlflow.set_tracking_uri(exported["tracking"])
-    models = [m for m in mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], output_format="list") if m.name == "model"]
+    models = [
+        m
+        for m in mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id], output_format="list"
+        )
+        if m.name == "model"
+    ]
     assert len(models) == 1, models
     assert models[0].source_run_id == run.info.run_id
     arts = _all_artifacts(client, run.info.run_id)
@@ -146,8 +167,10 @@ def test_predict_csv_with_bad_files(exported, cats_dogs_small: Path, tmp_path: P
 
     folder = tmp_path / "imgs"
     folder.mkdir()
-    good = sorted((cats_dogs_small / "test" / "cats").iterdir())[:3] + sorted(
-        (cats_dogs_small / "test" / "dogs").iterdir())[:3]
+    good = (
+        sorted((cats_dogs_small / "test" / "cats").iterdir())[:3]
+        + sorted((cats_dogs_small / "test" / "dogs").iterdir())[:3]
+    )
     for f in good:
         shutil.copy(f, folder / f.name)
     data = good[0].read_bytes()
@@ -172,9 +195,14 @@ def test_predict_csv_with_bad_files(exported, cats_dogs_small: Path, tmp_path: P
 
 def test_no_test_split_best_says_so(flowers_small: Path, shared_cache: Path, tmp_path: Path):
     search = {**SEARCH, "n_trials": 2, "space": {**SEARCH["space"], "epochs": 3}}
-    sweep = write_sweep(tmp_path / "sweep.yaml", flowers_small, study="notest",
-                        cache_dir=shared_cache, search=search,
-                        data={"dir": str(flowers_small), "test_split": 0})
+    sweep = write_sweep(
+        tmp_path / "sweep.yaml",
+        flowers_small,
+        study="notest",
+        cache_dir=shared_cache,
+        search=search,
+        data={"dir": str(flowers_small), "test_split": 0},
+    )
     r = run_cli("run", str(sweep), "-q")
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_cli("best", str(sweep))

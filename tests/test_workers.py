@@ -57,16 +57,18 @@ def _check_study(storage: str, study: str, n: int) -> None:
         storage = _pg_driver(storage)
     s = optuna.load_study(study_name=study, storage=storage)
     states = [t.state for t in s.get_trials(deepcopy=False)]
-    finished = [st for st in states if st in (optuna.trial.TrialState.COMPLETE,
-                                              optuna.trial.TrialState.PRUNED)]
+    finished = [
+        st
+        for st in states
+        if st in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ]
     assert len(finished) == n, states
     assert optuna.trial.TrialState.FAIL not in states
     assert optuna.trial.TrialState.RUNNING not in states
 
 
 def test_three_workers_sqlite(cats_dogs_small: Path, tmp_path: Path):
-    sweep = write_sweep(tmp_path / "sweep.yaml", cats_dogs_small, study="w3",
-                        search=_search(9, 3))
+    sweep = write_sweep(tmp_path / "sweep.yaml", cats_dogs_small, study="w3", search=_search(9, 3))
     r = run_cli("run", str(sweep), "--workers", "3", "-q")
     assert r.returncode == 0, r.stderr[-4000:]
     assert "Traceback" not in r.stderr
@@ -86,13 +88,28 @@ def test_four_workers_postgres(cats_dogs_small: Path, tmp_path: Path):
         pytest.skip(msg)
     study = f"pg-{uuid.uuid4().hex[:10]}"
     backbones = [
-        {"name": "MobileNetV2", "weights": str(MNV2_WEIGHTS), "input_size": 96,
-         "pooling": "avg", "args": {"alpha": 0.35}},
-        {"name": "MobileNet", "weights": str(MN_WEIGHTS), "input_size": 96,
-         "pooling": "avg", "args": {"alpha": 0.25}},
+        {
+            "name": "MobileNetV2",
+            "weights": str(MNV2_WEIGHTS),
+            "input_size": 96,
+            "pooling": "avg",
+            "args": {"alpha": 0.35},
+        },
+        {
+            "name": "MobileNet",
+            "weights": str(MN_WEIGHTS),
+            "input_size": 96,
+            "pooling": "avg",
+            "args": {"alpha": 0.25},
+        },
     ]
-    sweep = write_sweep(tmp_path / "sweep.yaml", cats_dogs_small, study=study,
-                        backbones=backbones, search=_search(40, 2, high=32))
+    sweep = write_sweep(
+        tmp_path / "sweep.yaml",
+        cats_dogs_small,
+        study=study,
+        backbones=backbones,
+        search=_search(40, 2, high=32),
+    )
     r = run_cli("run", str(sweep), "--workers", "4", "--storage", url, "-q", timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "Traceback" not in r.stderr
