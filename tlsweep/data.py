@@ -70,7 +70,7 @@ class ImageSet:
         return {s: sum(f.split == s for f in self.files) for s in SPLITS}
 
     def abspath(self, f: ImageFile) -> str:
-        return str(self.root / f.path)
+        return os.path.join(self.root, f.path)  # not Path's /: called for every file, twice
 
 
 def _is_hidden(name: str) -> bool:
