@@ -276,11 +276,13 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     med = {k: statistics.median(v) for k, v in res.items() if v}
-    ratios = {}
-    if "a" in med and "b" in med:
-        ratios["a/b"] = med["a"] / med["b"]
-    if "a" in med and "c" in med:
-        ratios["a/c"] = med["a"] / med["c"]
+    # Ratios of the medians, and the median of each repeat's own ratio: a, b and c of one repeat
+    # run back to back, so a slow spell of the shared machine hits all three of them alike.
+    ratios, paired = {}, {}
+    for den in "bc":
+        if "a" in med and den in med:
+            ratios[f"a/{den}"] = med["a"] / med[den]
+            paired[f"a/{den}"] = [x / y for x, y in zip(res["a"], res[den], strict=True)]
     targets = {"a/b": 0.85, "a/c": 2.0}
 
     labels = {
@@ -301,8 +303,13 @@ def main(argv: list[str] | None = None) -> int:
             runs = ", ".join(f"{v:.0f}" for v in res[k])
             print(f"({k}) {labels[k]:58}{med[k]:14.1f}{runs:>26}")
     for k, v in ratios.items():
-        ok = "ok" if v >= targets[k] else "below target"
-        print(f"    {k:58}{v:14.2f}   (target >= {targets[k]}: {ok})")
+        each = ", ".join(f"{x:.2f}" for x in paired[k])
+        mp = statistics.median(paired[k])
+        ok = "ok" if min(v, mp) >= targets[k] else "below target"
+        print(
+            f"    {k} of the medians {v:.2f}; per repeat {each} (median {mp:.2f}); "
+            f"target >= {targets[k]}: {ok}"
+        )
 
     if args.json:
         out = {
@@ -321,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs_images_per_s": res,
             "images_counted": counts,
             "ratios": ratios,
+            "ratios_per_repeat": paired,
             "targets": targets,
             "a_manifest_timings": a_timings,
             "machine": {
