@@ -22,6 +22,7 @@ import collections
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -294,15 +295,16 @@ class FeatureCache:
             done = 0
             if progress:
                 progress(0, len(paths))
-            while chunk is not None:
-                for idx, out in _forward_all(forward, iter(chunk)):
-                    feats[idx] = out.reshape(len(idx), dim)
-                    got[idx] = True
-                    done += len(idx)
-                    if progress:
-                        progress(done, len(paths))
-                chunk = None  # free it before decoding the next one
-                chunk = next(chunks, None)
+            # One stream of batches: the next chunk decodes when the forward passes reach the
+            # end of this one, while the last of them is still running (the passes never drain).
+            batches = itertools.chain(chunk or [], itertools.chain.from_iterable(chunks))
+            del chunk
+            for idx, out in _forward_all(forward, batches):
+                feats[idx] = out.reshape(len(idx), dim)
+                got[idx] = True
+                done += len(idx)
+                if progress:
+                    progress(done, len(paths))
             t_extract = time.perf_counter() - t0
             if progress and done < len(paths):
                 progress(len(paths), len(paths))  # every file handled; the skipped are reported
