@@ -401,3 +401,18 @@ def test_decoded_chunks_first_chunk_is_bigger_and_all_images_come_once(tmp_path:
     for c in chunks:
         for idx, x in c:
             assert x.shape == (len(idx), 8, 8, 3)
+
+
+def test_decoded_chunks_first_chunk_stops_once_the_consumer_is_ready(tmp_path: Path) -> None:
+    import threading
+
+    from tlsweep.data import decoded_chunks
+
+    paths = [str(_noise_jpeg(tmp_path / f"{i}.jpg", size=20, seed=i)) for i in range(9)]
+    ready = threading.Event()
+    ready.set()  # the model is already built: hand over after the first batch
+    chunks = list(
+        decoded_chunks(paths, 8, 2, first_bytes=1 << 30, chunk_bytes=1 << 30, first_until=ready)
+    )
+    assert [len(c) for c in chunks] == [1, 4]
+    assert [int(i) for c in chunks for idx, _ in c for i in idx] == list(range(9))

@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -426,22 +427,32 @@ def decoded_chunks(
     batch_size: int,
     first_bytes: int | None = None,
     chunk_bytes: int | None = None,
+    first_until: threading.Event | None = None,
 ) -> Iterator[list[tuple[np.ndarray, Any]]]:
     """:func:`image_batches` in chunks: each chunk is decoded whole, on every core, then handed
     over, and nothing is decoded while the consumer works on it.
 
     For a consumer that needs every core itself (a forward pass): decoding and the forward
     pass take turns on all cores instead of competing for them, which on 2 cores is faster
-    than overlapping them. Memory stays bounded whatever the number of files.
+    than overlapping them. Memory stays bounded whatever the number of files. The first chunk
+    ends early, after the batch being decoded, once ``first_until`` is set: the consumer is
+    ready and should not wait for the rest of it.
     """
     first_bytes = FIRST_CHUNK_BYTES if first_bytes is None else first_bytes
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     per_batch = batch_size * size * size * 3 * 4
     batches = image_batches(paths, size, batch_size, prefetch=False)
-    n = max(1, first_bytes // per_batch)
+    first: list[tuple[np.ndarray, Any]] = []
+    for item in batches:
+        first.append(item)
+        if len(first) * per_batch >= first_bytes or (first_until and first_until.is_set()):
+            break
+    if first:
+        yield first
+    del first
+    n = max(1, chunk_bytes // per_batch)
     while chunk := list(itertools.islice(batches, n)):
         yield chunk
-        n = max(1, chunk_bytes // per_batch)
 
 
 def why_skipped(paths: Sequence[str]) -> list[str]:

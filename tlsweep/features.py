@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -267,22 +268,26 @@ class FeatureCache:
 
         t0 = time.perf_counter()
         paths = [images.abspath(f) for f in images.files]
-        chunks = decoded_chunks(paths, bb.input_size, EXTRACT_BATCH)
+        ready = threading.Event()
+        chunks = decoded_chunks(paths, bb.input_size, EXTRACT_BATCH, first_until=ready)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlsweep-decode") as decoder:
             # The first chunk decodes (on the decoding threads, mostly without the GIL) while
             # this thread builds the model and traces the forward pass: a second of Python
-            # that leaves the other core free.
+            # that leaves the other core free. It stops as soon as the model is ready.
             first = decoder.submit(next, chunks, None)
-            extractor = bbs.build_extractor(bb)
-            dim = int(np.prod(extractor.output_shape[1:]))
-            # One trace for every batch size (the last batch is smaller), traced here, before
-            # two threads call it.
-            spec = tf.TensorSpec([None, bb.input_size, bb.input_size, 3], tf.float32)
-            forward = tf.function(
-                lambda x: extractor(x, training=False), input_signature=[spec], autograph=False
-            )
-            forward.get_concrete_function()
-            t_build = time.perf_counter() - t0
+            try:
+                extractor = bbs.build_extractor(bb)
+                dim = int(np.prod(extractor.output_shape[1:]))
+                # One trace for every batch size (the last batch is smaller), traced here, before
+                # two threads call it.
+                spec = tf.TensorSpec([None, bb.input_size, bb.input_size, 3], tf.float32)
+                forward = tf.function(
+                    lambda x: extractor(x, training=False), input_signature=[spec], autograph=False
+                )
+                forward.get_concrete_function()
+                t_build = time.perf_counter() - t0
+            finally:
+                ready.set()
             chunk = first.result()
 
         tmp = self.dir / f"{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
