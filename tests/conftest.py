@@ -22,6 +22,23 @@ FLOWERS = SHARED / "datasets" / "flowers"
 MODELS = SHARED / "keras_home" / "models"
 MNV2_WEIGHTS = MODELS / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 MN_WEIGHTS = MODELS / "mobilenet_2_5_224_tf_no_top.h5"
+# The two real ImageNet backbones at 96 px, as a sweep file's backbones list.
+TWO_MOBILENETS = [
+    {
+        "name": "MobileNetV2",
+        "weights": str(MNV2_WEIGHTS),
+        "input_size": 96,
+        "pooling": "avg",
+        "args": {"alpha": 0.35},
+    },
+    {
+        "name": "MobileNet",
+        "weights": str(MN_WEIGHTS),
+        "input_size": 96,
+        "pooling": "avg",
+        "args": {"alpha": 0.25},
+    },
+]
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

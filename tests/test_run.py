@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MN_WEIGHTS, MNV2_WEIGHTS, need_shared, run_cli, write_sweep
+from conftest import MNV2_WEIGHTS, TWO_MOBILENETS, need_shared, run_cli, write_sweep
 
 PARENT_ATTR = "tlsweep.mlflow_parent_run"
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -421,22 +421,7 @@ def test_sigkill_then_rerun_finishes_the_study(
 def test_multi_backbone_sweep(
     cd_features, cats_dogs_small: Path, shared_cache: Path, tracking_uri: str, tmp_path: Path
 ) -> None:
-    backbones = [
-        {
-            "name": "MobileNetV2",
-            "weights": str(MNV2_WEIGHTS),
-            "input_size": 96,
-            "pooling": "avg",
-            "args": {"alpha": 0.35},
-        },
-        {
-            "name": "MobileNet",
-            "weights": str(MN_WEIGHTS),
-            "input_size": 96,
-            "pooling": "avg",
-            "args": {"alpha": 0.25},
-        },
-    ]
+    backbones = TWO_MOBILENETS
     search = {  # a grid of 2 backbones x 2 widths: 4 trials cover both backbones twice
         "n_trials": 4,
         "sampler": "grid",

@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import MN_WEIGHTS, MNV2_WEIGHTS, run_cli, write_sweep
+from conftest import TWO_MOBILENETS, run_cli, write_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -87,22 +87,7 @@ def test_four_workers_postgres(cats_dogs_small: Path, tmp_path: Path):
             pytest.fail(msg + "; it is required in CI")
         pytest.skip(msg)
     study = f"pg-{uuid.uuid4().hex[:10]}"
-    backbones = [
-        {
-            "name": "MobileNetV2",
-            "weights": str(MNV2_WEIGHTS),
-            "input_size": 96,
-            "pooling": "avg",
-            "args": {"alpha": 0.35},
-        },
-        {
-            "name": "MobileNet",
-            "weights": str(MN_WEIGHTS),
-            "input_size": 96,
-            "pooling": "avg",
-            "args": {"alpha": 0.25},
-        },
-    ]
+    backbones = TWO_MOBILENETS
     sweep = write_sweep(
         tmp_path / "sweep.yaml",
         cats_dogs_small,
