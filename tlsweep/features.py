@@ -321,10 +321,9 @@ class FeatureCache:
             skipped = dict(zip(missing, why_skipped([paths[i] for i in missing]), strict=True))
             t_diag = time.perf_counter() - t_diag
             if not got.any():
-                first = images.files[0].path
                 raise TlsweepError(
                     f"{images.root}: none of the {len(paths)} image files is usable "
-                    f"(first: {first}: {skipped[0]}); check the files"
+                    f"(first: {images.files[0].path}: {skipped[0]}); check the files"
                 )
             files = [
                 {"path": f.path, "label": f.label, "split": f.split, "row": i}
