@@ -281,6 +281,25 @@ def test_bad_field_is_one_error_line(tmp_path: Path, change: dict, field_name: s
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize("command", ["status", "best", "export"])
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_reading_a_study_that_never_ran_creates_nothing(
+    tmp_path: Path, command: str, storage: str
+) -> None:
+    need_shared()  # the sweep names the real weights file
+    (tmp_path / "images").mkdir()
+    url = {"sqlite": f"sqlite:///{tmp_path / 'optuna.db'}", "journal": "journal:optuna.log"}
+    sweep = write_sweep(tmp_path / "sweep.yaml", tmp_path / "images", storage=url[storage])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = [command, str(sweep)] + (["-o", str(tmp_path / "model.keras")] * (command == "export"))
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tlsweep: error: no study 'test'"), r.stderr
+    assert "does not exist" in lines[0] and "tlsweep run sweep.yaml" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no empty database left behind
+
+
 # --- pruning -----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_median_pruner_prunes(

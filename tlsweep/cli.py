@@ -278,7 +278,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from tlsweep.sweep import summarize
 
     cfg = _load(args, check_data_dir=False)
-    study = open_study(cfg, open_storage(cfg), create=False)
+    study = open_study(cfg, open_storage(cfg, must_exist=True), create=False)
     _print_summary(summarize(cfg, study), cfg)
     return 0
 
@@ -317,7 +317,7 @@ def _study_and_tracker(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from tlsweep.tracking import Tracker
 
     cfg = _load(args)
-    study = open_study(cfg, open_storage(cfg), create=False)
+    study = open_study(cfg, open_storage(cfg, must_exist=True), create=False)
     tracker = Tracker(cfg.tracking_uri, cfg.study)
     attach_parent(cfg, study, tracker)
     return cfg, study, tracker

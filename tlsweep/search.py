@@ -55,13 +55,23 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
 
 
-def open_storage(cfg: SweepConfig) -> Any:
-    """The Optuna storage for ``cfg.storage``, with heartbeats and stale-trial retry."""
+def open_storage(cfg: SweepConfig, must_exist: bool = False) -> Any:
+    """The Optuna storage for ``cfg.storage``, with heartbeats and stale-trial retry.
+
+    With ``must_exist`` (the commands that only read a study), a local storage file that does
+    not exist is an error instead of a new, empty database left behind.
+    """
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     url = cfg.storage
     s = cfg.search
+    local = Path(url[len("journal:") :]) if url.startswith("journal:") else _sqlite_path(url)
+    if must_exist and local is not None and not local.is_file():
+        raise StudyError(
+            f"no study '{cfg.study}': the storage {local} does not exist; run 'tlsweep run "
+            f"{cfg.path.name}' first, or pass --storage URL where the study is"
+        )
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
