@@ -138,17 +138,32 @@ def write_sweep(path: Path, data_dir: Path, **extra: object) -> Path:
 
 
 def run_cli(
-    *args: str, cwd: Path | None = None, timeout: float = 600
+    *args: str, cwd: Path | None = None, timeout: float = 600, wrap: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess:
-    """The real ``tlsweep`` command line in a subprocess."""
+    """The real ``tlsweep`` command line in a subprocess (``wrap``: a command to run it under)."""
     return subprocess.run(
-        [sys.executable, "-m", "tlsweep", *args],
+        [*wrap, sys.executable, "-m", "tlsweep", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
+
+
+def without_root_powers() -> tuple[str, ...]:
+    """A command prefix under which chmod 000 keeps a file from this process, even as root.
+
+    Root reads anything through CAP_DAC_OVERRIDE; setpriv (util-linux) drops it and
+    CAP_DAC_READ_SEARCH from the bounding set, so the run meets the unreadable file as a user
+    would.
+    """
+    if os.geteuid() != 0:
+        return ()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.fail("running as root without setpriv (util-linux): cannot test unreadable files")
+    return (setpriv, "--bounding-set", "-dac_override,-dac_read_search")
 
 
 @pytest.fixture(scope="session")

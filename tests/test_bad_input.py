@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CATS_DOGS, need_shared, run_cli, write_sweep
+from conftest import CATS_DOGS, need_shared, run_cli, without_root_powers, write_sweep
 
 
 def _one_error_line(stderr: str) -> None:
@@ -69,22 +69,24 @@ def _make_corpus(root: Path) -> Path:
 
 def test_extract_odd_corpus(tmp_path: Path):
     data = _make_corpus(tmp_path / "data")
-    unreadable = None
-    if os.geteuid() != 0:  # root reads anything: chmod 000 means nothing to it
-        unreadable = data / "dogs" / "locked.jpg"
-        shutil.copy(sorted((data / "dogs").iterdir())[0], unreadable)
-        unreadable.chmod(0)
+    unreadable = data / "dogs" / "locked.jpg"
+    shutil.copy(sorted((data / "dogs").iterdir())[0], unreadable)
+    locked_dir = data / "dogs" / "locked"
+    locked_dir.mkdir()
+    shutil.copy(sorted((data / "dogs").iterdir())[0], locked_dir / "inside.jpg")
     sweep = write_sweep(
         tmp_path / "sweep.yaml",
         data,
         study="odd",
         data={"dir": str(data), "validation_split": 0.2, "test_split": 0.2},
     )
+    unreadable.chmod(0)
+    locked_dir.chmod(0)
     try:
-        r = run_cli("extract", str(sweep), "-q")
+        r = run_cli("extract", str(sweep), "-q", wrap=without_root_powers())
     finally:
-        if unreadable is not None:
-            unreadable.chmod(0o644)
+        unreadable.chmod(0o644)
+        locked_dir.chmod(0o755)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     (entry,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
@@ -106,8 +108,9 @@ def test_extract_odd_corpus(tmp_path: Path):
     for name in HIDDEN:
         assert name not in files and name not in skipped and name not in ignored
     assert "loop" in ignored and "loop" not in files
-    if unreadable is not None:
-        assert unreadable.name in skipped or unreadable.name in ignored
+    assert "Permission denied" in skipped[unreadable.name], skipped
+    assert "Permission denied" in ignored["locked"], ignored
+    assert "inside.jpg" not in files
     # the good photos: all of them used
     assert sum(1 for n in files if n.startswith(("cat.", "dog."))) == 20
 

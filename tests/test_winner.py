@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, write_sweep
+from conftest import run_cli, without_root_powers, write_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -177,8 +177,21 @@ def test_predict_csv_with_bad_files(exported, cats_dogs_small: Path, tmp_path: P
     (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
     (folder / "zero.jpg").write_bytes(b"")
     (folder / "text.jpg").write_text("this is not a jpeg\n")
+    locked = folder / "locked.jpg"
+    shutil.copy(good[0], locked)
+    locked.chmod(0)
     out = tmp_path / "out.csv"
-    r = run_cli("predict", str(exported["model"]), str(folder), "--csv", str(out))
+    try:
+        r = run_cli(
+            "predict",
+            str(exported["model"]),
+            str(folder),
+            "--csv",
+            str(out),
+            wrap=without_root_powers(),
+        )
+    finally:
+        locked.chmod(0o644)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     rows = list(csv.DictReader(out.open()))
@@ -186,9 +199,10 @@ def test_predict_csv_with_bad_files(exported, cats_dogs_small: Path, tmp_path: P
     assert {f.name for f in good} <= listed
     assert all(row["class"] in ("cats", "dogs") for row in rows)
     assert all(0.0 <= float(row["probability"]) <= 1.0 for row in rows)
-    for bad in ("zero.jpg", "text.jpg"):
+    for bad in ("zero.jpg", "text.jpg", "locked.jpg"):
         assert bad not in listed
         assert bad in r.stderr
+    assert "Permission denied" in r.stderr
     # a truncated JPEG is either decoded partially (listed) or reported as skipped
     assert ("truncated.jpg" in listed) != ("truncated.jpg" in r.stderr)
 
