@@ -449,6 +449,10 @@ _EXTRA_COMMANDS: list[Any] = [_register_run]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        from tlsweep import native_stderr
+
+        native_stderr.install()  # TensorFlow's start-up lines about CUDA and oneDNN
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
