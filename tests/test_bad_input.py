@@ -131,6 +131,37 @@ def test_empty_class_folder_is_an_error(tmp_path: Path):
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_a_split_left_without_usable_images_is_an_error(tmp_path: Path, split: str):
+    need_shared()
+    data = tmp_path / "data"
+    for s in ("train", "validation"):
+        for cls in ("cats", "dogs"):
+            (data / s / cls).mkdir(parents=True)
+            for f in sorted((CATS_DOGS / s / cls).iterdir())[:4]:
+                shutil.copy(f, data / s / cls / f.name)
+    broken = ["dogs"] if split == "train" else ["cats", "dogs"]
+    for cls in broken:  # every file of them unusable: text named .jpg, an empty file
+        for f in (data / split / cls).iterdir():
+            f.unlink()
+        (data / split / cls / "a.jpg").write_text("not a JPEG\n")
+        (data / split / cls / "b.jpg").write_bytes(b"")
+    sweep = write_sweep(tmp_path / "sweep.yaml", data)
+    written = []
+    for command in ("extract", "run"):
+        r = run_cli(command, str(sweep), "-q")
+        assert r.returncode == 2, r.stderr[-3000:]
+        _one_error_line(r.stderr)
+        error = next(x for x in r.stderr.splitlines() if x.startswith("tlsweep: error:"))
+        expect = "class 'dogs' has no usable training image" if split == "train" else "validation"
+        assert expect in error and "manifest.json" in error, error
+        # the features were kept, and `run` reused them: fixing the files is all that is left
+        (entry,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+        written.append((entry.name, (entry / "manifest.json").stat().st_mtime_ns))
+    assert written[0] == written[1]
+    assert not (tmp_path / "optuna.db").exists()
+
+
 def test_single_class_is_an_error(tmp_path: Path):
     need_shared()
     data = tmp_path / "data"

@@ -435,6 +435,67 @@ def test_sigkill_then_rerun_finishes_the_study(
     assert len(finished_runs) == n
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_closes_everything_then_resume_finishes(
+    cd_features,
+    cats_dogs_small: Path,
+    shared_cache: Path,
+    tracking_uri: str,
+    tmp_path: Path,
+    sig: int,
+    code: int,
+) -> None:
+    n = 4
+    search = {
+        "n_trials": n,
+        "sampler": "random",
+        "pruner": "none",
+        "space": {"units": {"low": 64, "high": 128}, "batch_size": 8, "epochs": 60},
+    }
+    study = f"stopped-{sig}"
+    sweep = _sweep(tmp_path, cats_dogs_small, shared_cache, tracking_uri, study, search=search)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tlsweep", "run", str(sweep), "-q"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    stopped = None
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            states = _states(tmp_path / "optuna.db")
+            running = [num for num, s, epochs in states if s == "RUNNING" and epochs > 0]
+            if len(states) >= 2 and len(running) == 1:  # one finished, the next one training
+                stopped = running[0]
+                proc.send_signal(sig)
+                break
+            time.sleep(0.1)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert stopped is not None, f"never saw a trial training: {_states(tmp_path / 'optuna.db')}"
+    assert proc.returncode == code, stderr[-2000:]
+    assert "tlsweep: interrupted" in stderr and "Traceback" not in stderr, stderr[-2000:]
+    # Nothing left RUNNING, before any restart cleans up: the process closed it all itself.
+    states = {num: st for num, st, _ in _states(tmp_path / "optuna.db")}
+    assert states[stopped] == "FAIL" and "RUNNING" not in states.values(), states
+    ml = _mlflow(tracking_uri, study)
+    assert not [r for r in ml["runs"] if r.info.status == "RUNNING"]
+
+    _run("run", str(sweep), "-q", cwd=tmp_path)
+    finished = [t for t in _trials(tmp_path, study) if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == n
+    ml = _mlflow(tracking_uri, study)
+    assert not [r for r in ml["runs"] if r.info.status == "RUNNING"]
+    assert len(ml["parents"]) == 1
+
+
 # --- several backbones -------------------------------------------------------------------------
 @pytest.mark.slow
 def test_multi_backbone_sweep(

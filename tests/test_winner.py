@@ -207,6 +207,21 @@ def test_predict_csv_with_bad_files(exported, cats_dogs_small: Path, tmp_path: P
     assert ("truncated.jpg" in listed) != ("truncated.jpg" in r.stderr)
 
 
+def test_predict_with_nothing_to_read(exported, tmp_path: Path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("no images here\n")
+    r = run_cli(
+        "predict", str(exported["model"]), str(empty), str(tmp_path / "notes"), "/no/such.jpg"
+    )
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert "/no/such.jpg: no such file or folder" in r.stderr and "a.txt" in r.stderr
+    assert "0 image(s) predicted, 2 skipped" in r.stderr
+    assert r.stdout == ""  # no table header for no rows
+
+
 def test_no_test_split_best_says_so(flowers_small: Path, shared_cache: Path, tmp_path: Path):
     search = {**SEARCH, "n_trials": 2, "space": {**SEARCH["space"], "epochs": 3}}
     sweep = write_sweep(

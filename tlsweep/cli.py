@@ -18,6 +18,7 @@ from typing import Any
 from tlsweep.errors import TlsweepError
 
 log = logging.getLogger("tlsweep")
+_exit_code = {"interrupted": 130}  # Ctrl-C; a SIGTERM handler sets 143
 
 
 class _Formatter(logging.Formatter):
@@ -100,7 +101,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         sizes = entry.split_sizes()
         state = "cache hit, no forward pass" if cached else "extracted"
         print(
-            f"{bb.label}: {state}: {entry.manifest['shape'][0]} images "
+            f"{bb.label}: {state}: {len(entry.manifest['files'])} images "
             f"(train {sizes['train']}, validation {sizes['validation']}, test {sizes['test']}), "
             f"{entry.manifest['shape'][1]} features -> {entry.path}"
         )
@@ -137,7 +138,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             m = e.manifest
             size_mb = (e.path / "features.npy").stat().st_size / 1e6
             print(
-                f"{m['name']}  {m['shape'][0]} images x {m['shape'][1]} features  "
+                f"{m['name']}  {len(m['files'])} images x {m['shape'][1]} features  "
                 f"{size_mb:.1f} MB  {len(m['skipped'])} skipped  {m['data_dir']}  {m['created']}"
             )
         return 0
@@ -236,6 +237,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tlsweep.sweep import run_sweep
 
     def _terminate(signum: int, frame: Any) -> None:
+        _exit_code["interrupted"] = 128 + signum  # 143, what a shell expects of SIGTERM
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
@@ -378,7 +380,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             w.writerow(["file", "class", "probability"])
             for r in rows:
                 w.writerow([r["file"], r["class"], f"{r['probability']:.6f}"])
-    else:
+    elif rows:
         width = max([len(r["file"]) for r in rows] + [4])
         print(f"{'file':<{width}}  {'class':<16} probability")
         for r in rows:
@@ -461,7 +463,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("tlsweep: interrupted", file=sys.stderr)
-        return 130
+        return _exit_code["interrupted"]
+    except BrokenPipeError:  # e.g. `tlsweep backbones | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for SIGPIPE
 
 
 if __name__ == "__main__":

@@ -398,6 +398,8 @@ def image_batches(
     dropped; the caller sees which from the indices that never arrive, and asks
     :func:`why_skipped` for the reasons.
     """
+    if not paths:
+        return
     import tensorflow as tf
 
     idx = np.arange(len(paths), dtype=np.int64)

@@ -435,6 +435,30 @@ def report_skipped(entry: Entry, limit: int = 3) -> None:
             )
 
 
+def check_usable(entry: Entry) -> None:
+    """Refuse an entry the head cannot learn from: a class with no usable training image, or
+    no usable validation image at all (every file of them was skipped).
+
+    Raised after the entry is cached, so fixing the files costs one new extraction and nothing
+    that was computed is lost.
+    """
+    m = entry.manifest
+    per_class = collections.Counter(f["label"] for f in m["files"] if f["split"] == "train")
+    where = f"{m['data_dir']}: {m['backbone']['label']}"
+    for label, name in enumerate(m["class_names"]):
+        if per_class[label] == 0:
+            raise TlsweepError(
+                f"{where}: class '{name}' has no usable training image "
+                f"({len(m['skipped'])} file(s) skipped, listed in {entry.path / 'manifest.json'})"
+                "; replace the broken files or remove the class folder"
+            )
+    if not any(f["split"] == "validation" for f in m["files"]):
+        raise TlsweepError(
+            f"{where}: no usable validation image ({len(m['skipped'])} file(s) skipped, listed "
+            f"in {entry.path / 'manifest.json'}); replace the broken files"
+        )
+
+
 def extract_all(
     cfg: SweepConfig,
     progress: Callable[[BackboneConfig], Progress | None] | None = None,
@@ -451,5 +475,6 @@ def extract_all(
     for bb in resolved:
         entry, cached = cache.ensure(bb, images, digest, progress(bb) if progress else None)
         report_skipped(entry)
+        check_usable(entry)
         out.append((bb, entry, cached))
     return out

@@ -109,7 +109,7 @@ class TrainedHead:
             outs.append(logits)
         logits = np.concatenate(outs) if outs else np.zeros((0, 1), np.float32)
         if self.n_classes == 2:
-            p1 = 1.0 / (1.0 + np.exp(-logits[:, 0]))
+            p1 = 0.5 * (1.0 + np.tanh(0.5 * logits[:, 0]))  # the sigmoid, without overflow
             return np.stack([1.0 - p1, p1], axis=1)
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
