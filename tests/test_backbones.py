@@ -178,6 +178,25 @@ def test_bad_weights_file_is_a_backbone_error(tmp_path: Path) -> None:
     assert str(bad) in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        ({"alpha": 0.5}, ("args: and weights:", "alpha': 0.5", str(MNV2_WEIGHTS))),  # wrong file
+        ({"alpah": 0.35}, ("args:", "alpah")),  # a typo: not a constructor argument
+    ],
+)
+def test_args_that_do_not_fit_name_the_fields(args: dict, names: tuple[str, ...]) -> None:
+    import dataclasses
+
+    bb = dataclasses.replace(_mnv2("avg"), args=args)
+    with pytest.raises(BackboneError) as e:
+        build_extractor(bb)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"backbone {bb.label}: ")
+    for name in names:
+        assert name in msg, msg
+
+
 _IMAGENET_SCRIPT = textwrap.dedent(
     """
     import sys

@@ -142,7 +142,9 @@ def test_relative_cache_dir_is_relative_to_cwd_and_storage_to_the_file(
     cfg = load_sweep(_write(conf, _set(doc, "storage", "journal:j/optuna.log")))
     assert cfg.storage == f"journal:{(conf / 'j' / 'optuna.log').resolve()}"
     cfg = load_sweep(_write(conf, _set(doc, "storage", "postgresql://u:p@host/db")))
-    assert cfg.storage == "postgresql://u:p@host/db"  # server URLs are kept as given
+    assert cfg.storage == "postgresql://u:p@host/db"
+    cfg = load_sweep(_write(conf, _set(doc, "storage", "mysql+pymysql://u:p@host/db")))
+    assert cfg.storage == "mysql+pymysql://u:p@host/db"  # server URLs are kept as given
 
 
 def test_overrides_win_and_are_relative_to_cwd(
@@ -360,6 +362,8 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("storage", "tlsweep.db", "storage"),
     ("storage", 5, "storage"),
     ("storage", "", "storage"),
+    ("storage", "foo://x", "storage"),
+    ("storage", "http://localhost:5000", "storage"),
     ("tracking_uri", 5, "tracking_uri"),
     ("tracking_uri", "", "tracking_uri"),
 ]

@@ -175,20 +175,27 @@ def build_base(bb: BackboneConfig) -> Any:
     try:
         return cls(include_top=False, weights=weights, input_shape=(size, size, 3), **kwargs)
     except TypeError as e:
-        raise BackboneError(f"{bb.name}: bad constructor argument in args ({e})") from None
+        raise BackboneError(
+            f"backbone {bb.label}: args: {e}; fix this backbone's args: in the sweep file"
+        ) from None
     except ValueError as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise BackboneError(f"{bb.name}: Keras refused the configuration: {msg}") from None
+        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        fix = "args: and weights:" if weights not in (None, "imagenet") else "args:"
+        raise BackboneError(
+            f"backbone {bb.label}: Keras refused {bb.name}(args {dict(bb.args)}, weights "
+            f"{bb.weights}, input size {size}): {msg}; check this backbone's {fix} in the "
+            "sweep file (a weights file must come from the same class and args, no top)"
+        ) from None
     except Exception as e:  # download failures come as URLError, HTTPError or plain Exception
         if weights == "imagenet":
             raise BackboneError(
                 f"{bb.name}: cannot load ImageNet weights ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:120] if str(e) else ''}); offline, put the file in "
+                f"{str(e).splitlines()[0][:300] if str(e) else ''}); offline, put the file in "
                 "$KERAS_HOME/models or set weights: to a weights file path"
             ) from None
         raise BackboneError(
             f"{bb.name}: cannot load weights from {weights} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:120] if str(e) else ''}); give a .h5/.weights.h5 file "
+            f"{str(e).splitlines()[0][:300] if str(e) else ''}); give a .h5/.weights.h5 file "
             f"saved from {bb.name} with include_top=False and the same args"
         ) from None
 

@@ -245,6 +245,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise TlsweepError(f"--workers: got {args.workers}; expected an integer >= 1")
     cfg = _load(args)
     n = cfg.search.n_trials
+    if args.worker_index is not None:
+        # A worker of `--workers N`: its parent has reported the cache and the skipped files.
+        logging.getLogger("tlsweep.features").setLevel(logging.ERROR)
 
     def on_trial(o: Any) -> None:
         value = f"{cfg.search.metric}={o.value:.4f}" if o.value is not None else "no value"

@@ -552,6 +552,10 @@ def load_sweep(
     )
 
 
+# The SQLAlchemy dialects Optuna's RDBStorage can use (sqlite is handled above).
+_DATABASES = ("postgresql", "mysql", "mariadb", "oracle", "mssql")
+
+
 def _storage_url(where: str, url: Any, base: Path, field_name: str) -> str:
     """Resolve a storage URL: a relative SQLite or journal path is made absolute against base."""
     if not isinstance(url, str) or not url:
@@ -569,12 +573,14 @@ def _storage_url(where: str, url: Any, base: Path, field_name: str) -> str:
         if not p.is_absolute():
             p = (base / p).resolve()
         return f"journal:{p}"
-    if "://" not in url:
+    scheme = url.partition("://")[0].partition("+")[0] if "://" in url else None
+    if scheme not in _DATABASES:
         raise _fail(
             where,
             field_name,
             url,
-            "expected sqlite:///FILE, journal:FILE or a database URL like postgresql://...",
+            "expected sqlite:///FILE, journal:FILE or a database URL like postgresql://... "
+            f"({', '.join(_DATABASES)})",
         )
     return url
 

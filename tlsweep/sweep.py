@@ -158,7 +158,7 @@ def run_sweep(
         attach_parent(cfg, study, tracker)
         _run_workers(workers, worker_argv or [])
         summary = summarize(cfg, study)
-        _finish(cfg, study, tracker, summary, evaluate_winner)
+        _finish(cfg, study, tracker, summary, evaluate_winner, extracted=entries)
         return summary
     features = load_features([(bb, e) for bb, e, _ in entries])
     runner = StudyRunner(cfg, features, tracker, on_trial, worker_index or 0)
@@ -171,7 +171,15 @@ def run_sweep(
         summary = summarize(cfg, runner.study)
         if worker_index is None:
             try:
-                _finish(cfg, runner.study, tracker, summary, evaluate_winner and done, done)
+                _finish(
+                    cfg,
+                    runner.study,
+                    tracker,
+                    summary,
+                    evaluate_winner and done,
+                    done,
+                    extracted=entries,
+                )
             except Exception as e:  # noqa: BLE001 - the trials are safe; report and go on
                 log.warning("could not evaluate the winner: %s", e)
                 with contextlib.suppress(Exception):
@@ -186,6 +194,7 @@ def _finish(
     summary: StudySummary,
     evaluate: bool,
     done: bool | None = None,
+    extracted: list | None = None,
 ) -> None:
     done = summary.finished >= cfg.search.n_trials if done is None else done
     if summary.best:
@@ -194,7 +203,7 @@ def _finish(
     if done and evaluate:
         from tlsweep import winner
 
-        w = winner.evaluate_and_log(cfg, study, tracker)
+        w = winner.evaluate_and_log(cfg, study, tracker, extracted)
         summary.test = w.test
         summary.test_note = None if w.test else "no test split (no test/ folder, or test_split: 0)"
     tracker.close_parent(done)

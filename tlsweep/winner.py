@@ -50,14 +50,18 @@ def best_trial(study: Any) -> Any:
         ) from None
 
 
-def rebuild(cfg: SweepConfig, study: Any) -> Winner:
-    """Retrain the best trial's head on the cached features and score it on the test split."""
+def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winner:
+    """Retrain the best trial's head on the cached features and score it on the test split.
+
+    ``extracted``: what :func:`~tlsweep.features.extract_all` returned, when the caller has it
+    already (a finished run), so the images are not listed and hashed a second time.
+    """
     from tlsweep.features import extract_all
     from tlsweep.head import HeadParams, evaluate_head, train_head
     from tlsweep.search import suggest
 
     best = best_trial(study)
-    entries = {bb.label: (bb, e) for bb, e, _ in extract_all(cfg)}
+    entries = {bb.label: (bb, e) for bb, e, _ in (extracted or extract_all(cfg))}
     params = dict(best.params)
 
     class _Fixed:  # replays the trial's parameters through the same suggest() code path
@@ -82,9 +86,11 @@ def rebuild(cfg: SweepConfig, study: Any) -> Winner:
     return Winner(best.number, float(best.value), full, bb, entry, head, test)
 
 
-def evaluate_and_log(cfg: SweepConfig, study: Any, tracker: Any | None) -> Winner:
+def evaluate_and_log(
+    cfg: SweepConfig, study: Any, tracker: Any | None, extracted: list | None = None
+) -> Winner:
     """Rebuild the winner, score it on the test split and put the results on the parent run."""
-    w = rebuild(cfg, study)
+    w = rebuild(cfg, study, extracted)
     if tracker is not None and tracker.parent_run_id:
         metrics: dict[str, float] = {
             f"rebuilt_{cfg.search.metric}": w.head.history[-1].as_dict()[cfg.search.metric]
