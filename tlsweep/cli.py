@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fmt(v: Any) -> str:
+    if v is None:  # e.g. the best of a backbone with no finished trial yet
+        return "-"
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)

@@ -476,7 +476,7 @@ def load_sweep(
     s_raw = raw.get("search") or {}
     _check_keys(where, "search", s_raw, _SEARCH_KEYS)
     nt = n_trials if n_trials is not None else s_raw.get("n_trials", DEFAULT_N_TRIALS)
-    nt = _int(where, "search.n_trials", nt, 1)
+    nt = _int(where, "search.n_trials" if n_trials is None else "--n-trials", nt, 1)
     timeout = s_raw.get("timeout")
     if timeout is not None and (not _is_num(timeout) or timeout <= 0):
         raise _fail(where, "search.timeout", timeout, "expected a number of seconds > 0, or null")
