@@ -302,6 +302,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if uri.startswith("http"):
         print(f"the tracking store is a server: open {uri} in a browser")
         return 0
+    db = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else None
+    if db is not None and not os.path.exists(db):
+        log.warning(
+            "%s does not exist: no run was logged to it; run 'tlsweep ui' in the folder where "
+            "you ran 'tlsweep run', or set tracking_uri: in the sweep file",
+            os.path.abspath(db),
+        )
     cmd = [
         sys.executable,
         "-m",
