@@ -26,6 +26,8 @@ NOISE = [
     b"operations, rebuild TensorFlow with the appropriate compiler flags.",
     b"E0000 00:00:1795934442.688264   10794 cuda_platform.cc:52] failed call to cuInit: "
     b"INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)",
+    b"E0000 00:00:1795934442.688264   10794 jpeg_mem.cc:331] Premature end of JPEG data. "
+    b"Possibly due to a truncated file.",
 ]
 KEPT = [
     b"E0000 00:00:1795934442.688264   10794 op_kernel.cc:1857] OP_REQUIRES failed: out of memory",

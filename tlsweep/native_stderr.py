@@ -25,8 +25,8 @@ import select
 import subprocess
 import sys
 
-# The C++ files whose start-up notices are dropped: each is about the CPU build or the absence
-# of CUDA, never about the user's work. Errors from anywhere else pass through.
+# The C++ files whose lines are dropped: start-up notices about the CPU build or the absence of
+# CUDA, and libjpeg's complaint about a file tlsweep reports anyway. Anything else passes.
 SOURCES = (
     "port",  # "oneDNN custom operations are on"
     "cudart_stub",  # "Could not find cuda drivers on your machine"
@@ -38,6 +38,9 @@ SOURCES = (
     "cuda_fft",
     "cuda_blas",
     "computation_placer",
+    # libjpeg on a corrupt file ("Premature end of JPEG data"): tlsweep skips the file and
+    # reports it itself, with its name and the reason
+    "jpeg_mem",
 )
 _RECORD = rb"[IWE]\d{4} [\d:.]+ +\d+ "  # absl's head: level, date, time, thread
 _SOURCE_TAGS = tuple(f"{name}.cc:".encode() for name in SOURCES)
