@@ -145,6 +145,9 @@ def test_relative_cache_dir_is_relative_to_cwd_and_storage_to_the_file(
     assert cfg.storage == "postgresql://u:p@host/db"
     cfg = load_sweep(_write(conf, _set(doc, "storage", "mysql+pymysql://u:p@host/db")))
     assert cfg.storage == "mysql+pymysql://u:p@host/db"  # server URLs are kept as given
+    cfg = load_sweep(_write(conf, _set(doc, "storage", "postgres://u:p@host/db")))
+    assert cfg.storage == "postgres://u:p@host/db"
+    assert "secret" not in _error(_write(conf, _set(doc, "storage", "foo://u:secret@host/db")))
 
 
 def test_overrides_win_and_are_relative_to_cwd(

@@ -122,3 +122,39 @@ def test_child_processes_write_through_the_same_filter() -> None:
     )
     assert r.returncode == 0, r.stderr
     assert r.stderr == b"child says hi\n"
+
+
+def test_everything_is_out_when_the_process_has_ended(tmp_path) -> None:
+    """Native lines reach a stderr *file* before the process ends (restore waits for them),
+    and the host gets its descriptor 2 and sys.stderr back."""
+    code = textwrap.dedent(
+        """
+        import os, sys
+        from tlsweep import native_stderr
+        before = sys.stderr
+        restore = native_stderr.install()
+        assert restore is not None
+        os.write(2, b"native one\\n")
+        print("python one", file=sys.stderr, flush=True)
+        restore()
+        assert sys.stderr is before and not os.environ.get(native_stderr.ENV_FLAG)
+        os.write(2, b"after restore\\n")
+        """
+    )
+    err = tmp_path / "err.txt"
+    with err.open("wb") as f:
+        r = subprocess.run([sys.executable, "-c", code], stderr=f, timeout=60)
+    assert r.returncode == 0, err.read_bytes()
+    assert sorted(err.read_bytes().splitlines()) == [b"after restore", b"native one", b"python one"]
+    assert err.read_bytes().endswith(b"after restore\n")
+
+
+def test_no_descriptor_2_is_not_an_error() -> None:
+    code = "import sys\nfrom tlsweep import native_stderr\nprint(native_stderr.install())\n"
+    r = subprocess.run(
+        ["sh", "-c", f'exec "{sys.executable}" -c "$0" 2>&-', code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and r.stdout == "None\n"

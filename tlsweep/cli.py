@@ -463,22 +463,48 @@ _EXTRA_COMMANDS: list[Any] = [_register_run]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    restore = None
     if not args.verbose:
         from tlsweep import native_stderr
 
-        native_stderr.install()  # TensorFlow's start-up lines about CUDA and oneDNN
+        restore = native_stderr.install()  # TensorFlow's start-up lines about CUDA and oneDNN
+    try:
+        return _main(args)
+    finally:
+        if restore is not None:
+            restore()
+
+
+def _main(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return rc
     except TlsweepError as e:
         print(f"tlsweep: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tlsweep: interrupted", file=sys.stderr)
         return _exit_code["interrupted"]
-    except BrokenPipeError:  # e.g. `tlsweep backbones | head`: the reader has gone
+    except BrokenPipeError:
+        if not _stdout_broken():
+            raise
+        # e.g. `tlsweep backbones | head`: the reader has gone, as a shell would say it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # what a shell reports for SIGPIPE
+        return 141
+
+
+def _stdout_broken() -> bool:
+    """Whether standard output is a pipe whose reader has gone (not some other broken pipe)."""
+    import select
+
+    try:
+        p = select.poll()
+        p.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in p.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -553,7 +554,7 @@ def load_sweep(
 
 
 # The SQLAlchemy dialects Optuna's RDBStorage can use (sqlite is handled above).
-_DATABASES = ("postgresql", "mysql", "mariadb", "oracle", "mssql")
+_DATABASES = ("postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql", "cockroachdb")
 
 
 def _storage_url(where: str, url: Any, base: Path, field_name: str) -> str:
@@ -578,7 +579,7 @@ def _storage_url(where: str, url: Any, base: Path, field_name: str) -> str:
         raise _fail(
             where,
             field_name,
-            url,
+            re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url),  # no password in the message
             "expected sqlite:///FILE, journal:FILE or a database URL like postgresql://... "
             f"({', '.join(_DATABASES)})",
         )

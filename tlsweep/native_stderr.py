@@ -19,36 +19,40 @@ a script, with ``python -I -S``, in a few milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
 import subprocess
 import sys
+from collections.abc import Callable
 
-# The C++ files whose lines are dropped: start-up notices about the CPU build or the absence of
-# CUDA, and libjpeg's complaint about a file tlsweep reports anyway. Anything else passes.
-SOURCES = (
-    "port",  # "oneDNN custom operations are on"
-    "cudart_stub",  # "Could not find cuda drivers on your machine"
-    "cuda_platform",  # "failed call to cuInit" (no GPU)
-    "cuda_executor",
-    "cuda_diagnostics",
-    "cpu_feature_guard",  # "This TensorFlow binary is optimized to use ..."
-    "cuda_dnn",  # "Unable to register cuDNN factory" and friends
-    "cuda_fft",
-    "cuda_blas",
-    "computation_placer",
-    # libjpeg on a corrupt file ("Premature end of JPEG data"): tlsweep skips the file and
-    # reports it itself, with its name and the reason
-    "jpeg_mem",
-)
+# The lines dropped, by C++ file and message: start-up notices about the CPU build or the
+# absence of a CUDA driver, and libjpeg's nameless complaint about a file tlsweep reports
+# anyway by name. Other messages from the same files (a real GPU error: cuDNN version
+# mismatch, out of memory, no device) pass, as does everything else.
+KNOWN = {
+    "port": r"oneDNN custom operations are on\b.*",
+    "cudart_stub": r"Could not find cuda drivers on your machine, GPU will not be used\.",
+    "cuda_platform": r"failed call to cuInit: .*UNKNOWN ERROR \(303\)",
+    "cpu_feature_guard": r"This TensorFlow binary is optimized to use available CPU .*",
+    "cuda_dnn": r"Unable to register cuDNN factory: .*",
+    "cuda_fft": r"Unable to register cuFFT factory: .*",
+    "cuda_blas": r"Unable to register cuBLAS factory: .*",
+    "computation_placer": r"computation placer already registered\. .*",
+    "jpeg_mem": r"Premature end of JPEG data\b.*",
+}
+SOURCES = tuple(KNOWN)
 _RECORD = rb"[IWE]\d{4} [\d:.]+ +\d+ "  # absl's head: level, date, time, thread
 _SOURCE_TAGS = tuple(f"{name}.cc:".encode() for name in SOURCES)
 # Whole lines, without the newline.
 NOISE = re.compile(
     rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-    rb"|" + _RECORD + rb"(?:" + b"|".join(n.encode() for n in SOURCES) + rb")"
-    rb"\.cc:\d+\] .*"
+    rb"|"
+    + _RECORD
+    + rb"(?:"
+    + b"|".join(f"{name}\\.cc:\\d+\\] {text}".encode() for name, text in KNOWN.items())
+    + rb")"
     rb"|To enable the following instructions: .*rebuild TensorFlow with the appropriate "
     rb"compiler flags\."
 )
@@ -154,19 +158,25 @@ def _write(fd: int, data: bytes) -> None:
             return
 
 
-def install() -> bool:
+def install() -> Callable[[], None] | None:
     """Route descriptor 2 through the filter process; ``sys.stderr`` keeps the terminal.
 
-    Returns whether it did (not when already done by a parent tlsweep, or if the descriptors
-    cannot be set up: then everything stays as it was).
+    Returns the function that undoes it (call it before the process ends: it hands
+    descriptor 2 back and waits briefly for the filter to pass on the last lines), or None
+    when nothing was done: already done by a parent tlsweep, no descriptor 2, or a failure
+    setting it up (then everything stays as it was).
     """
-    if os.environ.get(ENV_FLAG):
-        return False
+    if os.environ.get(ENV_FLAG) or sys.stderr is None:
+        return None
+    opened: list[int] = []
     try:
+        os.fstat(2)
         sys.stderr.flush()
         terminal = os.dup(2)
+        opened.append(terminal)
         read_end, write_end = os.pipe()
-        subprocess.Popen(
+        opened += [read_end, write_end]
+        proc = subprocess.Popen(
             [sys.executable, "-I", "-S", os.path.abspath(__file__)],
             stdin=read_end,
             stdout=terminal,
@@ -174,21 +184,37 @@ def install() -> bool:
             close_fds=True,
             start_new_session=True,  # Ctrl-C in the terminal is not for the filter
         )
-        os.close(read_end)
         os.dup2(write_end, 2)
-        os.close(write_end)
-    except OSError:
-        return False
-    sys.stderr = open(  # noqa: SIM115 - lives as long as the process
+    except Exception:  # noqa: BLE001 - never worse off than without the filter
+        for fd in opened:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        return None
+    os.close(read_end)
+    os.close(write_end)
+    previous = sys.stderr
+    sys.stderr = open(  # noqa: SIM115 - closed by restore()
         terminal,
         "w",
         buffering=1,
-        encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+        encoding=getattr(previous, "encoding", None) or "utf-8",
         errors="backslashreplace",
         closefd=False,
     )
     os.environ[ENV_FLAG] = "1"  # child processes write through this filter already
-    return True
+
+    def restore() -> None:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        sys.stderr = previous
+        os.environ.pop(ENV_FLAG, None)
+        with contextlib.suppress(OSError):
+            os.dup2(terminal, 2)  # our end of the pipe closes: the filter sees end of input
+            os.close(terminal)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=2)  # its last lines out before ours; longer if children remain
+
+    return restore
 
 
 if __name__ == "__main__":

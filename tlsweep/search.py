@@ -52,7 +52,9 @@ FINISHED = ("COMPLETE", "PRUNED")
 
 # --- storage -----------------------------------------------------------------------------------
 def _sqlite_path(url: str) -> Path | None:
-    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
+    return (
+        Path(url[len("sqlite:///") :].partition("?")[0]) if url.startswith("sqlite:///") else None
+    )
 
 
 def open_storage(cfg: SweepConfig, must_exist: bool = False) -> Any:

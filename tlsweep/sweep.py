@@ -217,6 +217,12 @@ def _run_workers(n: int, argv: Sequence[str]) -> None:
             procs.append(subprocess.Popen(cmd, env=os.environ.copy()))
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
+        # Ctrl-C reached the workers too (one process group); a SIGTERM only reached us:
+        # pass it on, so each worker closes its trial and runs and stops.
+        for p in procs:
+            with contextlib.suppress(Exception):
+                if p.poll() is None:
+                    p.terminate()
         for p in procs:
             with contextlib.suppress(Exception):
                 p.wait(timeout=60)
