@@ -237,12 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data, weights = setup(args)
 
-    from tlsweep import backbones as bbs
     from tlsweep import features
-    from tlsweep.config import DataConfig
+    from tlsweep.config import DataConfig, resolve_backbone
     from tlsweep.data import find_images
 
-    bb = bbs.resolve(mobilenet_v2(weights))
+    bb = resolve_backbone(mobilenet_v2(weights))
     images = find_images(DataConfig(dir=data))
     paths = [images.abspath(f) for f in images.files]
     print(f"{len(paths)} images under {data}", flush=True)

@@ -70,12 +70,11 @@ def load_features(data: Path, weights: Path, cache_dir: Path, pooling: str):
     """(x_train, y_train, x_val, y_val) as in-memory numpy arrays, via FeatureCache.ensure."""
     import numpy as np
 
-    from tlsweep import backbones as bbs
-    from tlsweep.config import DataConfig
+    from tlsweep.config import DataConfig, resolve_backbone
     from tlsweep.data import find_images
     from tlsweep.features import FeatureCache
 
-    bb = bbs.resolve(mobilenet_v2(weights, pooling))
+    bb = resolve_backbone(mobilenet_v2(weights, pooling))
     images = find_images(DataConfig(dir=data))
     t0 = time.perf_counter()
     entry, cached = FeatureCache(cache_dir).ensure(bb, images)

@@ -159,9 +159,9 @@ class Recorder:
 
 # --- features ------------------------------------------------------------------------------------
 def backbone(weights: Path):
-    from tlsweep import backbones as bbs
+    from tlsweep.config import resolve_backbone
 
-    return bbs.resolve(mobilenet_v2(weights))
+    return resolve_backbone(mobilenet_v2(weights))
 
 
 # --- the two modes -------------------------------------------------------------------------------

@@ -23,9 +23,9 @@ from tlsweep.backbones import (
     get_spec,
     list_backbones,
     preprocess_affine,
-    resolve,
 )
 from tlsweep.config import BackboneConfig
+from tlsweep.config import resolve_backbone as resolve
 from tlsweep.errors import BackboneError
 
 SPECS = list_backbones()

@@ -52,7 +52,7 @@ def _check_study(storage: str, study: str, n: int) -> None:
     import optuna
 
     if storage.startswith("postgresql://"):  # SQLAlchemy 2.1 would pick psycopg 3
-        from tlsweep.search import _pg_driver
+        from tlsweep.workers import _pg_driver
 
         storage = _pg_driver(storage)
     s = optuna.load_study(study_name=study, storage=storage)

@@ -281,8 +281,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tlsweep.search import open_storage, open_study
-    from tlsweep.sweep import summarize
+    from tlsweep.search import open_study, summarize
+    from tlsweep.workers import open_storage
 
     cfg = _load(args, check_data_dir=False)
     study = open_study(cfg, open_storage(cfg, must_exist=True), create=False)
@@ -326,9 +326,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _study_and_tracker(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    from tlsweep.search import open_storage, open_study
+    from tlsweep.search import open_study
     from tlsweep.sweep import attach_parent
     from tlsweep.tracking import Tracker
+    from tlsweep.workers import open_storage
 
     cfg = _load(args)
     study = open_study(cfg, open_storage(cfg, must_exist=True), create=False)

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from tlsweep.errors import BackboneError, ConfigError
+from tlsweep.registry import get_spec
 
 # --- every default, in one place ---------------------------------------------------------------
 DEFAULT_CACHE_DIR = ".tlsweep/cache"  # relative to the working directory
@@ -86,6 +87,11 @@ _PARAM_BOUNDS: dict[str, tuple[float, float]] = {
     "l2": (0.0, 1.0),
     "label_smoothing": (0.0, 0.99),
 }
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: the one place URLs are made safe to print."""
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
 
 
 def _fail(where: str, field_name: str, value: Any, allowed: str) -> ConfigError:
@@ -371,6 +377,25 @@ def _parse_backbone(where: str, i: int, spec: Any, base: Path) -> BackboneConfig
     )
 
 
+def resolve_backbone(bb: BackboneConfig, where: str = "backbones") -> BackboneConfig:
+    """Check a backbone config against the registry and fill in its input size."""
+    try:
+        spec = get_spec(bb.name)
+    except BackboneError as e:
+        raise BackboneError(f"{where}.name: {e}") from None
+    size = bb.input_size or spec.default_size
+    if size < spec.min_size:
+        raise BackboneError(
+            f"{where}.input_size: got {size}; {bb.name} needs at least {spec.min_size} px"
+        )
+    if spec.fixed_size_with_imagenet and bb.weights == "imagenet" and size != spec.default_size:
+        raise BackboneError(
+            f"{where}.input_size: got {size}; {bb.name} ImageNet weights need "
+            f"{spec.default_size} px (or weights: none)"
+        )
+    return replace(bb, input_size=size)
+
+
 def load_sweep(
     path: str | Path,
     *,
@@ -442,11 +467,9 @@ def load_sweep(
     bb_raw = raw.get("backbones")
     if not isinstance(bb_raw, list) or not bb_raw:
         raise _fail(where, "backbones", bb_raw, "expected a non-empty list of backbones")
-    from tlsweep.backbones import resolve  # the registry: metadata only, no TensorFlow
-
     try:
         backbones = tuple(
-            resolve(_parse_backbone(where, i, s, base), f"{where}: backbones[{i}]")
+            resolve_backbone(_parse_backbone(where, i, s, base), f"{where}: backbones[{i}]")
             for i, s in enumerate(bb_raw)
         )
     except BackboneError as e:  # an unknown name or a size the backbone cannot take
@@ -579,7 +602,7 @@ def _storage_url(where: str, url: Any, base: Path, field_name: str) -> str:
         raise _fail(
             where,
             field_name,
-            re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url),  # no password in the message
+            redact_url(url),  # no password in the message
             "expected sqlite:///FILE, journal:FILE or a database URL like postgresql://... "
             f"({', '.join(_DATABASES)})",
         )

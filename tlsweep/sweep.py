@@ -11,81 +11,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from tlsweep.config import SweepConfig
 from tlsweep.errors import StudyError
+from tlsweep.search import StudySummary, summarize
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StudySummary:
-    """What ``tlsweep status`` and the end of ``tlsweep run`` show."""
-
-    study: str
-    n_trials: int
-    counts: dict[str, int]
-    best: list[dict[str, Any]]  # the best finished trials, best first
-    per_backbone: list[dict[str, Any]]
-    metric: str
-    direction: str
-    test: dict[str, Any] | None = None  # the winner's held-out test score, once evaluated
-    test_note: str | None = None  # why there is no test score
-
-    @property
-    def finished(self) -> int:
-        return self.counts.get("COMPLETE", 0) + self.counts.get("PRUNED", 0)
-
-
-def summarize(cfg: SweepConfig, study: Any, top: int = 5) -> StudySummary:
-    import statistics
-
-    trials = study.get_trials(deepcopy=False)
-    counts = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
-    for t in trials:
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    sign = -1 if cfg.search.direction == "maximize" else 1
-    complete = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
-    ranked = sorted(complete, key=lambda t: sign * t.value)
-    best = [
-        {
-            "number": t.number,
-            "value": t.value,
-            "params": dict(t.params),
-            "seconds": t.duration.total_seconds() if t.duration else None,
-        }
-        for t in ranked[:top]
-    ]
-    per_bb = []
-    labels = [b.label for b in cfg.backbones]
-    for label in labels:
-        ts = [t for t in trials if t.params.get("backbone", labels[0]) == label]
-        vals = [t.value for t in ts if t.state.name == "COMPLETE" and t.value is not None]
-        secs = [
-            t.duration.total_seconds()
-            for t in ts
-            if t.duration and t.state.name in ("COMPLETE", "PRUNED")
-        ]
-        per_bb.append(
-            {
-                "backbone": label,
-                "trials": len([t for t in ts if t.state.name in ("COMPLETE", "PRUNED")]),
-                "best": (max(vals) if sign < 0 else min(vals)) if vals else None,
-                "median": statistics.median(vals) if vals else None,
-                "seconds_per_trial": statistics.mean(secs) if secs else None,
-            }
-        )
-    return StudySummary(
-        cfg.study,
-        cfg.search.n_trials,
-        counts,
-        best,
-        per_bb,
-        cfg.search.metric,
-        cfg.search.direction,
-    )
 
 
 def _parent_params(cfg: SweepConfig) -> dict[str, Any]:
@@ -109,25 +41,9 @@ def attach_parent(cfg: SweepConfig, study: Any, tracker: Any) -> str:
     """Find the study's parent MLflow run (resume) or create it, and remember it in the study."""
     from tlsweep.search import PARENT_ATTR
 
-    rid = study.user_attrs.get(PARENT_ATTR)
-    if rid:
-        try:
-            run = tracker.client.get_run(rid)
-            if (
-                run.info.lifecycle_stage == "active"
-                and run.info.experiment_id == tracker.experiment_id
-            ):
-                tracker.parent_run_id = rid
-                tracker.reopen_parent()
-                return rid
-        except Exception:  # noqa: BLE001 - a parent deleted or in another tracking store
-            pass
-    rid = tracker.find_parent()
-    if rid:
-        tracker.parent_run_id = rid
-        tracker.reopen_parent()
-    else:
-        rid = tracker.create_parent(_parent_params(cfg), cfg.text, cfg.path.name)
+    rid = tracker.attach_parent(
+        study.user_attrs.get(PARENT_ATTR), _parent_params(cfg), cfg.text, cfg.path.name
+    )
     study.set_user_attr(PARENT_ATTR, rid)
     return rid
 
@@ -148,8 +64,9 @@ def run_sweep(
     starts ``workers`` worker processes (``worker_argv``) on the same study, then waits.
     """
     from tlsweep.features import extract_all
-    from tlsweep.search import StudyRunner, load_features, open_storage, open_study
+    from tlsweep.search import load_features, open_study
     from tlsweep.tracking import Tracker
+    from tlsweep.workers import StudyRunner, open_storage
 
     entries = extract_all(cfg, progress)
     tracker = Tracker(cfg.tracking_uri, cfg.study)

@@ -61,6 +61,35 @@ class Tracker:
         raise RuntimeError(f"cannot create or find the MLflow experiment '{name}'")
 
     # --- the parent run ------------------------------------------------------------------------
+    def attach_parent(
+        self,
+        known: str | None,
+        params: Mapping[str, Any],
+        sweep_text: str,
+        sweep_name: str,
+    ) -> str:
+        """Resume the study's parent run (``known``, or found by its tags) or create it."""
+        from mlflow.exceptions import MlflowException
+
+        if known:
+            try:
+                run = self.client.get_run(known)
+                if (
+                    run.info.lifecycle_stage == "active"
+                    and run.info.experiment_id == self.experiment_id
+                ):
+                    self.parent_run_id = known
+                    self.reopen_parent()
+                    return known
+            except MlflowException:  # a parent deleted, or in another tracking store
+                pass
+        rid = self.find_parent()
+        if rid:
+            self.parent_run_id = rid
+            self.reopen_parent()
+            return rid
+        return self.create_parent(params, sweep_text, sweep_name)
+
     def find_parent(self) -> str | None:
         runs = self.client.search_runs(
             [self.experiment_id],
@@ -201,6 +230,27 @@ class Tracker:
         self.client.log_batch(
             self.parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
         )
+
+    def set_parent_tag(self, key: str, value: str) -> None:
+        if self.parent_run_id:
+            self.client.set_tag(self.parent_run_id, key, value)
+
+    def log_parent_model(self, model: Any, meta: Mapping[str, Any], path: Any) -> None:
+        """The exported Keras model as an MLflow model on the parent run, with its file."""
+        import mlflow
+
+        if not self.parent_run_id:
+            return
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=self.parent_run_id):
+            mlflow.keras.log_model(
+                model,
+                name="model",
+                pip_requirements=["keras", "tensorflow"],
+                metadata={"class_names": meta["class_names"]},
+            )
+            mlflow.log_dict(dict(meta), "model_metadata.json")
+            mlflow.log_artifact(str(path), "export")
 
     def log_parent_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         if self.parent_run_id:

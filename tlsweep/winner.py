@@ -56,6 +56,8 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
     ``extracted``: what :func:`~tlsweep.features.extract_all` returned, when the caller has it
     already (a finished run), so the images are not listed and hashed a second time.
     """
+    import optuna
+
     from tlsweep.features import extract_all
     from tlsweep.head import HeadParams, evaluate_head, train_head
     from tlsweep.search import suggest
@@ -63,14 +65,8 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
     best = best_trial(study)
     entries = {bb.label: (bb, e) for bb, e, _ in (extracted or extract_all(cfg))}
     params = dict(best.params)
-
-    class _Fixed:  # replays the trial's parameters through the same suggest() code path
-        def suggest_categorical(self, name: str, choices: Any) -> Any:
-            return params[name]
-
-        suggest_int = suggest_float = lambda self, name, *a, **k: params[name]  # noqa: E731
-
-    full = suggest(_Fixed(), cfg)
+    # Replay the trial's parameters through the same suggest() code path (fixed ones included).
+    full = suggest(optuna.trial.FixedTrial(params), cfg)
     label = full["backbone"]
     if label not in entries:
         raise StudyError(f"the best trial's backbone {label} is not in the sweep file any more")
@@ -111,7 +107,7 @@ def evaluate_and_log(
                 "test/NO_TEST_SPLIT.txt",
             )
         tracker.log_parent_metrics(metrics)
-        tracker.client.set_tag(tracker.parent_run_id, "winner_trial", str(w.number))
+        tracker.set_parent_tag("winner_trial", str(w.number))
         log_reports(cfg, study, tracker)
     return w
 
@@ -136,7 +132,7 @@ def log_reports(cfg: SweepConfig, study: Any, tracker: Any) -> list[str]:
     """Optuna's plots (HTML) and the per-backbone comparison on the parent run."""
     import warnings
 
-    from tlsweep.sweep import summarize
+    from tlsweep.search import summarize
 
     written = []
     summary = summarize(cfg, study)
@@ -223,23 +219,8 @@ def export(cfg: SweepConfig, study: Any, output: str | Path, tracker: Any | None
         z.writestr(METADATA_NAME, json.dumps(meta, indent=1, default=str))
     os.replace(tmp, output)
     if tracker is not None and tracker.parent_run_id:
-        _log_mlflow_model(tracker, model, meta, output)
+        tracker.log_parent_model(model, meta, output)
     return w
-
-
-def _log_mlflow_model(tracker: Any, model: Any, meta: dict[str, Any], path: Path) -> None:
-    import mlflow
-
-    mlflow.set_tracking_uri(tracker.tracking_uri)
-    with mlflow.start_run(run_id=tracker.parent_run_id):
-        mlflow.keras.log_model(
-            model,
-            name="model",
-            pip_requirements=["keras", "tensorflow"],
-            metadata={"class_names": meta["class_names"]},
-        )
-        mlflow.log_dict(meta, "model_metadata.json")
-        mlflow.log_artifact(str(path), "export")
 
 
 def read_metadata(model_path: str | Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""search.recover: trials left RUNNING by dead processes are failed and their parameters retried."""
+"""workers.recover: trials left RUNNING by dead workers are failed and their parameters retried."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import warnings
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-from tlsweep.search import WORKER_ATTR, recover
+from tlsweep.workers import WORKER_ATTR, recover
 
 warnings.filterwarnings("ignore")
 
@@ -48,7 +48,7 @@ def test_trial_of_a_dead_local_worker_is_retried_at_once(tmp_path):
 
 
 def test_trial_of_a_live_worker_is_left_alone(tmp_path):
-    from tlsweep.search import worker_id
+    from tlsweep.workers import worker_id
 
     study = _study(tmp_path)
     t = study.ask()

@@ -1,0 +1,103 @@
+"""The registry of ``keras.applications`` backbones: typed metadata only, no TensorFlow.
+
+Every ``keras.applications`` class is available by its class name. Each entry carries the
+module whose ``preprocess_input`` it uses, its default and minimum input size and the channels
+of its last feature map at default arguments, so listing the registry and validating a sweep
+file never import TensorFlow. Building a backbone is :mod:`tlsweep.backbones`' job.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from tlsweep.errors import BackboneError
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What tlsweep knows about one ``keras.applications`` class."""
+
+    name: str
+    module: str  # keras.applications.<module>.preprocess_input
+    default_size: int
+    min_size: int
+    channels: int  # channels of the last feature map at default constructor arguments
+    fixed_size_with_imagenet: bool = False  # NASNet: ImageNet weights only at the default size
+
+    def feature_shape(self, size: int, pooling: str, channels: int | None = None) -> tuple:
+        """Feature shape per image for a pooling at an input size (stride-32 feature map)."""
+        c = channels or self.channels
+        if pooling in ("avg", "max"):
+            return (c,)
+        side = -(-size // 32)
+        return (side * side * c,)
+
+
+def _specs() -> dict[str, BackboneSpec]:
+    rows = [
+        # name, module, default size, min size, channels
+        ("ConvNeXtTiny", "convnext", 224, 32, 768),
+        ("ConvNeXtSmall", "convnext", 224, 32, 768),
+        ("ConvNeXtBase", "convnext", 224, 32, 1024),
+        ("ConvNeXtLarge", "convnext", 224, 32, 1536),
+        ("ConvNeXtXLarge", "convnext", 224, 32, 2048),
+        ("DenseNet121", "densenet", 224, 32, 1024),
+        ("DenseNet169", "densenet", 224, 32, 1664),
+        ("DenseNet201", "densenet", 224, 32, 1920),
+        ("EfficientNetB0", "efficientnet", 224, 32, 1280),
+        ("EfficientNetB1", "efficientnet", 240, 32, 1280),
+        ("EfficientNetB2", "efficientnet", 260, 32, 1408),
+        ("EfficientNetB3", "efficientnet", 300, 32, 1536),
+        ("EfficientNetB4", "efficientnet", 380, 32, 1792),
+        ("EfficientNetB5", "efficientnet", 456, 32, 2048),
+        ("EfficientNetB6", "efficientnet", 528, 32, 2304),
+        ("EfficientNetB7", "efficientnet", 600, 32, 2560),
+        ("EfficientNetV2B0", "efficientnet_v2", 224, 32, 1280),
+        ("EfficientNetV2B1", "efficientnet_v2", 240, 32, 1280),
+        ("EfficientNetV2B2", "efficientnet_v2", 260, 32, 1408),
+        ("EfficientNetV2B3", "efficientnet_v2", 300, 32, 1536),
+        ("EfficientNetV2S", "efficientnet_v2", 384, 32, 1280),
+        ("EfficientNetV2M", "efficientnet_v2", 480, 32, 1280),
+        ("EfficientNetV2L", "efficientnet_v2", 480, 32, 1280),
+        ("InceptionResNetV2", "inception_resnet_v2", 299, 75, 1536),
+        ("InceptionV3", "inception_v3", 299, 75, 2048),
+        ("MobileNet", "mobilenet", 224, 32, 1024),
+        ("MobileNetV2", "mobilenet_v2", 224, 32, 1280),
+        ("MobileNetV3Small", "mobilenet_v3", 224, 32, 576),
+        ("MobileNetV3Large", "mobilenet_v3", 224, 32, 960),
+        ("NASNetMobile", "nasnet", 224, 32, 1056),
+        ("NASNetLarge", "nasnet", 331, 32, 4032),
+        ("ResNet50", "resnet", 224, 32, 2048),
+        ("ResNet101", "resnet", 224, 32, 2048),
+        ("ResNet152", "resnet", 224, 32, 2048),
+        ("ResNet50V2", "resnet_v2", 224, 32, 2048),
+        ("ResNet101V2", "resnet_v2", 224, 32, 2048),
+        ("ResNet152V2", "resnet_v2", 224, 32, 2048),
+        ("VGG16", "vgg16", 224, 32, 512),
+        ("VGG19", "vgg19", 224, 32, 512),
+        ("Xception", "xception", 299, 71, 2048),
+    ]
+    return {r[0]: BackboneSpec(*r, fixed_size_with_imagenet=r[1] == "nasnet") for r in rows}
+
+
+REGISTRY: dict[str, BackboneSpec] = _specs()
+
+
+def list_backbones() -> list[BackboneSpec]:
+    """Every registered backbone, sorted by name (feeds the CLI and parametrised tests)."""
+    return [REGISTRY[n] for n in sorted(REGISTRY)]
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The spec of a backbone by class name; an unknown name lists close matches."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    lower = {n.lower(): n for n in REGISTRY}
+    if name.lower() in lower:
+        raise BackboneError(f"unknown backbone '{name}'; did you mean '{lower[name.lower()]}'?")
+    close = difflib.get_close_matches(name, list(REGISTRY), n=4, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise BackboneError(
+        f"unknown backbone '{name}'; {hint}run 'tlsweep backbones' for the {len(REGISTRY)} known"
+    )

@@ -1,0 +1,379 @@
+"""The worker machinery: storages, locks, liveness, heartbeats and recovery from dead workers.
+
+Crash safety, using Optuna's own machinery:
+
+* every running trial records a heartbeat (``RDBStorage(heartbeat_interval=...)``); a trial
+  whose heartbeat went stale is failed by :func:`optuna.storages.fail_stale_trials` and its
+  parameters are queued again by :class:`optuna.storages.RetryHeartbeatStaleTrialCallback`;
+* a trial whose worker ran on this host and is gone (``kill -9``) is failed and retried at once,
+  without waiting for the grace period;
+* Ctrl-C and SIGTERM fail the running trial and queue its parameters again.
+
+Workers decide whether to start a trial under a lock held in the storage itself (a file lock
+next to a SQLite/journal file, ``pg_advisory_lock`` on PostgreSQL, ``GET_LOCK`` on MySQL), so N
+workers end with exactly ``n_trials`` finished trials.
+
+What a trial *is* (its space, objective and reports) lives in :mod:`tlsweep.search`; this
+module only decides who runs which trial, and keeps them alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import logging
+import math
+import os
+import socket
+import sqlite3
+import threading
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tlsweep.config import SweepConfig, redact_url
+from tlsweep.errors import StudyError
+from tlsweep.search import (
+    FINISHED,
+    FeatureData,
+    TrialOutcome,
+    best_of,
+    counts,
+    open_study,
+    run_trial,
+    study_storage,
+    trial_id,
+)
+
+log = logging.getLogger(__name__)
+
+WORKER_ATTR = "tlsweep.worker"
+
+
+# --- storage -----------------------------------------------------------------------------------
+def _sqlite_path(url: str) -> Path | None:
+    return (
+        Path(url[len("sqlite:///") :].partition("?")[0]) if url.startswith("sqlite:///") else None
+    )
+
+
+def open_storage(cfg: SweepConfig, must_exist: bool = False) -> Any:
+    """The Optuna storage for ``cfg.storage``, with heartbeats and stale-trial retry.
+
+    With ``must_exist`` (the commands that only read a study), a local storage file that does
+    not exist is an error instead of a new, empty database left behind.
+    """
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    url = cfg.storage
+    s = cfg.search
+    local = Path(url[len("journal:") :]) if url.startswith("journal:") else _sqlite_path(url)
+    if must_exist and local is not None and not local.is_file():
+        raise StudyError(
+            f"no study '{cfg.study}': the storage {local} does not exist; run 'tlsweep run "
+            f"{cfg.path.name}' first, or pass --storage URL where the study is"
+        )
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url[len("journal:") :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    engine_kwargs: dict[str, Any] = {}
+    sqlite = _sqlite_path(url)
+    if sqlite is not None:
+        try:
+            sqlite.parent.mkdir(parents=True, exist_ok=True)
+            # WAL lets readers and one writer work at once; the busy timeout makes concurrent
+            # writers wait instead of failing with "database is locked". WAL is persistent.
+            with contextlib.closing(sqlite3.connect(sqlite, timeout=60)) as con:
+                con.execute("PRAGMA journal_mode=WAL")
+        except (OSError, sqlite3.Error) as e:
+            raise StudyError(f"storage: cannot open {sqlite} ({e}); check the path") from None
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+        url = _pg_driver(url)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=s.heartbeat_interval,
+                grace_period=s.grace_period,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                    max_retry=s.max_retry
+                ),
+            )
+        except Exception as e:  # SQLAlchemy raises many types for bad URLs and servers
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise StudyError(
+                f"storage: cannot open {redact_url(url)} ({first}); check the URL, the server and "
+                "its driver (pip install psycopg2-binary for PostgreSQL)"
+            ) from None
+
+
+def _pg_driver(url: str) -> str:
+    """``postgresql://`` with the installed driver: SQLAlchemy 2.1 defaults to psycopg 3, but
+    the documented driver is psycopg2-binary; use psycopg2 when psycopg 3 is missing."""
+    import importlib.util
+
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+                return "postgresql+psycopg2://" + url[len(scheme) :]
+            return "postgresql://" + url[len(scheme) :]
+    return url
+
+
+@contextlib.contextmanager
+def storage_lock(url: str, name: str) -> Iterator[None]:
+    """A mutex shared by every worker of a storage, held in or beside the storage itself."""
+    path = _sqlite_path(url) or (
+        Path(url[len("journal:") :]) if url.startswith("journal:") else None
+    )
+    if path is not None:
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        return
+    import sqlalchemy
+
+    key = zlib.crc32(name.encode()) & 0x7FFFFFFF
+    engine = _lock_engine(url)
+    with engine.connect() as con:
+        dialect = engine.dialect.name
+        if dialect == "postgresql":
+            con.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                con.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        elif dialect in ("mysql", "mariadb"):
+            con.execute(sqlalchemy.text("SELECT GET_LOCK(:k, 60)"), {"k": f"tlsweep{key}"})
+            try:
+                yield
+            finally:
+                con.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": f"tlsweep{key}"})
+        else:
+            yield
+
+
+_ENGINES: dict[str, Any] = {}
+
+
+def _lock_engine(url: str) -> Any:
+    import sqlalchemy
+
+    if url not in _ENGINES:
+        _ENGINES[url] = sqlalchemy.create_engine(_pg_driver(url), pool_size=1, pool_pre_ping=True)
+    return _ENGINES[url]
+
+
+# --- liveness ----------------------------------------------------------------------------------
+def worker_id() -> str:
+    """host:pid:start-time: enough to tell whether a worker on this host is still alive."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def _start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "0"
+
+
+def worker_is_dead(worker: str) -> bool:
+    """True only when ``worker`` ran on this host and that process is gone."""
+    try:
+        host, pid_s, start = worker.rsplit(":", 2)
+        pid = int(pid_s)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return _start_time(pid) != start
+
+
+class _Heartbeat:
+    """Records a running trial's heartbeat every ``interval`` seconds in a thread."""
+
+    def __init__(self, storage: Any, trial_id: int, interval: float):
+        self._storage = storage
+        self._trial_id = trial_id
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                self._storage.record_heartbeat(self._trial_id)
+            if self._stop.wait(self._interval):
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        if hasattr(self._storage, "record_heartbeat"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def recover(
+    study: Any, retry: Callable[[Any, Any], None] | None, grace_period: float = 30.0
+) -> list[int]:
+    """Fail the trials of dead workers and queue their parameters again; returns their numbers."""
+    import optuna
+    from optuna.trial import TrialState
+
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        w = t.user_attrs.get(WORKER_ATTR) or t.system_attrs.get(WORKER_ATTR)
+        # A worker tags its trial within milliseconds of asking for it; an untagged trial older
+        # than the grace period was asked for by a process killed in between (no heartbeat
+        # either, so Optuna's stale-trial check would never see it).
+        orphan = (
+            not w
+            and t.datetime_start is not None
+            and ((datetime.datetime.now() - t.datetime_start).total_seconds() > grace_period)
+        )
+        if orphan or (w and worker_is_dead(w)):
+            try:
+                ok = study_storage(study).set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                ok = False
+            if ok:
+                failed.append(t.number)
+                if retry is not None:
+                    retry(study, study_storage(study).get_trial(t._trial_id))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+        optuna.storages.fail_stale_trials(study)
+        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    failed += sorted(after - before - set(failed))
+    if failed:
+        log.info("trial(s) %s were left running by a dead worker: failed and queued again", failed)
+    return failed
+
+
+class StudyRunner:
+    """One worker on one study: starts trials until ``n_trials`` have finished."""
+
+    def __init__(
+        self,
+        cfg: SweepConfig,
+        features: dict[str, FeatureData],
+        tracker: Any,
+        on_trial: Callable[[TrialOutcome], None] | None = None,
+        worker_index: int = 0,
+    ):
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        self.cfg = cfg
+        self.features = features
+        self.tracker = tracker
+        self.on_trial = on_trial
+        self.storage = open_storage(cfg)
+        self.study = open_study(cfg, self.storage, seed_offset=worker_index)
+        self.worker = worker_id()
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.search.max_retry)
+
+    def finished(self) -> int:
+        c = counts(self.study)
+        return sum(c[s] for s in FINISHED)
+
+    def recover(self) -> None:
+        recover(self.study, self.retry, self.cfg.search.grace_period)
+        if self.tracker is not None:
+            states = {t.number: t.state.name for t in self.study.get_trials(deepcopy=False)}
+            alive = {n for n, s in states.items() if s == "RUNNING"}
+            self.tracker.close_stale_runs(states, alive)
+
+    def _next_trial(self) -> tuple[Any | None, bool]:
+        """(trial to run or None, study done?) decided under the storage lock."""
+        with storage_lock(self.cfg.storage, self.cfg.study):
+            c = counts(self.study)
+            done = sum(c[s] for s in FINISHED)
+            if done >= self.cfg.search.n_trials:
+                return None, True
+            if c["WAITING"] == 0 and done + c["RUNNING"] >= self.cfg.search.n_trials:
+                return None, False
+            trial = self.study.ask()
+            trial.set_user_attr(WORKER_ATTR, self.worker)
+            if hasattr(self.storage, "record_heartbeat"):
+                self.storage.record_heartbeat(trial_id(trial))
+            return trial, False
+
+    def run(self, stop: threading.Event | None = None) -> int:
+        """Run trials until the study is done, the timeout passes or ``stop`` is set."""
+        self.recover()
+        deadline = (
+            time.monotonic() + self.cfg.search.timeout if self.cfg.search.timeout else math.inf
+        )
+        ran = 0
+        last_recover = time.monotonic()
+        while time.monotonic() < deadline and not (stop and stop.is_set()):
+            trial, done = self._next_trial()
+            if done:
+                break
+            if trial is None:  # others are running the last trials: wait, and watch for deaths
+                if time.monotonic() - last_recover > 1.0:
+                    self.recover()
+                    last_recover = time.monotonic()
+                time.sleep(0.5)
+                continue
+            self._run_trial(trial)
+            ran += 1
+        self.recover()
+        return ran
+
+    def _run_trial(self, trial: Any) -> None:
+        study, tid = self.study, trial_id(trial)
+        result = run_trial(
+            study,
+            trial,
+            self.cfg,
+            self.features,
+            self.tracker,
+            self.worker,
+            keep_alive=_Heartbeat(self.storage, tid, self.cfg.search.heartbeat_interval),
+            requeue=lambda: self.retry(study, study_storage(study).get_trial(tid)),
+        )
+        if self.on_trial:
+            best_value, best_number = best_of(study)
+            self.on_trial(
+                TrialOutcome(
+                    trial.number,
+                    result.state,
+                    result.value,
+                    result.params,
+                    result.seconds,
+                    self.finished(),
+                    self.cfg.search.n_trials,
+                    best_value,
+                    best_number,
+                    result.error,
+                )
+            )
