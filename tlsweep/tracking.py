@@ -18,6 +18,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from tlsweep.stores import prepare_mlflow
+
 log = logging.getLogger(__name__)
 
 ROLE_TAG = "tlsweep.role"
@@ -40,6 +42,7 @@ class Tracker:
 
         os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        prepare_mlflow(self.tracking_uri)  # a local SQLite store: built atomically, checked
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.study = study
         self.experiment_id = self._experiment(study)
