@@ -360,3 +360,35 @@ def test_cli_killed_at_steps_while_building_a_store_then_reruns(
         assert r.returncode == 0, f"killed {0.1 * step:.1f} s in: {r.stderr[-2000:]}"
         assert _tmp_files(folder) == []
     assert killed >= 3
+
+
+@pytest.mark.parametrize("broken", ["storage", "tracking store"])
+def test_a_refused_run_leaves_no_new_store_behind(
+    built: dict[str, tuple[Path, float]],
+    cats_dogs_small: Path,
+    cd_features: object,
+    shared_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    broken: str,
+) -> None:
+    """A storage that cannot be opened leaves no mlflow.db (MLflow's default, in the current
+    folder); a tracking store that is refused leaves no optuna.db."""
+    from tlsweep.config import load_sweep
+    from tlsweep.errors import TlsweepError
+    from tlsweep.sweep import run_sweep
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    if broken == "storage":  # nothing listens on port 1
+        extra = {"storage": "postgresql://u:p@127.0.0.1:1/x", "tracking_uri": None}
+    else:
+        path = _copy(built["mlflow"][0], tmp_path / "mlflow.db")
+        _add_data("mlflow", path)
+        _half_build("mlflow", path, "no-revision")
+        extra = {}
+    sweep = write_sweep(tmp_path / "sweep.yaml", cats_dogs_small, cache_dir=shared_cache, **extra)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(TlsweepError):
+        run_sweep(load_sweep(sweep))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
