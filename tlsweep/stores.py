@@ -54,6 +54,7 @@ _SIDE_FILES = ("-journal", "-wal", "-shm")
 # --- what differs between MLflow and Optuna ----------------------------------------------------
 @dataclass(frozen=True)
 class _Kind:
+    field: str  # the sweep file's key that names it: "tracking_uri"
     what: str  # "MLflow tracking store"
     lib: str  # "MLflow"
     holds: str  # what counts as data, for messages: "runs"
@@ -128,6 +129,7 @@ def _optuna_data(con: sqlite3.Connection, tables: set[str]) -> int:
 
 
 MLFLOW = _Kind(
+    "tracking_uri",
     "MLflow tracking store",
     "MLflow",
     "runs",
@@ -137,6 +139,7 @@ MLFLOW = _Kind(
     lambda url: f"mlflow db upgrade {url}",
 )
 OPTUNA = _Kind(
+    "storage",
     "Optuna storage",
     "Optuna",
     "trials",
@@ -277,18 +280,21 @@ def _build(path: Path, kind: _Kind) -> Path:
     """A complete new store in a temporary file beside ``path``, every connection closed."""
     from sqlalchemy.engine import URL
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     t0 = time.monotonic()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.open("xb").close()  # fails at once where MLflow would retry for 100 s
         kind.build(URL.create("sqlite", database=str(tmp.absolute())).render_as_string())
     except BaseException as e:
         _unlink_all(tmp)
         if not isinstance(e, Exception):
             raise
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if isinstance(e, OSError) and e.strerror:
+            first = f"{e.strerror.lower()} in {path.parent}"
         raise TlsweepError(
-            f"{path}: cannot create the {kind.what} ({first}); check the path"
+            f"{kind.field}: cannot create the {kind.what} {path} ({first}); check the path"
         ) from None
     log.debug("built a new %s for %s in %.1f s", kind.what, path, time.monotonic() - t0)
     return tmp
