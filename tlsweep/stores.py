@@ -194,8 +194,10 @@ def _prepare(path: Path, url: str, kind: _Kind, create: bool) -> None:
             if not create:
                 return
             tmp = _build(path, kind)
-            _commit(tmp, path, None)  # lost the race: the winner's store is complete
+            _commit(tmp, path, None)  # False: another run's complete store went in first
             return
+        except OSError:
+            return  # unreadable: MLflow/Optuna say so when they open it
         problem = diagnose(path, kind)
         if problem is None:
             return
