@@ -303,10 +303,13 @@ def test_the_cli_refuses_a_half_built_tracking_store_with_runs(
 
 
 # --- the whole command line, killed while it builds each store --------------------------------
-def _kill_after(cmd: list[str], cwd: Path, watch: Path, delay: float, timeout: float = 300) -> bool:
-    """Start ``cmd``; once ``watch`` or its temporary file appears, SIGKILL it after ``delay``.
+KILL_STEP = 0.1  # seconds between the kill points of consecutive fresh folders
 
-    Returns whether it was killed (False: it ended first)."""
+
+def _kill_after(cmd: list[str], cwd: Path, store: Path, delay: float) -> bool:
+    """Start ``cmd``; once ``store`` or its temporary file appears, SIGKILL it ``delay`` s later.
+
+    Returns whether the store was complete when the kill landed."""
     p = subprocess.Popen(
         cmd,
         cwd=cwd,
@@ -314,16 +317,17 @@ def _kill_after(cmd: list[str], cwd: Path, watch: Path, delay: float, timeout: f
         stderr=subprocess.DEVNULL,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
-    t_end = time.monotonic() + timeout
-    while p.poll() is None and time.monotonic() < t_end:
-        if watch.exists() or any(stores.TMP_MARK in n for n in os.listdir(watch.parent)):
-            time.sleep(delay)
+    mark = store.name + stores.TMP_MARK
+    deadline = time.monotonic() + 600
+    while p.poll() is None and time.monotonic() < deadline:
+        if store.exists() or any(n.startswith(mark) for n in os.listdir(cwd)):
             break
         time.sleep(0.005)
-    killed = p.poll() is None
+    time.sleep(delay)
+    assert p.poll() is None, "the run ended before it was killed"
     p.kill()
     p.wait()
-    return killed
+    return store.exists() and not any(n.startswith(mark) for n in os.listdir(cwd))
 
 
 @pytest.mark.slow
@@ -332,7 +336,7 @@ def test_cli_killed_at_steps_while_building_a_store_then_reruns(
     cats_dogs_small: Path, cd_features: object, shared_cache: Path, tmp_path: Path, store: str
 ) -> None:
     """The issue's check: fresh folders whose first run is killed at 0.1 s steps while each
-    store is being built; every rerun succeeds."""
+    store is being built (until a kill lands after it was built); every rerun succeeds."""
     search = {
         "n_trials": 1,
         "sampler": "random",
@@ -345,21 +349,35 @@ def test_cli_killed_at_steps_while_building_a_store_then_reruns(
             "epochs": 1,
         },
     }
-    killed = 0
-    for step in range(25):
+    for step in range(40):
         folder = tmp_path / f"k{step}"
         folder.mkdir()
         sweep = write_sweep(
             folder / "sweep.yaml", cats_dogs_small, cache_dir=shared_cache, search=search
         )
         cmd = [sys.executable, "-m", "tlsweep", "run", str(sweep), "-q"]
-        if not _kill_after(cmd, folder, folder / store, 0.1 * step):
-            break  # the run got past the build: later steps only kill trials
-        killed += 1
+        built_already = _kill_after(cmd, folder, folder / store, KILL_STEP * step)
         r = run_cli("run", str(sweep), "-q", cwd=folder)
-        assert r.returncode == 0, f"killed {0.1 * step:.1f} s in: {r.stderr[-2000:]}"
+        assert r.returncode == 0, f"killed {KILL_STEP * step:.1f} s in: {r.stderr[-2000:]}"
+        with sqlite3.connect(folder / "optuna.db") as con:
+            states = [r[0] for r in con.execute("SELECT state FROM trials")]
+        assert states.count("COMPLETE") == 1 and "RUNNING" not in states, states
+        con.close()
+        with sqlite3.connect(folder / "mlflow.db") as con:
+            parents = con.execute(
+                "SELECT COUNT(*) FROM tags WHERE key = 'tlsweep.role' AND value = 'study'"
+            ).fetchone()[0]
+        con.close()
+        assert parents == 1
         assert _tmp_files(folder) == []
-    assert killed >= 3
+        for db in ("mlflow.db", "optuna.db"):
+            kind = stores.MLFLOW if db == "mlflow.db" else stores.OPTUNA
+            assert stores.diagnose(folder / db, kind) is None
+        if built_already:
+            break
+    else:
+        pytest.fail(f"{store} was still being built {KILL_STEP * step:.1f} s in")
+    assert step >= 1, "the first kill already came after the store was built"
 
 
 @pytest.mark.parametrize("broken", ["storage", "tracking store"])
