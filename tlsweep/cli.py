@@ -2,7 +2,7 @@
 
 It holds no logic and no defaults of its own: it turns flags into a
 :class:`~tlsweep.config.SweepConfig` via :func:`~tlsweep.config.load_sweep` and calls the
-library. A :class:`~tlsweep.errors.TlsweepError` becomes one line on stderr and exit code 2;
+library. A :class:`~tlsweep.errors.TlsweepError` becomes one line on stderr and its exit code (2);
 Ctrl-C exits with 130 after the library has closed its trial and runs.
 """
 
@@ -484,7 +484,7 @@ def _main(args: argparse.Namespace) -> int:
         return rc
     except TlsweepError as e:
         print(f"tlsweep: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("tlsweep: interrupted", file=sys.stderr)
         return _exit_code["interrupted"]

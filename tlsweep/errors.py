@@ -2,7 +2,8 @@
 
 Every error a user can fix (a bad sweep file, a missing folder, an unknown backbone) is a
 :class:`TlsweepError` whose message is one line naming the problem and the fix. The CLI prints
-that line and exits with code 2; anything else is a bug and keeps its traceback.
+that line and exits with its ``exit_code``: 2 (a usage error) unless the class says otherwise;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 class TlsweepError(Exception):
     """Base class of every user-facing tlsweep error."""
+
+    exit_code = 2
 
 
 class ConfigError(TlsweepError):
@@ -26,3 +29,12 @@ class BackboneError(TlsweepError):
 
 class StudyError(TlsweepError):
     """The Optuna study cannot be created, resumed or read."""
+
+
+class StoreError(TlsweepError):
+    """A local MLflow/Optuna database is unusable as it is (e.g. half-migrated, with data in it).
+
+    A runtime failure, not a usage error: exit code 1.
+    """
+
+    exit_code = 1

@@ -65,13 +65,18 @@ def run_sweep(
     """
     from tlsweep.features import extract_all
     from tlsweep.search import load_features, open_study
-    from tlsweep.tracking import Tracker
+    from tlsweep.stores import prepare_mlflow
+    from tlsweep.tracking import Tracker, resolve_uri
     from tlsweep.workers import StudyRunner, open_storage
 
     entries = extract_all(cfg, progress)
+    # A command refused here leaves no new store behind: a broken tracking store is refused
+    # before the storage is created, and a storage that cannot be opened before mlflow.db is.
+    prepare_mlflow(resolve_uri(cfg.tracking_uri), create=False)
+    storage = open_storage(cfg)
     tracker = Tracker(cfg.tracking_uri, cfg.study)
     if workers > 1:
-        study = open_study(cfg, open_storage(cfg))
+        study = open_study(cfg, storage)
         attach_parent(cfg, study, tracker)
         _run_workers(workers, worker_argv or [])
         summary = summarize(cfg, study)

@@ -18,6 +18,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from tlsweep.stores import prepare_mlflow
+
 log = logging.getLogger(__name__)
 
 ROLE_TAG = "tlsweep.role"
@@ -31,15 +33,22 @@ def _mlflow_value(v: Any) -> str:
     return s if len(s) <= 6000 else s[:5997] + "..."
 
 
+def resolve_uri(tracking_uri: str | None) -> str:
+    """The tracking URI MLflow will use: ``tracking_uri``, else MLflow's own default."""
+    import mlflow
+
+    return tracking_uri or mlflow.get_tracking_uri()
+
+
 class Tracker:
     """The MLflow side of one study."""
 
     def __init__(self, tracking_uri: str | None, study: str, parent_run_id: str | None = None):
-        import mlflow
         from mlflow import MlflowClient
 
         os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        self.tracking_uri = resolve_uri(tracking_uri)
+        prepare_mlflow(self.tracking_uri)  # a local SQLite store: built atomically, checked
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.study = study
         self.experiment_id = self._experiment(study)

@@ -48,6 +48,7 @@ from tlsweep.search import (
     study_storage,
     trial_id,
 )
+from tlsweep.stores import prepare_optuna
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ def open_storage(cfg: SweepConfig, must_exist: bool = False) -> Any:
     engine_kwargs: dict[str, Any] = {}
     sqlite = _sqlite_path(url)
     if sqlite is not None:
+        prepare_optuna(url, create=not must_exist)  # built atomically; a half-built one checked
         try:
             sqlite.parent.mkdir(parents=True, exist_ok=True)
             # WAL lets readers and one writer work at once; the busy timeout makes concurrent
