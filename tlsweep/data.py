@@ -14,11 +14,15 @@ Files that cannot be used are skipped and reported, never fatal once work has st
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
+import json
 import logging
 import os
 import threading
+import time
+import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -248,11 +252,133 @@ def _digest_file(path: str) -> str:
         return f"unreadable:{e.errno}"
 
 
-def content_digest(images: ImageSet, workers: int | None = None) -> str:
-    """One hash of every file's bytes, path, label and split: changes when any image does."""
-    paths = [images.abspath(f) for f in images.files]
-    with ThreadPoolExecutor(max_workers=workers or _cores()) as pool:
-        digests = list(pool.map(_digest_file, paths, chunksize=64))
+# The stat index: (size, mtime_ns, ctime_ns, inode, device) of a file -> its digest, trusted on a
+# later run without reading the file. A file whose last change (mtime or ctime) is less than this
+# long before the hashing started is not trusted: a later edit within the same timestamp tick
+# (a coarse filesystem clock, FAT's 2 s mtimes, a little clock skew on NFS) could leave every
+# stat field unchanged ("racy git"). Such files are read again next time; by then they are old.
+RACY_NS = 5_000_000_000
+STAT_INDEX_FORMAT = 1
+StatKey = tuple[int, int, int, int, int]
+
+
+def _stat_key(path: str) -> StatKey | None:
+    """What must not change for a file's stored digest to stay valid; None if it cannot be
+    stat'ed. ctime is set by the kernel on every write, rename or ``utime`` and cannot be
+    set back, so a same-size rewrite that restores the mtime (or ``mv`` over the file) shows."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def _read_stat_index(index: Path, root: str) -> dict[str, list]:
+    """The index's entries for ``root``; empty (everything is hashed) if it is missing, damaged,
+    of another format or of another folder. Never raises."""
+    try:
+        with open(index, "rb") as f:
+            raw = json.load(f)
+        if (
+            raw.get("format") != STAT_INDEX_FORMAT
+            or raw.get("algorithm") != "sha256"
+            or raw.get("root") != root
+            or not isinstance(raw.get("files"), dict)
+        ):
+            log.debug("%s: stat index of another format or folder; hashing every file", index)
+            return {}
+        files = raw["files"]
+        for v in files.values():
+            if not (isinstance(v, list) and len(v) == 6 and isinstance(v[5], str)):
+                log.debug("%s: malformed stat index; hashing every file", index)
+                return {}
+        return files
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError) as e:
+        log.debug("%s: unreadable stat index (%s); hashing every file", index, e)
+        return {}
+
+
+def _write_stat_index(index: Path, root: str, files: dict[str, list]) -> None:
+    """Replace the index atomically (temporary file, fsync, rename); a failure only logs: the
+    index saves time, it is never needed."""
+    tmp = index.with_name(f".{index.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
+    try:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(
+                {"format": STAT_INDEX_FORMAT, "algorithm": "sha256", "root": root, "files": files},
+                f,
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, index)
+    except OSError as e:
+        log.warning("%s: cannot write the image stat index (%s); next run hashes again", index, e)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def file_digests(
+    images: ImageSet,
+    index: Path | None = None,
+    verify: bool = False,
+    workers: int | None = None,
+) -> list[str]:
+    """The SHA-256 of every file of ``images``, in order.
+
+    With an ``index`` file, a file whose stat (size, mtime, ctime, inode, device) is the one
+    recorded there is not read: its recorded digest is used. The others are read and hashed,
+    and the index is rewritten if anything changed. ``verify`` reads every file and ignores
+    (then rewrites) the index.
+    """
+    root = os.path.abspath(images.root)
+    rels = [f.path for f in images.files]
+    known = {} if (index is None or verify) else _read_stat_index(index, root)
+    started = time.time_ns()
+    # Stat before reading: an edit between the two leaves a stat that no longer matches.
+    stats = [_stat_key(os.path.join(root, r)) for r in rels]
+    digests: list[str | None] = []
+    todo: list[int] = []
+    for i, (rel, st) in enumerate(zip(rels, stats, strict=True)):
+        rec = known.get(rel)
+        if st is not None and rec is not None and tuple(rec[:5]) == st:
+            digests.append(rec[5])
+        else:
+            digests.append(None)
+            todo.append(i)
+    if todo:
+        log.debug("hashing %d of %d image files", len(todo), len(rels))
+        with ThreadPoolExecutor(max_workers=workers or _cores()) as pool:
+            paths = [os.path.join(root, rels[i]) for i in todo]
+            for i, d in zip(todo, pool.map(_digest_file, paths, chunksize=64), strict=True):
+                digests[i] = d
+    if index is not None:
+        trusted_before = started - RACY_NS
+        files = {
+            rel: [*st, d]
+            for rel, st, d in zip(rels, stats, digests, strict=True)
+            if st is not None
+            and not d.startswith("unreadable:")
+            and max(st[1], st[2]) < trusted_before
+        }
+        if files != known:
+            _write_stat_index(index, root, files)
+    return digests  # type: ignore[return-value]
+
+
+def content_digest(
+    images: ImageSet,
+    workers: int | None = None,
+    index: Path | None = None,
+    verify: bool = False,
+) -> str:
+    """One hash of every file's bytes, path, label and split: changes when any image does.
+
+    ``index`` and ``verify``: see :func:`file_digests`.
+    """
+    digests = file_digests(images, index=index, verify=verify, workers=workers)
     h = hashlib.sha256()
     h.update("\x00".join(images.class_names).encode())
     for f, d in zip(images.files, digests, strict=True):
