@@ -187,13 +187,13 @@ def phase_trials(sweep: Path, trials: int) -> dict:
     """Seconds per trial at fixed head parameters, features loaded as a study loads them."""
     import resource
 
+    import tensorflow as tf  # noqa: F401 - imported before the clock starts
+
     from tlsweep.config import load_sweep
     from tlsweep.data import find_images
     from tlsweep.features import FeatureCache
     from tlsweep.head import HeadParams, train_head
     from tlsweep.search import load_features
-
-    import tensorflow as tf  # noqa: F401 - imported before the clock starts
 
     cfg = load_sweep(sweep)
     (bb,) = cfg.backbones
