@@ -45,7 +45,14 @@ import numpy as np
 
 from tlsweep import backbones as bbs
 from tlsweep.config import BackboneConfig, SweepConfig
-from tlsweep.data import ImageSet, content_digest, decoded_chunks, find_images, why_skipped
+from tlsweep.data import (
+    SPLITS,
+    ImageSet,
+    content_digest,
+    decoded_chunks,
+    find_images,
+    why_skipped,
+)
 from tlsweep.errors import TlsweepError
 
 log = logging.getLogger(__name__)
@@ -127,9 +134,16 @@ class Entry:
         return np.load(self.path / "features.npy", mmap_mode="r", allow_pickle=False)
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """(features, labels) of one split, in file order; empty arrays if the split is empty."""
+        """(features, labels) of one split, in file order; empty arrays if the split is empty.
+
+        The features of a split stored in one block of rows (every entry extracted since rows
+        are grouped by split) are a slice of the file's memory map, copy-on-write: writes would
+        stay in this process and never reach the file. Writable, so that TensorFlow can read
+        the mapped pages in place (:func:`tlsweep.head.as_tensor`); the page cache holding them
+        is shared by every process on the machine. Other entries give an in-memory copy.
+        """
         rows = [(f["row"], f["label"]) for f in self.manifest["files"] if f["split"] == name]
-        feats = self.features()
+        feats = np.load(self.path / "features.npy", mmap_mode="c", allow_pickle=False)
         if not rows:
             return np.zeros((0, feats.shape[1]), np.float32), np.zeros((0,), np.int64)
         idx = np.array([r for r, _ in rows], dtype=np.int64)
@@ -285,7 +299,14 @@ class FeatureCache:
         import tensorflow as tf
 
         t0 = time.perf_counter()
-        paths = [images.abspath(f) for f in images.files]
+        # Rows grouped by split (train, validation, test), each in file order: a split is one
+        # block of the .npy, which training maps without a copy (Entry.split). Layout A is in
+        # that order already; layout B's files are in path order, their splits interleaved.
+        rank = {s: i for i, s in enumerate(SPLITS)}
+        order = sorted(range(len(images.files)), key=lambda i: rank[images.files[i].split])
+        row_of = np.empty(len(order), dtype=np.int64)
+        row_of[order] = np.arange(len(order))
+        paths = [images.abspath(images.files[i]) for i in order]
         ready = threading.Event()
         chunks = decoded_chunks(paths, bb.input_size, EXTRACT_BATCH, first_until=ready)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlsweep-decode") as decoder:
@@ -341,15 +362,17 @@ class FeatureCache:
             if not got.any():
                 raise TlsweepError(
                     f"{images.root}: none of the {len(paths)} image files is usable "
-                    f"(first: {images.files[0].path}: {skipped[0]}); check the files"
+                    f"(first: {images.files[order[0]].path}: {skipped[0]}); check the files"
                 )
             files = [
-                {"path": f.path, "label": f.label, "split": f.split, "row": i}
+                {"path": f.path, "label": f.label, "split": f.split, "row": int(row_of[i])}
                 for i, f in enumerate(images.files)
-                if got[i]
+                if got[row_of[i]]
             ]
             skipped_list = [
-                {"path": images.files[i].path, "reason": r} for i, r in sorted(skipped.items())
+                {"path": images.files[i].path, "reason": skipped[int(row_of[i])]}
+                for i in range(len(images.files))
+                if int(row_of[i]) in skipped
             ]
             manifest = {
                 "format": CACHE_FORMAT,
