@@ -509,21 +509,34 @@ def decode_and_resize(contents: Any, size: int) -> Any:
     Grayscale and RGBA become RGB; a GIF gives its first frame. The resize is bilinear and
     ignores the aspect ratio, exactly what the exported model's ``Resizing`` layer does.
     """
+    return _resize(_decode(contents), size)
+
+
+def _decode(contents: Any) -> Any:
     import tensorflow as tf
 
     img = tf.io.decode_image(contents, channels=3, expand_animations=False, dtype=tf.uint8)
     img.set_shape([None, None, 3])
+    return img
+
+
+def _resize(img: Any, size: int) -> Any:
+    import tensorflow as tf
+
     return tf.image.resize(img, [size, size], method="bilinear")
 
 
 def image_batches(
     paths: Sequence[str],
-    size: int,
+    size: int | Sequence[int],
     batch_size: int,
     parallel: int | None = None,
     prefetch: bool = True,
 ) -> Iterator[tuple[np.ndarray, Any]]:
     """Yield ``(indices, images)`` batches, decoding in parallel with whatever consumes them.
+
+    With several sizes (a sequence), each image is decoded once and resized to each of them:
+    ``images`` is then a tuple of batches, one per size, in the order given.
 
     With ``prefetch=False`` decoding runs only while the consumer asks for batches (give or
     take one image per core), so it does not compete with the consumer's own work.
@@ -538,11 +551,14 @@ def image_batches(
 
     idx = np.arange(len(paths), dtype=np.int64)
     ds = tf.data.Dataset.from_tensor_slices((idx, list(paths)))
-    ds = ds.map(
-        lambda i, p: (i, decode_and_resize(_header_guard(tf.io.read_file(p)), size)),
-        num_parallel_calls=parallel or _cores(),
-        deterministic=True,
-    )
+    sizes = (size,) if isinstance(size, int) else tuple(size)
+
+    def load(i: Any, p: Any) -> Any:
+        img = _decode(_header_guard(tf.io.read_file(p)))
+        resized = tuple(_resize(img, s) for s in sizes)
+        return i, resized[0] if isinstance(size, int) else resized
+
+    ds = ds.map(load, num_parallel_calls=parallel or _cores(), deterministic=True)
     ds = ds.ignore_errors(log_warning=False)
     ds = ds.batch(batch_size)
     if prefetch:
@@ -559,14 +575,15 @@ def image_batches(
 
 def decoded_chunks(
     paths: Sequence[str],
-    size: int,
+    size: int | Sequence[int],
     batch_size: int,
     first_bytes: int | None = None,
     chunk_bytes: int | None = None,
     first_until: threading.Event | None = None,
 ) -> Iterator[list[tuple[np.ndarray, Any]]]:
     """:func:`image_batches` in chunks: each chunk is decoded whole, on every core, then handed
-    over, and nothing is decoded while the consumer works on it.
+    over, and nothing is decoded while the consumer works on it. Several sizes: see
+    :func:`image_batches` (the chunk's bytes count every size).
 
     For a consumer that needs every core itself (a forward pass): decoding and the forward
     pass take turns on all cores instead of competing for them, which on 2 cores is faster
@@ -576,7 +593,8 @@ def decoded_chunks(
     """
     first_bytes = FIRST_CHUNK_BYTES if first_bytes is None else first_bytes
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    per_batch = batch_size * size * size * 3 * 4
+    pixels = size * size if isinstance(size, int) else sum(s * s for s in size)
+    per_batch = batch_size * pixels * 3 * 4
     batches = image_batches(paths, size, batch_size, prefetch=False)
     first: list[tuple[np.ndarray, Any]] = []
     for item in batches:
