@@ -147,7 +147,12 @@ def _run(cmd: list[str], cwd: Path) -> dict:
         stdout, stderr = out.read().decode(), err.read().decode()
     if p.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({p.returncode}):\n{stderr[-3000:]}")
-    return {"seconds": wall, "stdout": stdout, "max_rss_mb": usage.ru_maxrss / 1024.0}
+    return {
+        "seconds": wall,
+        "core_s": usage.ru_utime + usage.ru_stime,  # CPU time: robust on a shared machine
+        "stdout": stdout,
+        "max_rss_mb": usage.ru_maxrss / 1024.0,
+    }
 
 
 def phase_hit(sweep: Path) -> dict:
@@ -156,31 +161,35 @@ def phase_hit(sweep: Path) -> dict:
     from tlsweep.data import content_digest, find_images
     from tlsweep.features import FeatureCache, cache_key, check_usable, key_parts
 
-    t0 = time.perf_counter()
+    t, c = [time.perf_counter()], [time.process_time()]
+
+    def lap() -> None:
+        t.append(time.perf_counter())
+        c.append(time.process_time())
+
     cfg = load_sweep(sweep)
-    t_cfg = time.perf_counter()
+    lap()
     images = find_images(cfg.data)
-    t_find = time.perf_counter()
+    lap()
     cache = FeatureCache(cfg.cache_dir)
     digest = cache.images_digest(images)
-    t_digest = time.perf_counter()
+    lap()
     (bb,) = cfg.backbones
     entry = cache.lookup(bb, cache_key(key_parts(bb, digest)))
     assert entry is not None, "no cache entry: the extraction phase did not run"
     check_usable(entry)
-    t_lookup = time.perf_counter()
+    lap()
     full = content_digest(images)  # every byte read, no index: what a hit cost before
-    t_full = time.perf_counter()
+    lap()
     assert full == digest
-    return {
-        "files": len(images.files),
-        "load_sweep_s": t_cfg - t0,
-        "find_images_s": t_find - t_cfg,
-        "digest_with_index_s": t_digest - t_find,
-        "lookup_s": t_lookup - t_digest,
-        "hit_total_s": t_lookup - t0,
-        "digest_reading_every_byte_s": t_full - t_lookup,
-    }
+    out: dict[str, float] = {"files": len(images.files)}
+    names = ("load_sweep", "find_images", "digest_with_index", "lookup")
+    for i, name in enumerate([*names, "digest_reading_every_byte"]):
+        out[f"{name}_s"] = t[i + 1] - t[i]
+        out[f"{name}_core_s"] = c[i + 1] - c[i]
+    out["hit_total_s"] = t[4] - t[0]
+    out["hit_total_core_s"] = c[4] - c[0]
+    return out
 
 
 def phase_trials(sweep: Path, trials: int) -> dict:
@@ -263,8 +272,10 @@ def measure(args: argparse.Namespace, n: int, work: Path) -> dict:
         f"  cache hit: `tlsweep extract` {hit['seconds']:.2f}s (start-up `import tlsweep.cli` "
         f"{startup['seconds']:.2f}s), peak RSS {hit['max_rss_mb']:.0f} MB; inside: list "
         f"{inside['find_images_s']:.2f}s + key {inside['digest_with_index_s']:.2f}s + lookup "
-        f"{inside['lookup_s']:.2f}s = {inside['hit_total_s']:.2f}s (key reading every byte: "
-        f"{inside['digest_reading_every_byte_s']:.2f}s)",
+        f"{inside['lookup_s']:.2f}s = {inside['hit_total_s']:.2f}s, "
+        f"{inside['hit_total_core_s']:.2f} core-s (key reading every byte: "
+        f"{inside['digest_reading_every_byte_s']:.2f}s); CLI hit {hit['core_s']:.2f} core-s, "
+        f"start-up {startup['core_s']:.2f} core-s",
         flush=True,
     )
     tr = _run(
@@ -287,6 +298,8 @@ def measure(args: argparse.Namespace, n: int, work: Path) -> dict:
         "hit_cli_s": hit["seconds"],
         "hit_cli_all_s": [h["seconds"] for h in hits],
         "hit_added_s": hit["seconds"] - startup["seconds"],
+        "hit_cli_core_s": hit["core_s"],
+        "startup_core_s": startup["core_s"],
         "hit_rss_mb": hit["max_rss_mb"],
         "hit_inside": inside,
         "trial_s": per_trial,

@@ -63,6 +63,8 @@ STAT_INDEX_PREFIX = "stat-index-"  # a file in the cache folder per data folder
 # MobileNetV2 a0.35 at 160 px: 32 with two in flight beats 64, 128 or 256 with one.
 EXTRACT_BATCH = 32
 IN_FLIGHT = 2
+# Batches per decoded chunk when several entries are extracted together (see _extract).
+MULTI_CHUNK_BATCHES = 8
 Progress = Callable[[int, int], None]
 
 
@@ -334,9 +336,19 @@ class FeatureCache:
         sizes = sorted({job.bb.input_size for job in jobs})
         slot = {size: i for i, size in enumerate(sizes)}
         ready = threading.Event()
-        chunks = decoded_chunks(
-            paths, sizes[0] if len(sizes) == 1 else sizes, EXTRACT_BATCH, first_until=ready
-        )
+        if len(jobs) == 1:
+            chunks = decoded_chunks(paths, sizes[0], EXTRACT_BATCH, first_until=ready)
+        else:
+            # Chunks of MULTI_CHUNK_BATCHES batches: each entry's passes read the images of
+            # its size in turn, from memory shared by all.
+            pixels = sum(size * size for size in sizes)
+            chunks = decoded_chunks(
+                paths,
+                sizes,
+                EXTRACT_BATCH,
+                chunk_bytes=MULTI_CHUNK_BATCHES * EXTRACT_BATCH * pixels * 3 * 4,
+                first_until=ready,
+            )
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlsweep-decode") as decoder:
             # The first chunk decodes (on the decoding threads, mostly without the GIL) while
             # this thread builds the models and traces the forward passes: a second of Python
@@ -510,14 +522,21 @@ def _forward_each(
     jobs: list[_Job], chunks: Iterator[list[tuple[np.ndarray, Any]]], slot: dict[int, int]
 ) -> Iterator[tuple[_Job, np.ndarray, Any]]:
     """Every entry's forward passes over each decoded chunk in turn: ``(job, indices,
-    features)``. The chunk's batches hold one tuple of images per input size (``slot``)."""
-    for chunk in chunks:
-        for job in jobs:
-            k = slot[job.bb.input_size]
-            yield from (
-                (job, idx, out)
-                for idx, out in _forward_all(job.forward, ((i, x[k]) for i, x in chunk))
-            )
+    features)``. The chunk's batches hold one tuple of images per input size (``slot``).
+
+    One stream of passes for every entry, so the passes in flight never drain between two
+    entries (only where the next chunk is decoded, as with one entry).
+    """
+
+    def batches() -> Iterator[tuple[tuple[_Job, np.ndarray], tuple[Any, Any]]]:
+        for chunk in chunks:
+            for job in jobs:
+                k = slot[job.bb.input_size]
+                for idx, x in chunk:
+                    yield (job, idx), (job.forward, x[k])
+
+    for (job, idx), out in _forward_all(lambda fx: fx[0](fx[1]), batches()):
+        yield job, idx, out
 
 
 def _forward_all(
