@@ -36,7 +36,9 @@ average pooling, in one run:
       listing, hashing, each image decoded once and resized to both sizes, 4 forward passes);
   (D) one decoding of every image, resized to both sizes (tlsweep's pipeline, nothing else);
   (F) each entry's forward passes alone, on images decoded into memory beforehand (batch 32,
-      two passes in flight, as tlsweep runs them).
+      two passes in flight, as tlsweep runs them);
+  (S) the 4 entries extracted one after the other, each decoding every image (what tlsweep
+      did before entries were extracted together).
 
 Target: T < D + the sum of the four F (one decode shared by every entry, not one per entry).
 """
@@ -333,6 +335,22 @@ def run_together(args: argparse.Namespace, data: Path, weights: Path) -> int:
         together = time.perf_counter() - t0
         together_cpu = cpu_s() - c
         assert not any(cached for _, cached in done)
+    # (S) each entry alone, one decode each
+    with tempfile.TemporaryDirectory(prefix="bench-extract-separate-") as tmp:
+        c = cpu_s()
+        t0 = time.perf_counter()
+        found = find_images(DataConfig(dir=data))
+        cache = FeatureCache(Path(tmp) / "cache")
+        for bb in wanted:
+            _, cached = cache.ensure(bb, found)
+            assert not cached
+        separate = time.perf_counter() - t0
+        separate_cpu = cpu_s() - c
+    print(
+        f"(S) the 4 entries one after the other: {separate:.2f}s ({separate_cpu:.1f} core-s); "
+        f"T / S = {together / separate:.2f} wall, {together_cpu / separate_cpu:.2f} core-s",
+        flush=True,
+    )
     budget = decode + sum(forward.values())
     budget_cpu = decode_cpu + sum(forward_cpu.values())
     print(
@@ -355,6 +373,8 @@ def run_together(args: argparse.Namespace, data: Path, weights: Path) -> int:
                     "images": n,
                     "together_s": together,
                     "together_core_s": together_cpu,
+                    "separate_s": separate,
+                    "separate_core_s": separate_cpu,
                     "decode_s": decode,
                     "decode_core_s": decode_cpu,
                     "forward_s": forward,
