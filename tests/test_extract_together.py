@@ -72,3 +72,6 @@ def test_missing_entries_share_one_decode_and_match_separate_extraction(
     more = together.ensure_many([*wanted, replace(_bb(96), pooling="max")], images)
     assert [cached for _, cached in more] == [True, True, False]
     assert calls == [96]
+    calls.clear()
+    twice = FeatureCache(tmp_path / "twice").ensure_many([wanted[0], wanted[0]], images)
+    assert calls == [96] and twice[0] == twice[1] and not twice[0][1]  # one entry, asked twice

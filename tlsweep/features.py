@@ -283,10 +283,16 @@ class FeatureCache:
         digest = images_digest or self.images_digest(images)
         out: list[tuple[Entry, bool] | None] = [None] * len(backbones)
         jobs: list[tuple[int, _Job]] = []
+        first: dict[str, int] = {}  # entry name -> the first backbone asking for it
+        same: list[tuple[int, int]] = []
         for k, bb in enumerate(backbones):
             parts = key_parts(bb, digest)
             key = cache_key(parts)
             name = entry_name(bb, key)
+            if name in first:
+                same.append((k, first[name]))
+                continue
+            first[name] = k
             hit = self.lookup(bb, key)
             if hit is not None:
                 log.info("cache hit: %s", name)
@@ -317,6 +323,8 @@ class FeatureCache:
                     entries = self._extract([job for _, job in todo], images)
                     for (k, _), entry in zip(todo, entries, strict=True):
                         out[k] = (entry, False)
+        for k, j in same:
+            out[k] = out[j]
         return out  # type: ignore[return-value]
 
     def _extract(self, jobs: list[_Job], images: ImageSet) -> list[Entry]:
