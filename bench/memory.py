@@ -38,7 +38,7 @@ share of what it maps). ``--pythonpath DIR`` runs the workers on another checkou
 from before features were mapped) for a before/after comparison::
 
     python bench/memory.py --workers 1,3 --rows 100000 --trials 3
-    python bench/memory.py --workers 1,3 --rows 100000 --trials 3 --pythonpath /work/main
+    python bench/memory.py --workers 1,3 --rows 100000 --trials 3 --pythonpath /tmp/older-checkout
 
 Target (issue 14): each worker's private memory (RssAnon) grows by a few hundred MB at most
 over its baseline, whatever the size of the features.
