@@ -27,6 +27,20 @@ Usage (from the repository root)::
     /work/venv/bin/python bench/extract.py --repeats 3 --json /tmp/bench_extract.json
 
 Targets: a/b >= 0.85 and a/c >= 2.0.
+
+``--together`` measures instead several entries extracted at once (issue 14): 2 backbones
+(MobileNetV2 a0.35 and MobileNet a0.25, the shared weights) x 2 input sizes (128 and 160 px),
+average pooling, in one run:
+
+  (T) tlsweep end to end on 4 missing entries in a fresh cache (``FeatureCache.ensure_many``:
+      listing, hashing, each image decoded once and resized to both sizes, 4 forward passes);
+  (D) one decoding of every image, resized to both sizes (tlsweep's pipeline, nothing else);
+  (F) each entry's forward passes alone, on images decoded into memory beforehand (batch 32,
+      two passes in flight, as tlsweep runs them);
+  (S) the 4 entries extracted one after the other, each decoding every image (what tlsweep
+      did before entries were extracted together).
+
+Target: T < D + the sum of the four F (one decode shared by every entry, not one per entry).
 """
 
 from __future__ import annotations
@@ -68,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="which measurements to run, e.g. 'ab' while tuning (default: abc)",
     )
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here as JSON")
+    p.add_argument(
+        "--together",
+        action="store_true",
+        help="instead: 2 backbones x 2 sizes extracted together vs. one decode + 4 forward passes",
+    )
     return p.parse_args(argv)
 
 
@@ -232,10 +251,150 @@ def run_classic(model, data: Path) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
+# --- --together: several entries from one decode -------------------------------------------------
+TOGETHER_SIZES = (128, 160)
+MOBILENET_V1 = "mobilenet_2_5_224_tf_no_top.h5"  # MobileNet alpha=0.25, next to the V2 weights
+
+
+def together_backbones(weights: Path) -> list:
+    from tlsweep import backbones as bbs
+    from tlsweep.config import BackboneConfig
+
+    v1 = weights.parent / MOBILENET_V1
+    if not v1.is_file():
+        sys.exit(f"{v1}: no such weights file (MobileNet alpha=0.25, no top)")
+    out = []
+    for size in TOGETHER_SIZES:
+        out.append(BackboneConfig("MobileNetV2", str(weights), size, "avg", args={"alpha": ALPHA}))
+        out.append(BackboneConfig("MobileNet", str(v1), size, "avg", args={"alpha": 0.25}))
+    return [bbs.resolve(b) for b in out]
+
+
+def run_together(args: argparse.Namespace, data: Path, weights: Path) -> int:
+    import tensorflow as tf
+
+    from tlsweep import features
+    from tlsweep.config import DataConfig
+    from tlsweep.data import decode_and_resize, find_images, image_batches
+    from tlsweep.features import FeatureCache, _forward_all, _Job
+
+    wanted = together_backbones(weights)
+    images = find_images(DataConfig(dir=data))
+    paths = [images.abspath(f) for f in images.files]
+    n = len(paths)
+    nbytes = warm_page_cache(paths)
+    print(f"{n} images under {data} ({nbytes / 1e6:.0f} MB, page cache warmed)", flush=True)
+
+    # (F) each entry's forward passes alone, on images decoded beforehand (not timed)
+    forward: dict[str, float] = {}
+    forward_cpu: dict[str, float] = {}
+    build_cpu: dict[str, float] = {}  # what T pays besides D and F: one model build per entry
+    for size in TOGETHER_SIZES:
+        ds = tf.data.Dataset.from_tensor_slices(paths).map(
+            lambda p, s=size: decode_and_resize(tf.io.read_file(p), s),
+            num_parallel_calls=cores(),
+            deterministic=True,
+        )
+        batches = [tf.identity(x) for x in ds.batch(features.EXTRACT_BATCH)]
+        for bb in (b for b in wanted if b.input_size == size):
+            job = _Job(bb, {}, "", "", None)
+            c = cpu_s()
+            job.build(tf)
+            build_cpu[bb.label] = cpu_s() - c
+            for _ in _forward_all(job.forward, ((None, x) for x in batches[:2])):
+                pass  # warm
+            c, t0 = cpu_s(), time.perf_counter()
+            for _ in _forward_all(job.forward, ((None, x) for x in batches)):
+                pass
+            forward[bb.label] = time.perf_counter() - t0
+            forward_cpu[bb.label] = cpu_s() - c
+            print(
+                f"(F) {bb.label}: forward passes alone {forward[bb.label]:.2f}s "
+                f"({forward_cpu[bb.label]:.1f} core-s)",
+                flush=True,
+            )
+        del batches
+
+    # (D) one decode of every image, resized to both sizes
+    c, t0 = cpu_s(), time.perf_counter()
+    for _ in image_batches(paths, list(TOGETHER_SIZES), features.EXTRACT_BATCH, prefetch=False):
+        pass
+    decode = time.perf_counter() - t0
+    decode_cpu = cpu_s() - c
+    print(
+        f"(D) one decode, resized to {TOGETHER_SIZES}: {decode:.2f}s ({decode_cpu:.1f} core-s)",
+        flush=True,
+    )
+
+    # (T) tlsweep, the 4 entries missing, end to end
+    with tempfile.TemporaryDirectory(prefix="bench-extract-together-") as tmp:
+        c = cpu_s()
+        t0 = time.perf_counter()
+        found = find_images(DataConfig(dir=data))
+        done = FeatureCache(Path(tmp) / "cache").ensure_many(wanted, found)
+        together = time.perf_counter() - t0
+        together_cpu = cpu_s() - c
+        assert not any(cached for _, cached in done)
+    # (S) each entry alone, one decode each
+    with tempfile.TemporaryDirectory(prefix="bench-extract-separate-") as tmp:
+        c = cpu_s()
+        t0 = time.perf_counter()
+        found = find_images(DataConfig(dir=data))
+        cache = FeatureCache(Path(tmp) / "cache")
+        for bb in wanted:
+            _, cached = cache.ensure(bb, found)
+            assert not cached
+        separate = time.perf_counter() - t0
+        separate_cpu = cpu_s() - c
+    print(
+        f"(S) the 4 entries one after the other: {separate:.2f}s ({separate_cpu:.1f} core-s); "
+        f"T / S = {together / separate:.2f} wall, {together_cpu / separate_cpu:.2f} core-s",
+        flush=True,
+    )
+    budget = decode + sum(forward.values())
+    budget_cpu = decode_cpu + sum(forward_cpu.values())
+    print(
+        f"(T) tlsweep, 4 entries together: {together:.2f}s ({together_cpu:.1f} core-s); "
+        f"D + sum(F) = {decode:.2f} + {sum(forward.values()):.2f} = {budget:.2f}s "
+        f"({budget_cpu:.1f} core-s)",
+        flush=True,
+    )
+    ok = together < budget
+    print(
+        f"T / (D + sum F) = {together / budget:.2f} wall, {together_cpu / budget_cpu:.2f} "
+        f"core-seconds (target < 1 wall: {'ok' if ok else 'NO'}); the 4 model builds, which "
+        f"T pays and D + sum F do not: {sum(build_cpu.values()):.1f} core-s"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {
+                    "images": n,
+                    "together_s": together,
+                    "together_core_s": together_cpu,
+                    "separate_s": separate,
+                    "separate_core_s": separate_cpu,
+                    "decode_s": decode,
+                    "decode_core_s": decode_cpu,
+                    "forward_s": forward,
+                    "forward_core_s": forward_cpu,
+                    "build_core_s": build_cpu,
+                    "ok": ok,
+                    "cpus": cores(),
+                },
+                indent=1,
+            )
+        )
+    return 0 if ok else 1
+
+
 # --- driver -------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data, weights = setup(args)
+    if args.together:
+        return run_together(args, data, weights)
 
     from tlsweep import features
     from tlsweep.config import DataConfig, resolve_backbone

@@ -25,6 +25,23 @@ Usage (from the repository root)::
     /work/venv/bin/python bench/memory.py --trials 200 --json /tmp/bench_memory.json
 
 Target: RSS after the last trial minus RSS after trial 10 <= 100 MB.
+
+``--workers 1,3`` measures instead what features cost each of several processes training at
+once on one cache entry, as the workers of a study do: a synthetic entry of ``--rows`` x 1280
+float32 features (90 % train, 10 % validation; 100 000 rows = 512 MB) is written to a temporary
+folder, then for each worker count that many processes start together; each imports
+TensorFlow, loads the features with ``tlsweep.search.load_features`` (what a study's worker
+does) and trains ``--trials`` heads at fixed parameters. Each reports, against its own
+baseline before loading the features: VmRSS, RssAnon (its private memory), RssFile (mapped
+file pages, shared through the page cache by every process mapping them) and Pss (its fair
+share of what it maps). ``--pythonpath DIR`` runs the workers on another checkout (e.g. one
+from before features were mapped) for a before/after comparison::
+
+    python bench/memory.py --workers 1,3 --rows 100000 --trials 3
+    python bench/memory.py --workers 1,3 --rows 100000 --trials 3 --pythonpath /tmp/older-checkout
+
+Target (issue 14): each worker's private memory (RssAnon) grows by a few hundred MB at most
+over its baseline, whatever the size of the features.
 """
 
 from __future__ import annotations
@@ -36,6 +53,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -69,6 +87,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=10, help="record RSS every N trials")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (study mode)")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here as JSON")
+    p.add_argument(
+        "--workers",
+        default=None,
+        metavar="N,N",
+        help="instead: per-worker memory of N processes training at once (e.g. 1,3)",
+    )
+    p.add_argument(
+        "--rows", type=int, default=100_000, help="rows of the synthetic entry (--workers)"
+    )
+    p.add_argument(
+        "--pythonpath",
+        type=Path,
+        default=None,
+        help="the checkout the workers import tlsweep from (--workers; default: this one)",
+    )
+    p.add_argument("--phase", choices=("worker",), help=argparse.SUPPRESS)
+    p.add_argument("--entry", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -257,8 +292,173 @@ def run_head(args: argparse.Namespace, rec: Recorder) -> dict:
     return {"finished": len(accs), "best_val_accuracy": max(accs) if accs else None}
 
 
+# --- several workers on one entry -----------------------------------------------------------------
+WORKER_HEAD = {"units": 256, "dropout": 0.3, "learning_rate": 1e-3, "batch_size": 256, "epochs": 2}
+FEATURES = 1280
+
+
+def memory_mb() -> dict[str, float]:
+    """This process's VmRSS, RssAnon, RssFile, VmHWM (/proc/self/status) and Pss (smaps_rollup)."""
+    gc.collect()
+    out: dict[str, float] = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k = line.split(":")[0]
+            if k in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                out[k] = int(line.split()[1]) / 1024.0
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    out["Pss"] = int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return out
+
+
+def write_entry(folder: Path, rows: int) -> Path:
+    """A synthetic cache entry: features.npy (random, float32) and the manifest fields that
+    ``Entry.split`` reads; train rows first, then validation, as tlsweep writes them."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    feats = np.lib.format.open_memmap(
+        folder / "features.npy", mode="w+", dtype=np.float32, shape=(rows, FEATURES)
+    )
+    for a in range(0, rows, 8192):
+        b = min(rows, a + 8192)
+        feats[a:b] = rng.standard_normal((b - a, FEATURES), dtype=np.float32)
+    feats.flush()
+    del feats
+    n_val = rows // 10
+    labels = rng.integers(0, 2, rows).tolist()
+    files = [
+        {
+            "path": f"x/{i}.jpg",
+            "label": labels[i],
+            "split": "train" if i < rows - n_val else "validation",
+            "row": i,
+        }
+        for i in range(rows)
+    ]
+    (folder / "manifest.json").write_text(
+        json.dumps({"files": files, "class_names": ["a", "b"], "data_dir": "synthetic"})
+    )
+    return folder
+
+
+def run_worker(entry_dir: Path, trials: int) -> dict:
+    """One worker: baseline, features loaded as a study loads them, then trials."""
+    import tensorflow as tf  # noqa: F401 - part of the baseline
+
+    from tlsweep.config import BackboneConfig
+    from tlsweep.features import Entry
+    from tlsweep.head import HeadParams, train_head
+    from tlsweep.search import load_features
+
+    manifest = json.loads((entry_dir / "manifest.json").read_text())
+    entry = Entry(path=entry_dir, manifest=manifest)
+    bb = BackboneConfig(name="MobileNetV2")
+    import numpy as np
+
+    # the baseline: one tiny trial, so TensorFlow's kernels and the compiled head exist
+    warm = np.zeros((8, FEATURES), np.float32)
+    train_head(warm, np.arange(8) % 2, warm, np.arange(8) % 2, 2, HeadParams(epochs=1))
+    rows = {"baseline": memory_mb()}
+    t0 = time.perf_counter()
+    (fd,) = load_features([(bb, entry)]).values()
+    rows["loaded"] = memory_mb()
+    load_s = time.perf_counter() - t0
+    times = []
+    for i in range(trials):
+        t = time.perf_counter()
+        train_head(fd.x_train, fd.y_train, fd.x_val, fd.y_val, 2, HeadParams(**WORKER_HEAD, seed=i))
+        times.append(time.perf_counter() - t)
+    rows["trained"] = memory_mb()
+    return {"memory": rows, "load_s": load_s, "trial_s": times}
+
+
+def run_workers(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+
+    counts = [int(c) for c in args.workers.split(",") if c.strip()]
+    code = (args.pythonpath or Path(__file__).resolve().parent.parent).resolve()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-memory-workers-"))
+    results: dict[int, list[dict]] = {}
+    try:
+        t0 = time.perf_counter()
+        entry = write_entry(tmp / "entry", args.rows)
+        size_mb = (entry / "features.npy").stat().st_size / 2**20
+        print(
+            f"synthetic entry: {args.rows} x {FEATURES} float32 = {size_mb:.0f} MB "
+            f"({time.perf_counter() - t0:.0f}s); workers import tlsweep from {code}",
+            flush=True,
+        )
+        env = {**os.environ, "PYTHONPATH": str(code), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        for n in counts:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--phase",
+                "worker",
+                "--entry",
+                str(entry),
+                "--trials",
+                str(args.trials),
+            ]
+            procs = [
+                subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                for _ in range(n)
+            ]
+            outs = [p.communicate() for p in procs]
+            for p, (_, err) in zip(procs, outs, strict=True):
+                if p.returncode != 0:
+                    sys.exit(f"a worker failed ({p.returncode}):\n{err.decode()[-3000:]}")
+            results[n] = [json.loads(out) for out, _ in outs]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print()
+    print(
+        f"{args.rows} x {FEATURES} features ({size_mb:.0f} MB), {args.trials} trials of "
+        f"{WORKER_HEAD} per worker; MB, growth over each worker's baseline after its trials"
+    )
+    hdr = (
+        f"{'workers':>7} {'worker':>6} {'VmRSS':>8} {'RssAnon':>8} {'RssFile':>8} {'Pss':>8}"
+        f" {'peak VmHWM':>10} {'load s':>7} {'trial s':>8}"
+    )
+    print(hdr)
+    worst_anon = 0.0
+    for n, ws in results.items():
+        for i, w in enumerate(ws):
+            b, e = w["memory"]["baseline"], w["memory"]["trained"]
+            grow = {k: e.get(k, float("nan")) - b.get(k, float("nan")) for k in e}
+            worst_anon = max(worst_anon, grow["RssAnon"])
+            print(
+                f"{n:>7} {i:>6} {grow['VmRSS']:>8.0f} {grow['RssAnon']:>8.0f} "
+                f"{grow['RssFile']:>8.0f} {grow.get('Pss', float('nan')):>8.0f} "
+                f"{e['VmHWM'] - b['VmRSS']:>10.0f} {w['load_s']:>7.2f} "
+                f"{statistics.median(w['trial_s']):>8.2f}"
+            )
+    print(f"largest private (RssAnon) growth of a worker: {worst_anon:.0f} MB")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({"rows": args.rows, "code": str(code), "workers": results}, indent=1)
+        )
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.phase == "worker":
+        print(json.dumps(run_worker(args.entry, args.trials)))
+        return 0
+    if args.workers:
+        return run_workers(args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(level=logging.WARNING)

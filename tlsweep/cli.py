@@ -62,6 +62,7 @@ def _load(args: argparse.Namespace, **extra: Any) -> Any:
         storage=getattr(args, "storage", None),
         tracking_uri=getattr(args, "tracking_uri", None),
         n_trials=getattr(args, "n_trials", None),
+        verify=getattr(args, "verify", None),
         **extra,
     )
 
@@ -156,6 +157,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", metavar="DIR", help="feature cache folder (overrides cache_dir)")
 
 
+def _add_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        default=None,
+        help="re-read every image for the cache key instead of trusting the stat index "
+        "(overrides data.verify)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tlsweep",
@@ -167,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("extract", help="extract and cache every backbone's features")
     _add_common(e)
+    _add_verify(e)
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_extract)
 
@@ -407,6 +419,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _register_run(sub: Any) -> None:
     r = sub.add_parser("run", help="extract (or reuse) features and run or resume the study")
     _add_common(r)
+    _add_verify(r)
     r.add_argument("--n-trials", type=int, metavar="N", help="finished trials to reach")
     r.add_argument("--study", metavar="NAME", help="study name (overrides study)")
     r.add_argument("--storage", metavar="URL", help="Optuna storage URL (overrides storage)")

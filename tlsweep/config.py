@@ -34,6 +34,7 @@ DEFAULT_CACHE_DIR = ".tlsweep/cache"  # relative to the working directory
 DEFAULT_STORAGE = "sqlite:///tlsweep.db"  # relative to the sweep file
 DEFAULT_VALIDATION_SPLIT = 0.2  # layout B only
 DEFAULT_TEST_SPLIT = 0.1  # layout B only
+DEFAULT_VERIFY = False  # True: re-read every image for the cache key, not trusting the stat index
 DEFAULT_SEED = 1337
 DEFAULT_POOLING = "avg"
 DEFAULT_WEIGHTS = "imagenet"
@@ -110,6 +111,7 @@ class DataConfig:
     validation_split: float = DEFAULT_VALIDATION_SPLIT
     test_split: float = DEFAULT_TEST_SPLIT
     seed: int = DEFAULT_SEED
+    verify: bool = DEFAULT_VERIFY  # not part of any key: it changes how the images are hashed
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,7 @@ class SweepConfig:
 
 # --- parsing -----------------------------------------------------------------------------------
 _TOP_KEYS = ("study", "data", "backbones", "cache_dir", "search", "storage", "tracking_uri")
-_DATA_KEYS = ("dir", "validation_split", "test_split", "seed")
+_DATA_KEYS = ("dir", "validation_split", "test_split", "seed", "verify")
 _BACKBONE_KEYS = ("name", "weights", "input_size", "pooling", "args")
 _SEARCH_KEYS = (
     "n_trials",
@@ -406,6 +408,7 @@ def load_sweep(
     tracking_uri: str | None = None,
     n_trials: int | None = None,
     check_data_dir: bool = True,
+    verify: bool | None = None,
 ) -> SweepConfig:
     """Read, validate and resolve a sweep file; command-line overrides win over the file."""
     path = Path(path)
@@ -461,7 +464,12 @@ def load_sweep(
             "training images; keep the sum below 0.9"
         )
     dseed = _int(where, "data.seed", data_raw.get("seed", DEFAULT_SEED), 0)
-    data = DataConfig(dir=ddir, validation_split=vsplit, test_split=tsplit, seed=dseed)
+    dverify = data_raw.get("verify", DEFAULT_VERIFY) if verify is None else verify
+    if not isinstance(dverify, bool):
+        raise _fail(where, "data.verify", dverify, "expected true or false")
+    data = DataConfig(
+        dir=ddir, validation_split=vsplit, test_split=tsplit, seed=dseed, verify=dverify
+    )
 
     # backbones
     bb_raw = raw.get("backbones")

@@ -14,11 +14,15 @@ Files that cannot be used are skipped and reported, never fatal once work has st
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
+import json
 import logging
 import os
 import threading
+import time
+import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -100,10 +104,11 @@ def _list_class_folder(root: Path, folder: Path) -> tuple[list[str], list[tuple[
         except OSError as e:
             ignored.append((d.relative_to(root).as_posix(), f"unreadable folder ({e.strerror})"))
             return
+        prefix = d.relative_to(root).as_posix() + "/"  # once per folder: pathlib is slow
         for e in entries:
             if _is_hidden(e.name):
                 continue
-            rel = (d / e.name).relative_to(root).as_posix()
+            rel = prefix + e.name
             try:
                 is_dir = e.is_dir()
                 is_file = e.is_file()
@@ -248,15 +253,144 @@ def _digest_file(path: str) -> str:
         return f"unreadable:{e.errno}"
 
 
-def content_digest(images: ImageSet, workers: int | None = None) -> str:
-    """One hash of every file's bytes, path, label and split: changes when any image does."""
-    paths = [images.abspath(f) for f in images.files]
-    with ThreadPoolExecutor(max_workers=workers or _cores()) as pool:
-        digests = list(pool.map(_digest_file, paths, chunksize=64))
+# The stat index: (size, mtime_ns, ctime_ns, inode, device) of a file -> its digest, trusted on a
+# later run without reading the file. A file whose last change (mtime or ctime) is less than this
+# long before the hashing started is not trusted: a later edit within the same timestamp tick
+# (a coarse filesystem clock, FAT's 2 s mtimes, a little clock skew on NFS) could leave every
+# stat field unchanged ("racy git"). Such files are read again next time; by then they are old.
+RACY_NS = 5_000_000_000
+STAT_INDEX_FORMAT = 1
+StatKey = tuple[int, int, int, int, int]
+
+
+def _stat_key(path: str) -> StatKey | None:
+    """What must not change for a file's stored digest to stay valid; None if it cannot be
+    stat'ed. ctime is set by the kernel on every write, rename or ``utime`` and cannot be
+    set back, so a same-size rewrite that restores the mtime (or ``mv`` over the file) shows."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def _read_stat_index(index: Path, root: str) -> dict[str, list]:
+    """The index's entries for ``root``; empty (everything is hashed) if it is missing, damaged,
+    of another format or of another folder. Never raises."""
+    try:
+        with open(index, "rb") as f:
+            raw = json.load(f)
+        if (
+            raw.get("format") != STAT_INDEX_FORMAT
+            or raw.get("algorithm") != "sha256"
+            or raw.get("root") != root
+            or not isinstance(raw.get("files"), dict)
+        ):
+            log.debug("%s: stat index of another format or folder; hashing every file", index)
+            return {}
+        files = raw["files"]
+        for v in files.values():
+            if not (isinstance(v, list) and len(v) == 6 and isinstance(v[5], str)):
+                log.debug("%s: malformed stat index; hashing every file", index)
+                return {}
+        return files
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError) as e:
+        log.debug("%s: unreadable stat index (%s); hashing every file", index, e)
+        return {}
+
+
+def _write_stat_index(index: Path, root: str, files: dict[str, list]) -> None:
+    """Replace the index atomically (temporary file, fsync, rename); a failure only logs: the
+    index saves time, it is never needed."""
+    tmp = index.with_name(f".{index.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
+    try:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(
+                {"format": STAT_INDEX_FORMAT, "algorithm": "sha256", "root": root, "files": files},
+                f,
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, index)
+    except OSError as e:
+        log.warning("%s: cannot write the image stat index (%s); next run hashes again", index, e)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def file_digests(
+    images: ImageSet,
+    index: Path | None = None,
+    verify: bool = False,
+    workers: int | None = None,
+) -> list[str]:
+    """The SHA-256 of every file of ``images``, in order.
+
+    With an ``index`` file, a file whose stat (size, mtime, ctime, inode, device) is the one
+    recorded there is not read: its recorded digest is used. The others are read and hashed,
+    and the index is rewritten if anything changed. ``verify`` reads every file and ignores
+    (then rewrites) the index.
+    """
+    root = os.path.abspath(images.root)
+    base = root.rstrip("/") + "/"
+    rels = [f.path for f in images.files]
+    known = {} if (index is None or verify) else _read_stat_index(index, root)
+    started = time.time_ns()
+    # Stat before reading: an edit between the two leaves a stat that no longer matches.
+    stats = [_stat_key(base + r) for r in rels]
+    digests: list[str | None] = []
+    todo: list[int] = []
+    for i, (rel, st) in enumerate(zip(rels, stats, strict=True)):
+        rec = known.get(rel)
+        if st is not None and rec is not None and tuple(rec[:5]) == st:
+            digests.append(rec[5])
+        else:
+            digests.append(None)
+            todo.append(i)
+    if todo:
+        log.debug("hashing %d of %d image files", len(todo), len(rels))
+        with ThreadPoolExecutor(max_workers=workers or _cores()) as pool:
+            paths = [base + rels[i] for i in todo]
+            for i, d in zip(todo, pool.map(_digest_file, paths, chunksize=64), strict=True):
+                digests[i] = d
+    elif len(known) == len(rels):
+        return digests  # type: ignore[return-value] # every file, and only they, in the index
+    if index is not None:
+        trusted_before = started - RACY_NS
+        files = {
+            rel: [*st, d]
+            for rel, st, d in zip(rels, stats, digests, strict=True)
+            if st is not None
+            and not d.startswith("unreadable:")
+            and max(st[1], st[2]) < trusted_before
+        }
+        if files != known:
+            _write_stat_index(index, root, files)
+    return digests  # type: ignore[return-value]
+
+
+def content_digest(
+    images: ImageSet,
+    workers: int | None = None,
+    index: Path | None = None,
+    verify: bool = False,
+) -> str:
+    """One hash of every file's bytes, path, label and split: changes when any image does.
+
+    ``index`` and ``verify``: see :func:`file_digests`.
+    """
+    digests = file_digests(images, index=index, verify=verify, workers=workers)
     h = hashlib.sha256()
     h.update("\x00".join(images.class_names).encode())
-    for f, d in zip(images.files, digests, strict=True):
-        h.update(f"{f.path}\x00{f.label}\x00{f.split}\x00{d}\n".encode())
+    h.update(
+        "".join(
+            f"{f.path}\x00{f.label}\x00{f.split}\x00{d}\n"
+            for f, d in zip(images.files, digests, strict=True)
+        ).encode()
+    )
     return h.hexdigest()
 
 
@@ -375,21 +509,34 @@ def decode_and_resize(contents: Any, size: int) -> Any:
     Grayscale and RGBA become RGB; a GIF gives its first frame. The resize is bilinear and
     ignores the aspect ratio, exactly what the exported model's ``Resizing`` layer does.
     """
+    return _resize(_decode(contents), size)
+
+
+def _decode(contents: Any) -> Any:
     import tensorflow as tf
 
     img = tf.io.decode_image(contents, channels=3, expand_animations=False, dtype=tf.uint8)
     img.set_shape([None, None, 3])
+    return img
+
+
+def _resize(img: Any, size: int) -> Any:
+    import tensorflow as tf
+
     return tf.image.resize(img, [size, size], method="bilinear")
 
 
 def image_batches(
     paths: Sequence[str],
-    size: int,
+    size: int | Sequence[int],
     batch_size: int,
     parallel: int | None = None,
     prefetch: bool = True,
 ) -> Iterator[tuple[np.ndarray, Any]]:
     """Yield ``(indices, images)`` batches, decoding in parallel with whatever consumes them.
+
+    With several sizes (a sequence), each image is decoded once and resized to each of them:
+    ``images`` is then a tuple of batches, one per size, in the order given.
 
     With ``prefetch=False`` decoding runs only while the consumer asks for batches (give or
     take one image per core), so it does not compete with the consumer's own work.
@@ -404,11 +551,14 @@ def image_batches(
 
     idx = np.arange(len(paths), dtype=np.int64)
     ds = tf.data.Dataset.from_tensor_slices((idx, list(paths)))
-    ds = ds.map(
-        lambda i, p: (i, decode_and_resize(_header_guard(tf.io.read_file(p)), size)),
-        num_parallel_calls=parallel or _cores(),
-        deterministic=True,
-    )
+    sizes = (size,) if isinstance(size, int) else tuple(size)
+
+    def load(i: Any, p: Any) -> Any:
+        img = _decode(_header_guard(tf.io.read_file(p)))
+        resized = tuple(_resize(img, s) for s in sizes)
+        return i, resized[0] if isinstance(size, int) else resized
+
+    ds = ds.map(load, num_parallel_calls=parallel or _cores(), deterministic=True)
     ds = ds.ignore_errors(log_warning=False)
     ds = ds.batch(batch_size)
     if prefetch:
@@ -425,14 +575,15 @@ def image_batches(
 
 def decoded_chunks(
     paths: Sequence[str],
-    size: int,
+    size: int | Sequence[int],
     batch_size: int,
     first_bytes: int | None = None,
     chunk_bytes: int | None = None,
     first_until: threading.Event | None = None,
 ) -> Iterator[list[tuple[np.ndarray, Any]]]:
     """:func:`image_batches` in chunks: each chunk is decoded whole, on every core, then handed
-    over, and nothing is decoded while the consumer works on it.
+    over, and nothing is decoded while the consumer works on it. Several sizes: see
+    :func:`image_batches` (the chunk's bytes count every size).
 
     For a consumer that needs every core itself (a forward pass): decoding and the forward
     pass take turns on all cores instead of competing for them, which on 2 cores is faster
@@ -442,7 +593,8 @@ def decoded_chunks(
     """
     first_bytes = FIRST_CHUNK_BYTES if first_bytes is None else first_bytes
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    per_batch = batch_size * size * size * 3 * 4
+    pixels = size * size if isinstance(size, int) else sum(s * s for s in size)
+    per_batch = batch_size * pixels * 3 * 4
     batches = image_batches(paths, size, batch_size, prefetch=False)
     first: list[tuple[np.ndarray, Any]] = []
     for item in batches:

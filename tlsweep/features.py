@@ -13,7 +13,11 @@ memory-mapped ``.npy`` file, so a dataset larger than memory works. A per-entry 
 concurrent workers extract each entry once: the others wait, and because the lock dies with its
 process, a worker that died while extracting is taken over.
 
-Computing a key reads image bytes but imports no TensorFlow, so a cache hit stays fast.
+Computing a key imports no TensorFlow, and reads only the images whose stat changed: a stat
+index per data folder (``<cache_dir>/stat-index-<hash of the folder's path>.json``) maps each
+file's (size, mtime, ctime, inode, device) to its content digest (see
+:func:`tlsweep.data.file_digests`), so a cache hit costs one ``stat`` per image, whatever
+their size. ``verify`` (``--verify``, ``data.verify``) reads every image.
 """
 
 from __future__ import annotations
@@ -41,16 +45,26 @@ import numpy as np
 
 from tlsweep import backbones as bbs
 from tlsweep.config import BackboneConfig, SweepConfig
-from tlsweep.data import ImageSet, content_digest, decoded_chunks, find_images, why_skipped
+from tlsweep.data import (
+    SPLITS,
+    ImageSet,
+    content_digest,
+    decoded_chunks,
+    find_images,
+    why_skipped,
+)
 from tlsweep.errors import TlsweepError
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
+STAT_INDEX_PREFIX = "stat-index-"  # a file in the cache folder per data folder
 # Images per forward pass, two passes in flight (see _forward_all). Measured on 2 cores with
 # MobileNetV2 a0.35 at 160 px: 32 with two in flight beats 64, 128 or 256 with one.
 EXTRACT_BATCH = 32
 IN_FLIGHT = 2
+# Batches per decoded chunk when several entries are extracted together (see _extract).
+MULTI_CHUNK_BATCHES = 8
 Progress = Callable[[int, int], None]
 
 
@@ -122,9 +136,16 @@ class Entry:
         return np.load(self.path / "features.npy", mmap_mode="r", allow_pickle=False)
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """(features, labels) of one split, in file order; empty arrays if the split is empty."""
+        """(features, labels) of one split, in file order; empty arrays if the split is empty.
+
+        The features of a split stored in one block of rows (every entry extracted since rows
+        are grouped by split) are a slice of the file's memory map, copy-on-write: writes would
+        stay in this process and never reach the file. Writable, so that TensorFlow can read
+        the mapped pages in place (:func:`tlsweep.head.as_tensor`); the page cache holding them
+        is shared by every process on the machine. Other entries give an in-memory copy.
+        """
         rows = [(f["row"], f["label"]) for f in self.manifest["files"] if f["split"] == name]
-        feats = self.features()
+        feats = np.load(self.path / "features.npy", mmap_mode="c", allow_pickle=False)
         if not rows:
             return np.zeros((0, feats.shape[1]), np.float32), np.zeros((0,), np.int64)
         idx = np.array([r for r, _ in rows], dtype=np.int64)
@@ -194,6 +215,16 @@ class FeatureCache:
                 "set cache_dir or pass --cache-dir"
             ) from None
 
+    def stat_index(self, data_dir: str | Path) -> Path:
+        """Where the stat index of the images under ``data_dir`` lives (by its absolute path)."""
+        folder = hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:24]
+        return self.dir / f"{STAT_INDEX_PREFIX}{folder}.json"
+
+    def images_digest(self, images: ImageSet, verify: bool = False) -> str:
+        """:func:`~tlsweep.data.content_digest` through this cache's stat index of the folder."""
+        self._mkdir()
+        return content_digest(images, index=self.stat_index(images.root), verify=verify)
+
     def lookup(self, bb: BackboneConfig, key: str) -> Entry | None:
         return _read_entry(self.dir / entry_name(bb, key), key)
 
@@ -209,7 +240,8 @@ class FeatureCache:
         return out
 
     def clear(self, match: str | None = None) -> list[str]:
-        """Remove entries (all, or those whose name contains ``match``) and leftovers."""
+        """Remove entries (all, or those whose name contains ``match``) and leftovers; without
+        ``match``, the stat indexes of the data folders too (they are a cache as well)."""
         removed = []
         if not self.dir.is_dir():
             return removed
@@ -219,7 +251,9 @@ class FeatureCache:
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
-            elif p.suffix == ".lock":
+            elif p.suffix == ".lock" or (
+                match is None and p.name.lstrip(".").startswith(STAT_INDEX_PREFIX)
+            ):
                 with contextlib.suppress(OSError):
                     p.unlink()
         return removed
@@ -232,159 +266,285 @@ class FeatureCache:
         progress: Progress | None = None,
     ) -> tuple[Entry, bool]:
         """The entry for ``bb`` on ``images``, extracting it if needed; (entry, was_cached)."""
-        digest = images_digest or content_digest(images)
-        parts = key_parts(bb, digest)
-        key = cache_key(parts)
-        name = entry_name(bb, key)
-        hit = self.lookup(bb, key)
-        if hit is not None:
-            log.info("cache hit: %s", name)
-            return hit, True
-        self._mkdir()
-        with _entry_lock(self.dir, name):
-            hit = self.lookup(bb, key)  # another worker may have finished it while we waited
-            if hit is not None:
-                log.info("cache hit: %s (extracted by another worker)", name)
-                return hit, True
-            for stale in self.dir.glob(f"{name}.tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            final = self.dir / name
-            if final.exists():  # a damaged entry: never used, replaced
-                log.warning("replacing damaged cache entry %s", name)
-                shutil.rmtree(final, ignore_errors=True)
-            entry = self._extract(bb, images, parts, key, name, progress)
-            return entry, False
+        return self.ensure_many([bb], images, images_digest, [progress])[0]
 
-    def _extract(
+    def ensure_many(
         self,
-        bb: BackboneConfig,
+        backbones: list[BackboneConfig],
         images: ImageSet,
-        parts: dict[str, Any],
-        key: str,
-        name: str,
-        progress: Progress | None,
-    ) -> Entry:
+        images_digest: str | None = None,
+        progress: list[Progress | None] | None = None,
+    ) -> list[tuple[Entry, bool]]:
+        """The entry of each backbone on ``images``; (entry, was_cached) per backbone, in order.
+
+        The missing entries are extracted together: each image is decoded once, resized to
+        every input size they need, and goes through every backbone's forward pass.
+        """
+        digest = images_digest or self.images_digest(images)
+        out: list[tuple[Entry, bool] | None] = [None] * len(backbones)
+        jobs: list[tuple[int, _Job]] = []
+        first: dict[str, int] = {}  # entry name -> the first backbone asking for it
+        same: list[tuple[int, int]] = []
+        for k, bb in enumerate(backbones):
+            parts = key_parts(bb, digest)
+            key = cache_key(parts)
+            name = entry_name(bb, key)
+            if name in first:
+                same.append((k, first[name]))
+                continue
+            first[name] = k
+            hit = self.lookup(bb, key)
+            if hit is not None:
+                log.info("cache hit: %s", name)
+                out[k] = (hit, True)
+            else:
+                jobs.append((k, _Job(bb, parts, key, name, progress[k] if progress else None)))
+        if jobs:
+            self._mkdir()
+            with contextlib.ExitStack() as locks:
+                for name in sorted({job.name for _, job in jobs}):  # one order: no deadlock
+                    locks.enter_context(_entry_lock(self.dir, name))
+                todo: list[tuple[int, _Job]] = []
+                for k, job in jobs:
+                    # another worker may have finished it while we waited
+                    hit = self.lookup(job.bb, job.key)
+                    if hit is not None:
+                        log.info("cache hit: %s (extracted by another worker)", job.name)
+                        out[k] = (hit, True)
+                        continue
+                    for stale in self.dir.glob(f"{job.name}.tmp-*"):
+                        shutil.rmtree(stale, ignore_errors=True)
+                    final = self.dir / job.name
+                    if final.exists():  # a damaged entry: never used, replaced
+                        log.warning("replacing damaged cache entry %s", job.name)
+                        shutil.rmtree(final, ignore_errors=True)
+                    todo.append((k, job))
+                if todo:
+                    entries = self._extract([job for _, job in todo], images)
+                    for (k, _), entry in zip(todo, entries, strict=True):
+                        out[k] = (entry, False)
+        for k, j in same:
+            out[k] = out[j]
+        return out  # type: ignore[return-value]
+
+    def _extract(self, jobs: list[_Job], images: ImageSet) -> list[Entry]:
         import tensorflow as tf
 
         t0 = time.perf_counter()
-        paths = [images.abspath(f) for f in images.files]
+        # Rows grouped by split (train, validation, test), each in file order: a split is one
+        # block of the .npy, which training maps without a copy (Entry.split). Layout A is in
+        # that order already; layout B's files are in path order, their splits interleaved.
+        rank = {s: i for i, s in enumerate(SPLITS)}
+        order = sorted(range(len(images.files)), key=lambda i: rank[images.files[i].split])
+        row_of = np.empty(len(order), dtype=np.int64)
+        row_of[order] = np.arange(len(order))
+        paths = [images.abspath(images.files[i]) for i in order]
+        n = len(paths)
+        # One decode per image for every entry: resized once per distinct input size.
+        sizes = sorted({job.bb.input_size for job in jobs})
+        slot = {size: i for i, size in enumerate(sizes)}
         ready = threading.Event()
-        chunks = decoded_chunks(paths, bb.input_size, EXTRACT_BATCH, first_until=ready)
+        if len(jobs) == 1:
+            chunks = decoded_chunks(paths, sizes[0], EXTRACT_BATCH, first_until=ready)
+        else:
+            # Chunks of MULTI_CHUNK_BATCHES batches: each entry's passes read the images of
+            # its size in turn, from memory shared by all.
+            pixels = sum(size * size for size in sizes)
+            chunks = decoded_chunks(
+                paths,
+                sizes,
+                EXTRACT_BATCH,
+                chunk_bytes=MULTI_CHUNK_BATCHES * EXTRACT_BATCH * pixels * 3 * 4,
+                first_until=ready,
+            )
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlsweep-decode") as decoder:
             # The first chunk decodes (on the decoding threads, mostly without the GIL) while
-            # this thread builds the model and traces the forward pass: a second of Python
-            # that leaves the other core free. It stops as soon as the model is ready.
+            # this thread builds the models and traces the forward passes: a second of Python
+            # per model that leaves the other core free. It stops once the models are ready.
             first = decoder.submit(next, chunks, None)
             try:
-                extractor = bbs.build_extractor(bb)
-                dim = int(np.prod(extractor.output_shape[1:]))
-                # One trace for every batch size (the last batch is smaller), traced here, before
-                # two threads call it.
-                spec = tf.TensorSpec([None, bb.input_size, bb.input_size, 3], tf.float32)
-                forward = tf.function(
-                    lambda x: extractor(x, training=False), input_signature=[spec], autograph=False
-                )
-                forward.get_concrete_function()
-                t_build = time.perf_counter() - t0
+                for job in jobs:
+                    job.build(tf)
+                    job.t_build = time.perf_counter() - t0
             finally:
                 ready.set()
             chunk = first.result()
 
-        tmp = self.dir / f"{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            feats = np.lib.format.open_memmap(
-                tmp / "features.npy", mode="w+", dtype=np.float32, shape=(len(paths), dim)
-            )
-            got = np.zeros(len(paths), dtype=bool)
-            done = 0
-            if progress:
-                progress(0, len(paths))
+        if len(jobs) == 1:
             # One stream of batches: the next chunk decodes when the forward passes reach the
             # end of this one, while the last of them is still running (the passes never drain).
+            (job,) = jobs
             batches = itertools.chain(chunk or [], itertools.chain.from_iterable(chunks))
-            del chunk
-            for idx, out in _forward_all(forward, batches):
-                feats[idx] = out.reshape(len(idx), dim)
-                got[idx] = True
-                done += len(idx)
-                if progress:
-                    progress(done, len(paths))
-            t_extract = time.perf_counter() - t0
-            if progress and done < len(paths):
-                progress(len(paths), len(paths))  # every file handled; the skipped are reported
-            feats.flush()
-            del feats
-            # Rows of skipped files stay zero and no file points at them.
+            stream: Iterator[tuple[_Job, np.ndarray, Any]] = (
+                (job, idx, out) for idx, out in _forward_all(job.forward, batches)
+            )
+        else:
+            stream = _forward_each(jobs, itertools.chain([chunk] if chunk else [], chunks), slot)
+        del chunk
+
+        try:
+            for job in jobs:
+                job.tmp = self.dir / f"{job.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                job.tmp.mkdir()
+                job.feats = np.lib.format.open_memmap(
+                    job.tmp / "features.npy", mode="w+", dtype=np.float32, shape=(n, job.dim)
+                )
+                job.got = np.zeros(n, dtype=bool)
+                if job.progress:
+                    job.progress(0, n)
+            for job, idx, out in stream:
+                job.feats[idx] = out.reshape(len(idx), job.dim)
+                job.got[idx] = True
+                job.done += len(idx)
+                if job.progress:
+                    job.progress(job.done, n)
+                job.t_extract = time.perf_counter() - t0
+            for job in jobs:
+                if job.progress and job.done < n:
+                    job.progress(n, n)  # every file handled; the skipped are reported
+                job.feats.flush()
+                job.feats = None
+            # Rows of skipped files stay zero and no file points at them. A file is skipped
+            # by the decoding, the same for every entry.
             t_diag = time.perf_counter()
+            got = np.logical_and.reduce([job.got for job in jobs])
             missing = np.flatnonzero(~got).tolist()
             skipped = dict(zip(missing, why_skipped([paths[i] for i in missing]), strict=True))
             t_diag = time.perf_counter() - t_diag
             if not got.any():
                 raise TlsweepError(
-                    f"{images.root}: none of the {len(paths)} image files is usable "
-                    f"(first: {images.files[0].path}: {skipped[0]}); check the files"
+                    f"{images.root}: none of the {n} image files is usable "
+                    f"(first: {images.files[order[0]].path}: {skipped[0]}); check the files"
                 )
             files = [
-                {"path": f.path, "label": f.label, "split": f.split, "row": i}
+                {"path": f.path, "label": f.label, "split": f.split, "row": int(row_of[i])}
                 for i, f in enumerate(images.files)
-                if got[i]
+                if got[row_of[i]]
             ]
             skipped_list = [
-                {"path": images.files[i].path, "reason": r} for i, r in sorted(skipped.items())
+                {"path": images.files[i].path, "reason": skipped[int(row_of[i])]}
+                for i in range(len(images.files))
+                if int(row_of[i]) in skipped
             ]
-            manifest = {
-                "format": CACHE_FORMAT,
-                "complete": True,
-                "key": key,
-                "key_parts": parts,
-                "name": name,
-                "backbone": {
-                    "name": bb.name,
-                    "weights": bb.weights,
-                    "input_size": bb.input_size,
-                    "pooling": bb.pooling,
-                    "args": dict(bb.args),
-                    "label": bb.label,
-                },
-                "shape": [len(paths), dim],
-                "dtype": "float32",
-                "data_dir": str(images.root),
-                "layout": images.layout,
-                "class_names": images.class_names,
-                "files": files,
-                "skipped": skipped_list,
-                "ignored": [{"path": p, "reason": r} for p, r in images.ignored],
-                "timings": {
-                    # model build and trace, overlapped with the first decoding
-                    "build_s": round(t_build, 3),
-                    # from the start to the last forward pass, build included
-                    "extract_s": round(t_extract, 3),
-                    "images_per_s": round(done / t_extract, 1) if t_extract > 0 else None,
-                    "diagnose_skipped_s": round(t_diag, 3),
-                },
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            with open(tmp / "manifest.json", "w") as f:
-                json.dump(manifest, f)  # no indent: the C encoder, 10x faster on 4000 files
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, self.dir / name)
+            done = int(got.sum())
+            for job in jobs:
+                manifest = {
+                    "format": CACHE_FORMAT,
+                    "complete": True,
+                    "key": job.key,
+                    "key_parts": job.parts,
+                    "name": job.name,
+                    "backbone": {
+                        "name": job.bb.name,
+                        "weights": job.bb.weights,
+                        "input_size": job.bb.input_size,
+                        "pooling": job.bb.pooling,
+                        "args": dict(job.bb.args),
+                        "label": job.bb.label,
+                    },
+                    "shape": [n, job.dim],
+                    "dtype": "float32",
+                    "data_dir": str(images.root),
+                    "layout": images.layout,
+                    "class_names": images.class_names,
+                    "files": files,
+                    "skipped": skipped_list,
+                    "ignored": [{"path": p, "reason": r} for p, r in images.ignored],
+                    "timings": {
+                        # model build and trace, overlapped with the first decoding
+                        "build_s": round(job.t_build, 3),
+                        # from the start to the last forward pass, build included
+                        "extract_s": round(job.t_extract, 3),
+                        "images_per_s": (
+                            round(done / job.t_extract, 1) if job.t_extract > 0 else None
+                        ),
+                        "diagnose_skipped_s": round(t_diag, 3),
+                        # entries extracted together, from one decoding of each image
+                        "extracted_with": len(jobs),
+                    },
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+                with open(job.tmp / "manifest.json", "w") as f:
+                    json.dump(manifest, f)  # no indent: the C encoder, 10x faster on 4000 files
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.rename(job.tmp, self.dir / job.name)
+                job.tmp = None
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for job in jobs:
+                job.feats = None
+                if job.tmp is not None:
+                    shutil.rmtree(job.tmp, ignore_errors=True)
             raise
-        entry = _read_entry(self.dir / name, key)
-        if entry is None:  # pragma: no cover - we just wrote it
-            raise TlsweepError(f"{self.dir / name}: the new cache entry failed verification")
-        log.info(
-            "extracted %s: %d images in %.1fs (%.0f images/s), %d skipped",
-            name,
-            done,
-            t_extract,
-            done / max(t_extract, 1e-9),
-            len(skipped_list),
+        entries = []
+        for job in jobs:
+            entry = _read_entry(self.dir / job.name, job.key)
+            if entry is None:  # pragma: no cover - we just wrote it
+                raise TlsweepError(
+                    f"{self.dir / job.name}: the new cache entry failed verification"
+                )
+            log.info(
+                "extracted %s: %d images in %.1fs (%.0f images/s), %d skipped",
+                job.name,
+                done,
+                job.t_extract,
+                done / max(job.t_extract, 1e-9),
+                len(skipped_list),
+            )
+            entries.append(entry)
+        return entries
+
+
+@dataclass
+class _Job:
+    """One entry being extracted: what it is, its model, and its rows so far."""
+
+    bb: BackboneConfig
+    parts: dict[str, Any]
+    key: str
+    name: str
+    progress: Progress | None
+    forward: Any = None
+    dim: int = 0
+    tmp: Path | None = None
+    feats: Any = None  # the memory-mapped features.npy being written
+    got: Any = None  # which rows were written
+    done: int = 0
+    t_build: float = 0.0
+    t_extract: float = 0.0
+
+    def build(self, tf: Any) -> None:
+        extractor = bbs.build_extractor(self.bb)
+        self.dim = int(np.prod(extractor.output_shape[1:]))
+        # One trace for every batch size (the last batch is smaller), traced here, before two
+        # threads call it.
+        size = self.bb.input_size
+        spec = tf.TensorSpec([None, size, size, 3], tf.float32)
+        self.forward = tf.function(
+            lambda x: extractor(x, training=False), input_signature=[spec], autograph=False
         )
-        return entry
+        self.forward.get_concrete_function()
+
+
+def _forward_each(
+    jobs: list[_Job], chunks: Iterator[list[tuple[np.ndarray, Any]]], slot: dict[int, int]
+) -> Iterator[tuple[_Job, np.ndarray, Any]]:
+    """Every entry's forward passes over each decoded chunk in turn: ``(job, indices,
+    features)``. The chunk's batches hold one tuple of images per input size (``slot``).
+
+    One stream of passes for every entry, so the passes in flight never drain between two
+    entries (only where the next chunk is decoded, as with one entry).
+    """
+
+    def batches() -> Iterator[tuple[tuple[_Job, np.ndarray], tuple[Any, Any]]]:
+        for chunk in chunks:
+            for job in jobs:
+                k = slot[job.bb.input_size]
+                for idx, x in chunk:
+                    yield (job, idx), (job.forward, x[k])
+
+    for (job, idx), out in _forward_all(lambda fx: fx[0](fx[1]), batches()):
+        yield job, idx, out
 
 
 def _forward_all(
@@ -469,11 +629,13 @@ def extract_all(
     """
     resolved = list(cfg.backbones)  # load_sweep resolved them against the registry
     images = find_images(cfg.data)
-    digest = content_digest(images)
     cache = FeatureCache(cfg.cache_dir)
+    digest = cache.images_digest(images, verify=cfg.data.verify)
+    done = cache.ensure_many(
+        resolved, images, digest, [progress(bb) for bb in resolved] if progress else None
+    )
     out = []
-    for bb in resolved:
-        entry, cached = cache.ensure(bb, images, digest, progress(bb) if progress else None)
+    for bb, (entry, cached) in zip(resolved, done, strict=True):
         report_skipped(entry)
         check_usable(entry)
         out.append((bb, entry, cached))

@@ -320,9 +320,27 @@ def _glorot(shape: tuple[int, int], seed: tuple[int, int]) -> Any:
 
 
 def as_tensor(x: np.ndarray) -> Any:
-    """Features as a float32 tensor, made once and shared by every trial."""
+    """Features as a float32 tensor, made once and shared by every trial.
+
+    A writable float32 memory map (``Entry.split``'s copy-on-write slice of a cache entry)
+    becomes a tensor over the mapped pages themselves, through DLPack: no copy, so the
+    features live once in the page cache for every process on the machine instead of once
+    per process (``tf.convert_to_tensor`` would copy them). Anything else is copied.
+    """
     import tensorflow as tf
 
+    if (
+        isinstance(x, np.memmap)
+        and x.dtype == np.float32
+        and x.size > 0
+        and x.flags.c_contiguous
+        and x.flags.writeable
+        and x.ctypes.data % 64 == 0  # TensorFlow's alignment for CPU buffers
+    ):
+        try:
+            return tf.experimental.dlpack.from_dlpack(x.__dlpack__())
+        except (BufferError, TypeError, ValueError, tf.errors.OpError) as e:
+            log.debug("features copied, not mapped (%s)", e)
     return tf.convert_to_tensor(np.asarray(x, dtype=np.float32))
 
 
