@@ -2,7 +2,10 @@
 
 Every error a user can fix (a bad sweep file, a missing folder, an unknown backbone) is a
 :class:`TlsweepError` whose message is one line naming the problem and the fix. The CLI prints
-that line and exits with code 2; anything else is a bug and keeps its traceback.
+that line and exits with its ``exit_code``: 2 for a usage error (a bad flag, file or name), 1
+for a runtime failure the input did not cause (:class:`ServiceError`: a server or database that is
+down or refuses the login, a disk that is full, a permission denied). Anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 
 class TlsweepError(Exception):
     """Base class of every user-facing tlsweep error."""
+
+    exit_code = 2
 
 
 class ConfigError(TlsweepError):
@@ -26,3 +31,9 @@ class BackboneError(TlsweepError):
 
 class StudyError(TlsweepError):
     """The Optuna study cannot be created, resumed or read."""
+
+
+class ServiceError(TlsweepError):
+    """A runtime failure: a server or database unreachable or refusing, a disk full, no access."""
+
+    exit_code = 1
