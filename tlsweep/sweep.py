@@ -118,16 +118,19 @@ def run_sweep(
 
     preflight(cfg, cache=True)
     entries = extract_all(cfg, progress)
-    tracker = Tracker(cfg.tracking_uri, cfg.study)
+    # The study first, the MLflow experiment second: a study refused (another search space,
+    # other data) leaves no empty experiment behind.
     if workers > 1:
         study = open_study(cfg, open_storage(cfg))
+        tracker = Tracker(cfg.tracking_uri, cfg.study)
         attach_parent(cfg, study, tracker)
         _run_workers(workers, worker_argv or [])
         summary = summarize(cfg, study)
         _finish(cfg, study, tracker, summary, evaluate_winner, extracted=entries)
         return summary
     features = load_features([(bb, e) for bb, e, _ in entries])
-    runner = StudyRunner(cfg, features, tracker, on_trial, worker_index or 0)
+    runner = StudyRunner(cfg, features, None, on_trial, worker_index or 0)
+    tracker = runner.tracker = Tracker(cfg.tracking_uri, cfg.study)
     attach_parent(cfg, runner.study, tracker)
     done = False
     try:
