@@ -274,8 +274,9 @@ def test_bad_sweep_run(tmp_path: Path, tiny_data: Path, case: str):
 # so no TensorFlow is needed to refuse it) and asserts: the exit code (2 usage, 1 runtime), one
 # `tlsweep: error:` line naming the flag, no traceback, and no file or folder created anywhere in
 # that folder. {sweep}, {data}, {file} (a plain file), {dir} (an empty folder), {ro} (a folder this
-# process may not write; run without root's powers), {model} (a zip named .keras), {missing} and
-# {port} (a closed TCP port), {newline} and {tab} (names with a control character) are filled in.
+# process may not write), {lockedfile} and {lockeddir} (mode 000; run without root's powers),
+# {model} (a zip named .keras), {missing}, {port} (a closed TCP port), {newline} and {tab} (names
+# with a control character) are filled in per case.
 FLAG_CASES: dict[str, tuple[str, int, str]] = {
     # id: (arguments, exit code, text the error line must contain)
     "no-command": ("", 2, "COMMAND"),
@@ -285,6 +286,8 @@ FLAG_CASES: dict[str, tuple[str, int, str]] = {
     "extract-missing-sweep": ("extract {missing}.yaml", 2, "no such sweep file"),
     "extract-empty-sweep-path": ("extract ''", 2, "no such sweep file"),
     "extract-sweep-is-folder": ("extract {dir}", 2, "no such sweep file"),
+    "extract-sweep-unreadable": ("extract {lockedfile}", 1, "permission denied"),
+    "extract-data-unreadable": ("extract {sweep} --data {lockeddir}", 1, "permission denied"),
     "extract-data-missing": ("extract {sweep} --data {missing}", 2, "data.dir"),
     "extract-data-empty": ("extract {sweep} --data ''", 2, "--data"),
     "extract-data-is-file": ("extract {sweep} --data {file}", 2, "data.dir"),
@@ -406,6 +409,9 @@ def test_bad_flag(tmp_path: Path, case: str):
     (tmp_path / "a-folder").mkdir()
     ro = tmp_path / "read-only"
     (ro / "entry").mkdir(parents=True)  # something for `cache clear` to (fail to) remove
+    locked_dir = tmp_path / "locked-folder"
+    (locked_dir / "cats").mkdir(parents=True)
+    (locked_dir / "dogs").mkdir()
     with zipfile.ZipFile(tmp_path / "model.keras", "w") as z:
         z.writestr("config.json", "{}")
     sweep = write_sweep(
@@ -419,6 +425,8 @@ def test_bad_flag(tmp_path: Path, case: str):
         "file": tmp_path / "a-file",
         "dir": tmp_path / "a-folder",
         "ro": ro,
+        "lockedfile": tmp_path / "locked.yaml",
+        "lockeddir": locked_dir,
         "model": tmp_path / "model.keras",
         "missing": tmp_path / "missing",
         "port": _closed_port(),
@@ -426,12 +434,18 @@ def test_bad_flag(tmp_path: Path, case: str):
         "tab": "a\tb",
     }
     argv = shlex.split(args.format(**{k: shlex.quote(str(v)) for k, v in fill.items()}))
+    locked_file = tmp_path / "locked.yaml"
+    locked_file.write_text(sweep.read_text())
     before = _tree(tmp_path)
     ro.chmod(0o555)
+    locked_file.chmod(0)
+    locked_dir.chmod(0)
     try:
         r = run_cli(*argv, cwd=tmp_path, timeout=120, wrap=without_root_powers())
     finally:
         ro.chmod(0o755)
+        locked_file.chmod(0o644)
+        locked_dir.chmod(0o755)
     assert r.returncode == code, (r.returncode, r.stdout[-1000:], r.stderr[-3000:])
     _one_error_line(r.stderr)
     error = next(x for x in r.stderr.splitlines() if x.startswith("tlsweep: error:"))

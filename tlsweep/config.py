@@ -446,6 +446,8 @@ def load_sweep(
         raise ConfigError(f"{where}: no such sweep file; give the path to a YAML sweep file")
     try:
         text = path.read_text(encoding="utf-8")
+    except PermissionError as e:  # the file is fine; this process may not read it
+        raise ServiceError(f"{where}: cannot read the sweep file ({e.strerror})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{where}: cannot read the sweep file ({e})") from None
     try:
