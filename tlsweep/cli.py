@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from tlsweep.config import MAX_WORKERS
 from tlsweep.errors import ServiceError, TlsweepError
 
 log = logging.getLogger("tlsweep")
@@ -180,14 +181,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"tlsweep: error: {cmd + ': ' if cmd else ''}{message}; {hint}\n")
 
 
-def _int_at_least(low: int) -> Any:
+def _int_at_least(low: int, high: int | None = None) -> Any:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"got {text!r}; expected an integer >= {low}")
+        if value is None or value < low or (high is not None and value > high):
+            rng = f">= {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"got {text!r}; expected an integer {rng}")
         return value
 
     return parse
@@ -480,10 +482,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + "; expected image files or folders"
         )
+    from tlsweep.winner import find_files, predict
+
+    if not find_files(args.paths)[0]:
+        from tlsweep.data import IMAGE_EXTENSIONS
+
+        raise TlsweepError(
+            f"PATH: got {' '.join(args.paths)[:200]!r}: no image file in it; expected files or "
+            f"folders of images ({', '.join(IMAGE_EXTENSIONS)})"
+        )
     if args.csv:
         check_can_write(args.csv, "--csv")
-
-    from tlsweep.winner import predict
 
     rows, bad, names = predict(args.model, args.paths, args.batch_size)
     if args.csv:
@@ -522,7 +531,7 @@ def _register_run(sub: Any) -> None:
     r.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI")
     r.add_argument(
         "--workers",
-        type=_int_at_least(1),
+        type=_int_at_least(1, MAX_WORKERS),
         default=1,
         metavar="N",
         help="worker processes on this machine (default 1)",

@@ -45,6 +45,15 @@ DEFAULT_METRIC = "val_accuracy"
 DEFAULT_HEARTBEAT_INTERVAL = 5  # seconds between a running trial's heartbeats
 DEFAULT_GRACE_PERIOD = 30  # seconds without a heartbeat before a trial is taken as dead
 DEFAULT_MAX_RETRY = 3  # how often the parameters of a trial killed mid-way are retried
+MAX_WORKERS = 256  # `run --workers N` on one machine: more is a typo, not a plan
+# How long a server may keep a command waiting. MLflow's own defaults (7 HTTP retries with
+# exponential back-off, 120 s per request) wait for minutes on a server that is down; the
+# environment variables MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT still win when set.
+DEFAULT_HTTP_MAX_RETRIES = 3  # MLflow HTTP requests during a command
+DEFAULT_HTTP_TIMEOUT = 30  # seconds per MLflow HTTP request
+CHECK_HTTP_MAX_RETRIES = 1  # the check before any work: one line within about 30 s
+CHECK_HTTP_TIMEOUT = 10  # seconds
+DEFAULT_CONNECT_TIMEOUT = 10  # seconds for a database server to answer a connection
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc")
 PRUNERS = ("median", "hyperband", "none")

@@ -18,7 +18,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from tlsweep.config import redact_url
+from tlsweep.config import (
+    CHECK_HTTP_MAX_RETRIES,
+    CHECK_HTTP_TIMEOUT,
+    DEFAULT_HTTP_MAX_RETRIES,
+    DEFAULT_HTTP_TIMEOUT,
+    redact_url,
+)
 from tlsweep.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -34,20 +40,11 @@ def _mlflow_value(v: Any) -> str:
     return s if len(s) <= 6000 else s[:5997] + "..."
 
 
-# How long a tracking server may keep a command waiting. MLflow's defaults (7 retries with
-# exponential back-off, 120 s per request) wait for minutes on a server that is down; a user may
-# still raise them through the same environment variables.
-HTTP_MAX_RETRIES = 3
-HTTP_TIMEOUT = 30  # seconds per request
-CHECK_MAX_RETRIES = 1  # the check before any work: one line within about 30 seconds
-CHECK_TIMEOUT = 10
-
-
 def bound_http_retries() -> None:
     """Bound MLflow's HTTP retries and timeouts unless the user set them."""
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(HTTP_MAX_RETRIES))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(HTTP_TIMEOUT))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(DEFAULT_HTTP_MAX_RETRIES))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(DEFAULT_HTTP_TIMEOUT))
 
 
 def _first_line(e: BaseException) -> str:
@@ -69,7 +66,7 @@ def check_server(tracking_uri: str) -> None:
     """Reach an MLflow tracking server (http/https) once, quickly, before any work starts.
 
     A server that is down, unknown or refuses the login is a :class:`ServiceError` (exit 1)
-    within about ``CHECK_TIMEOUT * (CHECK_MAX_RETRIES + 1)`` seconds, whatever the retry
+    within about ``CHECK_HTTP_TIMEOUT * (CHECK_HTTP_MAX_RETRIES + 1)`` seconds, whatever the retry
     settings of the rest of the command.
     """
     from mlflow import MlflowClient
@@ -84,8 +81,8 @@ def check_server(tracking_uri: str) -> None:
         v.name: os.environ.get(v.name)
         for v in (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT)
     }
-    os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = str(CHECK_MAX_RETRIES)
-    os.environ[MLFLOW_HTTP_REQUEST_TIMEOUT.name] = str(CHECK_TIMEOUT)
+    os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = str(CHECK_HTTP_MAX_RETRIES)
+    os.environ[MLFLOW_HTTP_REQUEST_TIMEOUT.name] = str(CHECK_HTTP_TIMEOUT)
     try:
         MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
     except (MlflowException, OSError) as e:

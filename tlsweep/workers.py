@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tlsweep.config import SweepConfig, redact_url
+from tlsweep.config import DEFAULT_CONNECT_TIMEOUT, SweepConfig, redact_url
 from tlsweep.errors import ConfigError, ServiceError, StudyError
 from tlsweep.search import (
     FINISHED,
@@ -118,8 +118,6 @@ def open_storage(cfg: SweepConfig, must_exist: bool = False) -> Any:
             ) from None
 
 
-# Seconds to wait for a database server to answer before saying it is unreachable.
-CONNECT_TIMEOUT = 10
 # The driver packages of the extras, by SQLAlchemy dialect (pyproject.toml's extras).
 _DRIVER_HINT = {
     "postgresql": "pip install 'tlsweep[postgres]' (psycopg 3)",
@@ -132,7 +130,7 @@ def _connect_args(url: str) -> dict[str, Any]:
     """Driver options bounding how long a connection attempt may take."""
     dialect = url.partition("://")[0].partition("+")[0]
     if dialect in ("postgresql", "mysql", "mariadb", "cockroachdb"):
-        return {"connect_timeout": CONNECT_TIMEOUT}
+        return {"connect_timeout": DEFAULT_CONNECT_TIMEOUT}
     return {}
 
 
@@ -140,7 +138,7 @@ def check_database(url: str, field_name: str) -> None:
     """Connect to a database server once, before any work, and say in one line what is wrong.
 
     Checks that the SQLAlchemy driver is installed (a usage error: which extra to install), that
-    the server answers within ``CONNECT_TIMEOUT`` seconds and accepts the login (a
+    the server answers within ``DEFAULT_CONNECT_TIMEOUT`` seconds and accepts the login (a
     :class:`~tlsweep.errors.ServiceError`, exit 1). The password is never printed. Creates
     nothing: a database that does not exist is reported, not made.
     """
