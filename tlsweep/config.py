@@ -680,7 +680,7 @@ def _tracking_uri(where: str, uri: Any, field_name: str) -> str:
     if scheme.partition("+")[0] in TRACKING_DATABASES:
         if scheme.startswith("sqlite") and parts.path.lstrip("/") in ("", ":memory:"):
             raise _fail(where, field_name, uri, "use a file: sqlite:///mlflow.db")
-        if not scheme.startswith("sqlite") and not parts.hostname:
+        if not scheme.startswith("sqlite") and not parts.hostname and "host=" not in parts.query:
             raise _fail(where, field_name, redact_url(uri), "expected DIALECT://USER@HOST/DB")
         return uri
     if scheme in TRACKING_SCHEMES:
