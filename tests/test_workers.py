@@ -138,12 +138,18 @@ def _create_database(url: str, name: str) -> str:
 
 
 # --- the workers never outlive their parent; SIGHUP is SIGTERM ---------------------------------
-def _children(pid: int) -> set[int]:
+def _workers(pid: int) -> set[int]:
+    """The `run --workers N` worker processes of ``pid`` (not its stderr filter)."""
     kids: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
             kids |= {int(x) for x in (task / "children").read_text().split()}
-    return kids
+    workers = set()
+    for k in kids:
+        with contextlib.suppress(OSError):
+            if b"--worker-index" in Path(f"/proc/{k}/cmdline").read_bytes():
+                workers.add(k)
+    return workers
 
 
 def _alive(pid: int) -> bool:
@@ -202,7 +208,7 @@ def test_kill_9_of_the_parent_stops_the_workers(cats_dogs_small: Path, tmp_path:
     sweep = write_sweep(tmp_path / "sweep.yaml", cats_dogs_small, study="orphans", search=search)
     p, lines = _start_run(sweep, "--workers", "2")
     _wait_for_trials(p, lines, 1)
-    workers = _children(p.pid)
+    workers = _workers(p.pid)
     assert len(workers) == 2, workers
     os.kill(p.pid, signal.SIGKILL)  # the parent only: no signal reaches the workers from us
     p.wait(timeout=30)

@@ -19,7 +19,7 @@ from tlsweep.config import MAX_WORKERS
 from tlsweep.errors import ServiceError, TlsweepError
 
 log = logging.getLogger("tlsweep")
-_exit_code = {"interrupted": 130}  # Ctrl-C; a SIGTERM handler sets 143
+_exit_code = {"interrupted": 130}  # Ctrl-C; the SIGTERM / SIGHUP handler sets 143 / 129
 
 
 class _Formatter(logging.Formatter):
