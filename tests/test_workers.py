@@ -216,9 +216,9 @@ def test_kill_9_of_the_parent_stops_the_workers(cats_dogs_small: Path, tmp_path:
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [w for w in workers if _alive(w)], "workers outlived their parent"
-    # each worker closed its trial (FAIL, parameters queued again) and its run on the way out
-    _no_open_trials_or_runs(tmp_path, "orphans")
-    # and the next run finishes the study: exactly n finished trials, nothing left open
+    # A worker closes its running trial and run on the way out (FAIL, parameters queued again);
+    # one stopped between asking for a trial and starting it leaves it RUNNING, and the next run
+    # recovers it: exactly n finished trials, nothing left open.
     r = run_cli("run", str(sweep), "-q", timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     _check_study(f"sqlite:///{tmp_path / 'optuna.db'}", "orphans", n)

@@ -328,7 +328,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for flag in ("data", "cache_dir", "study", "storage", "tracking_uri", "n_trials"):
         v = getattr(args, flag)
         if v is not None:
-            argv += [f"--{flag.replace('_', '-')}", str(v)]
+            argv.append(f"--{flag.replace('_', '-')}={v}")  # a value may start with -
     summary = run_sweep(
         cfg,
         on_trial=on_trial,
