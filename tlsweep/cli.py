@@ -482,6 +482,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + "; expected image files or folders"
         )
+    if args.csv:
+        check_can_write(args.csv, "--csv")
+
     from tlsweep.winner import find_files, predict
 
     if not find_files(args.paths)[0]:
@@ -491,8 +494,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"PATH: got {' '.join(args.paths)[:200]!r}: no image file in it; expected files or "
             f"folders of images ({', '.join(IMAGE_EXTENSIONS)})"
         )
-    if args.csv:
-        check_can_write(args.csv, "--csv")
 
     rows, bad, names = predict(args.model, args.paths, args.batch_size)
     if args.csv:
