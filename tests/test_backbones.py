@@ -22,6 +22,7 @@ from tlsweep.backbones import (
     build_extractor,
     get_spec,
     list_backbones,
+    output_shape,
     preprocess_affine,
 )
 from tlsweep.config import BackboneConfig
@@ -45,11 +46,43 @@ def test_spec_sanity(spec: BackboneSpec) -> None:
     assert hasattr(keras.applications, spec.name), f"keras.applications.{spec.name}"
     module = importlib.import_module(f"keras.applications.{spec.module}")
     assert callable(module.preprocess_input)
-    side = math.ceil(spec.default_size / 32)
     assert spec.feature_shape(spec.default_size, "avg") == (spec.channels,)
     assert spec.feature_shape(spec.default_size, "max") == (spec.channels,)
+    side = spec.feature_side
     assert spec.feature_shape(spec.default_size, "flatten") == (side * side * spec.channels,)
     assert resolve(BackboneConfig(spec.name, weights="none")).input_size == spec.default_size
+
+
+@pytest.mark.slow  # builds all 40 models: 3-12 minutes on a 2-core machine
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_registry_sizes_are_the_built_models(spec: BackboneSpec) -> None:
+    """Every size the registry (and `tlsweep backbones`) states is the built model's output."""
+    import keras
+
+    size = spec.default_size
+    with keras.StatelessScope():  # the layer graph only: no weights allocated
+        base = getattr(keras.applications, spec.name)(
+            include_top=False, weights=None, input_shape=(size, size, 3)
+        )
+    _, h, w, c = base.output_shape
+    assert (h, w, c) == (spec.feature_side, spec.feature_side, spec.channels)
+    assert spec.feature_shape(size, "flatten") == (h * w * c,)
+    assert spec.feature_shape(size, "avg") == (c,)
+
+
+def test_backbones_command_prints_the_built_sizes() -> None:
+    """Inception at 299 px ends in 8x8 (valid paddings), not ceil(299 / 32) = 10."""
+    r = subprocess.run(
+        [sys.executable, "-m", "tlsweep", "backbones"], capture_output=True, text=True, check=True
+    )
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
+    assert len(rows) == len(SPECS)
+    assert rows["InceptionV3"][1:5] == ["299", "75", "2048", str(8 * 8 * 2048)]
+    assert rows["InceptionResNetV2"][1:5] == ["299", "75", "1536", str(8 * 8 * 1536)]
+    assert rows["Xception"][4] == str(10 * 10 * 2048)
+    assert rows["EfficientNetB7"][4] == str(19 * 19 * 2560)
+    for spec in SPECS:
+        assert rows[spec.name][4] == str(spec.feature_side**2 * spec.channels), spec.name
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
@@ -147,7 +180,10 @@ def test_build_extractor_output_shape(pooling: str) -> None:
     side = math.ceil(size / 32)
     dim = {"avg": 1280, "max": 1280, "flatten": side * side * 1280}[pooling]
     assert model.output_shape == (None, dim)
-    assert get_spec("MobileNetV2").feature_shape(size, pooling) == (dim,)
+    assert output_shape(_mnv2(pooling, size)) == (dim,)
+    if pooling == "flatten":  # the registry knows flatten sizes at the default size only
+        with pytest.raises(BackboneError, match="built model"):
+            get_spec("MobileNetV2").feature_shape(size, pooling)
     x = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype("float32")
     out = model(x, training=False).numpy()
     assert out.shape == (2, dim) and out.dtype == np.float32

@@ -267,3 +267,194 @@ def test_bad_sweep_run(tmp_path: Path, tiny_data: Path, case: str):
     assert r.returncode == 2, (r.returncode, r.stdout[-1000:], r.stderr[-3000:])
     _one_error_line(r.stderr)
     _nothing_created(tmp_path)
+
+
+# --- every command x every flag: a wrong value, a missing path, an unwritable path, "" ---------
+# Each case runs the real command line in a fresh folder holding a valid sweep file (weights: none,
+# so no TensorFlow is needed to refuse it) and asserts: the exit code (2 usage, 1 runtime), one
+# `tlsweep: error:` line naming the flag, no traceback, and no file or folder created anywhere in
+# that folder. {sweep}, {data}, {file} (a plain file), {dir} (an empty folder), {ro} (a folder this
+# process may not write), {lockedfile} and {lockeddir} (mode 000; run without root's powers),
+# {model} (a zip named .keras), {missing}, {port} (a closed TCP port), {newline} and {tab} (names
+# with a control character) are filled in per case.
+FLAG_CASES: dict[str, tuple[str, int, str]] = {
+    # id: (arguments, exit code, text the error line must contain)
+    "no-command": ("", 2, "COMMAND"),
+    "unknown-command": ("frobnicate", 2, "frobnicate"),
+    "unknown-flag": ("run {sweep} --frobnicate", 2, "--frobnicate"),
+    "extract-no-sweep": ("extract", 2, "sweep"),
+    "extract-missing-sweep": ("extract {missing}.yaml", 2, "no such sweep file"),
+    "extract-empty-sweep-path": ("extract ''", 2, "no such sweep file"),
+    "extract-sweep-is-folder": ("extract {dir}", 2, "no such sweep file"),
+    "extract-sweep-unreadable": ("extract {lockedfile}", 1, "permission denied"),
+    "extract-data-unreadable": ("extract {sweep} --data {lockeddir}", 1, "permission denied"),
+    "extract-data-missing": ("extract {sweep} --data {missing}", 2, "data.dir"),
+    "extract-data-empty": ("extract {sweep} --data ''", 2, "--data"),
+    "extract-data-is-file": ("extract {sweep} --data {file}", 2, "data.dir"),
+    "extract-cache-empty": ("extract {sweep} --cache-dir ''", 2, "--cache-dir"),
+    "extract-cache-is-file": ("extract {sweep} --cache-dir {file}", 2, "cache_dir"),
+    "extract-cache-through-file": ("extract {sweep} --cache-dir {file}/c", 2, "cache_dir"),
+    "extract-cache-unwritable": ("extract {sweep} --cache-dir {ro}/c", 1, "permission denied"),
+    "run-n-trials-zero": ("run {sweep} --n-trials 0", 2, "--n-trials"),
+    "run-n-trials-negative": ("run {sweep} --n-trials -3", 2, "--n-trials"),
+    "run-n-trials-text": ("run {sweep} --n-trials many", 2, "--n-trials"),
+    "run-n-trials-empty": ("run {sweep} --n-trials ''", 2, "--n-trials"),
+    "run-workers-zero": ("run {sweep} --workers 0", 2, "--workers"),
+    "run-workers-text": ("run {sweep} --workers two", 2, "--workers"),
+    "run-workers-huge": ("run {sweep} --workers 100000", 2, "--workers"),
+    "run-workers-empty": ("run {sweep} --workers ''", 2, "--workers"),
+    "run-study-empty": ("run {sweep} --study ''", 2, "--study"),
+    "run-study-blank": ("run {sweep} --study '   '", 2, "--study"),
+    "run-study-newline": ("run {sweep} --study {newline}", 2, "--study"),
+    "run-study-tab": ("run {sweep} --study {tab}", 2, "--study"),
+    "run-study-too-long": ("run {sweep} --study " + "x" * 201, 2, "--study"),
+    "run-storage-empty": ("run {sweep} --storage ''", 2, "--storage"),
+    "run-storage-scheme": ("run {sweep} --storage bogus://x", 2, "--storage"),
+    "run-storage-memory": ("run {sweep} --storage sqlite:///:memory:", 2, "--storage"),
+    "run-storage-through-file": ("run {sweep} --storage sqlite:///{file}/o.db", 2, "storage"),
+    "run-storage-is-folder": ("run {sweep} --storage sqlite:///{dir}", 2, "storage"),
+    "run-storage-unwritable": ("run {sweep} --storage sqlite:///{ro}/o.db", 1, "permission"),
+    "run-storage-journal-unwritable": ("run {sweep} --storage journal:{ro}/j.log", 1, "permission"),
+    "run-storage-pg-down": (
+        "run {sweep} --storage postgresql://me:s3cret-pw@127.0.0.1:{port}/db",
+        1,
+        "cannot connect",
+    ),
+    "run-storage-mysql-no-driver": ("run {sweep} --storage mysql://me:s3cret-pw@h/db", 2, "driver"),
+    "run-tracking-empty": ("run {sweep} --tracking-uri ''", 2, "--tracking-uri"),
+    "run-tracking-scheme": ("run {sweep} --tracking-uri bogus://x", 2, "--tracking-uri"),
+    "run-tracking-no-host": ("run {sweep} --tracking-uri http://", 2, "--tracking-uri"),
+    "run-tracking-bad-port": ("run {sweep} --tracking-uri http://h:port", 2, "--tracking-uri"),
+    "run-tracking-memory": ("run {sweep} --tracking-uri sqlite://", 2, "--tracking-uri"),
+    "run-tracking-sqlite-unwritable": (
+        "run {sweep} --tracking-uri sqlite:///{ro}/m.db",
+        1,
+        "permission",
+    ),
+    "run-tracking-folder-unwritable": ("run {sweep} --tracking-uri {ro}/mlruns", 1, "permission"),
+    "run-tracking-pg-down": (
+        "run {sweep} --tracking-uri postgresql://me:s3cret-pw@127.0.0.1:{port}/mlflow",
+        1,
+        "cannot connect",
+    ),
+    "run-tracking-server-down": (
+        "run {sweep} --tracking-uri http://me:s3cret-pw@127.0.0.1:{port}",
+        1,
+        "not reachable",
+    ),
+    "run-data-missing": ("run {sweep} --data {missing}", 2, "data.dir"),
+    "run-cache-unwritable": ("run {sweep} --cache-dir {ro}/c", 1, "permission denied"),
+    "status-no-study": ("status {sweep}", 2, "no study"),
+    "status-storage-scheme": ("status {sweep} --storage bogus://x", 2, "--storage"),
+    "status-storage-pg-down": (
+        "status {sweep} --storage postgresql://me:s3cret-pw@127.0.0.1:{port}/db",
+        1,
+        "cannot connect",
+    ),
+    "status-study-empty": ("status {sweep} --study ''", 2, "--study"),
+    "best-no-study": ("best {sweep}", 2, "no study"),
+    "best-tracking-scheme": ("best {sweep} --tracking-uri bogus://x", 2, "--tracking-uri"),
+    "best-storage-empty": ("best {sweep} --storage ''", 2, "--storage"),
+    "best-data-missing": ("best {sweep} --data {missing}", 2, "data.dir"),
+    "best-tracking-unwritable": ("best {sweep} --tracking-uri sqlite:///{ro}/m", 1, "permission"),
+    "status-storage-through-file": ("status {sweep} --storage sqlite:///{file}/o", 2, "no study"),
+    "export-study-newline": ("export {sweep} -o m.keras --study {newline}", 2, "--study"),
+    "export-no-output": ("export {sweep}", 2, "--output"),
+    "export-output-empty": ("export {sweep} -o ''", 2, "--output"),
+    "export-output-not-keras": ("export {sweep} -o model.h5", 2, ".keras"),
+    "export-output-is-folder": ("export {sweep} -o {dir}", 2, ".keras"),
+    "export-output-through-file": ("export {sweep} -o {file}/m.keras", 2, "--output"),
+    "export-output-unwritable": ("export {sweep} -o {ro}/m.keras", 1, "permission denied"),
+    "export-no-study": ("export {sweep} -o out/m.keras", 2, "no study"),
+    "predict-no-paths": ("predict {model}", 2, "paths"),
+    "predict-model-missing": ("predict {missing}.keras {data}", 2, "MODEL"),
+    "predict-model-empty": ("predict '' {data}", 2, "MODEL"),
+    "predict-model-folder": ("predict {dir} {data}", 2, "MODEL"),
+    "predict-model-not-zip": ("predict {file} {data}", 2, "MODEL"),
+    "predict-path-missing": ("predict {model} {missing}", 2, "no such file or folder"),
+    "predict-path-no-images": ("predict {model} {dir}", 2, "no image file"),
+    "predict-batch-zero": ("predict {model} {data} --batch-size 0", 2, "--batch-size"),
+    "predict-batch-negative": ("predict {model} {data} --batch-size -1", 2, "--batch-size"),
+    "predict-batch-text": ("predict {model} {data} --batch-size big", 2, "--batch-size"),
+    "predict-csv-empty": ("predict {model} {data} --csv ''", 2, "--csv"),
+    "predict-csv-is-folder": ("predict {model} {data} --csv {dir}", 2, "--csv"),
+    "predict-csv-through-file": ("predict {model} {data} --csv {file}/x.csv", 2, "--csv"),
+    "predict-csv-unwritable": ("predict {model} {data} --csv {ro}/x.csv", 1, "permission"),
+    "backbones-extra-argument": ("backbones ResNet50", 2, "ResNet50"),
+    "cache-no-action": ("cache", 2, "action"),
+    "cache-bad-action": ("cache purge", 2, "purge"),
+    "cache-missing-sweep": ("cache list {missing}.yaml", 2, "no such sweep file"),
+    "cache-dir-empty": ("cache list --cache-dir ''", 2, "--cache-dir"),
+    "cache-dir-is-file": ("cache list --cache-dir {file}", 2, "--cache-dir"),
+    "cache-match-empty": ("cache clear --match ''", 2, "--match"),
+    "cache-clear-unwritable": ("cache clear --cache-dir {ro}", 1, "permission denied"),
+}
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, never listening: connecting is refused at once
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("case", sorted(FLAG_CASES))
+def test_bad_flag(tmp_path: Path, case: str):
+    import shlex
+    import zipfile
+
+    args, code, needle = FLAG_CASES[case]
+    (tmp_path / "data" / "cats").mkdir(parents=True)
+    (tmp_path / "data" / "dogs").mkdir()
+    (tmp_path / "a-file").write_text("not a folder\n")
+    (tmp_path / "a-folder").mkdir()
+    ro = tmp_path / "read-only"
+    (ro / "entry").mkdir(parents=True)  # something for `cache clear` to (fail to) remove
+    locked_dir = tmp_path / "locked-folder"
+    (locked_dir / "cats").mkdir(parents=True)
+    (locked_dir / "dogs").mkdir()
+    with zipfile.ZipFile(tmp_path / "model.keras", "w") as z:
+        z.writestr("config.json", "{}")
+    sweep = write_sweep(
+        tmp_path / "sweep.yaml",
+        tmp_path / "data",
+        backbones=[{"name": "MobileNetV2", "weights": "none", "input_size": 96}],
+    )
+    fill = {
+        "sweep": sweep,
+        "data": tmp_path / "data",
+        "file": tmp_path / "a-file",
+        "dir": tmp_path / "a-folder",
+        "ro": ro,
+        "lockedfile": tmp_path / "locked.yaml",
+        "lockeddir": locked_dir,
+        "model": tmp_path / "model.keras",
+        "missing": tmp_path / "missing",
+        "port": _closed_port(),
+        "newline": "a\nb",
+        "tab": "a\tb",
+    }
+    argv = shlex.split(args.format(**{k: shlex.quote(str(v)) for k, v in fill.items()}))
+    locked_file = tmp_path / "locked.yaml"
+    locked_file.write_text(sweep.read_text())
+    before = _tree(tmp_path)
+    ro.chmod(0o555)
+    locked_file.chmod(0)
+    locked_dir.chmod(0)
+    try:
+        r = run_cli(*argv, cwd=tmp_path, timeout=120, wrap=without_root_powers())
+    finally:
+        ro.chmod(0o755)
+        locked_file.chmod(0o644)
+        locked_dir.chmod(0o755)
+    assert r.returncode == code, (r.returncode, r.stdout[-1000:], r.stderr[-3000:])
+    _one_error_line(r.stderr)
+    error = next(x for x in r.stderr.splitlines() if x.startswith("tlsweep: error:"))
+    assert needle.lower() in error.lower(), error
+    assert "s3cret-pw" not in r.stderr + r.stdout  # a password is never printed
+    assert _tree(tmp_path) == before, sorted(_tree(tmp_path) ^ before)

@@ -146,7 +146,7 @@ def test_relative_cache_dir_is_relative_to_cwd_and_storage_to_the_file(
     cfg = load_sweep(_write(conf, _set(doc, "storage", "mysql+pymysql://u:p@host/db")))
     assert cfg.storage == "mysql+pymysql://u:p@host/db"  # server URLs are kept as given
     cfg = load_sweep(_write(conf, _set(doc, "storage", "postgres://u:p@host/db")))
-    assert cfg.storage == "postgres://u:p@host/db"
+    assert cfg.storage == "postgresql://u:p@host/db"  # an alias SQLAlchemy 2 no longer takes
     assert "secret" not in _error(_write(conf, _set(doc, "storage", "foo://u:secret@host/db")))
 
 
@@ -487,3 +487,63 @@ def test_space_fingerprint_follows_the_space_only(tmp_path: Path, base: dict[str
     fps = [fp(doc) for doc in changed]
     assert ref not in fps
     assert len(set(fps)) == len(fps)
+
+
+# --- study names and tracking URIs ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name", ["it's", 'say "hi"', "team/exp 1", "chat été ☃ 猫", "x" * 200, "`tick` and 'both\""]
+)
+def test_study_names_that_work(tmp_path: Path, base: dict[str, Any], name: str) -> None:
+    assert load_sweep(_write(tmp_path, _set(base, "study", name))).study == name
+    assert load_sweep(_write(tmp_path, base), study=f"  {name} ").study == name  # --study
+
+
+@pytest.mark.parametrize("name", ["", "   ", "a\nb", "tab\there", "nul\x00", "x" * 201, 42])
+def test_study_names_refused(tmp_path: Path, base: dict[str, Any], name: Any) -> None:
+    msg = _error(_write(tmp_path, _set(base, "study", name)))
+    assert "study" in msg and "printable characters" in msg
+    if isinstance(name, str):
+        assert "--study" in _error(_write(tmp_path, base), study=name)
+
+
+@pytest.mark.parametrize(
+    ("uri", "kept"),
+    [
+        ("mlruns", "mlruns"),
+        ("file:///tmp/mlruns", "file:///tmp/mlruns"),
+        ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+        ("https://mlflow.example.org", "https://mlflow.example.org"),
+        ("postgresql://u:pw@db:5432/mlflow", "postgresql://u:pw@db:5432/mlflow"),
+        ("postgresql+psycopg://u@db/mlflow", "postgresql+psycopg://u@db/mlflow"),
+        ("postgres://u:pw@db/mlflow", "postgresql://u:pw@db/mlflow"),
+        ("mysql+pymysql://u:pw@db/mlflow", "mysql+pymysql://u:pw@db/mlflow"),
+        ("mssql+pyodbc://u:pw@db/mlflow", "mssql+pyodbc://u:pw@db/mlflow"),
+        ("databricks", "databricks"),
+    ],
+)
+def test_tracking_uris_accepted(tmp_path: Path, base: dict[str, Any], uri: str, kept: str):
+    assert load_sweep(_write(tmp_path, _set(base, "tracking_uri", uri))).tracking_uri == kept
+    assert load_sweep(_write(tmp_path, base), tracking_uri=uri).tracking_uri == kept
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "",
+        "bogus://x",
+        "bogus:x",
+        "sqlite://",
+        "sqlite:///:memory:",
+        "http://",
+        "http://host:port",
+        "postgresql:///nohost",
+        "ftp://u:s3cret@host/x",
+        42,
+    ],
+)
+def test_tracking_uris_refused(tmp_path: Path, base: dict[str, Any], uri: Any) -> None:
+    msg = _error(_write(tmp_path, _set(base, "tracking_uri", uri)))
+    assert "tracking_uri" in msg and "s3cret" not in msg
+    if isinstance(uri, str):
+        assert "--tracking-uri" in _error(_write(tmp_path, base), tracking_uri=uri)

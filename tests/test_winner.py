@@ -212,14 +212,29 @@ def test_predict_with_nothing_to_read(exported, tmp_path: Path):
     empty.mkdir()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("no images here\n")
-    r = run_cli(
-        "predict", str(exported["model"]), str(empty), str(tmp_path / "notes"), "/no/such.jpg"
-    )
-    assert r.returncode == 1, r.stderr[-3000:]
+    # folders without a single image: refused before the model is loaded
+    r = run_cli("predict", str(exported["model"]), str(empty), str(tmp_path / "notes"))
+    assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
-    assert "/no/such.jpg: no such file or folder" in r.stderr and "a.txt" in r.stderr
-    assert "0 image(s) predicted, 2 skipped" in r.stderr
-    assert r.stdout == ""  # no table header for no rows
+    (line,) = [x for x in r.stderr.splitlines() if x.strip()]
+    assert line.startswith("tlsweep: error: PATH:") and "no image file" in line, line
+    assert r.stdout == ""
+    # a path that does not exist is a typo, not a skipped image
+    r = run_cli("predict", str(exported["model"]), str(empty), "/no/such.jpg")
+    assert r.returncode == 2, r.stderr[-3000:]
+    (line,) = [x for x in r.stderr.splitlines() if x.strip()]
+    assert "'/no/such.jpg': no such file or folder" in line, line
+
+
+def test_predict_csv_in_a_new_folder(exported, cats_dogs_small: Path, tmp_path: Path):
+    """--csv into a folder that does not exist yet: made, and the file written whole."""
+    out = tmp_path / "new" / "deeper" / "out.csv"
+    images = cats_dogs_small / "test" / "cats"
+    r = run_cli("predict", str(exported["model"]), str(images), "--csv", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == len(list(images.iterdir()))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.csv"]  # no temporary file
 
 
 def test_no_test_split_best_says_so(flowers_small: Path, shared_cache: Path, tmp_path: Path):

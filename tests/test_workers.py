@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -51,10 +57,6 @@ def _check_mlflow(tracking: str, study: str, n: int) -> None:
 def _check_study(storage: str, study: str, n: int) -> None:
     import optuna
 
-    if storage.startswith("postgresql://"):  # SQLAlchemy 2.1 would pick psycopg 3
-        from tlsweep.workers import _pg_driver
-
-        storage = _pg_driver(storage)
     s = optuna.load_study(study_name=study, storage=storage)
     states = [t.state for t in s.get_trials(deepcopy=False)]
     finished = [
@@ -87,6 +89,7 @@ def test_four_workers_postgres(cats_dogs_small: Path, tmp_path: Path):
             pytest.fail(msg + "; it is required in CI")
         pytest.skip(msg)
     study = f"pg-{uuid.uuid4().hex[:10]}"
+    tracking = _create_database(url, f"mlflow_{uuid.uuid4().hex[:10]}")
     backbones = TWO_MOBILENETS
     sweep = write_sweep(
         tmp_path / "sweep.yaml",
@@ -95,13 +98,162 @@ def test_four_workers_postgres(cats_dogs_small: Path, tmp_path: Path):
         backbones=backbones,
         search=_search(40, 2, high=32),
     )
-    r = run_cli("run", str(sweep), "--workers", "4", "--storage", url, "-q", timeout=900)
+    # both stores on PostgreSQL, through the one driver of the [postgres] extra (psycopg 3)
+    r = run_cli(
+        "run",
+        str(sweep),
+        "--workers",
+        "4",
+        "--storage",
+        url,
+        "--tracking-uri",
+        tracking,
+        "-q",
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     assert "Traceback" not in r.stderr
     _check_study(url, study, 40)
     entries = _cache_entries(tmp_path / "cache")
     assert len(entries) == 2, entries
     assert {e.split("-")[0] for e in entries} == {"MobileNetV2", "MobileNet"}
-    _check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", study, 40)
-    # the sqlite storage of the sweep file was not used
+    _check_mlflow(tracking, study, 40)
+    # the sqlite stores of the sweep file were not used
     assert not (tmp_path / "optuna.db").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def _create_database(url: str, name: str) -> str:
+    """A new, empty database on the server of ``url``; returns its URL."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    finally:
+        engine.dispose()
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+# --- the workers never outlive their parent; SIGHUP is SIGTERM ---------------------------------
+def _workers(pid: int) -> set[int]:
+    """The `run --workers N` worker processes of ``pid`` (not its stderr filter)."""
+    kids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            kids |= {int(x) for x in (task / "children").read_text().split()}
+    workers = set()
+    for k in kids:
+        with contextlib.suppress(OSError):
+            if b"--worker-index" in Path(f"/proc/{k}/cmdline").read_bytes():
+                workers.add(k)
+    return workers
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait() is missing
+
+
+def _start_run(sweep: Path, *extra: str) -> tuple[subprocess.Popen, list[str]]:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "tlsweep", "run", str(sweep), "-q", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        start_new_session=True,  # a signal to it is not a Ctrl-C of this test's process group
+    )
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in p.stdout:
+            lines.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return p, lines
+
+
+def _wait_for_trials(p: subprocess.Popen, lines: list[str], n: int, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while sum(" trial " in x for x in lines) < n and p.poll() is None:
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.2)
+    assert p.poll() is None, ("the run ended before the signal", lines)
+
+
+def _no_open_trials_or_runs(tmp_path: Path, study: str, parent_too: bool = False) -> None:
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    s = optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    running = [t.number for t in s.get_trials(deepcopy=False) if t.state.name == "RUNNING"]
+    assert running == [], running
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(study)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    if not parent_too:  # the parent run of a killed parent process is closed by the next run
+        runs = [r for r in runs if r.data.tags.get("tlsweep.role") == "trial"]
+    assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
+
+
+def test_kill_9_of_the_parent_stops_the_workers(cats_dogs_small: Path, tmp_path: Path):
+    n = 12
+    search = {**_search(n, 60), "heartbeat_interval": 1, "grace_period": 3}
+    sweep = write_sweep(tmp_path / "sweep.yaml", cats_dogs_small, study="orphans", search=search)
+    p, lines = _start_run(sweep, "--workers", "2")
+    _wait_for_trials(p, lines, 1)
+    workers = _workers(p.pid)
+    assert len(workers) == 2, workers
+    os.kill(p.pid, signal.SIGKILL)  # the parent only: no signal reaches the workers from us
+    p.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [w for w in workers if _alive(w)], "workers outlived their parent"
+    # A worker closes its running trial and run on the way out (FAIL, parameters queued again);
+    # one stopped between asking for a trial and starting it leaves it RUNNING, and the next run
+    # recovers it: exactly n finished trials, nothing left open.
+    r = run_cli("run", str(sweep), "-q", timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    import optuna
+
+    s = optuna.load_study(study_name="orphans", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = [t.state.name for t in s.get_trials(deepcopy=False)]
+    assert sum(st in ("COMPLETE", "PRUNED") for st in states) == n, states  # FAIL: interrupted
+    _no_open_trials_or_runs(tmp_path, "orphans", parent_too=True)
+
+
+def test_sighup_stops_run_like_sigterm(cats_dogs_small: Path, tmp_path: Path):
+    sweep = write_sweep(
+        tmp_path / "sweep.yaml", cats_dogs_small, study="hangup", search=_search(50, 60)
+    )
+    p, lines = _start_run(sweep)
+    _wait_for_trials(p, lines, 1)
+    os.kill(p.pid, signal.SIGHUP)  # the terminal was closed
+    assert p.wait(timeout=120) == 128 + signal.SIGHUP
+    _no_open_trials_or_runs(tmp_path, "hangup")
+
+
+def test_sighup_during_extraction_leaves_no_partial_entry(cats_dogs_small: Path, tmp_path: Path):
+    sweep = write_sweep(tmp_path / "sweep.yaml", cats_dogs_small, study="hangup-x")
+    cache = tmp_path / "cache"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "tlsweep", "extract", str(sweep), "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (cache.is_dir() and any(".tmp-" in q.name for q in cache.iterdir())):
+        assert p.poll() is None, "extraction ended before it could be signalled"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGHUP)
+    assert p.wait(timeout=120) == 128 + signal.SIGHUP
+    assert [q.name for q in cache.iterdir() if q.is_dir()] == []  # no entry, no temporary one

@@ -26,6 +26,7 @@ __all__ = [
     "build_base",
     "build_extractor",
     "get_spec",
+    "output_shape",
     "list_backbones",
     "preprocess_layer",
 ]
@@ -99,6 +100,27 @@ def build_base(bb: BackboneConfig) -> Any:
             f"{str(e).splitlines()[0][:300] if str(e) else ''}); give a .h5/.weights.h5 file "
             f"saved from {bb.name} with include_top=False and the same args"
         ) from None
+
+
+def output_shape(bb: BackboneConfig) -> tuple[int, ...]:
+    """The per-image feature shape of ``bb`` (with its pooling), from the built Keras model.
+
+    Built with ``weights=None`` inside a stateless scope, so no weights are allocated or loaded:
+    only the layer graph, whose output shape is the truth a formula can get wrong.
+    """
+    import keras
+
+    spec = get_spec(bb.name)
+    size = bb.input_size or spec.default_size
+    with keras.StatelessScope():
+        try:
+            base = getattr(keras.applications, spec.name)(
+                include_top=False, weights=None, input_shape=(size, size, 3), **dict(bb.args)
+            )
+        except (TypeError, ValueError) as e:
+            raise BackboneError(f"backbone {bb.label}: Keras refused it: {e}") from None
+        _, h, w, c = base.output_shape
+    return (int(c),) if bb.pooling in ("avg", "max") else (int(h) * int(w) * int(c),)
 
 
 def pooling_layer(pooling: str, name: str = "pool") -> Any:

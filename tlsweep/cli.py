@@ -15,10 +15,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tlsweep.errors import TlsweepError
+from tlsweep.config import MAX_WORKERS
+from tlsweep.errors import ServiceError, TlsweepError
 
 log = logging.getLogger("tlsweep")
-_exit_code = {"interrupted": 130}  # Ctrl-C; a SIGTERM handler sets 143
+_exit_code = {"interrupted": 130}  # Ctrl-C; the SIGTERM / SIGHUP handler sets 143 / 129
 
 
 class _Formatter(logging.Formatter):
@@ -94,10 +95,26 @@ def _bar_factory(disable: bool = False) -> Any:
 
 
 # --- commands ----------------------------------------------------------------------------------
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP (a closed terminal) stop the command as Ctrl-C does: the running
+    trial and its runs are closed and a half-written cache entry is removed."""
+    import signal
+
+    def _terminate(signum: int, frame: Any) -> None:
+        _exit_code["interrupted"] = 128 + signum  # 143 for SIGTERM, 129 for SIGHUP, as a shell
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from tlsweep.features import extract_all
+    from tlsweep.sweep import preflight
 
+    _stop_on_signals()
     cfg = _load(args)
+    preflight(cfg, storage=False, tracking=False, cache=True)
     for bb, entry, cached in extract_all(cfg, _bar_factory(args.quiet)):
         sizes = entry.split_sizes()
         state = "cache hit, no forward pass" if cached else "extracted"
@@ -123,13 +140,18 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from tlsweep.config import DEFAULT_CACHE_DIR
+    from tlsweep.config import DEFAULT_CACHE_DIR, check_can_write
     from tlsweep.features import FeatureCache
 
     cache_dir = args.cache_dir
     if cache_dir is None and args.sweep:
-        cache_dir = str(_load(args).cache_dir)
-    cache = FeatureCache(cache_dir or DEFAULT_CACHE_DIR)
+        cache_dir = str(_load(args, check_data_dir=False).cache_dir)
+    cache_dir = cache_dir or DEFAULT_CACHE_DIR
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise TlsweepError(f"--cache-dir: got '{cache_dir}'; it is a file; expected a folder")
+    if args.action == "clear" and os.path.isdir(cache_dir):
+        check_can_write(cache_dir, "--cache-dir", "dir")
+    cache = FeatureCache(cache_dir)
     if args.action == "list":
         entries = cache.entries()
         if not entries:
@@ -151,10 +173,51 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 # --- parser ------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse with one error line, ``tlsweep: error: ...``, like every other tlsweep error."""
+
+    def error(self, message: str) -> Any:  # argparse's NoReturn
+        cmd = self.prog.partition(" ")[2]
+        hint = f"see tlsweep {cmd} --help" if cmd else "see tlsweep --help"
+        self.exit(2, f"tlsweep: error: {cmd + ': ' if cmd else ''}{message}; {hint}\n")
+
+
+def _int_at_least(low: int, high: int | None = None) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            rng = f">= {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"got {text!r}; expected an integer {rng}")
+        return value
+
+    return parse
+
+
+def _text(what: str) -> Any:
+    """A string flag that may not be empty (an empty --data would mean the working directory)."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"got an empty string; expected {what}")
+        return text
+
+    return parse
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep", help="the sweep file (YAML)")
-    p.add_argument("--data", metavar="DIR", help="image folder (overrides data.dir)")
-    p.add_argument("--cache-dir", metavar="DIR", help="feature cache folder (overrides cache_dir)")
+    p.add_argument(
+        "--data", metavar="DIR", type=_text("a folder"), help="image folder (overrides data.dir)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        type=_text("a folder"),
+        help="feature cache folder (overrides cache_dir)",
+    )
 
 
 def _add_verify(p: argparse.ArgumentParser) -> None:
@@ -168,7 +231,7 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="tlsweep",
         description="Transfer-learning sweeps: cache backbone features once, search the head "
         "with Optuna, track every trial in MLflow.",
@@ -188,8 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cache", help="list or clear feature cache entries")
     c.add_argument("action", choices=("list", "clear"))
     c.add_argument("sweep", nargs="?", help="take cache_dir from this sweep file")
-    c.add_argument("--cache-dir", metavar="DIR", help="the cache folder")
-    c.add_argument("--match", help="clear only entries whose name contains this")
+    c.add_argument("--cache-dir", metavar="DIR", type=_text("a folder"), help="the cache folder")
+    c.add_argument(
+        "--match",
+        type=_text("part of an entry name"),
+        help="clear only entries whose name contains this",
+    )
     c.set_defaults(func=cmd_cache)
 
     for register in _EXTRA_COMMANDS:
@@ -246,17 +313,13 @@ def _print_summary(summary: Any, cfg: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import signal
-
     from tlsweep.sweep import run_sweep
 
-    def _terminate(signum: int, frame: Any) -> None:
-        _exit_code["interrupted"] = 128 + signum  # 143, what a shell expects of SIGTERM
-        raise KeyboardInterrupt
+    _stop_on_signals()
+    if args.worker_index is not None:
+        from tlsweep.workers import die_with_parent
 
-    signal.signal(signal.SIGTERM, _terminate)
-    if args.workers < 1:
-        raise TlsweepError(f"--workers: got {args.workers}; expected an integer >= 1")
+        die_with_parent()  # a worker of `--workers N` never outlives its parent, however it died
     cfg = _load(args)
     n = cfg.search.n_trials
     if args.worker_index is not None:
@@ -277,7 +340,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for flag in ("data", "cache_dir", "study", "storage", "tracking_uri", "n_trials"):
         v = getattr(args, flag)
         if v is not None:
-            argv += [f"--{flag.replace('_', '-')}", str(v)]
+            argv.append(f"--{flag.replace('_', '-')}={v}")  # a value may start with -
     summary = run_sweep(
         cfg,
         on_trial=on_trial,
@@ -294,9 +357,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from tlsweep.search import open_study, summarize
+    from tlsweep.sweep import preflight
     from tlsweep.workers import open_storage
 
     cfg = _load(args, check_data_dir=False)
+    if not cfg.storage.startswith(("sqlite:///", "journal:")):
+        preflight(cfg, tracking=False)  # a database server: reachable, login accepted
     study = open_study(cfg, open_storage(cfg, must_exist=True), create=False)
     _print_summary(summarize(cfg, study), cfg)
     return 0
@@ -337,13 +403,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
-def _study_and_tracker(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+def _study_and_tracker(args: argparse.Namespace, cfg: Any = None) -> tuple[Any, Any, Any]:
     from tlsweep.search import open_study
-    from tlsweep.sweep import attach_parent
+    from tlsweep.sweep import attach_parent, preflight
     from tlsweep.tracking import Tracker
     from tlsweep.workers import open_storage
 
-    cfg = _load(args)
+    cfg = cfg or _load(args)
+    if cfg.storage.startswith(("sqlite:///", "journal:")):
+        preflight(cfg, storage=False)
+    else:
+        preflight(cfg)
     study = open_study(cfg, open_storage(cfg, must_exist=True), create=False)
     tracker = Tracker(cfg.tracking_uri, cfg.study)
     attach_parent(cfg, study, tracker)
@@ -378,9 +448,14 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from tlsweep.config import check_can_write
     from tlsweep.winner import export
 
-    cfg, study, tracker = _study_and_tracker(args)
+    if not args.output.endswith(".keras"):
+        raise TlsweepError(f"--output: got '{args.output}'; the file name must end in .keras")
+    cfg = _load(args)
+    check_can_write(args.output, "--output")  # before minutes of retraining, not after
+    cfg, study, tracker = _study_and_tracker(args, cfg)
     try:
         w = export(cfg, study, args.output, tracker)
     finally:
@@ -395,16 +470,58 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import csv
+    import zipfile
 
-    from tlsweep.winner import predict
+    from tlsweep.config import check_can_write
+
+    # every check before TensorFlow is imported and before a single image is read
+    if not os.path.isfile(args.model):
+        what = "a folder" if os.path.isdir(args.model) else "no such file"
+        raise TlsweepError(
+            f"MODEL: got '{args.model}': {what}; expected a .keras file from 'tlsweep export'"
+        )
+    if not os.access(args.model, os.R_OK):
+        raise ServiceError(f"MODEL: {args.model}: permission denied (cannot read it)")
+    if not zipfile.is_zipfile(args.model):
+        raise TlsweepError(
+            f"MODEL: got '{args.model}': not a .keras model file (not a zip archive); "
+            "expected a file from 'tlsweep export'"
+        )
+    missing = [p for p in args.paths if not os.path.exists(p)]
+    if missing:
+        raise TlsweepError(
+            f"PATH: got '{missing[0]}': no such file or folder"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; expected image files or folders"
+        )
+    if args.csv:
+        check_can_write(args.csv, "--csv")
+
+    from tlsweep.winner import find_files, predict
+
+    if not find_files(args.paths)[0]:
+        from tlsweep.data import IMAGE_EXTENSIONS
+
+        raise TlsweepError(
+            f"PATH: got {' '.join(args.paths)[:200]!r}: no image file in it; expected files or "
+            f"folders of images ({', '.join(IMAGE_EXTENSIONS)})"
+        )
 
     rows, bad, names = predict(args.model, args.paths, args.batch_size)
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["file", "class", "probability"])
-            for r in rows:
-                w.writerow([r["file"], r["class"], f"{r['probability']:.6f}"])
+        out = os.path.abspath(args.csv)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = f"{out}.tmp-{os.getpid()}"
+        try:  # written whole or not at all
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                w.writerow(["file", "class", "probability"])
+                for r in rows:
+                    w.writerow([r["file"], r["class"], f"{r['probability']:.6f}"])
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     elif rows:
         width = max([len(r["file"]) for r in rows] + [4])
         print(f"{'file':<{width}}  {'class':<16} probability")
@@ -420,13 +537,15 @@ def _register_run(sub: Any) -> None:
     r = sub.add_parser("run", help="extract (or reuse) features and run or resume the study")
     _add_common(r)
     _add_verify(r)
-    r.add_argument("--n-trials", type=int, metavar="N", help="finished trials to reach")
+    r.add_argument(
+        "--n-trials", type=_int_at_least(1), metavar="N", help="finished trials to reach"
+    )
     r.add_argument("--study", metavar="NAME", help="study name (overrides study)")
     r.add_argument("--storage", metavar="URL", help="Optuna storage URL (overrides storage)")
     r.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI")
     r.add_argument(
         "--workers",
-        type=int,
+        type=_int_at_least(1, MAX_WORKERS),
         default=1,
         metavar="N",
         help="worker processes on this machine (default 1)",
@@ -450,7 +569,7 @@ def _register_run(sub: Any) -> None:
 
     ex = sub.add_parser("export", help="write the winner as one Keras model taking raw images")
     _add_common(ex)
-    ex.add_argument("--output", "-o", required=True, metavar="FILE.keras")
+    ex.add_argument("--output", "-o", required=True, metavar="FILE.keras", type=_text("a path"))
     ex.add_argument("--study", metavar="NAME")
     ex.add_argument("--storage", metavar="URL")
     ex.add_argument("--tracking-uri", metavar="URI")
@@ -459,8 +578,13 @@ def _register_run(sub: Any) -> None:
     pr = sub.add_parser("predict", help="classify image files and folders with an exported model")
     pr.add_argument("model", help="an exported .keras file")
     pr.add_argument("paths", nargs="+", help="image files or folders")
-    pr.add_argument("--csv", metavar="FILE", help="write file,class,probability rows to FILE")
-    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument(
+        "--csv",
+        metavar="FILE",
+        type=_text("a file path"),
+        help="write file,class,probability rows to FILE",
+    )
+    pr.add_argument("--batch-size", type=_int_at_least(1), default=64, metavar="N")
     pr.set_defaults(func=cmd_predict)
 
     u = sub.add_parser("ui", help="start the MLflow UI on the sweep's tracking store")
@@ -496,7 +620,7 @@ def _main(args: argparse.Namespace) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return rc
     except TlsweepError as e:
-        print(f"tlsweep: error: {e}", file=sys.stderr)
+        print(f"tlsweep: error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("tlsweep: interrupted", file=sys.stderr)
@@ -507,6 +631,24 @@ def _main(args: argparse.Namespace) -> int:
         # e.g. `tlsweep backbones | head`: the reader has gone, as a shell would say it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:
+        if not _is_environment_failure(e):
+            raise
+        # a full disk, a permission or a read-only filesystem met after the checks: the input
+        # was fine; what was finished is kept (trials and cache entries are written atomically)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"tlsweep: error: {e.strerror}{where}; fix it and run again", file=sys.stderr)
+        return 1
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split("\n")).strip()
+
+
+def _is_environment_failure(e: OSError) -> bool:
+    import errno
+
+    return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _stdout_broken() -> bool:

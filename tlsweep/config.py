@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -26,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from tlsweep.errors import BackboneError, ConfigError
+from tlsweep.errors import BackboneError, ConfigError, ServiceError
 from tlsweep.registry import get_spec
 
 # --- every default, in one place ---------------------------------------------------------------
@@ -45,6 +46,15 @@ DEFAULT_METRIC = "val_accuracy"
 DEFAULT_HEARTBEAT_INTERVAL = 5  # seconds between a running trial's heartbeats
 DEFAULT_GRACE_PERIOD = 30  # seconds without a heartbeat before a trial is taken as dead
 DEFAULT_MAX_RETRY = 3  # how often the parameters of a trial killed mid-way are retried
+MAX_WORKERS = 256  # `run --workers N` on one machine: more is a typo, not a plan
+# How long a server may keep a command waiting. MLflow's own defaults (7 HTTP retries with
+# exponential back-off, 120 s per request) wait for minutes on a server that is down; the
+# environment variables MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT still win when set.
+DEFAULT_HTTP_MAX_RETRIES = 3  # MLflow HTTP requests during a command
+DEFAULT_HTTP_TIMEOUT = 30  # seconds per MLflow HTTP request
+CHECK_HTTP_MAX_RETRIES = 1  # the check before any work: one line within about 30 s
+CHECK_HTTP_TIMEOUT = 10  # seconds
+DEFAULT_CONNECT_TIMEOUT = 10  # seconds for a database server to answer a connection
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc")
 PRUNERS = ("median", "hyperband", "none")
@@ -95,11 +105,42 @@ def redact_url(url: str) -> str:
     return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
 
 
+def check_can_write(path: str | Path, field_name: str, kind: str = "file") -> Path:
+    """Check, creating nothing, that ``path`` (a ``kind`` of "file" or "dir") can be written.
+
+    Missing folders on the way are fine (the writer makes them) if the nearest existing one is
+    a writable folder. A path through a file is a usage error (:class:`ConfigError`); no
+    permission or a read-only filesystem is a runtime failure (:class:`ServiceError`).
+    Returns the absolute path.
+    """
+    p = Path(path).expanduser().absolute()
+    shown = str(path)
+    if p.exists():
+        if kind == "file" and p.is_dir():
+            raise _fail("", field_name, shown, "it is a folder; expected a file path")
+        if kind == "dir" and not p.is_dir():
+            raise _fail("", field_name, shown, "it is a file; expected a folder")
+        if not os.access(p, os.W_OK | (os.X_OK if kind == "dir" else 0)):
+            raise ServiceError(f"{field_name}: {shown}: permission denied (cannot write it)")
+        if kind == "dir":
+            return p
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise _fail("", field_name, shown, f"{parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ServiceError(
+            f"{field_name}: {shown}: permission denied (cannot create files in {parent})"
+        )
+    return p
+
+
 def _fail(where: str, field_name: str, value: Any, allowed: str) -> ConfigError:
     shown = repr(value)
     if len(shown) > 80:
         shown = shown[:77] + "..."
-    return ConfigError(f"{where}: {field_name}: got {shown}; {allowed}")
+    return ConfigError(f"{where + ': ' if where else ''}{field_name}: got {shown}; {allowed}")
 
 
 # --- the schema --------------------------------------------------------------------------------
@@ -417,6 +458,8 @@ def load_sweep(
         raise ConfigError(f"{where}: no such sweep file; give the path to a YAML sweep file")
     try:
         text = path.read_text(encoding="utf-8")
+    except PermissionError as e:  # the file is fine; this process may not read it
+        raise ServiceError(f"{where}: cannot read the sweep file ({e.strerror})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{where}: cannot read the sweep file ({e})") from None
     try:
@@ -431,10 +474,7 @@ def load_sweep(
     _check_keys(where, "", raw, _TOP_KEYS)
     base = path.resolve().parent
 
-    name = study if study is not None else raw.get("study")
-    if not isinstance(name, str) or not name.strip() or len(name) > 200:
-        raise _fail(where, "study", name, "expected a non-empty name (at most 200 characters)")
-    name = name.strip()
+    name = check_study_name(where, "study" if study is None else "--study", study, raw)
 
     # data
     if "data" not in raw:
@@ -566,10 +606,10 @@ def load_sweep(
         st = _storage_url(where, storage, Path.cwd(), "--storage")
     else:
         st = _storage_url(where, raw.get("storage", DEFAULT_STORAGE), base, "storage")
-    if tracking_uri is None:
-        tracking_uri = raw.get("tracking_uri")
-    if tracking_uri is not None and (not isinstance(tracking_uri, str) or not tracking_uri):
-        raise _fail(where, "tracking_uri", tracking_uri, "expected an MLflow tracking URI or null")
+    if tracking_uri is not None:
+        tracking_uri = _tracking_uri(where, tracking_uri, "--tracking-uri")
+    elif raw.get("tracking_uri") is not None:
+        tracking_uri = _tracking_uri(where, raw["tracking_uri"], "tracking_uri")
 
     return SweepConfig(
         path=path.resolve(),
@@ -582,6 +622,78 @@ def load_sweep(
         tracking_uri=tracking_uri,
         text=text,
     )
+
+
+def check_study_name(where: str, field_name: str, study: str | None, raw: Mapping) -> str:
+    """The study name: 1 to STUDY_NAME_MAX printable characters, any script, quotes and slashes.
+
+    Leading and trailing spaces are dropped; control characters (a newline, a tab, NUL) are
+    refused, since neither a terminal line nor every database can carry them.
+    """
+    name = study if study is not None else raw.get("study")
+    if not isinstance(name, str) or not name.strip():
+        raise _fail(where, field_name, name, STUDY_NAME_RULE)
+    name = name.strip()
+    if len(name) > STUDY_NAME_MAX or not name.isprintable():
+        raise _fail(where, field_name, name, STUDY_NAME_RULE)
+    return name
+
+
+STUDY_NAME_MAX = 200  # MLflow keeps run names to 250 characters, experiments to 256
+STUDY_NAME_RULE = (
+    f"expected a name of 1 to {STUDY_NAME_MAX} printable characters (any language, spaces, "
+    "quotes and slashes are fine; no newline, tab or other control character)"
+)
+
+# The tracking URIs MLflow 3.17 builds a store for (mlflow/tracking/_tracking_service/utils.py):
+# a local path or file:, a database through SQLAlchemy, a tracking server, or Databricks.
+TRACKING_DATABASES = ("postgresql", "mysql", "sqlite", "mssql")
+TRACKING_SCHEMES = ("file", "http", "https", "databricks", "databricks-uc", "uc")
+_TRACKING_ALLOWED = (
+    "expected a folder path, file:///DIR, sqlite:///FILE, postgresql://, mysql://, mssql://, "
+    "http(s)://HOST:PORT or databricks"
+)
+
+
+def _tracking_uri(where: str, uri: Any, field_name: str) -> str:
+    """Check an MLflow tracking URI's form (reaching it is checked when a command starts)."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(uri, str) or not uri.strip():
+        raise _fail(where, field_name, uri, _TRACKING_ALLOWED)
+    uri = uri.strip()
+    if uri.startswith("postgres://"):  # neither MLflow nor SQLAlchemy 2 take this alias
+        uri = "postgresql://" + uri[len("postgres://") :]
+    if uri in ("databricks", "databricks-uc", "uc"):
+        return uri
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        raise _fail(where, field_name, redact_url(uri), _TRACKING_ALLOWED) from None
+    scheme = parts.scheme.lower()
+    if "://" not in uri and ":" in uri.split("/", 1)[0]:
+        scheme = uri.split(":", 1)[0].lower()  # e.g. "bogus:x"
+    elif "://" not in uri:
+        scheme = ""  # a plain folder path
+    if scheme in ("", "file"):
+        return uri
+    if scheme in ("http", "https"):
+        if not parts.hostname:
+            raise _fail(where, field_name, redact_url(uri), "expected http(s)://HOST[:PORT]")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise _fail(where, field_name, redact_url(uri), "the port must be a number") from None
+        return uri
+    if scheme.partition("+")[0] in TRACKING_DATABASES:
+        if scheme.startswith("sqlite") and parts.path.lstrip("/") in ("", ":memory:"):
+            raise _fail(where, field_name, uri, "use a file: sqlite:///mlflow.db")
+        if not scheme.startswith("sqlite") and not parts.hostname and "host=" not in parts.query:
+            raise _fail(where, field_name, redact_url(uri), "expected DIALECT://USER@HOST/DB")
+        return uri
+    if scheme in TRACKING_SCHEMES:
+        return uri
+    raise _fail(where, field_name, redact_url(uri), _TRACKING_ALLOWED)
 
 
 # The SQLAlchemy dialects Optuna's RDBStorage can use (sqlite is handled above).
@@ -605,6 +717,8 @@ def _storage_url(where: str, url: Any, base: Path, field_name: str) -> str:
         if not p.is_absolute():
             p = (base / p).resolve()
         return f"journal:{p}"
+    if url.startswith("postgres://"):  # SQLAlchemy 2 dropped this alias of postgresql://
+        url = "postgresql://" + url[len("postgres://") :]
     scheme = url.partition("://")[0].partition("+")[0] if "://" in url else None
     if scheme not in _DATABASES:
         raise _fail(

@@ -2,8 +2,10 @@
 
 Every error a user can fix (a bad sweep file, a missing folder, an unknown backbone) is a
 :class:`TlsweepError` whose message is one line naming the problem and the fix. The CLI prints
-that line and exits with its ``exit_code``: 2 (a usage error) unless the class says otherwise;
-anything else is a bug and keeps its traceback.
+that line and exits with its ``exit_code``: 2 for a usage error (a bad flag, file or name), 1
+for a runtime failure the input did not cause (:class:`ServiceError`: a server or database that is
+down or refuses the login, a disk that is full, a permission denied; :class:`StoreError`: a local
+database left half-built). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -36,5 +38,11 @@ class StoreError(TlsweepError):
 
     A runtime failure, not a usage error: exit code 1.
     """
+
+    exit_code = 1
+
+
+class ServiceError(TlsweepError):
+    """A runtime failure: a server or database unreachable or refusing, a disk full, no access."""
 
     exit_code = 1

@@ -24,14 +24,25 @@ class BackboneSpec:
     min_size: int
     channels: int  # channels of the last feature map at default constructor arguments
     fixed_size_with_imagenet: bool = False  # NASNet: ImageNet weights only at the default size
+    feature_side: int = 0  # side of the last feature map at default_size, from the built model
 
     def feature_shape(self, size: int, pooling: str, channels: int | None = None) -> tuple:
-        """Feature shape per image for a pooling at an input size (stride-32 feature map)."""
+        """Feature shape per image for a pooling; flatten only at the default input size.
+
+        The flattened size comes from the built model's output shape at the default size
+        (``feature_side``), never from a formula: Inception's valid paddings give 8x8 at 299 px
+        where ``ceil(299 / 32)`` says 10. At another size, build the model
+        (:func:`tlsweep.backbones.output_shape`).
+        """
         c = channels or self.channels
         if pooling in ("avg", "max"):
             return (c,)
-        side = -(-size // 32)
-        return (side * side * c,)
+        if size != self.default_size:
+            raise BackboneError(
+                f"{self.name}: the flattened feature size at {size} px is known only from the "
+                "built model (tlsweep.backbones.output_shape)"
+            )
+        return (self.feature_side * self.feature_side * c,)
 
 
 def _specs() -> dict[str, BackboneSpec]:
@@ -78,7 +89,43 @@ def _specs() -> dict[str, BackboneSpec]:
         ("VGG19", "vgg19", 224, 32, 512),
         ("Xception", "xception", 299, 71, 2048),
     ]
-    return {r[0]: BackboneSpec(*r, fixed_size_with_imagenet=r[1] == "nasnet") for r in rows}
+    return {
+        r[0]: BackboneSpec(
+            *r, fixed_size_with_imagenet=r[1] == "nasnet", feature_side=_FEATURE_SIDE[r[0]]
+        )
+        for r in rows
+    }
+
+
+# The side of each backbone's last feature map at its default input size, read from the output
+# shape of the built model (keras.applications.<name>(include_top=False, weights=None)), Keras
+# 3.15. tests/test_backbones.py builds every backbone and checks these numbers and the channels.
+_FEATURE_SIDE = {
+    **dict.fromkeys(("ConvNeXtTiny", "ConvNeXtSmall", "ConvNeXtBase", "ConvNeXtLarge"), 7),
+    **dict.fromkeys(("ConvNeXtXLarge", "DenseNet121", "DenseNet169", "DenseNet201"), 7),
+    **dict.fromkeys(("MobileNet", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large"), 7),
+    **dict.fromkeys(("ResNet50", "ResNet101", "ResNet152", "ResNet50V2"), 7),
+    **dict.fromkeys(("ResNet101V2", "ResNet152V2", "VGG16", "VGG19", "NASNetMobile"), 7),
+    "EfficientNetB0": 7,
+    "EfficientNetB1": 8,
+    "EfficientNetB2": 9,
+    "EfficientNetB3": 10,
+    "EfficientNetB4": 12,
+    "EfficientNetB5": 15,
+    "EfficientNetB6": 17,
+    "EfficientNetB7": 19,
+    "EfficientNetV2B0": 7,
+    "EfficientNetV2B1": 8,
+    "EfficientNetV2B2": 9,
+    "EfficientNetV2B3": 10,
+    "EfficientNetV2S": 12,
+    "EfficientNetV2M": 15,
+    "EfficientNetV2L": 15,
+    "InceptionResNetV2": 8,  # 299 px, valid paddings: not ceil(299 / 32) = 10
+    "InceptionV3": 8,
+    "NASNetLarge": 11,
+    "Xception": 10,
+}
 
 
 REGISTRY: dict[str, BackboneSpec] = _specs()

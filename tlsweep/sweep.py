@@ -20,6 +20,54 @@ from tlsweep.search import StudySummary, summarize
 log = logging.getLogger(__name__)
 
 
+def preflight(
+    cfg: SweepConfig, *, storage: bool = True, tracking: bool = True, cache: bool = False
+) -> None:
+    """Before any work: every store the command writes to can be reached and written.
+
+    A database or tracking server that is down or refuses the login, a folder that cannot be
+    written: one :class:`~tlsweep.errors.TlsweepError` line within seconds, and nothing created
+    (no database file, no MLflow experiment, no cache entry).
+    """
+    from tlsweep.config import check_can_write
+
+    if cache:
+        check_can_write(cfg.cache_dir, "cache_dir", "dir")
+    if storage:
+        url = cfg.storage
+        if url.startswith("sqlite:///"):
+            check_can_write(url[len("sqlite:///") :].partition("?")[0], "storage")
+        elif url.startswith("journal:"):
+            check_can_write(url[len("journal:") :], "storage")
+        else:
+            from tlsweep.workers import check_database
+
+            check_database(url, "storage")
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if tracking and uri:
+        _check_tracking(uri)
+
+
+def _check_tracking(uri: str) -> None:
+    from urllib.parse import urlsplit
+
+    from tlsweep.config import TRACKING_DATABASES, check_can_write
+
+    scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
+    if scheme in ("http", "https"):
+        from tlsweep.tracking import check_server
+
+        check_server(uri)
+    elif scheme.startswith("sqlite"):
+        check_can_write(uri.partition(":///")[2].partition("?")[0] or uri, "tracking_uri")
+    elif scheme.partition("+")[0] in TRACKING_DATABASES:
+        from tlsweep.workers import check_database
+
+        check_database(uri, "tracking_uri")
+    elif scheme == "file" or (not scheme and not uri.startswith(("file:", "databricks", "uc"))):
+        check_can_write(urlsplit(uri).path if scheme else uri, "tracking_uri", "dir")
+
+
 def _parent_params(cfg: SweepConfig) -> dict[str, Any]:
     s = cfg.search
     return {
@@ -69,21 +117,25 @@ def run_sweep(
     from tlsweep.tracking import Tracker, resolve_uri
     from tlsweep.workers import StudyRunner, open_storage
 
+    preflight(cfg, cache=True)
     entries = extract_all(cfg, progress)
     # A command refused here leaves no new store behind: a broken tracking store is refused
-    # before the storage is created, and a storage that cannot be opened before mlflow.db is.
+    # before the storage is created, and a storage that cannot be opened before mlflow.db is;
+    # the study comes before the MLflow experiment, so a refused study (another search space,
+    # other data) leaves no empty experiment behind.
     prepare_mlflow(resolve_uri(cfg.tracking_uri), create=False)
     storage = open_storage(cfg)
-    tracker = Tracker(cfg.tracking_uri, cfg.study)
     if workers > 1:
         study = open_study(cfg, storage)
+        tracker = Tracker(cfg.tracking_uri, cfg.study)
         attach_parent(cfg, study, tracker)
         _run_workers(workers, worker_argv or [])
         summary = summarize(cfg, study)
         _finish(cfg, study, tracker, summary, evaluate_winner, extracted=entries)
         return summary
     features = load_features([(bb, e) for bb, e, _ in entries])
-    runner = StudyRunner(cfg, features, tracker, on_trial, worker_index or 0)
+    runner = StudyRunner(cfg, features, None, on_trial, worker_index or 0)
+    tracker = runner.tracker = Tracker(cfg.tracking_uri, cfg.study)
     attach_parent(cfg, runner.study, tracker)
     done = False
     try:
@@ -132,11 +184,14 @@ def _finish(
 
 
 def _run_workers(n: int, argv: Sequence[str]) -> None:
+    from tlsweep.workers import PARENT_PID_ENV
+
     procs = []
+    env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}  # they stop if this process dies
     try:
         for i in range(n):
             cmd = [sys.executable, "-m", "tlsweep", *argv, "--worker-index", str(i)]
-            procs.append(subprocess.Popen(cmd, env=os.environ.copy()))
+            procs.append(subprocess.Popen(cmd, env=env))
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
         # Ctrl-C reached the workers too (one process group); a SIGTERM only reached us:

@@ -18,6 +18,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from tlsweep.config import (
+    CHECK_HTTP_MAX_RETRIES,
+    CHECK_HTTP_TIMEOUT,
+    DEFAULT_HTTP_MAX_RETRIES,
+    DEFAULT_HTTP_TIMEOUT,
+    redact_url,
+)
+from tlsweep.errors import ServiceError
 from tlsweep.stores import prepare_mlflow
 
 log = logging.getLogger(__name__)
@@ -40,18 +48,86 @@ def resolve_uri(tracking_uri: str | None) -> str:
     return tracking_uri or mlflow.get_tracking_uri()
 
 
+def bound_http_retries() -> None:
+    """Bound MLflow's HTTP retries and timeouts unless the user set them."""
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(DEFAULT_HTTP_MAX_RETRIES))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(DEFAULT_HTTP_TIMEOUT))
+
+
+def _first_line(e: BaseException) -> str:
+    """The gist of an MLflow, SQLAlchemy or connection error, short and without a password."""
+    import re
+
+    e = getattr(e, "orig", None) or e  # SQLAlchemy wraps the driver's error
+    msg = str(getattr(e, "message", None) or e)
+    # urllib3 buries the reason ("[Errno 111] Connection refused") deep in a long sentence
+    reason = re.search(
+        r"(\[Errno -?\d+\][^'\")\]]*|Read timed out|timed out|\d{3} [A-Z][^,;]*)", msg
+    )
+    lines = [x.strip() for x in msg.strip().splitlines() if x.strip()]
+    text = reason.group(1).strip() if reason else (lines[0] if lines else type(e).__name__)
+    return redact_url(text[:200])
+
+
+def check_server(tracking_uri: str) -> None:
+    """Reach an MLflow tracking server (http/https) once, quickly, before any work starts.
+
+    A server that is down, unknown or refuses the login is a :class:`ServiceError` (exit 1)
+    within about ``CHECK_HTTP_TIMEOUT * (CHECK_HTTP_MAX_RETRIES + 1)`` seconds, whatever the retry
+    settings of the rest of the command.
+    """
+    from mlflow import MlflowClient
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+        MLFLOW_HTTP_REQUEST_TIMEOUT,
+    )
+    from mlflow.exceptions import MlflowException
+
+    bound_http_retries()
+    saved = {
+        v.name: os.environ.get(v.name)
+        for v in (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT)
+    }
+    os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = str(CHECK_HTTP_MAX_RETRIES)
+    os.environ[MLFLOW_HTTP_REQUEST_TIMEOUT.name] = str(CHECK_HTTP_TIMEOUT)
+    try:
+        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+    except (MlflowException, OSError) as e:
+        raise ServiceError(
+            f"tracking server {redact_url(tracking_uri)}: not reachable or refused the request "
+            f"({_first_line(e)}); start the server or fix --tracking-uri / tracking_uri (and "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD), then run the command again"
+        ) from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class Tracker:
     """The MLflow side of one study."""
 
     def __init__(self, tracking_uri: str | None, study: str, parent_run_id: str | None = None):
         from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+        from sqlalchemy.exc import SQLAlchemyError
 
-        os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+        bound_http_retries()
         self.tracking_uri = resolve_uri(tracking_uri)
         prepare_mlflow(self.tracking_uri)  # a local SQLite store: built atomically, checked
-        self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.study = study
-        self.experiment_id = self._experiment(study)
+        try:
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)
+            self.experiment_id = self._experiment(study)
+        except (MlflowException, SQLAlchemyError, OSError) as e:  # e.g. no right to make tables
+            raise ServiceError(
+                f"tracking store {redact_url(self.tracking_uri)}: cannot open the experiment "
+                f"'{study}' ({_first_line(e)}); check the tracking URI and the server, then run "
+                "the command again"
+            ) from None
         self.parent_run_id = parent_run_id
 
     def _experiment(self, name: str) -> str:
@@ -100,13 +176,16 @@ class Tracker:
         return self.create_parent(params, sweep_text, sweep_name)
 
     def find_parent(self) -> str | None:
+        # The study name is compared here, not in the filter string: MLflow's filter strings have
+        # no escape for a quote, and a study may be named "it's". The experiment is the study's.
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{ROLE_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{self.study}'",
+            filter_string=f"tags.`{ROLE_TAG}` = 'study'",
             order_by=["attributes.start_time ASC"],
-            max_results=1,
+            max_results=1000,
         )
-        return runs[0].info.run_id if runs else None
+        mine = [r for r in runs if r.data.tags.get(STUDY_TAG) == self.study]
+        return mine[0].info.run_id if mine else None
 
     def create_parent(self, params: Mapping[str, Any], sweep_text: str, sweep_name: str) -> str:
         run = self.client.create_run(
@@ -190,12 +269,13 @@ class Tracker:
         """
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"attributes.status = 'RUNNING' and tags.`{STUDY_TAG}` = '{self.study}'"
-            f" and tags.`{ROLE_TAG}` = 'trial'",
+            filter_string=f"attributes.status = 'RUNNING' and tags.`{ROLE_TAG}` = 'trial'",
             max_results=5000,
         )
         closed = 0
         for r in runs:
+            if r.data.tags.get(STUDY_TAG) != self.study:  # see find_parent: no quoting in filters
+                continue
             try:
                 number = int(r.data.tags.get(TRIAL_TAG, "-1"))
             except ValueError:

@@ -213,11 +213,14 @@ def export(cfg: SweepConfig, study: Any, output: str | Path, tracker: Any | None
     model = build_export_model(w)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp.keras")
-    model.save(tmp)
     meta = metadata(cfg, w)
-    with zipfile.ZipFile(tmp, "a") as z:
-        z.writestr(METADATA_NAME, json.dumps(meta, indent=1, default=str))
-    os.replace(tmp, output)
+    try:  # the model file is whole or absent, never half-written (a full disk, Ctrl-C)
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as z:
+            z.writestr(METADATA_NAME, json.dumps(meta, indent=1, default=str))
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
     if tracker is not None and tracker.parent_run_id:
         tracker.log_parent_model(model, meta, output)
     return w

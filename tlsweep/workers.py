@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tlsweep.config import SweepConfig, redact_url
-from tlsweep.errors import StudyError
+from tlsweep.config import DEFAULT_CONNECT_TIMEOUT, SweepConfig, redact_url
+from tlsweep.errors import ConfigError, ServiceError, StudyError
 from tlsweep.search import (
     FINISHED,
     FeatureData,
@@ -99,8 +99,7 @@ def open_storage(cfg: SweepConfig, must_exist: bool = False) -> Any:
             raise StudyError(f"storage: cannot open {sqlite} ({e}); check the path") from None
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:
-        engine_kwargs = {"pool_pre_ping": True}
-        url = _pg_driver(url)
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": _connect_args(url)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -115,23 +114,72 @@ def open_storage(cfg: SweepConfig, must_exist: bool = False) -> Any:
             )
         except Exception as e:  # SQLAlchemy raises many types for bad URLs and servers
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise StudyError(
-                f"storage: cannot open {redact_url(url)} ({first}); check the URL, the server and "
-                "its driver (pip install psycopg2-binary for PostgreSQL)"
+            raise ServiceError(
+                f"storage: cannot open {redact_url(url)} ({redact_url(first)}); check the URL, "
+                "the server and its driver (pip install 'tlsweep[postgres]' for PostgreSQL)"
             ) from None
 
 
-def _pg_driver(url: str) -> str:
-    """``postgresql://`` with the installed driver: SQLAlchemy 2.1 defaults to psycopg 3, but
-    the documented driver is psycopg2-binary; use psycopg2 when psycopg 3 is missing."""
-    import importlib.util
+# The driver packages of the extras, by SQLAlchemy dialect (pyproject.toml's extras).
+_DRIVER_HINT = {
+    "postgresql": "pip install 'tlsweep[postgres]' (psycopg 3)",
+    "mysql": "pip install 'tlsweep[mysql]' and write mysql+pymysql://",
+    "mariadb": "pip install 'tlsweep[mysql]' and write mariadb+pymysql://",
+}
 
-    for scheme in ("postgresql://", "postgres://"):
-        if url.startswith(scheme):
-            if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
-                return "postgresql+psycopg2://" + url[len(scheme) :]
-            return "postgresql://" + url[len(scheme) :]
-    return url
+
+def _connect_args(url: str) -> dict[str, Any]:
+    """Driver options bounding how long a connection attempt may take."""
+    dialect = url.partition("://")[0].partition("+")[0]
+    if dialect in ("postgresql", "mysql", "mariadb", "cockroachdb"):
+        return {"connect_timeout": DEFAULT_CONNECT_TIMEOUT}
+    return {}
+
+
+def check_database(url: str, field_name: str) -> None:
+    """Connect to a database server once, before any work, and say in one line what is wrong.
+
+    Checks that the SQLAlchemy driver is installed (a usage error: which extra to install), that
+    the server answers within ``DEFAULT_CONNECT_TIMEOUT`` seconds and accepts the login (a
+    :class:`~tlsweep.errors.ServiceError`, exit 1). The password is never printed. Creates
+    nothing: a database that does not exist is reported, not made.
+    """
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    try:
+        u = make_url(url)
+        u.get_dialect().import_dbapi()
+    except ImportError as e:
+        dialect = url.partition("://")[0].partition("+")[0]
+        hint = _DRIVER_HINT.get(dialect, "install the driver SQLAlchemy names")
+        raise ConfigError(
+            f"{field_name}: {redact_url(url)}: the database driver is not installed "
+            f"({redact_url(str(e))}); {hint}"
+        ) from None
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError) as e:
+        raise ConfigError(
+            f"{field_name}: got '{redact_url(url)}'; not a database URL SQLAlchemy knows "
+            f"({redact_url(str(e).splitlines()[0][:200])}); expected e.g. "
+            "postgresql://USER:PASSWORD@HOST:PORT/DB"
+        ) from None
+    engine = sqlalchemy.create_engine(u, poolclass=NullPool, connect_args=_connect_args(url))
+    try:
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text("SELECT 1"))
+    except sqlalchemy.exc.DBAPIError as e:
+        reason = str(e.orig or e).strip().splitlines()
+        why = reason[0][:300] if reason else type(e).__name__
+        if u.password:
+            why = why.replace(u.password, "***")
+        raise ServiceError(
+            f"{field_name}: cannot connect to {redact_url(url)} ({redact_url(why)}); check that "
+            "the server is running, the database exists and the user and password are right, "
+            "then run the command again"
+        ) from None
+    finally:
+        engine.dispose()
 
 
 @contextlib.contextmanager
@@ -178,7 +226,9 @@ def _lock_engine(url: str) -> Any:
     import sqlalchemy
 
     if url not in _ENGINES:
-        _ENGINES[url] = sqlalchemy.create_engine(_pg_driver(url), pool_size=1, pool_pre_ping=True)
+        _ENGINES[url] = sqlalchemy.create_engine(
+            url, pool_size=1, pool_pre_ping=True, connect_args=_connect_args(url)
+        )
     return _ENGINES[url]
 
 
@@ -212,6 +262,43 @@ def worker_is_dead(worker: str) -> bool:
     except PermissionError:
         return False
     return _start_time(pid) != start
+
+
+PARENT_PID_ENV = "TLSWEEP_PARENT_PID"  # set by `run --workers N` for its workers
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """Make this worker get SIGTERM when the ``run --workers N`` process that started it dies.
+
+    Linux's parent-death signal (``prctl(PR_SET_PDEATHSIG)``) covers every death, ``kill -9``
+    included; elsewhere a thread watches the parent pid. If the parent died before the signal
+    was armed, this process is re-parented already: it stops at once. The SIGTERM handler of the
+    command then closes the running trial and its runs, as for a Ctrl-C.
+    """
+    import signal
+
+    expected = int(os.environ.get(PARENT_PID_ENV) or os.getppid())
+    armed = False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        armed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux: no prctl in the C library
+        armed = False
+    if os.getppid() != expected:
+        log.debug("the parent %d is gone before this worker started: stopping", expected)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if not armed:
+
+        def watch() -> None:
+            while os.getppid() == expected:
+                time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="tlsweep-parent-watch", daemon=True).start()
 
 
 class _Heartbeat:
