@@ -405,6 +405,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _register_run(sub: Any) -> None:
+    from tlsweep.config import DEFAULT_PREDICT_BATCH
+
     r = sub.add_parser("run", help="extract (or reuse) features and run or resume the study")
     _add_common(r)
     r.add_argument("--n-trials", type=int, metavar="N", help="finished trials to reach")
@@ -447,7 +449,13 @@ def _register_run(sub: Any) -> None:
     pr.add_argument("model", help="an exported .keras file")
     pr.add_argument("paths", nargs="+", help="image files or folders")
     pr.add_argument("--csv", metavar="FILE", help="write file,class,probability rows to FILE")
-    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_PREDICT_BATCH,
+        metavar="N",
+        help="images per forward pass (default %(default)s)",
+    )
     pr.set_defaults(func=cmd_predict)
 
     u = sub.add_parser("ui", help="start the MLflow UI on the sweep's tracking store")

@@ -232,7 +232,8 @@ def _layout_b(root: Path, cfg: DataConfig) -> ImageSet:
 
 
 # --- content identity --------------------------------------------------------------------------
-def _digest_file(path: str) -> str:
+def file_digest(path: str) -> str:
+    """The SHA-256 of a file's bytes: tlsweep's one file hasher (images and weights files)."""
     # SHA-256 runs on the CPU's SHA instructions where it has them (OpenSSL): on this project's
     # machine 1.5 GB/s against 0.85 for BLAKE2b; with file_digest's reusable buffer and one
     # thread per core, hashing the 4000 cats-vs-dogs photos (180 MB) took 0.27 s instead of 0.4.
@@ -252,7 +253,7 @@ def content_digest(images: ImageSet, workers: int | None = None) -> str:
     """One hash of every file's bytes, path, label and split: changes when any image does."""
     paths = [images.abspath(f) for f in images.files]
     with ThreadPoolExecutor(max_workers=workers or _cores()) as pool:
-        digests = list(pool.map(_digest_file, paths, chunksize=64))
+        digests = list(pool.map(file_digest, paths, chunksize=64))
     h = hashlib.sha256()
     h.update("\x00".join(images.class_names).encode())
     for f, d in zip(images.files, digests, strict=True):

@@ -41,7 +41,14 @@ import numpy as np
 
 from tlsweep import backbones as bbs
 from tlsweep.config import BackboneConfig, SweepConfig
-from tlsweep.data import ImageSet, content_digest, decoded_chunks, find_images, why_skipped
+from tlsweep.data import (
+    ImageSet,
+    content_digest,
+    decoded_chunks,
+    file_digest,
+    find_images,
+    why_skipped,
+)
 from tlsweep.errors import TlsweepError
 
 log = logging.getLogger(__name__)
@@ -61,21 +68,13 @@ def _version(pkg: str) -> str:
         return "absent"
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def weights_identity(bb: BackboneConfig) -> str:
     """What identifies the weights: Keras's ImageNet file, random init, or a file's bytes."""
     if bb.weights == "imagenet":
         return "imagenet"
     if bb.weights == "none":
         return f"random-seed-{bbs.RANDOM_WEIGHTS_SEED}"
-    return f"file:{_file_digest(bb.weights)}"
+    return f"file:{file_digest(bb.weights)}"
 
 
 def key_parts(bb: BackboneConfig, images_digest: str) -> dict[str, Any]:

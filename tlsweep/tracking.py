@@ -18,6 +18,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from tlsweep.search import FINISHED
+
 log = logging.getLogger(__name__)
 
 ROLE_TAG = "tlsweep.role"
@@ -197,9 +199,7 @@ class Tracker:
             if state == "RUNNING":
                 continue
             self.client.set_tag(r.info.run_id, STATE_TAG, state)
-            self.client.set_terminated(
-                r.info.run_id, "FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED"
-            )
+            self.client.set_terminated(r.info.run_id, "FINISHED" if state in FINISHED else "FAILED")
             closed += 1
         if closed:
             log.info("closed %d MLflow run(s) left RUNNING by a process that died", closed)
