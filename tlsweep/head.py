@@ -266,6 +266,12 @@ def _epoch_fn(n_dense: int, binary: bool, optimizer: str, batch_size: int) -> An
                 loss, correct = _loss_and_correct(logits, yb, binary, smoothing)
                 mean_loss = tf.reduce_sum(loss * mask) / count
             grads = list(tape.gradient(mean_loss, ws))
+            # The reported loss includes the penalty at the step's weights, as Keras's fit does.
+            penalty = tf.cond(
+                use_l2,
+                lambda ws=ws: l2 * tf.add_n([tf.reduce_sum(tf.square(k)) for k in ws[::2]]),
+                lambda: tf.constant(0.0),
+            )
             # The L2 penalty l2 * sum(kernel**2) adds 2 * l2 * kernel to each kernel's gradient;
             # skipped at run time when l2 is 0 (two weight-sized passes saved per kernel).
             for j in range(0, len(ws), 2):
@@ -301,7 +307,7 @@ def _epoch_fn(n_dense: int, binary: bool, optimizer: str, batch_size: int) -> An
                         epsilon=EPSILON,
                         grad=g,
                     )
-            loss_sum += mean_loss * count
+            loss_sum += (mean_loss + penalty) * count
             correct_sum += tf.reduce_sum(correct * mask)
         nf = tf.cast(n, tf.float32)
         return step, loss_sum / nf, correct_sum / nf
