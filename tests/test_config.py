@@ -583,3 +583,46 @@ def test_a_new_head_parameter_is_one_declaration(
     assert "momentum" in {f.name for f in dataclasses.fields(cls)}
     assert cls(units=8, dropout=0.0, learning_rate=0.1, batch_size=4).momentum == 0.9
     assert "momentum:" in C.space_yaml() and "SGD momentum" in C.space_yaml()
+
+
+# --- the resolved sweep ---------------------------------------------------------------------------
+def test_resolved_sweep_is_a_sweep_file_that_loads_back_the_same(
+    tmp_path: Path, base: dict[str, Any]
+) -> None:
+    import dataclasses
+
+    import tlsweep
+
+    doc = _set(base, "storage", "postgresql://me:secret@db.example/optuna")
+    cfg = load_sweep(_write(tmp_path, doc), n_trials=7, data_dir=tmp_path / "images")
+    record = C.resolved_record(cfg)
+    assert record["versions"]["tlsweep"] == tlsweep.__version__
+    text = C.resolved_yaml(record)
+    assert text.startswith(
+        f"# the resolved sweep, every default filled in (tlsweep {tlsweep.__version__}"
+    )
+    assert "secret" not in text and "me:***@db.example" in text
+    resolved = yaml.safe_load(text)
+    assert resolved["search"]["n_trials"] == 7  # the override, applied
+    assert set(resolved["search"]) == set(C._SEARCH_KEYS)  # every default, filled in
+    assert set(resolved["search"]["space"]) == {p.name for p in C.HEAD_PARAMETERS}
+    assert set(resolved["data"]) == set(C._DATA_KEYS)
+    again = load_sweep(_write(tmp_path, {**resolved, "storage": base["storage"]}, "again.yaml"))
+    ours = dataclasses.replace(cfg, storage=base["storage"], path=again.path, text="")
+    assert dataclasses.replace(again, text="") == ours
+
+
+def test_changes_name_each_changed_key_once(tmp_path: Path, base: dict[str, Any]) -> None:
+    old = C.resolved_record(load_sweep(_write(tmp_path, base)))
+    (tmp_path / "other").mkdir()
+    new = C.resolved_record(
+        load_sweep(_write(tmp_path, base), n_trials=9, data_dir=tmp_path / "other")
+    )
+    assert C.changes(old, old) == []
+    lines = C.changes(old, new)
+    assert lines == [
+        f"data.dir: {str(tmp_path / 'images')!r} -> {str(tmp_path / 'other')!r}",
+        f"search.n_trials: {base['search']['n_trials']!r} -> 9",
+    ]
+    newer = {**new, "versions": {**new["versions"], "optuna": "99.0"}}
+    assert C.changes(new, newer) == [f"versions.optuna: {new['versions']['optuna']!r} -> '99.0'"]

@@ -201,6 +201,15 @@ class Param:
     choices: tuple[Any, ...] | None = None
     kind: str = "fixed"  # fixed | int | float | categorical
 
+    def to_sweep(self) -> Any:
+        """This dimension as a sweep file writes it: a value, a range or ``{choices: [...]}``."""
+        if self.kind == "fixed":
+            return self.value
+        if self.kind == "categorical":
+            return {"choices": list(self.choices or ())}
+        d = {"low": self.low, "high": self.high, "log": self.log}
+        return d if self.step is None else {**d, "step": self.step}
+
     def to_json(self) -> dict[str, Any]:
         d = {"kind": self.kind}
         if self.kind == "fixed":
@@ -680,3 +689,74 @@ def _storage_url(where: str, url: Any, base: Path, field_name: str) -> str:
 def with_overrides(cfg: SweepConfig, **changes: Any) -> SweepConfig:
     """A copy of ``cfg`` with top-level fields replaced (used by tests and the CLI)."""
     return replace(cfg, **changes)
+
+
+# --- the resolved sweep: a record of what ran ----------------------------------------------------
+def resolved(cfg: SweepConfig) -> dict[str, Any]:
+    """The sweep as it runs: a sweep file with every default filled in and every override applied.
+
+    Loading it back (:func:`load_sweep`) gives the same configuration; passwords in URLs are
+    replaced by ``***``. With the versions that ran it, it is what :func:`resolved_yaml` writes.
+    """
+    d = cfg.to_json()
+    d.pop("path")
+    for bb in d["backbones"]:
+        bb.pop("weights_tag")  # derived from the weights file's name when two clash
+    d["search"]["space"] = {n: p.to_sweep() for n, p in cfg.search.space.items()}
+    d["storage"] = redact_url(d["storage"])
+    if d["tracking_uri"] is not None:
+        d["tracking_uri"] = redact_url(d["tracking_uri"])
+    return d
+
+
+def versions() -> dict[str, str]:
+    """tlsweep's version and those of the libraries that decide its results."""
+    from importlib import metadata
+
+    from tlsweep import __version__
+
+    out = {"tlsweep": __version__}
+    for pkg in ("keras", "tensorflow", "optuna", "mlflow", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def resolved_record(cfg: SweepConfig) -> dict[str, Any]:
+    """What a study stores and MLflow logs: the resolved sweep and the versions that ran it."""
+    return {"versions": versions(), "sweep": resolved(cfg)}
+
+
+def resolved_yaml(record: Mapping[str, Any]) -> str:
+    """A :func:`resolved_record` as a sweep file, its versions as a comment on top."""
+    head = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
+    return f"# the resolved sweep, every default filled in ({head})\n" + yaml.safe_dump(
+        dict(record["sweep"]), sort_keys=False, default_flow_style=None
+    )
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(d, list) and any(isinstance(v, (Mapping, list)) for v in d):
+        out = {}
+        for i, v in enumerate(d):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: d}
+
+
+def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """One ``key: old -> new`` line per setting that differs between two resolved records."""
+    a, b = _flatten(old), _flatten(new)
+    missing = "(unset)"
+    return [
+        f"{k.removeprefix('sweep.')}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}"
+        for k in sorted(set(a) | set(b), key=lambda k: (k not in a, k))
+        if a.get(k, missing) != b.get(k, missing)
+    ]

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SPACE_ATTR = "tlsweep.space"
 PARENT_ATTR = "tlsweep.mlflow_parent_run"
+RESOLVED_ATTR = "tlsweep.resolved"  # the resolved sweep of the last `tlsweep run`
 FINISHED = ("COMPLETE", "PRUNED")  # the states that count towards n_trials
 STATES = (*FINISHED, "FAIL", "RUNNING", "WAITING")
 

@@ -213,6 +213,18 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i : i + 90])
 
     # --- artifacts on the parent ---------------------------------------------------------------
+    def log_resolved(self, text: str, changed: list[str]) -> None:
+        """The resolved sweep as ``sweep/resolved.yaml`` (replaced by each run of the study);
+        what a resumed run changed goes beside it, one file per run that changed something."""
+        if not self.parent_run_id:
+            return
+        self.client.log_text(self.parent_run_id, text, "sweep/resolved.yaml")
+        if changed:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            self.client.log_text(
+                self.parent_run_id, "\n".join(changed) + "\n", f"sweep/changes-{stamp}.txt"
+            )
+
     def log_parent_text(self, text: str, path: str) -> None:
         if self.parent_run_id:
             self.client.log_text(self.parent_run_id, text, path)
