@@ -457,6 +457,11 @@ def resolve_backbone(bb: BackboneConfig, where: str = "backbones") -> BackboneCo
         spec = get_spec(bb.name)
     except BackboneError as e:
         raise BackboneError(f"{where}.name: {e}") from None
+    if bb.weights == "imagenet" and not spec.has_imagenet:
+        raise BackboneError(
+            f"{where}.weights: got 'imagenet'; {bb.name} has no ImageNet weights: use weights: "
+            "none (seeded random) or a weights file"
+        )
     size = bb.input_size or spec.default_size
     if size < spec.min_size:
         raise BackboneError(

@@ -1,9 +1,11 @@
 """The registry of ``keras.applications`` backbones: typed metadata only, no TensorFlow.
 
-Every ``keras.applications`` class is available by its class name. Each entry carries the
-module whose ``preprocess_input`` it uses, its default and minimum input size and the channels
-of its last feature map at default arguments, so listing the registry and validating a sweep
-file never import TensorFlow. Building a backbone is :mod:`tlsweep.backbones`' job.
+Every ``keras.applications`` class is available by its class name, and one stand-in of
+tlsweep's own, ``TinyConvNet`` (random weights only; for tests and smoke runs). Each entry
+carries the module whose ``preprocess_input`` it uses, its default and minimum input size and
+the channels of its last feature map at default arguments, so listing the registry and
+validating a sweep file never import TensorFlow. Building a backbone is
+:mod:`tlsweep.backbones`' job.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class BackboneSpec:
     min_size: int
     channels: int  # channels of the last feature map at default constructor arguments
     fixed_size_with_imagenet: bool = False  # NASNet: ImageNet weights only at the default size
+    source: str = "keras.applications"  # or "tlsweep": built by tlsweep.backbones (TinyConvNet)
+    has_imagenet: bool = True  # whether `weights: imagenet` exists for it
 
     def feature_shape(self, size: int, pooling: str, channels: int | None = None) -> tuple:
         """Feature shape per image for a pooling at an input size (stride-32 feature map)."""
@@ -78,7 +82,13 @@ def _specs() -> dict[str, BackboneSpec]:
         ("VGG19", "vgg19", 224, 32, 512),
         ("Xception", "xception", 299, 71, 2048),
     ]
-    return {r[0]: BackboneSpec(*r, fixed_size_with_imagenet=r[1] == "nasnet") for r in rows}
+    specs = {r[0]: BackboneSpec(*r, fixed_size_with_imagenet=r[1] == "nasnet") for r in rows}
+    # A stand-in for tests and smoke runs: three strided convolutions with seeded random weights
+    # (weights: none), built in milliseconds; see tlsweep.backbones.tiny_convnet.
+    specs["TinyConvNet"] = BackboneSpec(
+        "TinyConvNet", "mobilenet_v2", 64, 32, 32, source="tlsweep", has_imagenet=False
+    )
+    return specs
 
 
 REGISTRY: dict[str, BackboneSpec] = _specs()
