@@ -222,8 +222,8 @@ def _keras_step(init, x, y, xv, yv, n_classes, p: HeadParams):  # noqa: ANN001, 
     return model.get_weights(), {k: v[-1] for k, v in hist.history.items()}
 
 
-@pytest.mark.parametrize("n_classes", [2, 3])
-@pytest.mark.parametrize("optimizer", ["adam", "sgd", "rmsprop"])
+# every optimizer, and both heads (sigmoid, softmax): the update rule does not see the head
+@pytest.mark.parametrize(("optimizer", "n_classes"), [("adam", 2), ("sgd", 3), ("rmsprop", 2)])
 def test_one_step_equals_keras(optimizer: str, n_classes: int) -> None:
     """One step of tlsweep's fused kernels gives Keras's weights, and Keras's loss (with L2)."""
     rng = np.random.default_rng(7)
