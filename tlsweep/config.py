@@ -718,7 +718,7 @@ def versions() -> dict[str, str]:
     """tlsweep's version and those of the libraries that decide its results."""
     from importlib import metadata
 
-    from tlsweep import __version__
+    from tlsweep._version import __version__
 
     out = {"tlsweep": __version__}
     for pkg in ("keras", "tensorflow", "optuna", "mlflow", "numpy"):
