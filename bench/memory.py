@@ -12,10 +12,11 @@ Two modes:
   figure covers TensorFlow, Optuna and MLflow together.
 * ``--mode head``: ``train_head`` alone, parameters drawn with numpy (same ranges).
 
-Sampled per trial: units 32..1024 (log), dropout 0..0.7, learning rate 1e-5..1e-2 (log), batch
-size from 16/32/64/128; ``--epochs`` epochs (default 3). The random sampler is the default
-because it spreads trials over the most distinct shapes (the hard case for per-shape caches);
-``--sampler tpe`` is what a default study uses. No pruner, so every trial trains all its epochs.
+Sampled per trial from the default search space (``tlsweep.config.DEFAULT_SPACE``: units,
+dropout, learning rate, batch size); ``--epochs`` epochs (default 3). The random sampler is the
+default because it spreads trials over the most distinct shapes (the hard case for per-shape
+caches); ``--sampler tpe`` is what a default study uses. No pruner, so every trial trains all
+its epochs.
 
 RSS comes from /proc/self/status (VmRSS), after ``gc.collect()``; malloc's in-use and free-heap
 bytes (glibc ``mallinfo2``) tell a leak (in-use grows) from fragmentation (free heap grows).
@@ -58,13 +59,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ALPHA, SIZE, add_data_args, mobilenet_v2  # noqa: E402
 
 FIRST = 10
 TARGET_MB = 100.0
-BATCH_SIZES = (16, 32, 64, 128)
+
+
+def _draw(rng: Any, r: dict[str, Any]) -> float:
+    """A number from a search-space range ``{low, high[, log]}``, as a random sampler draws it."""
+    import numpy as np
+
+    if r.get("log"):
+        return float(np.exp(rng.uniform(np.log(r["low"]), np.log(r["high"]))))
+    return float(rng.uniform(r["low"], r["high"]))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -218,12 +228,8 @@ search:
   sampler: {sampler}
   pruner: none
   seed: 1337
-  space:
-    units:         {{low: 32, high: 1024, log: true}}
-    dropout:       {{low: 0.0, high: 0.7}}
-    learning_rate: {{low: 1.0e-5, high: 1.0e-2, log: true}}
-    batch_size:    {{choices: [16, 32, 64, 128]}}
-    epochs:        {epochs}
+  space:  # the default space (units, dropout, learning_rate, batch_size), fewer epochs
+    epochs: {epochs}
 """
 
 
@@ -265,7 +271,7 @@ def run_study(args: argparse.Namespace, rec: Recorder, tmp: Path) -> dict:
 def run_head(args: argparse.Namespace, rec: Recorder) -> dict:
     import numpy as np
 
-    from tlsweep.config import DataConfig
+    from tlsweep.config import DEFAULT_SPACE, DataConfig
     from tlsweep.data import find_images
     from tlsweep.features import FeatureCache
     from tlsweep.head import HeadParams, as_tensor, train_head
@@ -280,10 +286,10 @@ def run_head(args: argparse.Namespace, rec: Recorder) -> dict:
     accs = []
     for i in range(args.trials):
         hp = HeadParams(
-            units=int(round(np.exp(rng.uniform(np.log(32), np.log(1024))))),
-            dropout=float(rng.uniform(0.0, 0.7)),
-            learning_rate=float(np.exp(rng.uniform(np.log(1e-5), np.log(1e-2)))),
-            batch_size=int(rng.choice(BATCH_SIZES)),
+            units=int(round(_draw(rng, DEFAULT_SPACE["units"]))),
+            dropout=_draw(rng, DEFAULT_SPACE["dropout"]),
+            learning_rate=_draw(rng, DEFAULT_SPACE["learning_rate"]),
+            batch_size=int(rng.choice(DEFAULT_SPACE["batch_size"]["choices"])),
             epochs=args.epochs,
             seed=i,
         )

@@ -43,7 +43,10 @@ def test_spec_sanity(spec: BackboneSpec) -> None:
 
     assert 32 <= spec.min_size <= spec.default_size
     assert spec.channels > 0
-    assert hasattr(keras.applications, spec.name), f"keras.applications.{spec.name}"
+    if spec.source == "keras.applications":
+        assert hasattr(keras.applications, spec.name), f"keras.applications.{spec.name}"
+    else:
+        assert (spec.source, spec.name, spec.has_imagenet) == ("tlsweep", "TinyConvNet", False)
     module = importlib.import_module(f"keras.applications.{spec.module}")
     assert callable(module.preprocess_input)
     assert spec.feature_shape(spec.default_size, "avg") == (spec.channels,)
@@ -149,6 +152,26 @@ def test_resolve_nasnet_imagenet_needs_its_default_size() -> None:
         resolve(BackboneConfig("NASNetMobile", weights="imagenet", input_size=160))
     assert resolve(BackboneConfig("NASNetMobile", weights="none", input_size=160)).input_size == 160
     assert resolve(BackboneConfig("NASNetMobile")).input_size == 224
+
+
+def test_tiny_convnet_has_no_imagenet_weights() -> None:
+    with pytest.raises(BackboneError) as e:
+        resolve(BackboneConfig("TinyConvNet"), "bb")  # weights: imagenet, the default
+    assert str(e.value).startswith("bb.weights: got 'imagenet'; TinyConvNet has no ImageNet")
+    assert "weights: none" in str(e.value)
+
+
+def test_tiny_convnet_is_seeded_and_shaped_like_a_real_backbone() -> None:
+    """The test stand-in: same features on every build, stride 32, channels as registered."""
+    spec = get_spec("TinyConvNet")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 96, 96, 3)).astype("float32")
+    for pooling in ("avg", "flatten"):
+        bb = resolve(BackboneConfig("TinyConvNet", weights="none", input_size=96, pooling=pooling))
+        a = build_extractor(bb)(x).numpy()
+        b = build_extractor(bb)(x).numpy()
+        assert a.shape == (2, *spec.feature_shape(96, pooling))
+        np.testing.assert_array_equal(a, b)
+        assert a.std() > 0
 
 
 def test_resolve_unknown_name_names_the_field() -> None:

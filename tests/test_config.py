@@ -547,3 +547,142 @@ def test_tracking_uris_refused(tmp_path: Path, base: dict[str, Any], uri: Any) -
     assert "tracking_uri" in msg and "s3cret" not in msg
     if isinstance(uri, str):
         assert "--tracking-uri" in _error(_write(tmp_path, base), tracking_uri=uri)
+
+
+# --- one declaration of the head's parameters, and every default written once ------------------
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_sweep() -> dict[str, Any]:
+    """The README's commented sweep file (the block under '## The sweep file'), parsed."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## The sweep file") :]
+    block = section[section.index("```yaml\n") + len("```yaml\n") :]
+    return yaml.safe_load(block[: block.index("```")])
+
+
+def test_readme_space_block_is_generated_from_the_declaration() -> None:
+    text = README.read_text(encoding="utf-8")
+    assert C.space_yaml() in text, (
+        "README's search.space block is stale; paste this in:\n" + C.space_yaml()
+    )
+    assert _readme_sweep()["search"]["space"] == C.DEFAULT_SPACE
+
+
+def test_readme_shows_every_default_of_the_schema() -> None:
+    doc = _readme_sweep()
+    for key, value in doc["data"].items():
+        if key != "dir":
+            assert value == C.DataConfig.__dataclass_fields__[key].default, f"data.{key}"
+    bb = doc["backbones"][0]
+    for key in ("weights", "pooling"):
+        assert bb[key] == C.BackboneConfig.__dataclass_fields__[key].default, f"backbones.{key}"
+    for key, value in doc["search"].items():
+        if key != "space":
+            assert value == C.SearchConfig.__dataclass_fields__[key].default, f"search.{key}"
+    assert set(doc["search"]) == set(C._SEARCH_KEYS)
+    assert doc["cache_dir"] == C.DEFAULT_CACHE_DIR
+    assert doc["storage"] == C.DEFAULT_STORAGE
+
+
+def test_a_sweep_without_search_gets_the_schema_defaults(
+    tmp_path: Path, base: dict[str, Any]
+) -> None:
+    doc = _set(_set(base, "search", DELETE), "data", {"dir": base["data"]["dir"]})
+    cfg = load_sweep(_write(tmp_path, doc))
+    assert cfg.data == C.DataConfig(dir=cfg.data.dir)
+    assert cfg.search == C.SearchConfig(space=cfg.search.space)
+    for p in C.HEAD_PARAMETERS:
+        got = cfg.search.space[p.name]
+        if isinstance(p.default, dict) and "choices" in p.default:
+            assert list(got.choices) == p.default["choices"]
+        elif isinstance(p.default, dict):
+            assert (got.low, got.high, got.log) == (
+                p.default["low"],
+                p.default["high"],
+                p.default.get("log", False),
+            )
+            assert got.kind == p.kind
+        else:
+            assert got.value == p.default
+
+
+def test_head_params_fields_are_the_declaration() -> None:
+    import dataclasses
+
+    from tlsweep.head import SLOTS, HeadParams
+
+    fields = dataclasses.fields(HeadParams)
+    assert [f.name for f in fields] == [p.name for p in C.HEAD_PARAMETERS] + ["seed"]
+    for f, p in zip(fields, C.HEAD_PARAMETERS, strict=False):
+        assert f.type is p.type
+        fixed = not isinstance(p.default, dict)
+        assert f.default == (p.default if fixed else dataclasses.MISSING), p.name
+    assert fields[-1].default == C.SearchConfig().seed == C.DEFAULT_SEED
+    assert set(SLOTS) == set(C.HEAD_PARAM["optimizer"].choices)  # the trainer knows every choice
+
+
+def test_a_new_head_parameter_is_one_declaration(
+    tmp_path: Path, base: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What issue 11 asks: a new parameter is declared once; validation, default space and the
+    trainer's fields follow (its use in the trainer is the only other change)."""
+    import dataclasses
+
+    from tlsweep import head
+
+    new = C.HeadParam("momentum", float, 0.9, "SGD momentum", bounds=(0.0, 0.999))
+    declared = (*C.HEAD_PARAMETERS, new)
+    monkeypatch.setattr(C, "HEAD_PARAMETERS", declared)
+    assert load_sweep(_write(tmp_path, base)).search.space["momentum"].value == 0.9
+    ok = load_sweep(_write(tmp_path, _set(base, f"{_SP}.momentum", {"low": 0.5, "high": 0.99})))
+    assert ok.search.space["momentum"].kind == "float"
+    msg = _error(_write(tmp_path, _set(base, f"{_SP}.momentum", 2.0)))
+    assert "search.space.momentum: got 2.0; expected a value from 0.0 to 0.999" in msg
+    cls = head._head_params_class(declared)
+    assert "momentum" in {f.name for f in dataclasses.fields(cls)}
+    assert cls(units=8, dropout=0.0, learning_rate=0.1, batch_size=4).momentum == 0.9
+    assert "momentum:" in C.space_yaml() and "SGD momentum" in C.space_yaml()
+
+
+# --- the resolved sweep ---------------------------------------------------------------------------
+def test_resolved_sweep_is_a_sweep_file_that_loads_back_the_same(
+    tmp_path: Path, base: dict[str, Any]
+) -> None:
+    import dataclasses
+
+    import tlsweep
+
+    doc = _set(base, "storage", "postgresql://me:secret@db.example/optuna")
+    cfg = load_sweep(_write(tmp_path, doc), n_trials=7, data_dir=tmp_path / "images")
+    record = C.resolved_record(cfg)
+    assert record["versions"]["tlsweep"] == tlsweep.__version__
+    text = C.resolved_yaml(record)
+    assert text.startswith(
+        f"# the resolved sweep, every default filled in (tlsweep {tlsweep.__version__}"
+    )
+    assert "secret" not in text and "me:***@db.example" in text
+    resolved = yaml.safe_load(text)
+    assert resolved["search"]["n_trials"] == 7  # the override, applied
+    assert set(resolved["search"]) == set(C._SEARCH_KEYS)  # every default, filled in
+    assert set(resolved["search"]["space"]) == {p.name for p in C.HEAD_PARAMETERS}
+    assert set(resolved["data"]) == set(C._DATA_KEYS)
+    again = load_sweep(_write(tmp_path, {**resolved, "storage": base["storage"]}, "again.yaml"))
+    ours = dataclasses.replace(cfg, storage=base["storage"], path=again.path, text="")
+    assert dataclasses.replace(again, text="") == ours
+
+
+def test_changes_name_each_changed_key_once(tmp_path: Path, base: dict[str, Any]) -> None:
+    old = C.resolved_record(load_sweep(_write(tmp_path, base)))
+    (tmp_path / "other").mkdir()
+    new = C.resolved_record(
+        load_sweep(_write(tmp_path, base), n_trials=9, data_dir=tmp_path / "other")
+    )
+    assert C.changes(old, old) == []
+    lines = C.changes(old, new)
+    assert lines == [
+        f"data.dir: {str(tmp_path / 'images')!r} -> {str(tmp_path / 'other')!r}",
+        f"search.n_trials: {base['search']['n_trials']!r} -> 9",
+    ]
+    newer = {**new, "versions": {**new["versions"], "optuna": "99.0"}}
+    assert C.changes(new, newer) == [f"versions.optuna: {new['versions']['optuna']!r} -> '99.0'"]

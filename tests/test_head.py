@@ -188,3 +188,69 @@ def test_many_trials_do_not_retrace(cd) -> None:  # noqa: ANN001
     assert set(H._FUNCS) == keys
     for k, f in H._FUNCS.items():
         assert f.experimental_get_tracing_count() <= max(1, traces.get(k, 0)), k
+
+
+# --- one optimizer step against Keras -----------------------------------------------------------
+def _keras_step(init, x, y, xv, yv, n_classes, p: HeadParams):  # noqa: ANN001, ANN202
+    """Keras's Model.fit, one epoch of one batch from the weights ``init``: (weights, history)."""
+    import keras
+
+    reg = keras.regularizers.L2(p.l2)
+    layers = [keras.Input((x.shape[1],))]
+    for _ in range(p.hidden_layers):
+        layers.append(keras.layers.Dense(p.units, activation="relu", kernel_regularizer=reg))
+        layers.append(keras.layers.Dropout(p.dropout))
+    if n_classes == 2:
+        layers.append(keras.layers.Dense(1, activation="sigmoid", kernel_regularizer=reg))
+        loss = keras.losses.BinaryCrossentropy(label_smoothing=p.label_smoothing)
+        y, yv = y.astype("float32"), yv.astype("float32")
+    else:
+        layers.append(keras.layers.Dense(n_classes, activation="softmax", kernel_regularizer=reg))
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=p.label_smoothing)
+        y, yv = np.eye(n_classes)[y], np.eye(n_classes)[yv]
+    model = keras.Sequential(layers)
+    model.set_weights(init)
+    optimizer = {
+        "adam": lambda: keras.optimizers.Adam(p.learning_rate),
+        "sgd": lambda: keras.optimizers.SGD(p.learning_rate, momentum=0.9),
+        "rmsprop": lambda: keras.optimizers.RMSprop(p.learning_rate),
+    }[p.optimizer]()
+    model.compile(optimizer=optimizer, loss=loss)
+    hist = model.fit(
+        x, y, batch_size=len(x), epochs=1, shuffle=False, validation_data=(xv, yv), verbose=0
+    )
+    return model.get_weights(), {k: v[-1] for k, v in hist.history.items()}
+
+
+# every optimizer, and both heads (sigmoid, softmax): the update rule does not see the head
+@pytest.mark.parametrize(("optimizer", "n_classes"), [("adam", 2), ("sgd", 3), ("rmsprop", 2)])
+def test_one_step_equals_keras(optimizer: str, n_classes: int) -> None:
+    """One step of tlsweep's fused kernels gives Keras's weights, and Keras's loss (with L2)."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(24, 10)).astype("float32")
+    y = rng.integers(0, n_classes, 24)
+    xv = rng.normal(size=(12, 10)).astype("float32")
+    yv = rng.integers(0, n_classes, 12)
+    p = HeadParams(
+        units=8,
+        dropout=0.0,
+        learning_rate=0.05,  # big enough that a wrong update rule shows
+        batch_size=len(x),  # one batch: one step per epoch
+        epochs=1,
+        l2=0.01,
+        label_smoothing=0.1,
+        optimizer=optimizer,
+        seed=3,
+    )
+    init = train_head(x, y, xv, yv, n_classes, replace(p, epochs=0)).weights
+    ours = train_head(x, y, xv, yv, n_classes, p)
+    theirs, hist = _keras_step(init, x, y, xv, yv, n_classes, p)
+    for w0, a, b in zip(init, ours.weights, theirs, strict=True):
+        assert not np.allclose(a, w0)  # the step moved every weight
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    m = ours.history[0]
+    assert m.loss == pytest.approx(hist["loss"], rel=1e-5)  # the L2 penalty included, as Keras
+    # val_loss is the data loss alone (README: why); Keras adds the penalty at the new weights
+    penalty = p.l2 * sum(float(np.sum(np.square(k))) for k in theirs[::2])
+    assert penalty > 1e-3
+    assert m.val_loss == pytest.approx(hist["val_loss"] - penalty, rel=1e-5)

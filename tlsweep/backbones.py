@@ -68,7 +68,7 @@ def build_base(bb: BackboneConfig) -> Any:
     import keras
 
     spec = get_spec(bb.name)
-    cls = getattr(keras.applications, spec.name)
+    cls = tiny_convnet if spec.name == "TinyConvNet" else getattr(keras.applications, spec.name)
     size = bb.input_size or spec.default_size
     weights: str | None = None if bb.weights == "none" else bb.weights
     if weights is None:
@@ -121,6 +121,42 @@ def output_shape(bb: BackboneConfig) -> tuple[int, ...]:
             raise BackboneError(f"backbone {bb.label}: Keras refused it: {e}") from None
         _, h, w, c = base.output_shape
     return (int(c),) if bb.pooling in ("avg", "max") else (int(h) * int(w) * int(c),)
+
+
+def tiny_convnet(
+    include_top: bool = False,
+    weights: str | None = None,
+    input_shape: tuple[int, int, int] = (64, 64, 3),
+    width: int = 8,
+) -> Any:
+    """The ``TinyConvNet`` stand-in: three strided ReLU convolutions (stride 32 in all, like the
+    real backbones; ``4 * width`` channels), seeded random weights, built in milliseconds.
+
+    Called like a ``keras.applications`` class, so it goes through the same build, extraction and
+    export code; built-in layers only, so an exported model loads in safe mode.
+    """
+    import keras
+
+    if include_top:
+        raise ValueError("TinyConvNet has no top")
+    if weights == "imagenet":
+        raise ValueError("TinyConvNet has no ImageNet weights")
+    inputs = keras.Input(input_shape, name="image")
+    x = inputs
+    for i, (mult, stride) in enumerate(((1, 4), (2, 4), (4, 2))):
+        x = keras.layers.Conv2D(
+            mult * width,
+            3,
+            strides=stride,
+            padding="same",
+            activation="relu",
+            kernel_initializer=keras.initializers.HeNormal(seed=RANDOM_WEIGHTS_SEED + i),
+            name=f"conv{i}",
+        )(x)
+    model = keras.Model(inputs, x, name="TinyConvNet")
+    if weights is not None:
+        model.load_weights(weights)
+    return model
 
 
 def pooling_layer(pooling: str, name: str = "pool") -> Any:

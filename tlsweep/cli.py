@@ -534,6 +534,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _register_run(sub: Any) -> None:
+    from tlsweep.config import DEFAULT_PREDICT_BATCH
+
     r = sub.add_parser("run", help="extract (or reuse) features and run or resume the study")
     _add_common(r)
     _add_verify(r)
@@ -584,7 +586,13 @@ def _register_run(sub: Any) -> None:
         type=_text("a file path"),
         help="write file,class,probability rows to FILE",
     )
-    pr.add_argument("--batch-size", type=_int_at_least(1), default=64, metavar="N")
+    pr.add_argument(
+        "--batch-size",
+        type=_int_at_least(1),
+        default=DEFAULT_PREDICT_BATCH,
+        metavar="N",
+        help="images per forward pass (default %(default)s)",
+    )
     pr.set_defaults(func=cmd_predict)
 
     u = sub.add_parser("ui", help="start the MLflow UI on the sweep's tracking store")

@@ -21,7 +21,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ DEFAULT_N_TRIALS = 40
 DEFAULT_SAMPLER = "tpe"
 DEFAULT_PRUNER = "median"
 DEFAULT_METRIC = "val_accuracy"
+DEFAULT_DIRECTION = "maximize"  # the one that fits DEFAULT_METRIC
 DEFAULT_HEARTBEAT_INTERVAL = 5  # seconds between a running trial's heartbeats
 DEFAULT_GRACE_PERIOD = 30  # seconds without a heartbeat before a trial is taken as dead
 DEFAULT_MAX_RETRY = 3  # how often the parameters of a trial killed mid-way are retried
@@ -55,6 +56,7 @@ DEFAULT_HTTP_TIMEOUT = 30  # seconds per MLflow HTTP request
 CHECK_HTTP_MAX_RETRIES = 1  # the check before any work: one line within about 30 s
 CHECK_HTTP_TIMEOUT = 10  # seconds
 DEFAULT_CONNECT_TIMEOUT = 10  # seconds for a database server to answer a connection
+DEFAULT_PREDICT_BATCH = 64  # images per forward pass of `tlsweep predict`
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc")
 PRUNERS = ("median", "hyperband", "none")
@@ -63,41 +65,91 @@ METRICS = ("val_accuracy", "val_loss")
 POOLINGS = ("avg", "max", "flatten")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 
-# The head's hyperparameters: name -> (kind, default used when the sweep has no `space`).
-# A sweep may set any of these to a fixed value, a range or a list of choices.
-HEAD_PARAMS: dict[str, str] = {
-    "units": "int",
-    "dropout": "float",
-    "learning_rate": "float",
-    "batch_size": "int",
-    "epochs": "int",
-    "hidden_layers": "int",
-    "l2": "float",
-    "label_smoothing": "float",
-    "optimizer": "str",
-}
-DEFAULT_SPACE: dict[str, Any] = {
-    "units": {"low": 32, "high": 1024, "log": True},
-    "dropout": {"low": 0.0, "high": 0.7},
-    "learning_rate": {"low": 1.0e-5, "high": 1.0e-2, "log": True},
-    "batch_size": {"choices": [16, 32, 64, 128]},
-    "epochs": 30,
-    "hidden_layers": 1,
-    "l2": 0.0,
-    "label_smoothing": 0.0,
-    "optimizer": "adam",
-}
-# Bounds every value of a head parameter must respect, whatever the sweep says.
-_PARAM_BOUNDS: dict[str, tuple[float, float]] = {
-    "units": (1, 65536),
-    "dropout": (0.0, 0.99),
-    "learning_rate": (1e-9, 10.0),
-    "batch_size": (1, 65536),
-    "epochs": (1, 10000),
-    "hidden_layers": (0, 8),
-    "l2": (0.0, 1.0),
-    "label_smoothing": (0.0, 0.99),
-}
+
+# --- the head's parameters: declared once ------------------------------------------------------
+@dataclass(frozen=True)
+class HeadParam:
+    """One hyperparameter of the head, declared once.
+
+    Everything else is derived from :data:`HEAD_PARAMETERS`: the sweep file's validation
+    (``search.space.<name>`` keys, types, bounds, choices), the default search space, the
+    trainer's :class:`tlsweep.head.HeadParams` fields, and the README's ``space:`` block
+    (:func:`space_yaml`, checked by a test).
+    """
+
+    name: str
+    type: type  # int | float | str
+    default: Any  # the search space's default: a value, {low, high[, log]} or {choices: [...]}
+    help: str
+    bounds: tuple[float, float] | None = None  # every value must lie in here (int and float)
+    choices: tuple[str, ...] | None = None  # the allowed values (str)
+
+    @property
+    def kind(self) -> str:
+        return self.type.__name__
+
+
+HEAD_PARAMETERS: tuple[HeadParam, ...] = (
+    HeadParam(
+        "units",
+        int,
+        {"low": 32, "high": 1024, "log": True},
+        "width of each hidden Dense layer",
+        bounds=(1, 65536),
+    ),
+    HeadParam(
+        "dropout",
+        float,
+        {"low": 0.0, "high": 0.7},
+        "dropout after each hidden layer",
+        bounds=(0.0, 0.99),
+    ),
+    HeadParam(
+        "learning_rate",
+        float,
+        {"low": 1.0e-5, "high": 1.0e-2, "log": True},
+        "the optimizer's step size",
+        bounds=(1e-9, 10.0),
+    ),
+    HeadParam(
+        "batch_size", int, {"choices": [16, 32, 64, 128]}, "examples per step", bounds=(1, 65536)
+    ),
+    HeadParam("epochs", int, 30, "passes over the training features", bounds=(1, 10000)),
+    HeadParam("hidden_layers", int, 1, "Dense(units, relu) -> Dropout, repeated", bounds=(0, 8)),
+    HeadParam("l2", float, 0.0, "L2 penalty l2 * sum(kernel**2), as Keras's L2", bounds=(0.0, 1.0)),
+    HeadParam("label_smoothing", float, 0.0, "as Keras's cross-entropy", bounds=(0.0, 0.99)),
+    HeadParam("optimizer", str, "adam", "sgd has momentum 0.9", choices=OPTIMIZERS),
+)
+HEAD_PARAM: dict[str, HeadParam] = {p.name: p for p in HEAD_PARAMETERS}
+# Derived views, kept under their old names: name -> kind, and the default search space.
+HEAD_PARAMS: dict[str, str] = {p.name: p.kind for p in HEAD_PARAMETERS}
+DEFAULT_SPACE: dict[str, Any] = {p.name: p.default for p in HEAD_PARAMETERS}
+
+
+def _yaml_flow(v: Any) -> str:
+    """A value as the README writes it in YAML flow style (``{low: 32, high: 1024, log: true}``)."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_yaml_flow(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_yaml_flow(x) for x in v) + "]"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and v != 0 and not 0.1 <= abs(v) < 1e4:
+        mantissa, exponent = f"{v:.1e}".split("e")
+        return f"{mantissa}e{int(exponent)}"  # 1.0e-5: YAML 1.1 reads it as a float
+    return str(v)
+
+
+def space_yaml(indent: int = 4) -> str:
+    """The default ``space:`` entries as the README shows them, one commented line each."""
+    width = max(len(p.name) for p in HEAD_PARAMETERS) + 2
+    values = [f"{p.name + ':':<{width}}{_yaml_flow(p.default)}" for p in HEAD_PARAMETERS]
+    column = max(len(v) for v in values) + 1
+    lines = []
+    for p, value in zip(HEAD_PARAMETERS, values, strict=True):
+        allowed = " | ".join(p.choices) + "; " if p.choices else ""
+        lines.append(f"{' ' * indent}{value:<{column}} # {allowed}{p.help}")
+    return "\n".join(lines) + "\n"
 
 
 def redact_url(url: str) -> str:
@@ -192,6 +244,15 @@ class Param:
     choices: tuple[Any, ...] | None = None
     kind: str = "fixed"  # fixed | int | float | categorical
 
+    def to_sweep(self) -> Any:
+        """This dimension as a sweep file writes it: a value, a range or ``{choices: [...]}``."""
+        if self.kind == "fixed":
+            return self.value
+        if self.kind == "categorical":
+            return {"choices": list(self.choices or ())}
+        d = {"low": self.low, "high": self.high, "log": self.log}
+        return d if self.step is None else {**d, "step": self.step}
+
     def to_json(self) -> dict[str, Any]:
         d = {"kind": self.kind}
         if self.kind == "fixed":
@@ -211,7 +272,7 @@ class SearchConfig:
     timeout: float | None = None
     sampler: str = DEFAULT_SAMPLER
     pruner: str = DEFAULT_PRUNER
-    direction: str = "maximize"
+    direction: str = DEFAULT_DIRECTION
     metric: str = DEFAULT_METRIC
     seed: int = DEFAULT_SEED
     space: Mapping[str, Param] = field(default_factory=dict)
@@ -282,6 +343,16 @@ def _check_keys(where: str, section: str, mapping: Any, allowed: tuple[str, ...]
             )
 
 
+def _get(raw: Mapping[str, Any], schema: type, key: str) -> Any:
+    """``raw[key]``, or the default of the dataclass field ``schema.key``: defaults live there."""
+    if key in raw:
+        return raw[key]
+    f = schema.__dataclass_fields__[key]
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -314,15 +385,18 @@ def _resolve(base: Path, p: str) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
 
 
-def _parse_param(where: str, name: str, spec: Any) -> Param:
+def _parse_param(where: str, decl: HeadParam, spec: Any) -> Param:
+    name = decl.name
     fname = f"search.space.{name}"
-    kind = HEAD_PARAMS[name]
-    bounds = _PARAM_BOUNDS.get(name)
+    kind = decl.kind
+    bounds = decl.bounds
 
     def check_value(v: Any, label: str) -> Any:
         if kind == "str":
-            if name == "optimizer":
-                return _choice(where, label, v, OPTIMIZERS)
+            if decl.choices:
+                return _choice(where, label, v, decl.choices)
+            if not isinstance(v, str):
+                raise _fail(where, label, v, "expected a string")
             return v
         if kind == "int" and not _is_int(v):
             raise _fail(where, label, v, "expected an integer")
@@ -360,12 +434,12 @@ def _parse_param(where: str, name: str, spec: Any) -> Param:
     high = check_value(spec["high"], f"{fname}.high")
     if low > high:
         raise ConfigError(f"{where}: {fname}: low ({low}) is greater than high ({high})")
-    log = spec.get("log", False)
+    log = _get(spec, Param, "log")
     if not isinstance(log, bool):
         raise _fail(where, f"{fname}.log", log, "expected true or false")
     if log and low <= 0:
         raise _fail(where, f"{fname}.low", low, "a log range needs low > 0")
-    step = spec.get("step")
+    step = _get(spec, Param, "step")
     if step is not None:
         if not _is_num(step) or step <= 0 or (kind == "int" and not _is_int(step)):
             raise _fail(where, f"{fname}.step", step, "expected a positive number")
@@ -386,7 +460,7 @@ def _parse_backbone(where: str, i: int, spec: Any, base: Path) -> BackboneConfig
     name = spec["name"]
     if not isinstance(name, str) or not name:
         raise _fail(where, f"{sec}.name", name, "expected a keras.applications class name")
-    weights = spec.get("weights", DEFAULT_WEIGHTS)
+    weights = _get(spec, BackboneConfig, "weights")
     if weights is None:
         weights = "none"
     if not isinstance(weights, str) or not weights:
@@ -403,10 +477,10 @@ def _parse_backbone(where: str, i: int, spec: Any, base: Path) -> BackboneConfig
                 f"no such file ({wpath}); allowed: imagenet | none | a weights file path",
             )
         weights = str(wpath)
-    input_size = spec.get("input_size")
+    input_size = _get(spec, BackboneConfig, "input_size")
     if input_size is not None:
         input_size = _int(where, f"{sec}.input_size", input_size, 32, 2048)
-    pooling = _choice(where, f"{sec}.pooling", spec.get("pooling", DEFAULT_POOLING), POOLINGS)
+    pooling = _choice(where, f"{sec}.pooling", _get(spec, BackboneConfig, "pooling"), POOLINGS)
     args = spec.get("args") or {}
     if not isinstance(args, dict):
         raise _fail(where, f"{sec}.args", args, "expected a mapping of constructor arguments")
@@ -426,6 +500,11 @@ def resolve_backbone(bb: BackboneConfig, where: str = "backbones") -> BackboneCo
         spec = get_spec(bb.name)
     except BackboneError as e:
         raise BackboneError(f"{where}.name: {e}") from None
+    if bb.weights == "imagenet" and not spec.has_imagenet:
+        raise BackboneError(
+            f"{where}.weights: got 'imagenet'; {bb.name} has no ImageNet weights: use weights: "
+            "none (seeded random) or a weights file"
+        )
     size = bb.input_size or spec.default_size
     if size < spec.min_size:
         raise BackboneError(
@@ -493,9 +572,9 @@ def load_sweep(
     if check_data_dir and not ddir.is_dir():
         raise _fail(where, "data.dir", str(ddir), "no such folder; fix data.dir or pass --data DIR")
     vsplit = _fraction(
-        where, "data.validation_split", data_raw.get("validation_split", DEFAULT_VALIDATION_SPLIT)
+        where, "data.validation_split", _get(data_raw, DataConfig, "validation_split")
     )
-    tsplit = _fraction(where, "data.test_split", data_raw.get("test_split", DEFAULT_TEST_SPLIT))
+    tsplit = _fraction(where, "data.test_split", _get(data_raw, DataConfig, "test_split"))
     if vsplit <= 0:
         raise _fail(where, "data.validation_split", vsplit, "expected a number above 0")
     if vsplit + tsplit >= 0.9:
@@ -503,8 +582,8 @@ def load_sweep(
             f"{where}: data: validation_split + test_split = {vsplit + tsplit:g} leaves too few "
             "training images; keep the sum below 0.9"
         )
-    dseed = _int(where, "data.seed", data_raw.get("seed", DEFAULT_SEED), 0)
-    dverify = data_raw.get("verify", DEFAULT_VERIFY) if verify is None else verify
+    dseed = _int(where, "data.seed", _get(data_raw, DataConfig, "seed"), 0)
+    dverify = _get(data_raw, DataConfig, "verify") if verify is None else verify
     if not isinstance(dverify, bool):
         raise _fail(where, "data.verify", dverify, "expected true or false")
     data = DataConfig(
@@ -547,9 +626,9 @@ def load_sweep(
     # search
     s_raw = raw.get("search") or {}
     _check_keys(where, "search", s_raw, _SEARCH_KEYS)
-    nt = n_trials if n_trials is not None else s_raw.get("n_trials", DEFAULT_N_TRIALS)
+    nt = n_trials if n_trials is not None else _get(s_raw, SearchConfig, "n_trials")
     nt = _int(where, "search.n_trials" if n_trials is None else "--n-trials", nt, 1)
-    timeout = s_raw.get("timeout")
+    timeout = _get(s_raw, SearchConfig, "timeout")
     if timeout is not None and (not _is_num(timeout) or timeout <= 0):
         raise _fail(where, "search.timeout", timeout, "expected a number of seconds > 0, or null")
     space_raw = s_raw.get("space")
@@ -557,11 +636,14 @@ def load_sweep(
         space_raw = {}
     if not isinstance(space_raw, dict):
         raise _fail(where, "search.space", space_raw, "expected a mapping of parameter names")
-    _check_keys(where, "search.space", space_raw, tuple(HEAD_PARAMS))
-    merged = {**DEFAULT_SPACE, **space_raw}
-    space = {n: _parse_param(where, n, merged[n]) for n in HEAD_PARAMS}
-    direction = _choice(where, "search.direction", s_raw.get("direction", "maximize"), DIRECTIONS)
-    metric = _choice(where, "search.metric", s_raw.get("metric", DEFAULT_METRIC), METRICS)
+    _check_keys(where, "search.space", space_raw, tuple(p.name for p in HEAD_PARAMETERS))
+    space = {
+        p.name: _parse_param(where, p, space_raw.get(p.name, p.default)) for p in HEAD_PARAMETERS
+    }
+    direction = _choice(
+        where, "search.direction", _get(s_raw, SearchConfig, "direction"), DIRECTIONS
+    )
+    metric = _choice(where, "search.metric", _get(s_raw, SearchConfig, "metric"), METRICS)
     expected = "maximize" if metric == "val_accuracy" else "minimize"
     if direction != expected:
         raise ConfigError(
@@ -571,22 +653,22 @@ def load_sweep(
     search = SearchConfig(
         n_trials=nt,
         timeout=float(timeout) if timeout is not None else None,
-        sampler=_choice(where, "search.sampler", s_raw.get("sampler", DEFAULT_SAMPLER), SAMPLERS),
-        pruner=_choice(where, "search.pruner", s_raw.get("pruner", DEFAULT_PRUNER), PRUNERS),
+        sampler=_choice(where, "search.sampler", _get(s_raw, SearchConfig, "sampler"), SAMPLERS),
+        pruner=_choice(where, "search.pruner", _get(s_raw, SearchConfig, "pruner"), PRUNERS),
         direction=direction,
         metric=metric,
-        seed=_int(where, "search.seed", s_raw.get("seed", DEFAULT_SEED), 0),
+        seed=_int(where, "search.seed", _get(s_raw, SearchConfig, "seed"), 0),
         space=space,
         heartbeat_interval=_int(
             where,
             "search.heartbeat_interval",
-            s_raw.get("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL),
+            _get(s_raw, SearchConfig, "heartbeat_interval"),
             1,
         ),
         grace_period=_int(
-            where, "search.grace_period", s_raw.get("grace_period", DEFAULT_GRACE_PERIOD), 2
+            where, "search.grace_period", _get(s_raw, SearchConfig, "grace_period"), 2
         ),
-        max_retry=_int(where, "search.max_retry", s_raw.get("max_retry", DEFAULT_MAX_RETRY), 0),
+        max_retry=_int(where, "search.max_retry", _get(s_raw, SearchConfig, "max_retry"), 0),
     )
     if search.grace_period <= search.heartbeat_interval:
         raise ConfigError(
@@ -734,3 +816,74 @@ def _storage_url(where: str, url: Any, base: Path, field_name: str) -> str:
 def with_overrides(cfg: SweepConfig, **changes: Any) -> SweepConfig:
     """A copy of ``cfg`` with top-level fields replaced (used by tests and the CLI)."""
     return replace(cfg, **changes)
+
+
+# --- the resolved sweep: a record of what ran ----------------------------------------------------
+def resolved(cfg: SweepConfig) -> dict[str, Any]:
+    """The sweep as it runs: a sweep file with every default filled in and every override applied.
+
+    Loading it back (:func:`load_sweep`) gives the same configuration; passwords in URLs are
+    replaced by ``***``. With the versions that ran it, it is what :func:`resolved_yaml` writes.
+    """
+    d = cfg.to_json()
+    d.pop("path")
+    for bb in d["backbones"]:
+        bb.pop("weights_tag")  # derived from the weights file's name when two clash
+    d["search"]["space"] = {n: p.to_sweep() for n, p in cfg.search.space.items()}
+    d["storage"] = redact_url(d["storage"])
+    if d["tracking_uri"] is not None:
+        d["tracking_uri"] = redact_url(d["tracking_uri"])
+    return d
+
+
+def versions() -> dict[str, str]:
+    """tlsweep's version and those of the libraries that decide its results."""
+    from importlib import metadata
+
+    from tlsweep._version import __version__
+
+    out = {"tlsweep": __version__}
+    for pkg in ("keras", "tensorflow", "optuna", "mlflow", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def resolved_record(cfg: SweepConfig) -> dict[str, Any]:
+    """What a study stores and MLflow logs: the resolved sweep and the versions that ran it."""
+    return {"versions": versions(), "sweep": resolved(cfg)}
+
+
+def resolved_yaml(record: Mapping[str, Any]) -> str:
+    """A :func:`resolved_record` as a sweep file, its versions as a comment on top."""
+    head = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
+    return f"# the resolved sweep, every default filled in ({head})\n" + yaml.safe_dump(
+        dict(record["sweep"]), sort_keys=False, default_flow_style=None
+    )
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(d, list) and any(isinstance(v, (Mapping, list)) for v in d):
+        out = {}
+        for i, v in enumerate(d):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: d}
+
+
+def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """One ``key: old -> new`` line per setting that differs between two resolved records."""
+    a, b = _flatten(old), _flatten(new)
+    missing = "(unset)"
+    return [
+        f"{k.removeprefix('sweep.')}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}"
+        for k in sorted(set(a) | set(b), key=lambda k: (k not in a, k))
+        if a.get(k, missing) != b.get(k, missing)
+    ]

@@ -50,6 +50,7 @@ from tlsweep.data import (
     ImageSet,
     content_digest,
     decoded_chunks,
+    file_digest,
     find_images,
     why_skipped,
 )
@@ -75,21 +76,13 @@ def _version(pkg: str) -> str:
         return "absent"
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def weights_identity(bb: BackboneConfig) -> str:
     """What identifies the weights: Keras's ImageNet file, random init, or a file's bytes."""
     if bb.weights == "imagenet":
         return "imagenet"
     if bb.weights == "none":
         return f"random-seed-{bbs.RANDOM_WEIGHTS_SEED}"
-    return f"file:{_file_digest(bb.weights)}"
+    return f"file:{file_digest(bb.weights)}"
 
 
 def key_parts(bb: BackboneConfig, images_digest: str) -> dict[str, Any]:

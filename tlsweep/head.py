@@ -22,10 +22,12 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 from typing import Any
 
 import numpy as np
+
+from tlsweep.config import DEFAULT_SEED, HEAD_PARAMETERS, HeadParam
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +37,36 @@ SGD_MOMENTUM = 0.9
 RMSPROP_RHO = 0.9
 
 
-@dataclass(frozen=True)
-class HeadParams:
-    """Everything that defines one head and its training."""
+def _head_params_class(declared: tuple[HeadParam, ...] = HEAD_PARAMETERS) -> type:
+    """``HeadParams``: one field per declared head parameter, plus the training seed.
 
-    units: int = 256
-    dropout: float = 0.5
-    learning_rate: float = 1e-4
-    batch_size: int = 64
-    epochs: int = 30
-    hidden_layers: int = 1
-    l2: float = 0.0
-    label_smoothing: float = 0.0
-    optimizer: str = "adam"
-    seed: int = 0
+    Built from :data:`tlsweep.config.HEAD_PARAMETERS`, so a new parameter is declared there and
+    only used here. A parameter whose default is a fixed value keeps it as the field default; one
+    searched over a range by default has no sensible single value and must be given.
+    """
+    fields: list[tuple[str, type, Any]] = []
+    for p in declared:
+        if isinstance(p.default, dict):
+            fields.append((p.name, p.type, field(metadata={"help": p.help})))
+        else:
+            fields.append((p.name, p.type, field(default=p.default, metadata={"help": p.help})))
+    fields.append(("seed", int, field(default=DEFAULT_SEED, metadata={"help": "training seed"})))
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> HeadParams:
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        return cls(**known)
+    def from_dict(cls: type, d: dict[str, Any]) -> Any:
+        """The fields of ``d`` that are head parameters (other keys, e.g. backbone, ignored)."""
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    return make_dataclass(
+        "HeadParams",
+        fields,
+        frozen=True,
+        kw_only=True,
+        namespace={"from_dict": classmethod(from_dict), "__module__": __name__},
+    )
+
+
+HeadParams = _head_params_class()
+HeadParams.__doc__ = "Everything that defines one head and its training (keyword arguments)."
 
 
 @dataclass
@@ -253,6 +266,12 @@ def _epoch_fn(n_dense: int, binary: bool, optimizer: str, batch_size: int) -> An
                 loss, correct = _loss_and_correct(logits, yb, binary, smoothing)
                 mean_loss = tf.reduce_sum(loss * mask) / count
             grads = list(tape.gradient(mean_loss, ws))
+            # The reported loss includes the penalty at the step's weights, as Keras's fit does.
+            penalty = tf.cond(
+                use_l2,
+                lambda ws=ws: l2 * tf.add_n([tf.reduce_sum(tf.square(k)) for k in ws[::2]]),
+                lambda: tf.constant(0.0),
+            )
             # The L2 penalty l2 * sum(kernel**2) adds 2 * l2 * kernel to each kernel's gradient;
             # skipped at run time when l2 is 0 (two weight-sized passes saved per kernel).
             for j in range(0, len(ws), 2):
@@ -288,7 +307,7 @@ def _epoch_fn(n_dense: int, binary: bool, optimizer: str, batch_size: int) -> An
                         epsilon=EPSILON,
                         grad=g,
                     )
-            loss_sum += mean_loss * count
+            loss_sum += (mean_loss + penalty) * count
             correct_sum += tf.reduce_sum(correct * mask)
         nf = tf.cast(n, tf.float32)
         return step, loss_sum / nf, correct_sum / nf

@@ -1,9 +1,11 @@
 """The registry of ``keras.applications`` backbones: typed metadata only, no TensorFlow.
 
-Every ``keras.applications`` class is available by its class name. Each entry carries the
-module whose ``preprocess_input`` it uses, its default and minimum input size and the channels
-of its last feature map at default arguments, so listing the registry and validating a sweep
-file never import TensorFlow. Building a backbone is :mod:`tlsweep.backbones`' job.
+Every ``keras.applications`` class is available by its class name, and one stand-in of
+tlsweep's own, ``TinyConvNet`` (random weights only; for tests and smoke runs). Each entry
+carries the module whose ``preprocess_input`` it uses, its default and minimum input size and
+the channels of its last feature map at default arguments, so listing the registry and
+validating a sweep file never import TensorFlow. Building a backbone is
+:mod:`tlsweep.backbones`' job.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class BackboneSpec:
     channels: int  # channels of the last feature map at default constructor arguments
     fixed_size_with_imagenet: bool = False  # NASNet: ImageNet weights only at the default size
     feature_side: int = 0  # side of the last feature map at default_size, from the built model
+    source: str = "keras.applications"  # or "tlsweep": built by tlsweep.backbones (TinyConvNet)
+    has_imagenet: bool = True  # whether `weights: imagenet` exists for it
 
     def feature_shape(self, size: int, pooling: str, channels: int | None = None) -> tuple:
         """Feature shape per image for a pooling; flatten only at the default input size.
@@ -89,12 +93,25 @@ def _specs() -> dict[str, BackboneSpec]:
         ("VGG19", "vgg19", 224, 32, 512),
         ("Xception", "xception", 299, 71, 2048),
     ]
-    return {
+    specs = {
         r[0]: BackboneSpec(
             *r, fixed_size_with_imagenet=r[1] == "nasnet", feature_side=_FEATURE_SIDE[r[0]]
         )
         for r in rows
     }
+    # A stand-in for tests and smoke runs: three strided convolutions with seeded random weights
+    # (weights: none), built in milliseconds; see tlsweep.backbones.tiny_convnet.
+    specs["TinyConvNet"] = BackboneSpec(
+        "TinyConvNet",
+        "mobilenet_v2",
+        64,
+        32,
+        32,
+        feature_side=2,
+        source="tlsweep",
+        has_imagenet=False,
+    )
+    return specs
 
 
 # The side of each backbone's last feature map at its default input size, read from the output

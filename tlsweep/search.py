@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 SPACE_ATTR = "tlsweep.space"
 PARENT_ATTR = "tlsweep.mlflow_parent_run"
+RESOLVED_ATTR = "tlsweep.resolved"  # the resolved sweep of the last `tlsweep run`
 FINISHED = ("COMPLETE", "PRUNED")  # the states that count towards n_trials
-STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+STATES = (*FINISHED, "FAIL", "RUNNING", "WAITING")
 
 
 # --- Optuna's private API, in one place ---------------------------------------------------------
@@ -378,7 +379,7 @@ class StudySummary:
 
     @property
     def finished(self) -> int:
-        return self.counts.get("COMPLETE", 0) + self.counts.get("PRUNED", 0)
+        return sum(self.counts.get(s, 0) for s in FINISHED)
 
 
 def summarize(cfg: SweepConfig, study: Any, top: int = 5) -> StudySummary:

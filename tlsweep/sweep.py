@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tlsweep.config import SweepConfig
+from tlsweep.config import SweepConfig, changes, resolved_record, resolved_yaml
 from tlsweep.errors import StudyError
 from tlsweep.search import StudySummary, summarize
 
@@ -96,6 +96,21 @@ def attach_parent(cfg: SweepConfig, study: Any, tracker: Any) -> str:
     return rid
 
 
+def record_resolved(cfg: SweepConfig, study: Any, tracker: Any) -> list[str]:
+    """Store the resolved sweep with the study and log it to the parent run; on resume, log
+    one line per setting that differs from the previous run of the study (and return them)."""
+    from tlsweep.search import RESOLVED_ATTR
+
+    record = resolved_record(cfg)
+    previous = study.user_attrs.get(RESOLVED_ATTR)
+    changed = changes(previous, record) if previous is not None else []
+    for line in changed:
+        log.info("study %s resumed with a change: %s", cfg.study, line)
+    study.set_user_attr(RESOLVED_ATTR, record)
+    tracker.log_resolved(resolved_yaml(record), changed)
+    return changed
+
+
 def run_sweep(
     cfg: SweepConfig,
     *,
@@ -129,6 +144,7 @@ def run_sweep(
         study = open_study(cfg, storage)
         tracker = Tracker(cfg.tracking_uri, cfg.study)
         attach_parent(cfg, study, tracker)
+        record_resolved(cfg, study, tracker)
         _run_workers(workers, worker_argv or [])
         summary = summarize(cfg, study)
         _finish(cfg, study, tracker, summary, evaluate_winner, extracted=entries)
@@ -137,6 +153,8 @@ def run_sweep(
     runner = StudyRunner(cfg, features, None, on_trial, worker_index or 0)
     tracker = runner.tracker = Tracker(cfg.tracking_uri, cfg.study)
     attach_parent(cfg, runner.study, tracker)
+    if worker_index is None:  # the workers of `--workers N`: their parent has recorded it
+        record_resolved(cfg, runner.study, tracker)
     done = False
     try:
         runner.run()

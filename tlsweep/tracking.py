@@ -26,6 +26,7 @@ from tlsweep.config import (
     redact_url,
 )
 from tlsweep.errors import ServiceError
+from tlsweep.search import FINISHED
 from tlsweep.stores import prepare_mlflow
 
 log = logging.getLogger(__name__)
@@ -286,9 +287,7 @@ class Tracker:
             if state == "RUNNING":
                 continue
             self.client.set_tag(r.info.run_id, STATE_TAG, state)
-            self.client.set_terminated(
-                r.info.run_id, "FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED"
-            )
+            self.client.set_terminated(r.info.run_id, "FINISHED" if state in FINISHED else "FAILED")
             closed += 1
         if closed:
             log.info("closed %d MLflow run(s) left RUNNING by a process that died", closed)
@@ -302,6 +301,18 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i : i + 90])
 
     # --- artifacts on the parent ---------------------------------------------------------------
+    def log_resolved(self, text: str, changed: list[str]) -> None:
+        """The resolved sweep as ``sweep/resolved.yaml`` (replaced by each run of the study);
+        what a resumed run changed goes beside it, one file per run that changed something."""
+        if not self.parent_run_id:
+            return
+        self.client.log_text(self.parent_run_id, text, "sweep/resolved.yaml")
+        if changed:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            self.client.log_text(
+                self.parent_run_id, "\n".join(changed) + "\n", f"sweep/changes-{stamp}.txt"
+            )
+
     def log_parent_text(self, text: str, path: str) -> None:
         if self.parent_run_id:
             self.client.log_text(self.parent_run_id, text, path)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from tlsweep.config import SweepConfig
+from tlsweep.config import DEFAULT_PREDICT_BATCH, SweepConfig
 from tlsweep.errors import StudyError, TlsweepError
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ def find_files(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
 
 
 def predict(
-    model_path: str | Path, paths: list[str], batch_size: int = 64
+    model_path: str | Path, paths: list[str], batch_size: int = DEFAULT_PREDICT_BATCH
 ) -> tuple[list[dict], list[tuple[str, str]], list[str]]:
     """(rows of file/class/probability, unusable files with reasons, class names)."""
     import keras
