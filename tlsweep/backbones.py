@@ -63,12 +63,19 @@ def preprocess_affine(bb: BackboneConfig) -> tuple[Any, Any]:
     return kernel.astype("float32"), bias.astype("float32")
 
 
+def _constructor(spec: BackboneSpec) -> Any:
+    """The class (or function) that builds the backbone: ``keras.applications`` or ours."""
+    import keras
+
+    return tiny_convnet if spec.source == "tlsweep" else getattr(keras.applications, spec.name)
+
+
 def build_base(bb: BackboneConfig) -> Any:
     """The ``keras.applications`` model without its top, loaded with the configured weights."""
     import keras
 
     spec = get_spec(bb.name)
-    cls = tiny_convnet if spec.name == "TinyConvNet" else getattr(keras.applications, spec.name)
+    cls = _constructor(spec)
     size = bb.input_size or spec.default_size
     weights: str | None = None if bb.weights == "none" else bb.weights
     if weights is None:
@@ -114,7 +121,7 @@ def output_shape(bb: BackboneConfig) -> tuple[int, ...]:
     size = bb.input_size or spec.default_size
     with keras.StatelessScope():
         try:
-            base = getattr(keras.applications, spec.name)(
+            base = _constructor(spec)(
                 include_top=False, weights=None, input_shape=(size, size, 3), **dict(bb.args)
             )
         except (TypeError, ValueError) as e:
