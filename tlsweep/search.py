@@ -623,7 +623,7 @@ class StudyRunner:
             # already shows as the run's value (the highest step); logging it again at step 0
             # would add a second point to the curve's first epoch.
             final = {"epochs_run": len(history), "trial_seconds": time.perf_counter() - t0}
-            self.tracker.end_trial(run_id, state, history, final)
+            self.tracker.end_trial(run_id, state, history, final, value=value)
         if self.on_trial:
             best_value, best_number = self.best()
             self.on_trial(
