@@ -351,7 +351,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 1
     except (_Stop, KeyboardInterrupt) as e:
         signum = e.signum if isinstance(e, _Stop) else signal.SIGINT
-        print(f"MLflow UI stopped ({signal.Signals(signum).name})", file=sys.stderr)
+        print(f"tlsweep: stopping the MLflow UI ({signal.Signals(signum).name})", file=sys.stderr)
         return 128 + signum
     finally:
         server.stop()

@@ -139,8 +139,13 @@ class UiServer:
 
     def start(self) -> int:
         """Start the server in a new session (its own process group); returns its pid."""
+        env = dict(os.environ)
+        # MLflow's job runner (huey consumers, for GenAI scorers and trace roll-ups) adds seven
+        # processes the training-runs pages do not use: off unless the user's environment sets
+        # MLFLOW_SERVER_ENABLE_JOB_EXECUTION.
+        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
         self.proc = subprocess.Popen(
-            self.command(), stdin=subprocess.DEVNULL, start_new_session=True
+            self.command(), stdin=subprocess.DEVNULL, env=env, start_new_session=True
         )
         log.debug("started the MLflow server, pid %d: %s", self.proc.pid, self.command())
         return self.proc.pid
