@@ -8,6 +8,7 @@ sweep, as a user would: skipped without chromium or playwright, required in CI (
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -322,6 +323,30 @@ def test_ui_signal_stops_the_whole_server(tmp_path: Path, sig: signal.Signals) -
     assert not group_members(leader)
     assert port_is_free(port)
     assert f"stopping the MLflow UI ({sig.name})" in "".join(ui.err)
+
+
+@pytest.mark.slow
+def test_ui_killed_with_sigkill_still_takes_its_server_down(tmp_path: Path) -> None:
+    sweep = tiny_store(tmp_path)
+    port = free_port()
+    ui = UiProcess(str(sweep), "--port", str(port), "--start-timeout", str(SERVER_WAIT))
+    leader = 0
+    try:
+        ui.wait_url()
+        leader = ui.server_pid()
+        members = group_members(leader)
+        ui.proc.kill()  # no handler runs: the parent-death signal must do it
+        ui.proc.wait()
+        deadline = time.monotonic() + 60
+        while any(alive(p) for p in members) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [p for p in members if alive(p)], "the MLflow server outlived tlsweep ui"
+        assert port_is_free(port)
+    finally:
+        if leader:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(leader, signal.SIGKILL)
+        ui.kill()
 
 
 # --- a real browser ------------------------------------------------------------------------------

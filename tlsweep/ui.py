@@ -3,7 +3,9 @@
 The server (``mlflow ui``: a launcher, its uvicorn workers and MLflow's job runner) runs in a
 session and process group of its own, so it never sees the terminal's signals directly and
 :meth:`UiServer.stop` can end every process of it at once: SIGTERM to the group, SIGKILL to
-what is left after a grace period, and a check that no member of the group survives.
+what is left after a grace period, and a check that no member of the group survives. If
+``tlsweep ui`` itself is killed (even by SIGKILL), Linux's parent-death signal sends the server
+SIGTERM.
 A port that is taken is found before the server starts (:func:`check_port_free`) and again
 when the server exits early; a server that does not answer in time is stopped.
 
@@ -29,7 +31,18 @@ from tlsweep.errors import TlsweepError
 
 log = logging.getLogger(__name__)
 
-STOP_GRACE = 10.0  # seconds the server's processes get to exit after SIGTERM, before SIGKILL
+STOP_GRACE = 15.0  # seconds the server's processes get to exit after SIGTERM, before SIGKILL
+# Run in the launcher before it becomes `python -m mlflow`: Linux sends it SIGTERM when tlsweep
+# dies, even by SIGKILL (the parent-death signal survives exec), and MLflow's launcher passes
+# SIGTERM on to its uvicorn server. argv: tlsweep's pid, then the arguments of `mlflow`.
+_LAUNCHER = """\
+import ctypes, os, signal, sys
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(sys.argv[1]):  # tlsweep died before prctl
+        sys.exit(0)
+os.execv(sys.executable, [sys.executable, "-m", "mlflow", *sys.argv[2:]])
+"""
 
 
 class ServerError(TlsweepError):
@@ -93,6 +106,12 @@ def check_port_free(host: str, port: int) -> None:
 
 def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes of process group ``pgid``, from /proc."""
+    if not os.path.isdir("/proc"):  # not Linux: whether the group has any process at all
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return []
+        return [pgid]
     members = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -124,8 +143,9 @@ class UiServer:
     def command(self) -> list[str]:
         return [
             sys.executable,
-            "-m",
-            "mlflow",
+            "-c",
+            _LAUNCHER,
+            str(os.getpid()),
             "ui",
             "--backend-store-uri",
             self.tracking_uri,
@@ -147,7 +167,7 @@ class UiServer:
         self.proc = subprocess.Popen(
             self.command(), stdin=subprocess.DEVNULL, env=env, start_new_session=True
         )
-        log.debug("started the MLflow server, pid %d: %s", self.proc.pid, self.command())
+        log.debug("started the MLflow server, pid %d: mlflow %s", self.proc.pid, self.command()[4:])
         return self.proc.pid
 
     def wait_ready(self, timeout: float) -> None:
@@ -196,8 +216,8 @@ class UiServer:
         self._signal_group(pgid, signal.SIGTERM)
         try:
             self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            log.warning("the MLflow server did not stop within %g s: killing it", grace)
+        except subprocess.TimeoutExpired:  # e.g. a slow exit on a loaded machine
+            log.debug("the MLflow server did not stop within %g s: killing it", grace)
             self._signal_group(pgid, signal.SIGKILL)
             self.proc.wait()
         # Its workers and job runner are in the group too: give them the same grace.
