@@ -309,7 +309,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
         raise TlsweepError(f"--start-timeout: got {args.start_timeout}; expected seconds > 0")
     cfg = _load(args, check_data_dir=False)
     uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
-    experiment_id, studies = tracking.find_study_experiment(uri, cfg.study)
+    try:
+        experiment_id, studies = tracking.find_study_experiment(uri, cfg.study)
+    except tracking.TrackingStoreUnavailable as e:
+        print(f"tlsweep: error: {e}", file=sys.stderr)
+        return 1
     if experiment_id is None:
         which = f"--study {cfg.study}" if args.study else f"{args.sweep}: study: {cfg.study}"
         there = (
@@ -317,18 +321,20 @@ def cmd_ui(args: argparse.Namespace) -> int:
             if studies
             else "run 'tlsweep run' first (in this folder, if the store is a relative path)"
         )
-        raise TlsweepError(f"{which}: no such study in the tracking store {uri}; {there}")
+        raise TlsweepError(
+            f"{which}: no such study in the tracking store {tracking.redact(uri)}; {there}"
+        )
     if uri.startswith(("http://", "https://")):
-        print(f"study {cfg.study} on the tracking server {uri}; open:")
-        print(tracking.runs_page_url(uri, experiment_id), flush=True)
+        print(f"study {cfg.study} on the tracking server {tracking.redact(uri)}; open:")
+        print(tracking.runs_page_url(tracking.redact(uri), experiment_id), flush=True)
         return 0
     server = ui.UiServer(uri, args.host, args.port)
-    starting = [True]
+    defer = [True]  # while the server starts or stops, a signal is noted, not raised
     pending: list[int] = []
 
     def _on_signal(signum: int, frame: Any) -> None:
         pending.append(signum)
-        if not starting[0]:  # while Popen runs, wait: the server must be known to stop it
+        if not defer[0]:
             raise _Stop(signum)
 
     stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -337,14 +343,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
         try:
             ui.check_port_free(args.host, args.port)
             server.start()
-            starting[0] = False
+            defer[0] = False
             if pending:
                 raise _Stop(pending[0])
             server.wait_ready(args.start_timeout)
         except ui.ServerError as e:
             print(f"tlsweep: error: {e}", file=sys.stderr)
             return 1
-        print(f"MLflow UI: study {cfg.study}, its runs on {uri} (Ctrl-C to stop):")
+        print(f"MLflow UI: study {cfg.study}, its runs on {tracking.redact(uri)} (Ctrl-C to stop):")
         print(tracking.runs_page_url(server.url, experiment_id), flush=True)
         rc = server.wait()
         print(f"tlsweep: error: the MLflow server exited with code {rc}", file=sys.stderr)
@@ -354,6 +360,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         print(f"tlsweep: stopping the MLflow UI ({signal.Signals(signum).name})", file=sys.stderr)
         return 128 + signum
     finally:
+        defer[0] = True  # a second Ctrl-C must not cut the clean-up short
         server.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
+
+from tlsweep.errors import TlsweepError
 
 log = logging.getLogger(__name__)
 
@@ -71,26 +74,44 @@ def _local_store_path(tracking_uri: str) -> str | None:
     return None
 
 
+def redact(uri: str) -> str:
+    """``uri`` with any password replaced by ``***`` (``postgresql://me:***@host/db``)."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", uri)
+
+
+class TrackingStoreUnavailable(TlsweepError):
+    """The tracking store cannot be read (a server that is down, a database that refuses)."""
+
+
 def find_study_experiment(tracking_uri: str, study: str) -> tuple[str | None, list[str]]:
     """The id of the study's experiment, without creating anything, and the studies there.
 
     Returns ``(experiment_id or None, names of the tlsweep studies in the store)``. A local
     store that does not exist yet is not opened (MLflow would create it): ``(None, [])``.
+    A tracking server is asked once, without MLflow's minutes of retries.
     """
     local = _local_store_path(tracking_uri)
     if local is not None and not os.path.exists(local):
         return None, []
+    if tracking_uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(study)
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri)
+        exp = client.get_experiment_by_name(study)
+        experiments = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000)
+    except MlflowException as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TrackingStoreUnavailable(
+            f"cannot read the tracking store {redact(tracking_uri)}: {redact(first)[:300]}; "
+            "check that it is up and reachable, then try again"
+        ) from None
     found = exp.experiment_id if exp is not None and exp.lifecycle_stage == "active" else None
-    studies = sorted(
-        e.name
-        for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000)
-        if STUDY_TAG in e.tags
-    )
+    studies = sorted(e.name for e in experiments if STUDY_TAG in e.tags)
     return found, studies
 
 
