@@ -260,6 +260,16 @@ def test_ui_bad_flags(tmp_path: Path, flags: tuple[str, ...], expected: str) -> 
     assert r.stderr.startswith(expected) and r.stderr.count("\n") == 1, r.stderr
 
 
+def test_ui_tracking_server_down_is_one_line(tmp_path: Path) -> None:
+    sweep = tiny_store(tmp_path)
+    down = f"http://127.0.0.1:{free_port()}"
+    r = run_cli("ui", str(sweep), "--tracking-uri", down, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"tlsweep: error: cannot read the tracking store {down}: ")
+    assert r.stderr.endswith("check that it is up and reachable, then try again\n")
+
+
 def test_ui_port_in_use_is_one_line(tmp_path: Path) -> None:
     sweep = tiny_store(tmp_path)
     with socket.socket() as busy:
@@ -349,8 +359,58 @@ def test_ui_killed_with_sigkill_still_takes_its_server_down(tmp_path: Path) -> N
         ui.kill()
 
 
+# --- a real sweep, as MLflow shows it ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_sweep(tmp_path_factory: pytest.TempPathFactory, cats_dogs_small: Path) -> Path:
+    """A 3-trial sweep on real photos, run by the real CLI; its tracking store is beside it."""
+    sweep = write_sweep(
+        tmp_path_factory.mktemp("ui_sweep") / "sweep.yaml", cats_dogs_small, study="ui_browser"
+    )
+    r = run_cli("run", str(sweep), "-q")
+    assert r.returncode == 0, r.stderr
+    return sweep
+
+
+def sweep_runs(sweep: Path) -> tuple[object, list, str]:
+    """The sweep's (parent run, child runs sorted by trial number, experiment id)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{sweep.parent / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ui_browser")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [x for x in runs if x.data.tags.get("tlsweep.role") == "study"]
+    children = [x for x in runs if x.data.tags.get("tlsweep.role") == "trial"]
+    children.sort(key=lambda x: int(x.data.tags["optuna.trial_number"]))
+    return parent, children, exp.experiment_id
+
+
+@pytest.mark.slow
+def test_real_sweep_runs_compare_well(real_sweep: Path) -> None:
+    from mlflow import MlflowClient
+
+    parent, children, exp_id = sweep_runs(real_sweep)
+    client = MlflowClient(f"sqlite:///{real_sweep.parent / 'mlflow.db'}")
+    assert client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+    assert parent.info.run_name == "ui_browser"
+    assert [c.data.tags["mlflow.parentRunId"] for c in children] == [parent.info.run_id] * 3
+    for n, c in enumerate(children):
+        value = c.data.metrics["val_accuracy"]  # the last epoch's, the trial's value
+        label = "MobileNetV2-alpha0.35-96-avg"
+        assert c.info.run_name == f"trial {n} · {label} · {value:.4f}"
+        assert c.data.params["backbone"] == label
+    # the same plain params in every child, numbers as numbers, for MLflow's chart views
+    keys = {frozenset(c.data.params) for c in children}
+    assert len(keys) == 1
+    compared = {"backbone", "units", "dropout", "learning_rate", "batch_size", "input_size"}
+    assert compared <= set(next(iter(keys)))
+    for c in children:
+        for k in ("units", "dropout", "learning_rate", "batch_size", "input_size"):
+            float(c.data.params[k])
+
+
 # --- a real browser ------------------------------------------------------------------------------
-def chromium() -> str:
+@pytest.fixture(scope="module")
+def browser_path() -> str:
     """The system Chromium and Playwright, or skip (fail in CI) when either is missing."""
     missing = []
     if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
@@ -369,25 +429,17 @@ def chromium() -> str:
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_browser_lands_on_the_training_runs(tmp_path: Path, cats_dogs_small: Path) -> None:
-    from mlflow import MlflowClient
+def test_browser_lands_on_the_training_runs(
+    browser_path: str, real_sweep: Path, tmp_path: Path
+) -> None:
     from playwright.sync_api import sync_playwright
 
-    browser_path = chromium()
-    sweep = write_sweep(tmp_path / "sweep.yaml", cats_dogs_small, study="ui_browser")
-    r = run_cli("run", str(sweep), "-q")
-    assert r.returncode == 0, r.stderr
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("ui_browser")
-    runs = client.search_runs([exp.experiment_id])
-    (parent,) = [x for x in runs if x.data.tags.get("tlsweep.role") == "study"]
-    trials = sorted(x.info.run_name for x in runs if x.data.tags.get("tlsweep.role") == "trial")
-    assert len(trials) == 3 and all(re.fullmatch(r"trial \d · \S+ · 0\.\d{4}", n) for n in trials)
+    parent, children, _ = sweep_runs(real_sweep)
+    trials = [c.info.run_name for c in children]
     test_accuracy = parent.data.metrics["test_accuracy"]
 
     port = free_port()
-    ui = UiProcess(str(sweep), "--port", str(port), "--start-timeout", str(SERVER_WAIT))
+    ui = UiProcess(str(real_sweep), "--port", str(port), "--start-timeout", str(SERVER_WAIT))
     shots = tmp_path / "screenshots"
     shots.mkdir()
     try:
@@ -412,10 +464,14 @@ def test_browser_lands_on_the_training_runs(tmp_path: Path, cats_dogs_small: Pat
                 ).first
                 parent_row.wait_for()
                 assert page.get_by_role("heading", name="Runs").is_visible()
-                for genai in ("Overview", "Evaluation runs", "No data available"):
+                for genai in ("Overview", "Evaluation runs"):  # GenAI's side menu
                     assert page.get_by_text(genai, exact=True).filter(visible=True).count() == 0
+                assert page.get_by_text("No data available").filter(visible=True).count() == 0
                 page.screenshot(path=str(shots / "1-training-runs.png"))
-                # expand the parent: every trial nested under it, named for scanning
+                # expand the parent: every trial nested under it (hidden until then), named
+                # for scanning
+                trial_links = page.locator(run_link, has_text="trial ").filter(visible=True)
+                assert trial_links.count() == 0
                 parent_row.locator("button[data-component-id*='runnamecellrenderer']").click()
                 for name in trials:
                     page.locator(run_link, has_text=name).first.wait_for()
