@@ -142,6 +142,9 @@ class UiProcess:
         self.kill()
         pytest.fail(f"tlsweep ui printed no URL:\n{''.join(self.out)}\n{''.join(self.err)}")
 
+    def urls(self) -> list[str]:
+        return [line.strip() for line in self.out if line.startswith("http")]
+
     def server_pid(self) -> int:
         """The MLflow launcher: a child of `tlsweep ui`, leader of its own process group."""
         for d in Path("/proc").iterdir():
@@ -212,6 +215,10 @@ def test_runs_page_url_opens_the_training_runs_table() -> None:
     assert (
         runs_page_url("http://127.0.0.1:5000/", "7")
         == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    )
+    assert (
+        runs_page_url("http://h:1", "7", "abc")
+        == "http://h:1/#/experiments/7/runs/abc?workflowType=machine_learning"
     )
 
 
@@ -316,8 +323,10 @@ def test_ui_signal_stops_the_whole_server(tmp_path: Path, sig: signal.Signals) -
     ui = UiProcess(str(sweep), "--port", str(port), "--start-timeout", str(SERVER_WAIT))
     try:
         url = ui.wait_url()
-        exp = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "ui_test").experiment_id
-        assert url == runs_page_url(f"http://127.0.0.1:{port}", exp)
+        t = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "ui_test")
+        base = f"http://127.0.0.1:{port}"
+        assert url == runs_page_url(base, t.experiment_id)
+        assert ui.urls() == [url, runs_page_url(base, t.experiment_id, t.find_parent())]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
             assert r.status == 200
         leader = ui.server_pid()
@@ -485,6 +494,17 @@ def test_browser_lands_on_the_training_runs(
                 row.scroll_into_view_if_needed()
                 assert str(test_accuracy) in row.inner_text()  # JS prints doubles as repr does
                 page.screenshot(path=str(shots / "3-parent-test-metrics.png"))
+                # the parent's page as `tlsweep ui` prints it: in the model-training view
+                parent_url = ui.urls()[1]
+                assert f"/runs/{parent.info.run_id}?workflowType=machine_learning" in parent_url
+                page.goto(parent_url)
+                page.reload()  # a hash change alone keeps the page's state
+                row.wait_for()
+                assert str(test_accuracy) in row.inner_text()
+                for genai in ("Evaluation runs", "Judges", "Prompts"):  # GenAI's side menu
+                    assert page.get_by_text(genai, exact=True).filter(visible=True).count() == 0
+                row.scroll_into_view_if_needed()
+                page.screenshot(path=str(shots / "4-printed-parent-page.png"))
             finally:
                 ctx.close()
         print("screenshots:", *sorted(str(s) for s in shots.iterdir()), sep="\n  ")

@@ -298,6 +298,16 @@ class _Stop(Exception):
         self.signum = signum
 
 
+def _print_ui_pages(server_url: str, experiment_id: str, parent: str | None) -> None:
+    from tlsweep.tracking import runs_page_url
+
+    print(runs_page_url(server_url, experiment_id))
+    if parent:
+        print("the study's own run, with the winner's test metrics:")
+        print(runs_page_url(server_url, experiment_id, parent))
+    sys.stdout.flush()
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     import signal
 
@@ -310,7 +320,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     cfg = _load(args, check_data_dir=False)
     uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
     try:
-        experiment_id, studies = tracking.find_study_experiment(uri, cfg.study)
+        experiment_id, parent, studies = tracking.find_study_experiment(uri, cfg.study)
     except tracking.TrackingStoreUnavailable as e:
         print(f"tlsweep: error: {e}", file=sys.stderr)
         return 1
@@ -326,7 +336,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         )
     if uri.startswith(("http://", "https://")):
         print(f"study {cfg.study} on the tracking server {tracking.redact(uri)}; open:")
-        print(tracking.runs_page_url(tracking.redact(uri), experiment_id), flush=True)
+        _print_ui_pages(tracking.redact(uri), experiment_id, parent)
         return 0
     server = ui.UiServer(uri, args.host, args.port)
     defer = [True]  # while the server starts or stops, a signal is noted, not raised
@@ -351,7 +361,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
             print(f"tlsweep: error: {e}", file=sys.stderr)
             return 1
         print(f"MLflow UI: study {cfg.study}, its runs on {tracking.redact(uri)} (Ctrl-C to stop):")
-        print(tracking.runs_page_url(server.url, experiment_id), flush=True)
+        _print_ui_pages(server.url, experiment_id, parent)
         rc = server.wait()
         print(f"tlsweep: error: the MLflow server exited with code {rc}", file=sys.stderr)
         return 1

@@ -83,16 +83,19 @@ class TrackingStoreUnavailable(TlsweepError):
     """The tracking store cannot be read (a server that is down, a database that refuses)."""
 
 
-def find_study_experiment(tracking_uri: str, study: str) -> tuple[str | None, list[str]]:
-    """The id of the study's experiment, without creating anything, and the studies there.
+def find_study_experiment(
+    tracking_uri: str, study: str
+) -> tuple[str | None, str | None, list[str]]:
+    """The study's experiment and parent run, without creating anything, and the studies there.
 
-    Returns ``(experiment_id or None, names of the tlsweep studies in the store)``. A local
+    Returns ``(experiment_id or None, parent run id or None, names of the tlsweep studies in
+    the store)``. A local
     store that does not exist yet is not opened (MLflow would create it): ``(None, [])``.
     A tracking server is asked once, without MLflow's minutes of retries.
     """
     local = _local_store_path(tracking_uri)
     if local is not None and not os.path.exists(local):
-        return None, []
+        return None, None, []
     if tracking_uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
@@ -104,21 +107,34 @@ def find_study_experiment(tracking_uri: str, study: str) -> tuple[str | None, li
         client = MlflowClient(tracking_uri=tracking_uri)
         exp = client.get_experiment_by_name(study)
         experiments = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000)
+        found = exp.experiment_id if exp is not None and exp.lifecycle_stage == "active" else None
+        parents = (
+            client.search_runs(
+                [found],
+                filter_string=f"tags.`{ROLE_TAG}` = 'study'",
+                order_by=["attributes.start_time ASC"],
+            )
+            if found
+            else []
+        )
     except MlflowException as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise TrackingStoreUnavailable(
             f"cannot read the tracking store {redact(tracking_uri)}: {redact(first)[:300]}; "
             "check that it is up and reachable, then try again"
         ) from None
-    found = exp.experiment_id if exp is not None and exp.lifecycle_stage == "active" else None
+    parent = next((r.info.run_id for r in parents if r.data.tags.get(STUDY_TAG) == study), None)
     studies = sorted(e.name for e in experiments if STUDY_TAG in e.tags)
-    return found, studies
+    return found, parent, studies
 
 
-def runs_page_url(server_url: str, experiment_id: str) -> str:
-    """The MLflow 3 UI's training-runs table of one experiment (not its GenAI overview)."""
+def runs_page_url(server_url: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow 3 UI's training-runs table of one experiment, or one run's page, in the
+    model-training view (a fresh browser would otherwise show MLflow's GenAI pages)."""
+    run = f"/{run_id}" if run_id else ""
     return (
-        f"{server_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        f"{server_url.rstrip('/')}/#/experiments/{experiment_id}/runs{run}"
+        "?workflowType=machine_learning"
     )
 
 
