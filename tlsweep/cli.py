@@ -318,7 +318,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if not args.start_timeout > 0:
         raise TlsweepError(f"--start-timeout: got {args.start_timeout}; expected seconds > 0")
     cfg = _load(args, check_data_dir=False)
-    uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
+    uri = tracking.resolve_uri(cfg.tracking_uri)
     try:
         experiment_id, parent, studies = tracking.find_study_experiment(uri, cfg.study)
     except tracking.TrackingStoreUnavailable as e:

@@ -50,7 +50,7 @@ def trial_run_name(number: int, backbone: str, state: str, value: float | None =
     return f"trial {number} · {backbone} · {outcome}"
 
 
-def resolve_tracking_uri(tracking_uri: str | None) -> str:
+def resolve_uri(tracking_uri: str | None) -> str:
     """The sweep's tracking URI, or MLflow's own default when it sets none."""
     if tracking_uri:
         return tracking_uri
