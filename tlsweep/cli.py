@@ -368,39 +368,90 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Stop(Exception):
+    """A signal asked ``tlsweep ui`` to stop its server."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _print_ui_pages(server_url: str, experiment_id: str, parent: str | None) -> None:
+    from tlsweep.tracking import runs_page_url
+
+    print(runs_page_url(server_url, experiment_id))
+    if parent:
+        print("the study's own run, with the winner's test metrics:")
+        print(runs_page_url(server_url, experiment_id, parent))
+    sys.stdout.flush()
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
+    import signal
 
+    from tlsweep import tracking, ui
+
+    if not 1 <= args.port <= 65535:
+        raise TlsweepError(f"--port: got {args.port}; expected a port number from 1 to 65535")
+    if not args.start_timeout > 0:
+        raise TlsweepError(f"--start-timeout: got {args.start_timeout}; expected seconds > 0")
     cfg = _load(args, check_data_dir=False)
-    uri = cfg.tracking_uri
-    if uri is None:
-        import mlflow
-
-        uri = mlflow.get_tracking_uri()
-    if uri.startswith("http"):
-        print(f"the tracking store is a server: open {uri} in a browser")
-        return 0
-    db = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else None
-    if db is not None and not os.path.exists(db):
-        log.warning(
-            "%s does not exist: no run was logged to it; run 'tlsweep ui' in the folder where "
-            "you ran 'tlsweep run', or set tracking_uri: in the sweep file",
-            os.path.abspath(db),
+    uri = tracking.resolve_uri(cfg.tracking_uri)
+    try:
+        experiment_id, parent, studies = tracking.find_study_experiment(uri, cfg.study)
+    except tracking.TrackingStoreUnavailable as e:
+        print(f"tlsweep: error: {e}", file=sys.stderr)
+        return 1
+    if experiment_id is None:
+        which = f"--study {cfg.study}" if args.study else f"{args.sweep}: study: {cfg.study}"
+        there = (
+            f"studies there: {', '.join(studies)}; pick one with --study NAME"
+            if studies
+            else "run 'tlsweep run' first (in this folder, if the store is a relative path)"
         )
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-    ]
-    print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C to stop)", flush=True)
-    return subprocess.call(cmd)
+        raise TlsweepError(
+            f"{which}: no such study in the tracking store {tracking.redact(uri)}; {there}"
+        )
+    if uri.startswith(("http://", "https://")):
+        print(f"study {cfg.study} on the tracking server {tracking.redact(uri)}; open:")
+        _print_ui_pages(tracking.redact(uri), experiment_id, parent)
+        return 0
+    server = ui.UiServer(uri, args.host, args.port)
+    defer = [True]  # while the server starts or stops, a signal is noted, not raised
+    pending: list[int] = []
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        pending.append(signum)
+        if not defer[0]:
+            raise _Stop(signum)
+
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, _on_signal) for s in stops}
+    try:
+        try:
+            ui.check_port_free(args.host, args.port)
+            server.start()
+            defer[0] = False
+            if pending:
+                raise _Stop(pending[0])
+            server.wait_ready(args.start_timeout)
+        except ui.ServerError as e:
+            print(f"tlsweep: error: {e}", file=sys.stderr)
+            return 1
+        print(f"MLflow UI: study {cfg.study}, its runs on {tracking.redact(uri)} (Ctrl-C to stop):")
+        _print_ui_pages(server.url, experiment_id, parent)
+        rc = server.wait()
+        print(f"tlsweep: error: the MLflow server exited with code {rc}", file=sys.stderr)
+        return 1
+    except (_Stop, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, _Stop) else signal.SIGINT
+        print(f"tlsweep: stopping the MLflow UI ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
+    finally:
+        defer[0] = True  # a second Ctrl-C must not cut the clean-up short
+        server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _study_and_tracker(args: argparse.Namespace, cfg: Any = None) -> tuple[Any, Any, Any]:
@@ -595,11 +646,27 @@ def _register_run(sub: Any) -> None:
     )
     pr.set_defaults(func=cmd_predict)
 
-    u = sub.add_parser("ui", help="start the MLflow UI on the sweep's tracking store")
+    from tlsweep.config import DEFAULT_UI_HOST, DEFAULT_UI_PORT, DEFAULT_UI_START_TIMEOUT
+
+    u = sub.add_parser(
+        "ui", help="start the MLflow UI on the sweep's tracking store; print the study's runs page"
+    )
     u.add_argument("sweep")
+    u.add_argument("--study", metavar="NAME", help="the study to show (overrides study)")
     u.add_argument("--tracking-uri", metavar="URI")
-    u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    u.add_argument("--port", type=int, default=5000)
+    u.add_argument(
+        "--host", default=DEFAULT_UI_HOST, help=f"bind address (default {DEFAULT_UI_HOST})"
+    )
+    u.add_argument(
+        "--port", type=int, default=DEFAULT_UI_PORT, help=f"port (default {DEFAULT_UI_PORT})"
+    )
+    u.add_argument(
+        "--start-timeout",
+        type=float,
+        default=DEFAULT_UI_START_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long to wait for the server to answer (default {DEFAULT_UI_START_TIMEOUT:g})",
+    )
     u.set_defaults(func=cmd_ui)
 
 

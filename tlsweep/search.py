@@ -349,7 +349,7 @@ def run_trial(
         # already shows as the run's value (the highest step); logging it again at step 0
         # would add a second point to the curve's first epoch.
         final = {"epochs_run": len(history), "trial_seconds": seconds}
-        tracker.end_trial(run_id, state, history, final)
+        tracker.end_trial(run_id, state, history, final, value=value)
     return TrialResult(state, value, params, history, seconds, error)
 
 

@@ -7,6 +7,12 @@ final metric when the trial ends, and is terminated FINISHED (COMPLETE or PRUNED
 ``optuna.state`` tag) or FAILED. Runs left RUNNING by a killed process are closed by the next
 process from the trial states Optuna recorded (:meth:`Tracker.close_stale_runs`).
 
+What a user sees in the MLflow UI is decided here too: the experiment is tagged as model
+training (so MLflow 3's UI opens its runs table, not its GenAI pages), the parent run is named
+after the study, and a child run's name says what a user scans for:
+``trial 12 · MobileNetV2-alpha0.35-160-avg · 0.9730`` (``pruned`` / ``failed`` instead of the
+value). :func:`find_study_experiment` and :func:`runs_page_url` serve ``tlsweep ui``.
+
 This module knows nothing about Optuna's internals: it is handed numbers, states and params.
 """
 
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -25,7 +32,7 @@ from tlsweep.config import (
     DEFAULT_HTTP_TIMEOUT,
     redact_url,
 )
-from tlsweep.errors import ServiceError
+from tlsweep.errors import ServiceError, TlsweepError
 from tlsweep.search import FINISHED
 from tlsweep.stores import prepare_mlflow
 
@@ -35,18 +42,114 @@ ROLE_TAG = "tlsweep.role"
 STUDY_TAG = "tlsweep.study"
 TRIAL_TAG = "optuna.trial_number"
 STATE_TAG = "optuna.state"
+# The experiment tag MLflow 3's UI reads to choose between its GenAI pages and its training-runs
+# table, and the value its own "Model training" choice writes (mlflow/server/js: ExperimentKind).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+# What a run's name shows instead of a value, by state.
+_STATE_WORDS = {"RUNNING": "running", "PRUNED": "pruned", "FAIL": "failed", "COMPLETE": "complete"}
+
+
+def trial_run_name(number: int, backbone: str, state: str, value: float | None = None) -> str:
+    """``trial 12 · MobileNetV2-alpha0.35-160-avg · 0.9730``; pruned and failed trials say so."""
+    if state == "COMPLETE" and value is not None:
+        outcome = f"{value:.4f}"
+    else:
+        outcome = _STATE_WORDS.get(state, state.lower())
+    return f"trial {number} · {backbone} · {outcome}"
+
+
+def resolve_uri(tracking_uri: str | None) -> str:
+    """The sweep's tracking URI, or MLflow's own default when it sets none."""
+    if tracking_uri:
+        return tracking_uri
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def _local_store_path(tracking_uri: str) -> str | None:
+    """The file or folder a local tracking store lives in (SQLite file, file store), else None."""
+    if tracking_uri.startswith("sqlite:///"):
+        path = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
+        return None if path in ("", ":memory:") else path
+    if tracking_uri.startswith("file:"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        return url2pathname(urlparse(tracking_uri).path)
+    if "://" not in tracking_uri:
+        return tracking_uri
+    return None
+
+
+def redact(uri: str) -> str:
+    """``uri`` with any password replaced by ``***`` (``postgresql://me:***@host/db``)."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", uri)
+
+
+class TrackingStoreUnavailable(TlsweepError):
+    """The tracking store cannot be read (a server that is down, a database that refuses)."""
+
+
+def find_study_experiment(
+    tracking_uri: str, study: str
+) -> tuple[str | None, str | None, list[str]]:
+    """The study's experiment and parent run, without creating anything, and the studies there.
+
+    Returns ``(experiment_id or None, parent run id or None, names of the tlsweep studies in
+    the store)``. A local
+    store that does not exist yet is not opened (MLflow would create it): ``(None, [])``.
+    A tracking server is asked once, without MLflow's minutes of retries.
+    """
+    local = _local_store_path(tracking_uri)
+    if local is not None and not os.path.exists(local):
+        return None, None, []
+    if tracking_uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri)
+        exp = client.get_experiment_by_name(study)
+        experiments = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000)
+        found = exp.experiment_id if exp is not None and exp.lifecycle_stage == "active" else None
+        parents = (
+            client.search_runs(
+                [found],
+                filter_string=f"tags.`{ROLE_TAG}` = 'study'",
+                order_by=["attributes.start_time ASC"],
+            )
+            if found
+            else []
+        )
+    except MlflowException as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TrackingStoreUnavailable(
+            f"cannot read the tracking store {redact(tracking_uri)}: {redact(first)[:300]}; "
+            "check that it is up and reachable, then try again"
+        ) from None
+    parent = next((r.info.run_id for r in parents if r.data.tags.get(STUDY_TAG) == study), None)
+    studies = sorted(e.name for e in experiments if STUDY_TAG in e.tags)
+    return found, parent, studies
+
+
+def runs_page_url(server_url: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow 3 UI's training-runs table of one experiment, or one run's page, in the
+    model-training view (a fresh browser would otherwise show MLflow's GenAI pages)."""
+    run = f"/{run_id}" if run_id else ""
+    return (
+        f"{server_url.rstrip('/')}/#/experiments/{experiment_id}/runs{run}"
+        "?workflowType=machine_learning"
+    )
 
 
 def _mlflow_value(v: Any) -> str:
     s = str(v)
     return s if len(s) <= 6000 else s[:5997] + "..."
-
-
-def resolve_uri(tracking_uri: str | None) -> str:
-    """The tracking URI MLflow will use: ``tracking_uri``, else MLflow's own default."""
-    import mlflow
-
-    return tracking_uri or mlflow.get_tracking_uri()
 
 
 def bound_http_retries() -> None:
@@ -130,18 +233,23 @@ class Tracker:
                 "the command again"
             ) from None
         self.parent_run_id = parent_run_id
+        self._trials: dict[str, tuple[int, str]] = {}  # run id -> (trial number, backbone)
 
     def _experiment(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
 
+        tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND, STUDY_TAG: name}
         for attempt in range(5):
             exp = self.client.get_experiment_by_name(name)
             if exp is not None:
                 if exp.lifecycle_stage == "deleted":
                     self.client.restore_experiment(exp.experiment_id)
+                for k, v in tags.items():  # e.g. an experiment made before tlsweep tagged them
+                    if exp.tags.get(k) != v:
+                        self.client.set_experiment_tag(exp.experiment_id, k, v)
                 return exp.experiment_id
             try:
-                return self.client.create_experiment(name)
+                return self.client.create_experiment(name, tags=tags)
             except MlflowException:  # another worker created it first
                 time.sleep(0.2 * (attempt + 1))
         raise RuntimeError(f"cannot create or find the MLflow experiment '{name}'")
@@ -224,9 +332,10 @@ class Tracker:
 
     # --- child runs ----------------------------------------------------------------------------
     def start_trial(self, number: int, params: Mapping[str, Any], worker: str) -> str:
+        backbone = str(params.get("backbone", "?"))
         run = self.client.create_run(
             self.experiment_id,
-            run_name=f"trial-{number}",
+            run_name=trial_run_name(number, backbone, "RUNNING"),
             tags={
                 "mlflow.parentRunId": self.parent_run_id or "",
                 STUDY_TAG: self.study,
@@ -237,6 +346,7 @@ class Tracker:
             },
         )
         self._log_params(run.info.run_id, params)
+        self._trials[run.info.run_id] = (number, backbone)
         return run.info.run_id
 
     def end_trial(
@@ -246,7 +356,9 @@ class Tracker:
         history: list[Mapping[str, float]],
         final: Mapping[str, float],
         error: str | None = None,
+        value: float | None = None,
     ) -> None:
+        """Log the trial's curves and outcome; its name gets ``value`` (or pruned / failed)."""
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
@@ -260,7 +372,18 @@ class Tracker:
         for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 entries
             self.client.log_batch(run_id, metrics=metrics[i : i + 900])
         self.client.log_batch(run_id, tags=tags)
+        number, backbone = self._trials.pop(run_id, None) or self._trial_of(run_id)
+        self.client.update_run(run_id, name=trial_run_name(number, backbone, state, value))
         self.client.set_terminated(run_id, "FAILED" if state == "FAIL" else "FINISHED")
+
+    def _trial_of(self, run_id: str) -> tuple[int, str]:
+        """(trial number, backbone) of a child run started by another process."""
+        data = self.client.get_run(run_id).data
+        try:
+            number = int(data.tags.get(TRIAL_TAG, "-1"))
+        except ValueError:
+            number = -1
+        return number, data.params.get("backbone", "?")
 
     def close_stale_runs(self, trial_states: Mapping[int, str], alive: set[int]) -> int:
         """Terminate child runs left RUNNING whose trial is no longer running in this study.
@@ -287,6 +410,8 @@ class Tracker:
             if state == "RUNNING":
                 continue
             self.client.set_tag(r.info.run_id, STATE_TAG, state)
+            backbone = r.data.params.get("backbone", "?")
+            self.client.update_run(r.info.run_id, name=trial_run_name(number, backbone, state))
             self.client.set_terminated(r.info.run_id, "FINISHED" if state in FINISHED else "FAILED")
             closed += 1
         if closed:
