@@ -257,8 +257,7 @@ MOBILENET_V1 = "mobilenet_2_5_224_tf_no_top.h5"  # MobileNet alpha=0.25, next to
 
 
 def together_backbones(weights: Path) -> list:
-    from tlsweep import backbones as bbs
-    from tlsweep.config import BackboneConfig
+    from tlsweep.config import BackboneConfig, resolve_backbone
 
     v1 = weights.parent / MOBILENET_V1
     if not v1.is_file():
@@ -267,7 +266,7 @@ def together_backbones(weights: Path) -> list:
     for size in TOGETHER_SIZES:
         out.append(BackboneConfig("MobileNetV2", str(weights), size, "avg", args={"alpha": ALPHA}))
         out.append(BackboneConfig("MobileNet", str(v1), size, "avg", args={"alpha": 0.25}))
-    return [bbs.resolve(b) for b in out]
+    return [resolve_backbone(b) for b in out]
 
 
 def run_together(args: argparse.Namespace, data: Path, weights: Path) -> int:

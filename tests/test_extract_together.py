@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from conftest import CATS_DOGS, MNV2_WEIGHTS, need_shared, small_copy
 
-from tlsweep import backbones as bbs
 from tlsweep import features as F
-from tlsweep.config import BackboneConfig, DataConfig
+from tlsweep.config import BackboneConfig, DataConfig, resolve_backbone
 from tlsweep.data import find_images
 from tlsweep.features import FeatureCache
 
@@ -26,7 +25,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _bb(size: int, pooling: str = "avg") -> BackboneConfig:
-    return bbs.resolve(
+    return resolve_backbone(
         BackboneConfig(
             name="MobileNetV2",
             weights=str(MNV2_WEIGHTS),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import FLOWERS, MNV2_WEIGHTS, need_shared, small_copy
 
-from tlsweep.config import BackboneConfig, DataConfig
+from tlsweep.config import BackboneConfig, DataConfig, resolve_backbone
 from tlsweep.data import find_images, image_batches
 from tlsweep.features import Entry, FeatureCache
 from tlsweep.head import HeadParams, as_tensor, train_head
@@ -72,10 +72,9 @@ def test_training_on_mapped_features_equals_training_on_a_copy(tmp_path: Path) -
 
 @pytest.fixture
 def bb(tmp_path: Path) -> BackboneConfig:
-    from tlsweep import backbones as bbs
 
     need_shared()
-    return bbs.resolve(
+    return resolve_backbone(
         BackboneConfig(
             name="MobileNetV2",
             weights=str(MNV2_WEIGHTS),
