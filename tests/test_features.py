@@ -14,7 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CATS_DOGS, FLOWERS, MNV2_WEIGHTS, need_shared, run_cli, small_copy, write_sweep
+from conftest import (
+    CATS_DOGS,
+    FLOWERS,
+    MN_WEIGHTS,
+    MNV2_WEIGHTS,
+    need_shared,
+    run_cli,
+    small_copy,
+    write_sweep,
+)
 
 import tlsweep.backbones
 from tlsweep import features as F
@@ -168,7 +177,17 @@ def test_key_ignores_where_the_data_folder_is(
     assert _key(tiny, bb) == _key(tiny_copy, bb)
 
 
-def test_key_changes_with_the_backbone(tiny: Path, bb: BackboneConfig, tmp_path: Path) -> None:
+def test_key_changes_with_the_backbone(
+    tiny: Path, bb: BackboneConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `weights: imagenet` is keyed by the file Keras would load: MobileNetV2 a0.35 at 96 px
+    home = tmp_path / "keras_home"
+    (home / "models").mkdir(parents=True)
+    shutil.copy(
+        MNV2_WEIGHTS,
+        home / "models" / tlsweep.backbones.imagenet_weights_file(replace(bb, weights="imagenet")),
+    )
+    monkeypatch.setenv("KERAS_HOME", str(home))
     same_file = tmp_path / "same.h5"
     shutil.copy(MNV2_WEIGHTS, same_file)
     edited = tmp_path / "edited.h5"
@@ -191,6 +210,77 @@ def test_key_changes_with_the_backbone(tiny: Path, bb: BackboneConfig, tmp_path:
     keys = {name: _key(tiny, v) for name, v in variants.items()}
     assert ref not in keys.values()
     assert len(set(keys.values())) == len(keys)
+
+
+def test_imagenet_weights_are_keyed_by_the_bytes_keras_loads(
+    tiny: Path, bb: BackboneConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is found under $KERAS_HOME/models by Keras's own name for it (which depends on
+    alpha and input size), without TensorFlow; other bytes there make another entry."""
+    home = Path(shutil.copytree(MNV2_WEIGHTS.parents[1], tmp_path / "keras_home"))
+    home.chmod(0o755)
+    (home / "models").chmod(0o755)
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    mnv2 = replace(bb, weights="imagenet", input_size=224)
+    mn = replace(bb, weights="imagenet", input_size=224, name="MobileNet", args={"alpha": 0.25})
+    path = tlsweep.backbones.imagenet_weights_path(mnv2)
+    assert path == home / "models" / MNV2_WEIGHTS.name
+    assert tlsweep.backbones.imagenet_weights_path(mn) == home / "models" / MN_WEIGHTS.name
+    # another size is another Keras file: not downloaded here, so its key is not known yet
+    assert key_parts(replace(mn, input_size=160), "x", fetch=False)["weights"] is None
+
+    ref = _key(tiny, mnv2)
+    assert key_parts(mnv2, "x")["weights"].startswith(f"imagenet:{MNV2_WEIGHTS.name}:")
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))  # the same name, other bytes: another entry
+    edited = _key(tiny, mnv2)
+    assert edited != ref
+    shutil.copy(MNV2_WEIGHTS, path)
+    os.utime(path, ns=(1, 1))  # the digest is remembered per size and mtime; force a re-read
+    assert _key(tiny, mnv2) == ref
+    other = tmp_path / "other_home"
+    (other / "models").mkdir(parents=True)
+    shutil.copy(path, other / "models" / path.name)
+    monkeypatch.setenv("KERAS_HOME", str(other))  # another Keras home, the same bytes
+    assert _key(tiny, mnv2) == ref
+
+
+@pytest.mark.parametrize(
+    "name, size, args",
+    [
+        ("MobileNet", 150, {"alpha": 0.75}),  # not a checkpoint size: Keras loads the 224 file
+        ("MobileNetV2", 96, {"alpha": 1.4}),
+        ("MobileNetV3Large", 224, {"minimalistic": True}),
+    ],
+)
+def test_imagenet_file_name_is_the_one_keras_asks_for(
+    name: str, size: int, args: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keras is stopped at the moment it asks for the file (every class: test_backbones)."""
+    assert tlsweep.backbones.imagenet_weights_file(
+        BackboneConfig(name, "imagenet", size, args=args)
+    ) == keras_asks_for(BackboneConfig(name, "imagenet", size, args=args), monkeypatch)
+
+
+class _Asked(BaseException):  # not an Exception: build_base turns those into BackboneError
+    pass
+
+
+def keras_asks_for(bb: BackboneConfig, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The file name Keras passes to get_file while building ``bb`` with ImageNet weights."""
+    from keras.src.utils import file_utils
+
+    def stop(fname: str | None = None, *a: object, **kw: object) -> str:
+        raise _Asked(fname)
+
+    monkeypatch.setattr(file_utils, "get_file", stop)
+    try:
+        tlsweep.backbones.build_base(bb)
+    except _Asked as e:
+        return str(e.args[0])
+    raise AssertionError(f"{bb.name}: Keras asked for no weights file")
 
 
 def test_key_changes_with_the_layout_b_split(tmp_path: Path, bb: BackboneConfig) -> None:

@@ -287,6 +287,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = _load(args, check_data_dir=False)
     study = open_study(cfg, open_storage(cfg, must_exist=True), create=False)
     _print_summary(summarize(cfg, study), cfg)
+    if cfg.data.dir.is_dir():  # status also works where the images are not
+        from tlsweep.sweep import check_study_data
+
+        try:
+            check_study_data(cfg, study)
+        except TlsweepError as e:
+            log.warning("%s", e)
     return 0
 
 

@@ -69,22 +69,47 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def weights_identity(bb: BackboneConfig) -> str:
-    """What identifies the weights: Keras's ImageNet file, random init, or a file's bytes."""
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _weights_digest(path: Path) -> str:
+    """The digest of a weights file, remembered per (path, size, mtime) within a process."""
+    st = path.stat()
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    if memo not in _DIGESTS:
+        _DIGESTS[memo] = _file_digest(str(path))
+    return _DIGESTS[memo]
+
+
+def weights_identity(bb: BackboneConfig, fetch: bool = True) -> str | None:
+    """What identifies the weights: the bytes of the file Keras loads for ``imagenet``, the
+    seeded random init for ``none``, or the bytes of a weights file.
+
+    The ImageNet file is the one Keras loads from ``$KERAS_HOME/models`` (found without
+    importing TensorFlow, so a cache hit stays fast). When it is not there yet (first run,
+    online), ``fetch`` builds the model once so Keras downloads it, and the identity is known
+    from then on; without ``fetch`` the identity is unknown (None).
+    """
     if bb.weights == "imagenet":
-        return "imagenet"
+        path = bbs.imagenet_weights_path(bb)
+        if not path.is_file():
+            if not fetch:
+                return None
+            path = bbs.fetch_imagenet_weights(bb)
+        return f"imagenet:{path.name}:{_weights_digest(path)}"
     if bb.weights == "none":
         return f"random-seed-{bbs.RANDOM_WEIGHTS_SEED}"
-    return f"file:{_file_digest(bb.weights)}"
+    return f"file:{_weights_digest(Path(bb.weights))}"
 
 
-def key_parts(bb: BackboneConfig, images_digest: str) -> dict[str, Any]:
-    """Everything that changes the features, as a JSON-able dict."""
+def key_parts(bb: BackboneConfig, images_digest: str, fetch: bool = True) -> dict[str, Any]:
+    """Everything that changes the features, as a JSON-able dict (``weights`` is None when the
+    ImageNet file is not downloaded yet and ``fetch`` is False)."""
     return {
         "format": CACHE_FORMAT,
         "backbone": bb.name,
         "args": {k: bb.args[k] for k in sorted(bb.args)},
-        "weights": weights_identity(bb),
+        "weights": weights_identity(bb, fetch),
         "input_size": bb.input_size,
         "pooling": bb.pooling,
         "preprocessing": bbs.preprocessing_name(bb),
@@ -286,6 +311,11 @@ class FeatureCache:
                 )
                 forward.get_concrete_function()
                 t_build = time.perf_counter() - t0
+                if weights_identity(bb, fetch=False) != parts["weights"]:
+                    raise TlsweepError(
+                        f"{bb.label}: its weights file changed while the features were being "
+                        "extracted; run again"
+                    )
             finally:
                 ready.set()
             chunk = first.result()
@@ -462,14 +492,21 @@ def check_usable(entry: Entry) -> None:
 def extract_all(
     cfg: SweepConfig,
     progress: Callable[[BackboneConfig], Progress | None] | None = None,
+    check: Callable[[dict[str, dict[str, Any]]], None] | None = None,
 ) -> list[tuple[BackboneConfig, Entry, bool]]:
     """Find the images once, then make sure every configured backbone's entry exists.
 
-    Returns (resolved backbone, entry, was_cached) per backbone, in sweep-file order.
+    ``check`` is called with :func:`study_keys`' view of the entries (label -> key and key
+    parts) before anything is extracted, so a study made on other features is refused before
+    minutes of extraction (a missing ImageNet file is downloaded first: its bytes are part of
+    the key). Returns (resolved backbone, entry, was_cached) per backbone, in sweep-file order.
     """
     resolved = list(cfg.backbones)  # load_sweep resolved them against the registry
     images = find_images(cfg.data)
     digest = content_digest(images)
+    if check is not None:
+        parts = {bb.label: key_parts(bb, digest) for bb in resolved}
+        check({label: {"key": cache_key(p), "parts": p} for label, p in parts.items()})
     cache = FeatureCache(cfg.cache_dir)
     out = []
     for bb in resolved:
@@ -477,4 +514,22 @@ def extract_all(
         report_skipped(entry)
         check_usable(entry)
         out.append((bb, entry, cached))
+    return out
+
+
+def study_keys(entries: list[tuple[BackboneConfig, Entry, bool]]) -> dict[str, dict[str, Any]]:
+    """label -> {"key", "parts"} of each backbone's entry: what a study is tied to."""
+    return {bb.label: {"key": e.key, "parts": e.manifest["key_parts"]} for bb, e, _ in entries}
+
+
+def expected_keys(cfg: SweepConfig) -> dict[str, dict[str, Any]]:
+    """label -> {"key", "parts"} the sweep file's data would have now, without extracting or
+    downloading; a backbone whose ImageNet file is not downloaded yet is left out."""
+    images = find_images(cfg.data)
+    digest = content_digest(images)
+    out = {}
+    for bb in cfg.backbones:
+        parts = key_parts(bb, digest, fetch=False)
+        if parts["weights"] is not None:
+            out[bb.label] = {"key": cache_key(parts), "parts": parts}
     return out

@@ -30,6 +30,7 @@ from tlsweep.errors import StudyError
 log = logging.getLogger(__name__)
 
 SPACE_ATTR = "tlsweep.space"
+DATA_ATTR = "tlsweep.data"  # label -> {"key", "parts"}: the feature cache entries of the study
 PARENT_ATTR = "tlsweep.mlflow_parent_run"
 FINISHED = ("COMPLETE", "PRUNED")  # the states that count towards n_trials
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
@@ -134,19 +135,29 @@ def _suggest_one(trial: Any, p: Param) -> Any:
 
 
 # --- the study ---------------------------------------------------------------------------------
-def open_study(cfg: SweepConfig, storage: Any, seed_offset: int = 0, create: bool = True) -> Any:
-    """Create or resume the study; refuse one whose search space changed."""
+def open_study(
+    cfg: SweepConfig,
+    storage: Any,
+    seed_offset: int = 0,
+    create: bool = True,
+    data: dict[str, dict[str, Any]] | None = None,
+) -> Any:
+    """Create or resume the study; refuse one whose search space changed, or (given ``data``,
+    label -> cache key and key parts, see :func:`check_data`) one made on other features."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if not create:
         try:
-            return optuna.load_study(study_name=cfg.study, storage=storage)
+            study = optuna.load_study(study_name=cfg.study, storage=storage)
         except KeyError:
             raise StudyError(
                 f"no study '{cfg.study}' in {redact_url(cfg.storage)}; run 'tlsweep run "
                 f"{cfg.path.name}' first"
             ) from None
+        if data is not None:
+            check_data(cfg, study, data)
+        return study
     n_existing = 0
     with contextlib.suppress(KeyError):
         n_existing = len(optuna.load_study(study_name=cfg.study, storage=storage).trials)
@@ -178,7 +189,64 @@ def open_study(cfg: SweepConfig, storage: Any, seed_offset: int = 0, create: boo
             f"NEW_NAME (or a new study: name), or delete the old one: optuna delete-study "
             f"--study-name {cfg.study} --storage {redact_url(cfg.storage)}"
         )
+    if data is not None:
+        check_data(cfg, study, data, store=True)
     return study
+
+
+def existing_study(cfg: SweepConfig, storage: Any) -> Any | None:
+    """The study if it exists in ``storage`` (nothing is created), else None."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=cfg.study, storage=storage)
+    except KeyError:
+        return None
+
+
+def _fix(cfg: SweepConfig) -> str:
+    return (
+        f"start a new study with --study NEW_NAME (or a new study: name), or delete the old one: "
+        f"optuna delete-study --study-name {cfg.study} --storage {redact_url(cfg.storage)}"
+    )
+
+
+def _what_changed(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The changed key parts of one backbone's features, in words."""
+    words = []
+    if old.get("images") != new.get("images"):
+        words.append("the images (their bytes, file names, classes or splits)")
+    if old.get("weights") != new.get("weights"):
+        words.append(f"the weights ({old.get('weights')} -> {new.get('weights')})")
+    for k in sorted(set(old) | set(new)):
+        if k not in ("images", "weights") and old.get(k) != new.get(k):
+            words.append(f"{k} ({old.get(k)} -> {new.get(k)})")
+    return ", ".join(words) or "the cache key"
+
+
+def check_data(
+    cfg: SweepConfig, study: Any, data: dict[str, dict[str, Any]], store: bool = False
+) -> None:
+    """Refuse a study whose trials were scored on other features than ``data`` (label ->
+    {"key", "parts"} of each backbone's feature cache entry): other images, splits, weights
+    or settings. ``store``: tie a study that has no record yet (new, or made before tlsweep
+    recorded it) to ``data``. A backbone absent from ``data`` (its ImageNet file is not
+    downloaded yet, so its key is unknown) is not checked."""
+    stored = study.user_attrs.get(DATA_ATTR)
+    if stored is None:
+        if store:
+            study.set_user_attr(DATA_ATTR, data)
+        return
+    for label, now in data.items():
+        was = stored.get(label)
+        if was is None or was.get("key") == now["key"]:
+            continue  # a backbone new to the study is refused by the space check
+        raise StudyError(
+            f"study '{cfg.study}' in {redact_url(cfg.storage)} was scored on other features: "
+            f"{label}: {_what_changed(was.get('parts', {}), now['parts'])} changed since; its "
+            f"trials would compete with trials on the new features: {_fix(cfg)}"
+        )
 
 
 def _space_json(cfg: SweepConfig) -> dict[str, Any]:

@@ -63,15 +63,15 @@ def run_sweep(
     With ``workers > 1`` this process prepares everything (features, study, parent run) and
     starts ``workers`` worker processes (``worker_argv``) on the same study, then waits.
     """
-    from tlsweep.features import extract_all
+    from tlsweep.features import extract_all, study_keys
     from tlsweep.search import load_features, open_study
     from tlsweep.tracking import Tracker
     from tlsweep.workers import StudyRunner, open_storage
 
-    entries = extract_all(cfg, progress)
+    entries = extract_all(cfg, progress, check=lambda keys: _check_existing(cfg, keys))
     tracker = Tracker(cfg.tracking_uri, cfg.study)
     if workers > 1:
-        study = open_study(cfg, open_storage(cfg))
+        study = open_study(cfg, open_storage(cfg), data=study_keys(entries))
         attach_parent(cfg, study, tracker)
         _run_workers(workers, worker_argv or [])
         summary = summarize(cfg, study)
@@ -102,6 +102,29 @@ def run_sweep(
                 with contextlib.suppress(Exception):
                     tracker.close_parent(done)
     return summary
+
+
+def _check_existing(cfg: SweepConfig, keys: dict[str, dict[str, Any]]) -> None:
+    """Refuse, before extracting, to resume a study that was scored on other features."""
+    from tlsweep.search import check_data, existing_study
+    from tlsweep.workers import open_storage
+
+    try:
+        storage = open_storage(cfg, must_exist=True)
+    except StudyError:
+        return  # no storage file yet, so no study; a broken storage is reported when opened
+    study = existing_study(cfg, storage)
+    if study is not None:
+        check_data(cfg, study, keys)
+
+
+def check_study_data(cfg: SweepConfig, study: Any) -> None:
+    """Raise :class:`StudyError` if the sweep file's data, weights or settings no longer give
+    the features the study's trials were scored on (reads the images; extracts nothing)."""
+    from tlsweep.features import expected_keys
+    from tlsweep.search import check_data
+
+    check_data(cfg, study, expected_keys(cfg))
 
 
 def _finish(

@@ -60,10 +60,12 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
 
     from tlsweep.features import extract_all
     from tlsweep.head import HeadParams, evaluate_head, train_head
-    from tlsweep.search import suggest
+    from tlsweep.search import check_data, suggest
 
     best = best_trial(study)
-    entries = {bb.label: (bb, e) for bb, e, _ in (extracted or extract_all(cfg))}
+    # Never retrain the winner's parameters on features other than the ones it was chosen on.
+    extracted = extracted or extract_all(cfg, check=lambda keys: check_data(cfg, study, keys))
+    entries = {bb.label: (bb, e) for bb, e, _ in extracted}
     params = dict(best.params)
     # Replay the trial's parameters through the same suggest() code path (fixed ones included).
     full = suggest(optuna.trial.FixedTrial(params), cfg)

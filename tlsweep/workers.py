@@ -296,7 +296,11 @@ class StudyRunner:
         self.tracker = tracker
         self.on_trial = on_trial
         self.storage = open_storage(cfg)
-        self.study = open_study(cfg, self.storage, seed_offset=worker_index)
+        data = {
+            label: {"key": f.entry.key, "parts": f.entry.manifest["key_parts"]}
+            for label, f in features.items()
+        }
+        self.study = open_study(cfg, self.storage, seed_offset=worker_index, data=data)
         self.worker = worker_id()
         self.retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.search.max_retry)
 
