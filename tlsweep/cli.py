@@ -491,7 +491,7 @@ def _main(args: argparse.Namespace) -> int:
         return rc
     except TlsweepError as e:
         print(f"tlsweep: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("tlsweep: interrupted", file=sys.stderr)
         return _exit_code["interrupted"]

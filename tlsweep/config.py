@@ -44,6 +44,7 @@ DEFAULT_METRIC = "val_accuracy"
 DEFAULT_HEARTBEAT_INTERVAL = 5  # seconds between a running trial's heartbeats
 DEFAULT_GRACE_PERIOD = 30  # seconds without a heartbeat before a trial is taken as dead
 DEFAULT_MAX_RETRY = 3  # how often the parameters of a trial killed mid-way are retried
+DEFAULT_MAX_FAILURES = 5  # trials failing in a row (in one worker) before `run` stops
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc")
 PRUNERS = ("median", "hyperband", "none")
@@ -175,6 +176,7 @@ class SearchConfig:
     heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL
     grace_period: int = DEFAULT_GRACE_PERIOD
     max_retry: int = DEFAULT_MAX_RETRY
+    max_failures: int = DEFAULT_MAX_FAILURES
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,7 @@ _SEARCH_KEYS = (
     "heartbeat_interval",
     "grace_period",
     "max_retry",
+    "max_failures",
 )
 _PARAM_KEYS = ("low", "high", "log", "step", "choices")
 
@@ -539,6 +542,9 @@ def load_sweep(
             where, "search.grace_period", s_raw.get("grace_period", DEFAULT_GRACE_PERIOD), 2
         ),
         max_retry=_int(where, "search.max_retry", s_raw.get("max_retry", DEFAULT_MAX_RETRY), 0),
+        max_failures=_int(
+            where, "search.max_failures", s_raw.get("max_failures", DEFAULT_MAX_FAILURES), 1
+        ),
     )
     if search.grace_period <= search.heartbeat_interval:
         raise ConfigError(

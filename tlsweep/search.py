@@ -334,12 +334,15 @@ def run_trial(
     worker: str,
     *,
     keep_alive: AbstractContextManager[Any] | None = None,
+    alive: Callable[[], None] | None = None,
     requeue: Callable[[], None] | None = None,
 ) -> TrialResult:
     """The objective: sample, train the head on the cached features, report, tell Optuna.
 
-    ``keep_alive`` is held while the head trains (the worker's heartbeat); ``requeue`` is
-    called when the user interrupts the trial, so its parameters run again on resume.
+    ``keep_alive`` is held while the head trains (the worker's heartbeat); ``alive`` is called
+    after every epoch and before the trial is told complete, and raises to stop (fail) the
+    trial; ``requeue`` is called when the user interrupts the trial, so its parameters run
+    again on resume.
     """
     import optuna
     from optuna.trial import TrialState
@@ -371,6 +374,8 @@ def run_trial(
 
     def on_epoch(m: Any) -> None:
         history.append(m.as_dict())
+        if alive is not None:
+            alive()
         value = getattr(m, metric)
         trial.report(value, m.epoch)
         if trial.should_prune():
@@ -390,6 +395,8 @@ def run_trial(
                 on_epoch=on_epoch,
             )
             value = history[-1][metric]
+            if alive is not None:
+                alive()
             study.tell(trial, value)
             state = "COMPLETE"
         except optuna.TrialPruned:
@@ -397,7 +404,7 @@ def run_trial(
             study.tell(trial, state=TrialState.PRUNED)
             state = "PRUNED"
         except BaseException as e:  # noqa: BLE001 - a failed trial lets the study go on
-            error = f"{type(e).__name__}: {e}"
+            error = describe(e)
             with contextlib.suppress(Exception):
                 study.tell(trial, state=TrialState.FAIL)
             interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
@@ -409,7 +416,6 @@ def run_trial(
                     tracker.end_trial(run_id, "FAIL", history, {}, error)
             if interrupted:
                 raise
-            log.warning("trial %d failed: %s", trial.number, error)
     seconds = time.perf_counter() - t0
     if tracker and run_id and state != "FAIL":
         # The trial's value is the last point of its per-epoch `metric` curve, which MLflow
@@ -418,6 +424,15 @@ def run_trial(
         final = {"epochs_run": len(history), "trial_seconds": seconds}
         tracker.end_trial(run_id, state, history, final)
     return TrialResult(state, value, params, history, seconds, error)
+
+
+def describe(e: BaseException) -> str:
+    """``Type: message`` of an error, and of the error that caused it (one line)."""
+    text = f"{type(e).__name__}: {e}"
+    cause = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    if cause is not None:
+        text += f" (caused by {type(cause).__name__}: {cause})"
+    return " ".join(text.split())
 
 
 def best_of(study: Any) -> tuple[float | None, int | None]:

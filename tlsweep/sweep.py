@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tlsweep.config import SweepConfig
-from tlsweep.errors import StudyError
+from tlsweep.errors import StudyError, StudyFailing
 from tlsweep.search import StudySummary, summarize
 
 log = logging.getLogger(__name__)
@@ -169,4 +169,6 @@ def _run_workers(n: int, argv: Sequence[str]) -> None:
         raise
     bad = [c for c in codes if c != 0]
     if bad:
-        raise StudyError(f"{len(bad)} of {n} workers exited with an error (codes {bad}); see above")
+        raise StudyFailing(
+            f"{len(bad)} of {n} workers exited with an error (codes {bad}); see above"
+        )

@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from tlsweep.config import SweepConfig, redact_url
-from tlsweep.errors import StudyError
+from tlsweep.errors import StudyError, StudyFailing
 from tlsweep.search import (
     FINISHED,
     FeatureData,
     TrialOutcome,
+    TrialResult,
     best_of,
     counts,
     open_study,
@@ -212,22 +213,76 @@ def worker_is_dead(worker: str) -> bool:
     return _start_time(pid) != start
 
 
-class _Heartbeat:
-    """Records a running trial's heartbeat every ``interval`` seconds in a thread."""
+class HeartbeatLost(Exception):
+    """A running trial's heartbeat could not be recorded for longer than the grace period:
+    other workers count the trial as dead and retry its parameters, so this run stops."""
 
-    def __init__(self, storage: Any, trial_id: int, interval: float):
+
+class _Heartbeat:
+    """Records a running trial's heartbeat every ``interval`` seconds in a thread.
+
+    A failure to record it (a dropped database connection, a full disk) is logged once and
+    retried every interval; if no heartbeat was recorded for longer than ``grace_period``
+    seconds, other workers take the trial as dead and run its parameters again, so
+    :meth:`check` (called by the trial after every epoch) raises :class:`HeartbeatLost` and the
+    trial fails here instead of running twice.
+    """
+
+    def __init__(self, storage: Any, trial_id: int, interval: float, grace_period: float):
         self._storage = storage
         self._trial_id = trial_id
         self._interval = interval
+        self._grace = grace_period
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tlsweep-heartbeat")
+        self._last_ok = time.monotonic()  # the worker recorded one when it asked for the trial
+        self._first_error: str | None = None
+        self.lost: str | None = None  # why the trial must stop, once it must
+
+    def _beat(self) -> None:
+        import sqlalchemy.exc
+
+        try:
+            self._storage.record_heartbeat(self._trial_id)
+        except (sqlalchemy.exc.SQLAlchemyError, OSError, sqlite3.Error) as e:
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e) else ''}"
+            silent = time.monotonic() - self._last_ok
+            if self._first_error is None:
+                self._first_error = error
+                log.warning(
+                    "trial heartbeat (storage id %d) could not be recorded (%s); retrying every "
+                    "%gs for up to %gs",
+                    self._trial_id,
+                    error,
+                    self._interval,
+                    self._grace,
+                )
+            if silent > self._grace and self.lost is None:
+                self.lost = (
+                    f"no heartbeat recorded for {silent:.0f}s (search.grace_period: "
+                    f"{self._grace:g}), so other workers take this trial as dead; first error: "
+                    f"{self._first_error}"
+                )
+                log.error("stopping the trial: %s", self.lost)
+            return
+        except BaseException as e:  # not a storage error: a bug; stop the trial and show it
+            self.lost = f"the heartbeat thread failed: {type(e).__name__}: {e}"
+            raise
+        if self._first_error is not None and self.lost is None:
+            log.info("trial heartbeat recorded again after %s", self._first_error)
+            self._first_error = None
+        self._last_ok = time.monotonic()
 
     def _run(self) -> None:
         while True:
-            with contextlib.suppress(Exception):
-                self._storage.record_heartbeat(self._trial_id)
+            self._beat()
             if self._stop.wait(self._interval):
                 return
+
+    def check(self) -> None:
+        """Raise :class:`HeartbeatLost` if the trial must stop (called between epochs)."""
+        if self.lost is not None:
+            raise HeartbeatLost(self.lost)
 
     def __enter__(self) -> _Heartbeat:
         if hasattr(self._storage, "record_heartbeat"):
@@ -240,23 +295,39 @@ class _Heartbeat:
             self._thread.join()
 
 
+def _age_seconds(start: datetime.datetime) -> float:
+    """Seconds since ``start``: aware (JournalStorage) or naive local time (RDBStorage's
+    getter turns the stored naive UTC into this machine's local time), compared in UTC."""
+    if start.tzinfo is None:
+        start = start.astimezone()  # naive means this machine's local time
+    return (datetime.datetime.now(datetime.timezone.utc) - start).total_seconds()
+
+
 def recover(
-    study: Any, retry: Callable[[Any, Any], None] | None, grace_period: float = 30.0
+    study: Any,
+    retry: Callable[[Any, Any], None] | None,
+    grace_period: float = 30.0,
+    lock: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> list[int]:
-    """Fail the trials of dead workers and queue their parameters again; returns their numbers."""
+    """Fail the trials of dead workers and queue their parameters again; returns their numbers.
+
+    A worker asks for a trial and tags it with its id under the storage lock, so a RUNNING
+    trial without a tag seen while holding that ``lock`` belongs to a process killed in
+    between (it has no heartbeat either, so Optuna's stale-trial check would never see it):
+    no clock is compared, so clock skew between machines cannot fail a live trial. Without
+    ``lock``, an untagged trial counts as orphaned once older than ``grace_period`` (in UTC).
+    """
     import optuna
     from optuna.trial import TrialState
 
     failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    with lock() if lock is not None else contextlib.nullcontext():
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in running:
         w = t.user_attrs.get(WORKER_ATTR) or t.system_attrs.get(WORKER_ATTR)
-        # A worker tags its trial within milliseconds of asking for it; an untagged trial older
-        # than the grace period was asked for by a process killed in between (no heartbeat
-        # either, so Optuna's stale-trial check would never see it).
-        orphan = (
-            not w
-            and t.datetime_start is not None
-            and ((datetime.datetime.now() - t.datetime_start).total_seconds() > grace_period)
+        orphan = not w and (
+            lock is not None
+            or (t.datetime_start is not None and _age_seconds(t.datetime_start) > grace_period)
         )
         if orphan or (w and worker_is_dead(w)):
             try:
@@ -309,7 +380,12 @@ class StudyRunner:
         return sum(c[s] for s in FINISHED)
 
     def recover(self) -> None:
-        recover(self.study, self.retry, self.cfg.search.grace_period)
+        recover(
+            self.study,
+            self.retry,
+            self.cfg.search.grace_period,
+            lock=lambda: storage_lock(self.cfg.storage, self.cfg.study),
+        )
         if self.tracker is not None:
             states = {t.number: t.state.name for t in self.study.get_trials(deepcopy=False)}
             alive = {n for n, s in states.items() if s == "RUNNING"}
@@ -337,6 +413,7 @@ class StudyRunner:
             time.monotonic() + self.cfg.search.timeout if self.cfg.search.timeout else math.inf
         )
         ran = 0
+        failing: list[tuple[int, str]] = []  # the trials failed in a row: (number, error)
         last_recover = time.monotonic()
         while time.monotonic() < deadline and not (stop and stop.is_set()):
             trial, done = self._next_trial()
@@ -348,13 +425,37 @@ class StudyRunner:
                     last_recover = time.monotonic()
                 time.sleep(0.5)
                 continue
-            self._run_trial(trial)
+            result = self._run_trial(trial)
             ran += 1
+            if result.state != "FAIL":
+                failing.clear()
+                continue
+            failing.append((trial.number, result.error or "no error message"))
+            self._stop_if_failing(failing)
         self.recover()
         return ran
 
-    def _run_trial(self, trial: Any) -> None:
+    def _stop_if_failing(self, failing: list[tuple[int, str]]) -> None:
+        """Log a failed trial (a repeated error once), and stop the study when
+        ``search.max_failures`` trials failed in a row: it cannot succeed as it is."""
+        number, error = failing[-1]
+        first_number, first = failing[0]
+        if len(failing) == 1 or error != first:
+            log.warning("trial %d failed: %s", number, error)
+        else:
+            log.debug("trial %d failed the same way", number)
+        limit = self.cfg.search.max_failures
+        if len(failing) >= limit:
+            raise StudyFailing(
+                f"study '{self.cfg.study}': {len(failing)} trials in a row failed "
+                f"(search.max_failures: {limit}), so the run stops; the first, trial "
+                f"{first_number}: {first}; fix the cause and run again (finished trials are kept)"
+            )
+
+    def _run_trial(self, trial: Any) -> TrialResult:
         study, tid = self.study, trial_id(trial)
+        s = self.cfg.search
+        heartbeat = _Heartbeat(self.storage, tid, s.heartbeat_interval, s.grace_period)
         result = run_trial(
             study,
             trial,
@@ -362,7 +463,8 @@ class StudyRunner:
             self.features,
             self.tracker,
             self.worker,
-            keep_alive=_Heartbeat(self.storage, tid, self.cfg.search.heartbeat_interval),
+            keep_alive=heartbeat,
+            alive=heartbeat.check,
             requeue=lambda: self.retry(study, study_storage(study).get_trial(tid)),
         )
         if self.on_trial:
@@ -381,3 +483,4 @@ class StudyRunner:
                     result.error,
                 )
             )
+        return result
