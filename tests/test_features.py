@@ -29,6 +29,7 @@ import tlsweep.backbones
 from tlsweep import features as F
 from tlsweep.config import BackboneConfig, DataConfig, load_sweep
 from tlsweep.data import content_digest, find_images
+from tlsweep.errors import DataError
 from tlsweep.features import FeatureCache, cache_key, key_parts
 
 PER_CLASS = 10  # per class and split: 60 images, a fast extraction
@@ -388,6 +389,31 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
     "manifest row out of range": _edit_manifest(files=_row_out_of_range),
     "manifest files missing": _edit_manifest(files=lambda m: m.pop("files")),
 }
+
+
+def test_an_io_error_while_decoding_fails_the_extraction(
+    tiny: Path, bb: BackboneConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A good image the pipeline lost (its read failed) is not a 'skipped image': one error
+    naming the file, and no entry, temporary folder or partial file left behind."""
+    real = F.decoded_chunks
+    lost = sorted(find_images(DataConfig(dir=tiny)).files, key=lambda f: f.path)[3]
+
+    def losing_one(paths, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        target = paths.index(str(tiny / lost.path))
+        for chunk in real(paths, *a, **kw):
+            out = []
+            for idx, x in chunk:
+                keep = idx != target
+                out.append((idx[keep], x.numpy()[keep]))
+            yield out
+
+    monkeypatch.setattr(F, "decoded_chunks", losing_one)
+    cache = FeatureCache(tmp_path / "cache")
+    with pytest.raises(DataError, match=r"cannot|reads now") as e:
+        cache.ensure(bb, find_images(DataConfig(dir=tiny)))
+    assert str(tiny / lost.path) in str(e.value) and "I/O error" in str(e.value)
+    assert [p.name for p in cache.dir.iterdir() if p.is_dir()] == []
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))

@@ -457,6 +457,33 @@ def decoded_chunks(
         yield chunk
 
 
+def read_failure(path: str, size: int) -> str | None:
+    """Why the decoding pipeline lost ``path`` if it was not the image's fault, else None.
+
+    The pipeline drops any file whose reading or decoding fails; this tells an I/O error (the
+    file cannot be read now for another reason than its permissions, or it reads and decodes
+    now, so the earlier read failed) from a file that is not a usable image (None). A file
+    without read permission is the data's own property: it is skipped, with its reason.
+    """
+    import errno
+
+    import tensorflow as tf
+
+    try:
+        with open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return None
+        return f"cannot be read ({e.strerror or type(e).__name__})"
+    try:
+        decode_and_resize(_header_guard(tf.io.read_file(path)), size)
+    except (tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError):
+        return None  # a bad image: the pipeline was right to drop it
+    return "could not be read while features were extracted, but reads now"
+
+
 def why_skipped(paths: Sequence[str]) -> list[str]:
     """The reason each of ``paths`` (files the pipeline dropped) is not a usable image."""
     return [r or "not a decodable image (corrupt or truncated)" for r in check_headers(paths)]

@@ -41,8 +41,15 @@ import numpy as np
 
 from tlsweep import backbones as bbs
 from tlsweep.config import BackboneConfig, SweepConfig
-from tlsweep.data import ImageSet, content_digest, decoded_chunks, find_images, why_skipped
-from tlsweep.errors import TlsweepError
+from tlsweep.data import (
+    ImageSet,
+    content_digest,
+    decoded_chunks,
+    find_images,
+    read_failure,
+    why_skipped,
+)
+from tlsweep.errors import DataError, TlsweepError
 
 log = logging.getLogger(__name__)
 
@@ -348,6 +355,13 @@ class FeatureCache:
             # Rows of skipped files stay zero and no file points at them.
             t_diag = time.perf_counter()
             missing = np.flatnonzero(~got).tolist()
+            for i in missing:  # an I/O error is not a bad image: never a silent skip
+                failure = read_failure(paths[i], bb.input_size)
+                if failure is not None:
+                    raise DataError(
+                        f"{paths[i]}: {failure}; an I/O error, not a bad image: check the disk "
+                        "or network share, then run again"
+                    )
             skipped = dict(zip(missing, why_skipped([paths[i] for i in missing]), strict=True))
             t_diag = time.perf_counter() - t_diag
             if not got.any():
