@@ -645,3 +645,41 @@ def test_trials_that_always_fail_stop_the_run_with_exit_1(
     (parent,) = ml["parents"]
     assert parent.info.status != "RUNNING"
     assert not [r for r in ml["runs"] if r.info.status == "RUNNING"]
+
+
+_FAILING_WINNER = """
+import sys
+import tlsweep.winner
+
+def broken(*args, **kwargs):
+    raise MemoryError("cannot allocate the winner's head")
+
+tlsweep.winner.evaluate_and_log = broken
+from tlsweep.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_crash_while_scoring_the_winner_is_exit_1_and_the_trials_are_safe(
+    cd_features, cats_dogs_small: Path, shared_cache: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    search = {"n_trials": 2, "sampler": "random", "space": {"units": 16, "epochs": 2}}
+    sweep = _sweep(
+        tmp_path, cats_dogs_small, shared_cache, tracking_uri, "winner_crash", search=search
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", _FAILING_WINNER, "run", str(sweep)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    (error,) = [line for line in r.stderr.splitlines() if line.startswith("tlsweep: error:")]
+    assert "2 trials finished and saved, but scoring the winner failed: MemoryError" in error
+    assert "tlsweep best sweep.yaml" in error
+    assert [t.state.name for t in _trials(tmp_path, "winner_crash")] == ["COMPLETE"] * 2
+    ml = _mlflow(tracking_uri, "winner_crash")
+    assert not [r for r in ml["runs"] if r.info.status == "RUNNING"]

@@ -583,7 +583,10 @@ def load_sweep(
 
 
 # The SQLAlchemy dialects Optuna's RDBStorage can use (sqlite is handled above).
-_DATABASES = ("postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql", "cockroachdb")
+# The SQLAlchemy dialects whose worker lock tlsweep implements (workers.storage_lock:
+# pg_advisory_lock, GET_LOCK); other databases Optuna could use (oracle, mssql, cockroachdb) are
+# refused, since N workers there could not agree on who runs the last trials.
+_DATABASES = ("postgresql", "postgres", "mysql", "mariadb")
 
 
 def _storage_url(where: str, url: Any, base: Path, field_name: str) -> str:
@@ -609,8 +612,8 @@ def _storage_url(where: str, url: Any, base: Path, field_name: str) -> str:
             where,
             field_name,
             redact_url(url),  # no password in the message
-            "expected sqlite:///FILE, journal:FILE or a database URL like postgresql://... "
-            f"({', '.join(_DATABASES)})",
+            "expected sqlite:///FILE, journal:FILE, postgresql://... or mysql://... (the "
+            "storages whose worker lock tlsweep implements)",
         )
     return url
 

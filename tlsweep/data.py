@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import logging
 import os
+import struct
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -283,7 +284,7 @@ def check_header(path: str) -> str | None:
             if e.errno
             else ("not a decodable image")
         )
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types on corrupt headers
+    except (ValueError, TypeError, SyntaxError, EOFError, struct.error) as e:  # Pillow's own
         return f"not a decodable image ({type(e).__name__})"
     if fmt not in _PIL_FORMATS:
         return f"unsupported format {fmt}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -27,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -195,20 +197,80 @@ def _read_entry(path: Path, key: str | None = None) -> Entry | None:
 
 @contextlib.contextmanager
 def _entry_lock(cache_dir: Path, name: str) -> Iterator[None]:
-    """An exclusive lock per entry; the OS releases it if the holder dies."""
+    """An exclusive lock per entry; the OS releases it if the holder dies.
+
+    ``cache clear`` may delete a lock file nobody holds; a process that opened it just before
+    would then lock a deleted file while a newcomer locks a new one, so the lock is taken
+    again until the file locked is the one at the path.
+    """
     lock_path = cache_dir / f"{name}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process extracting %s", name)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process extracting %s", name)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:
+                continue  # finally: unlock and close, then lock the file now at the path
+            yield
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def _tmp_name(name: str) -> str:
+    """A temporary entry folder's name: which host and process are writing it."""
+    return f"{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+# A temporary folder of another machine (a cache on a network share) whose owner cannot be
+# asked is taken as abandoned when it has not changed for this long.
+ABANDONED_AFTER = 24 * 3600
+
+
+def _abandoned(tmp: Path) -> bool:
+    """Whether a temporary entry folder is left over by a dead extraction (not in progress)."""
+    try:
+        rest = tmp.name.split(".tmp-", 1)[1]
+        host, pid_s, _ = rest.rsplit("-", 2)
+        pid = int(pid_s)
+    except (IndexError, ValueError):
+        host, pid = "", -1  # an older name (pid-uuid) or a foreign one: judge by age
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False  # the process is alive: in progress
+    try:
+        return time.time() - tmp.stat().st_mtime > ABANDONED_AFTER
+    except FileNotFoundError:
+        return False
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether another process holds the entry lock ``path`` (an extraction in progress)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
     finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        os.close(fd)  # closing releases our lock, if we got it
+    return False
 
 
 class FeatureCache:
@@ -241,7 +303,8 @@ class FeatureCache:
         return out
 
     def clear(self, match: str | None = None) -> list[str]:
-        """Remove entries (all, or those whose name contains ``match``) and leftovers."""
+        """Remove entries (all, or those whose name contains ``match``) and leftovers; an
+        extraction in progress (its lock held, its temporary folder alive) is left alone."""
         removed = []
         if not self.dir.is_dir():
             return removed
@@ -249,9 +312,13 @@ class FeatureCache:
             if match and match not in p.name:
                 continue
             if p.is_dir():
+                if ".tmp-" in p.name and not _abandoned(p):
+                    log.info("%s: an extraction in progress; left alone", p.name)
+                    continue
                 shutil.rmtree(p, ignore_errors=True)
-                removed.append(p.name)
-            elif p.suffix == ".lock":
+                if ".tmp-" not in p.name:
+                    removed.append(p.name)
+            elif p.suffix == ".lock" and not _lock_held(p):
                 with contextlib.suppress(OSError):
                     p.unlink()
         return removed
@@ -279,13 +346,16 @@ class FeatureCache:
                 log.info("cache hit: %s (extracted by another worker)", name)
                 return hit, True
             for stale in self.dir.glob(f"{name}.tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+                if _abandoned(stale):  # not another machine's extraction in progress
+                    shutil.rmtree(stale, ignore_errors=True)
             final = self.dir / name
             if final.exists():  # a damaged entry: never used, replaced
+                hit = _read_entry(final, key)  # unless another machine just published it
+                if hit is not None:
+                    return hit, True
                 log.warning("replacing damaged cache entry %s", name)
                 shutil.rmtree(final, ignore_errors=True)
-            entry = self._extract(bb, images, parts, key, name, progress)
-            return entry, False
+            return self._extract(bb, images, parts, key, name, progress)
 
     def _extract(
         self,
@@ -295,7 +365,7 @@ class FeatureCache:
         key: str,
         name: str,
         progress: Progress | None,
-    ) -> Entry:
+    ) -> tuple[Entry, bool]:
         import tensorflow as tf
 
         t0 = time.perf_counter()
@@ -327,7 +397,7 @@ class FeatureCache:
                 ready.set()
             chunk = first.result()
 
-        tmp = self.dir / f"{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = self.dir / _tmp_name(name)
         tmp.mkdir()
         try:
             feats = np.lib.format.open_memmap(
@@ -413,10 +483,13 @@ class FeatureCache:
                 json.dump(manifest, f)  # no indent: the C encoder, 10x faster on 4000 files
                 f.flush()
                 os.fsync(f.fileno())
-            os.rename(tmp, self.dir / name)
+            theirs = _publish(tmp, self.dir / name, key)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if theirs is not None:
+            log.info("cache hit: %s (published by another machine meanwhile)", name)
+            return theirs, True
         entry = _read_entry(self.dir / name, key)
         if entry is None:  # pragma: no cover - we just wrote it
             raise TlsweepError(f"{self.dir / name}: the new cache entry failed verification")
@@ -428,7 +501,31 @@ class FeatureCache:
             done / max(t_extract, 1e-9),
             len(skipped_list),
         )
-        return entry
+        return entry, False
+
+
+def _publish(tmp: Path, final: Path, key: str) -> Entry | None:
+    """Rename the finished ``tmp`` folder to ``final``; None when it is in place.
+
+    Where the entry lock does not hold (``flock`` on some network filesystems), another machine
+    may have published the same entry first: the rename then fails because ``final`` exists.
+    Its entry is as good as ours (same key, same bytes in), so it is used and ours dropped;
+    nobody deletes an entry that verifies.
+    """
+    try:
+        os.rename(tmp, final)
+        return None
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+    theirs = _read_entry(final, key)
+    if theirs is None:
+        raise TlsweepError(
+            f"{final}: another process published this cache entry at the same time and it does "
+            "not verify; run again (the entry will be replaced)"
+        )
+    shutil.rmtree(tmp, ignore_errors=True)
+    return theirs
 
 
 def _forward_all(

@@ -405,15 +405,23 @@ def run_trial(
             state = "PRUNED"
         except BaseException as e:  # noqa: BLE001 - a failed trial lets the study go on
             error = describe(e)
-            with contextlib.suppress(Exception):
-                study.tell(trial, state=TrialState.FAIL)
+            try:  # another worker may have failed it already (its heartbeat went stale)
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            except storage_errors() as e2:
+                log.warning("trial %d: its failure could not be recorded: %s", trial.number, e2)
             interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
             if interrupted and requeue is not None:  # the user stopped us: run these again
-                with contextlib.suppress(Exception):
+                try:
                     requeue()
+                except storage_errors() as e2:
+                    log.warning("trial %d: could not be queued again: %s", trial.number, e2)
             if tracker and run_id:
-                with contextlib.suppress(Exception):
+                try:
                     tracker.end_trial(run_id, "FAIL", history, {}, error)
+                except tracker.errors() as e2:
+                    log.warning(
+                        "trial %d: its MLflow run could not be closed: %s", trial.number, e2
+                    )
             if interrupted:
                 raise
     seconds = time.perf_counter() - t0
@@ -424,6 +432,22 @@ def run_trial(
         final = {"epochs_run": len(history), "trial_seconds": seconds}
         tracker.end_trial(run_id, state, history, final)
     return TrialResult(state, value, params, history, seconds, error)
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """What a failing Optuna storage raises: Optuna wraps SQLAlchemy's errors in
+    StorageInternalError; journal files and SQLite raise OSError and sqlite3.Error."""
+    import sqlite3
+
+    import optuna
+    import sqlalchemy.exc
+
+    return (
+        optuna.exceptions.StorageInternalError,
+        sqlalchemy.exc.SQLAlchemyError,
+        sqlite3.Error,
+        OSError,
+    )
 
 
 def describe(e: BaseException) -> str:

@@ -75,7 +75,7 @@ def run_sweep(
         attach_parent(cfg, study, tracker)
         _run_workers(workers, worker_argv or [])
         summary = summarize(cfg, study)
-        _finish(cfg, study, tracker, summary, evaluate_winner, extracted=entries)
+        _finish_or_fail(cfg, study, tracker, summary, evaluate_winner, None, entries)
         return summary
     features = load_features([(bb, e) for bb, e, _ in entries])
     runner = StudyRunner(cfg, features, tracker, on_trial, worker_index or 0)
@@ -84,24 +84,53 @@ def run_sweep(
     try:
         runner.run()
         done = runner.finished() >= cfg.search.n_trials
-    finally:
-        summary = summarize(cfg, runner.study)
-        if worker_index is None:
-            try:
-                _finish(
-                    cfg,
-                    runner.study,
-                    tracker,
-                    summary,
-                    evaluate_winner and done,
-                    done,
-                    extracted=entries,
-                )
-            except Exception as e:  # noqa: BLE001 - the trials are safe; report and go on
-                log.warning("could not evaluate the winner: %s", e)
-                with contextlib.suppress(Exception):
-                    tracker.close_parent(done)
+    except BaseException:
+        if worker_index is None:  # close the parent run; what stopped the run goes on up
+            _close_after_error(cfg, runner.study, tracker)
+        raise
+    summary = summarize(cfg, runner.study)
+    if worker_index is None:
+        _finish_or_fail(
+            cfg, runner.study, tracker, summary, evaluate_winner and done, done, entries
+        )
     return summary
+
+
+def _finish_or_fail(
+    cfg: SweepConfig,
+    study: Any,
+    tracker: Any,
+    summary: StudySummary,
+    evaluate: bool,
+    done: bool | None,
+    extracted: list,
+) -> None:
+    """:func:`_finish`; a failure (scoring the winner, most likely) is a runtime failure that
+    names its cause: the finished trials are safe in the study."""
+    try:
+        _finish(cfg, study, tracker, summary, evaluate, done, extracted)
+    except Exception as e:  # noqa: BLE001 - re-raised as a one-line runtime failure
+        from tlsweep.search import describe
+        from tlsweep.tracking import tracking_errors
+
+        log.debug("scoring the winner failed", exc_info=True)
+        with contextlib.suppress(*tracking_errors()):
+            tracker.close_parent(bool(done))
+        raise StudyFailing(
+            f"study '{cfg.study}': {summary.finished} trials finished and saved, but scoring the "
+            f"winner failed: {describe(e)}; score it again with 'tlsweep best {cfg.path.name}'"
+        ) from None
+
+
+def _close_after_error(cfg: SweepConfig, study: Any, tracker: Any) -> None:
+    """Record the best trial and close the parent run after the run stopped on an error."""
+    from tlsweep.search import storage_errors
+    from tlsweep.tracking import tracking_errors
+
+    try:
+        _finish(cfg, study, tracker, summarize(cfg, study), False, False)
+    except (*tracking_errors(), *storage_errors()) as e:
+        log.warning("could not close the study's MLflow run: %s", e)
 
 
 def _check_existing(cfg: SweepConfig, keys: dict[str, dict[str, Any]]) -> None:
@@ -160,12 +189,15 @@ def _run_workers(n: int, argv: Sequence[str]) -> None:
         # Ctrl-C reached the workers too (one process group); a SIGTERM only reached us:
         # pass it on, so each worker closes its trial and runs and stops.
         for p in procs:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(ProcessLookupError):
                 if p.poll() is None:
                     p.terminate()
         for p in procs:
-            with contextlib.suppress(Exception):
+            try:
                 p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                log.warning("worker %d did not stop within 60s of SIGTERM: killed", p.pid)
+                p.kill()
         raise
     bad = [c for c in codes if c != 0]
     if bad:

@@ -31,8 +31,18 @@ def _mlflow_value(v: Any) -> str:
     return s if len(s) <= 6000 else s[:5997] + "..."
 
 
+def tracking_errors() -> tuple[type[BaseException], ...]:
+    """What a failing tracking store or server raises: MLflow's own errors, and OSError (the
+    HTTP client's errors are OSErrors)."""
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, OSError)
+
+
 class Tracker:
     """The MLflow side of one study."""
+
+    errors = staticmethod(tracking_errors)  # for callers that must not import MLflow
 
     def __init__(self, tracking_uri: str | None, study: str, parent_run_id: str | None = None):
         import mlflow

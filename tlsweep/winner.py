@@ -164,8 +164,10 @@ def log_reports(cfg: SweepConfig, study: Any, tracker: Any) -> list[str]:
                 fig.write_html(str(path), include_plotlyjs="cdn")
                 tracker.log_parent_artifact(str(path), "reports")
                 written.append(name)
-            except Exception as e:  # noqa: BLE001 - e.g. importances need 2+ varied trials
-                log.info("report %s skipped: %s", name, e)
+            except (ValueError, RuntimeError, ImportError) as e:  # e.g. importances need 2+
+                log.info("report %s skipped: %s", name, e)  # varied trials, or no plotly
+            except tracker.errors() as e:
+                log.warning("report %s not logged: %s", name, e)
     return written
 
 
@@ -274,7 +276,7 @@ def predict(
         raise TlsweepError(f"{model_path}: no such model file; create one with 'tlsweep export'")
     try:
         model = keras.models.load_model(model_path, safe_mode=True, compile=False)
-    except Exception as e:  # noqa: BLE001
+    except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile) as e:
         raise TlsweepError(
             f"{model_path}: not a loadable Keras model ({type(e).__name__})"
         ) from None

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from tlsweep.config import SweepConfig, redact_url
-from tlsweep.errors import StudyError, StudyFailing
+from tlsweep.errors import ConfigError, StudyError, StudyFailing
 from tlsweep.search import (
     FINISHED,
     FeatureData,
@@ -46,6 +46,7 @@ from tlsweep.search import (
     counts,
     open_study,
     run_trial,
+    storage_errors,
     study_storage,
     trial_id,
 )
@@ -88,6 +89,7 @@ def open_storage(cfg: SweepConfig, must_exist: bool = False) -> Any:
     engine_kwargs: dict[str, Any] = {}
     sqlite = _sqlite_path(url)
     if sqlite is not None:
+        check_local_sqlite(sqlite)
         try:
             sqlite.parent.mkdir(parents=True, exist_ok=True)
             # WAL lets readers and one writer work at once; the busy timeout makes concurrent
@@ -133,12 +135,73 @@ def _pg_driver(url: str) -> str:
     return url
 
 
+# Filesystems where SQLite's WAL (shared memory) and file locks do not work between machines.
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p")
+
+
+def network_filesystem(path: Path, mounts: str = "/proc/mounts") -> str | None:
+    """The type of the network filesystem ``path`` is on (``nfs4``, ``cifs``...), or None."""
+    try:
+        with open(mounts) as f:
+            rows = [line.split() for line in f]
+    except OSError:  # not Linux: cannot tell
+        return None
+    target = os.path.realpath(path)
+    best, fstype = "", None
+    for row in rows:
+        if len(row) < 3:
+            continue
+        mount = row[1].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, fstype = mount, row[2]
+    return fstype if fstype in NETWORK_FILESYSTEMS else None
+
+
+def check_local_sqlite(path: Path) -> None:
+    """Refuse a SQLite storage on a network filesystem: WAL needs shared memory between the
+    processes, and its file locks do not hold across machines, so workers would corrupt it."""
+    fstype = network_filesystem(path.parent if not path.exists() else path)
+    if fstype is not None:
+        raise ConfigError(
+            f"storage: {path} is on a network filesystem ({fstype}), where SQLite's locks and "
+            "WAL do not work; for workers on several machines use a database server "
+            "(storage: postgresql://... or mysql://...), or journal:FILE on the share; for one "
+            "machine, put the database on a local disk"
+        )
+
+
+# Seconds a worker waits for the storage lock before saying so (MySQL's GET_LOCK timeout), and
+# in all before giving up: the lock is held only while a trial is asked for and tagged.
+LOCK_WAIT = 60
+LOCK_GIVE_UP = 600
+
+
 @contextlib.contextmanager
 def storage_lock(url: str, name: str) -> Iterator[None]:
-    """A mutex shared by every worker of a storage, held in or beside the storage itself."""
+    """A mutex shared by every worker of a storage, held in or beside the storage itself.
+
+    SQLite and ``journal:FILE``: ``flock`` on ``FILE.lock`` (released by the OS if its holder
+    dies; a SQLite file on a network share is refused). ``journal:FILE`` on a network
+    filesystem, where ``flock`` may not hold between machines: Optuna's symlink lock.
+    PostgreSQL: ``pg_advisory_lock``. MySQL: ``GET_LOCK``, whose result is checked.
+    """
     path = _sqlite_path(url) or (
         Path(url[len("journal:") :]) if url.startswith("journal:") else None
     )
+    if path is not None and url.startswith("journal:") and network_filesystem(path.parent):
+        from optuna.storages.journal import JournalFileSymlinkLock
+
+        # link(2) is atomic on NFS; a holder that died is overridden after LOCK_WAIT seconds
+        target = Path(f"{path}.tlsweep")
+        target.touch(exist_ok=True)
+        lock = JournalFileSymlinkLock(str(target), grace_period=LOCK_WAIT)
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+        return
     if path is not None:
         fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -161,13 +224,48 @@ def storage_lock(url: str, name: str) -> Iterator[None]:
             finally:
                 con.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
         elif dialect in ("mysql", "mariadb"):
-            con.execute(sqlalchemy.text("SELECT GET_LOCK(:k, 60)"), {"k": f"tlsweep{key}"})
+            _mysql_get_lock(con, f"tlsweep{key}")
             try:
                 yield
             finally:
-                con.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": f"tlsweep{key}"})
+                released = con.execute(
+                    sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": f"tlsweep{key}"}
+                ).scalar()
+                if released != 1:
+                    log.warning("MySQL RELEASE_LOCK returned %r, not 1 (lock lost?)", released)
         else:
-            yield
+            raise StudyError(
+                f"storage: {redact_url(url)}: tlsweep has no worker lock for {dialect}; use "
+                "sqlite:///FILE, journal:FILE, postgresql://... or mysql://..."
+            )
+
+
+def _mysql_get_lock(con: Any, key: str) -> None:
+    """``GET_LOCK`` until it returns 1: 0 means it timed out (another worker holds it: wait
+    again, up to ``LOCK_GIVE_UP`` seconds), NULL means an error."""
+    import sqlalchemy
+
+    waited = 0
+    while True:
+        got = con.execute(
+            sqlalchemy.text("SELECT GET_LOCK(:k, :t)"), {"k": key, "t": LOCK_WAIT}
+        ).scalar()
+        if got == 1:
+            return
+        if got is None:
+            raise StudyFailing(
+                f"storage: MySQL GET_LOCK('{key}') failed (returned NULL: out of memory or the "
+                "thread was killed); run again"
+            )
+        waited += LOCK_WAIT
+        if waited >= LOCK_GIVE_UP:
+            raise StudyFailing(
+                f"storage: another worker has held the study's lock ({key}) for over "
+                f"{LOCK_GIVE_UP}s; a stopped or hung worker? Stop it and run again"
+            )
+        log.warning(
+            "waiting for the study's lock (%s), held by another worker for %ds", key, waited
+        )
 
 
 _ENGINES: dict[str, Any] = {}
@@ -240,11 +338,9 @@ class _Heartbeat:
         self.lost: str | None = None  # why the trial must stop, once it must
 
     def _beat(self) -> None:
-        import sqlalchemy.exc
-
         try:
             self._storage.record_heartbeat(self._trial_id)
-        except (sqlalchemy.exc.SQLAlchemyError, OSError, sqlite3.Error) as e:
+        except storage_errors() as e:
             error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e) else ''}"
             silent = time.monotonic() - self._last_ok
             if self._first_error is None:
