@@ -231,29 +231,21 @@ def _tmp_name(name: str) -> str:
     return f"{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-# A temporary folder of another machine (a cache on a network share) whose owner cannot be
-# asked is taken as abandoned when it has not changed for this long.
+# A temporary folder written from another machine (a cache on a network share), whose lock this
+# machine cannot see, is taken as abandoned once it has not changed for this long.
 ABANDONED_AFTER = 24 * 3600
 
 
-def _abandoned(tmp: Path) -> bool:
-    """Whether a temporary entry folder is left over by a dead extraction (not in progress)."""
+def _in_progress(tmp: Path, locked: bool) -> bool:
+    """Whether a temporary entry folder may belong to an extraction still running: its entry
+    lock is held (``locked``), or it was written from another machine not long ago."""
+    if locked:
+        return True
+    parts = tmp.name.split(".tmp-", 1)[1].rsplit("-", 2) if ".tmp-" in tmp.name else []
+    if len(parts) < 3 or parts[0] == socket.gethostname():  # this machine (or an old name)
+        return False  # its lock is free: the process that wrote it is gone
     try:
-        rest = tmp.name.split(".tmp-", 1)[1]
-        host, pid_s, _ = rest.rsplit("-", 2)
-        pid = int(pid_s)
-    except (IndexError, ValueError):
-        host, pid = "", -1  # an older name (pid-uuid) or a foreign one: judge by age
-    if host == socket.gethostname():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False  # the process is alive: in progress
-    try:
-        return time.time() - tmp.stat().st_mtime > ABANDONED_AFTER
+        return time.time() - tmp.stat().st_mtime < ABANDONED_AFTER
     except FileNotFoundError:
         return False
 
@@ -312,7 +304,8 @@ class FeatureCache:
             if match and match not in p.name:
                 continue
             if p.is_dir():
-                if ".tmp-" in p.name and not _abandoned(p):
+                lock = self.dir / f"{p.name.split('.tmp-')[0]}.lock"
+                if ".tmp-" in p.name and _in_progress(p, _lock_held(lock)):
                     log.info("%s: an extraction in progress; left alone", p.name)
                     continue
                 shutil.rmtree(p, ignore_errors=True)
@@ -346,7 +339,7 @@ class FeatureCache:
                 log.info("cache hit: %s (extracted by another worker)", name)
                 return hit, True
             for stale in self.dir.glob(f"{name}.tmp-*"):
-                if _abandoned(stale):  # not another machine's extraction in progress
+                if not _in_progress(stale, locked=False):  # we hold the lock; other machines
                     shutil.rmtree(stale, ignore_errors=True)
             final = self.dir / name
             if final.exists():  # a damaged entry: never used, replaced
