@@ -19,6 +19,7 @@ from conftest import (
     FLOWERS,
     MN_WEIGHTS,
     MNV2_WEIGHTS,
+    keras_asks_for,
     need_shared,
     run_cli,
     small_copy,
@@ -263,25 +264,6 @@ def test_imagenet_file_name_is_the_one_keras_asks_for(
     assert tlsweep.backbones.imagenet_weights_file(
         BackboneConfig(name, "imagenet", size, args=args)
     ) == keras_asks_for(BackboneConfig(name, "imagenet", size, args=args), monkeypatch)
-
-
-class _Asked(BaseException):  # not an Exception: build_base turns those into BackboneError
-    pass
-
-
-def keras_asks_for(bb: BackboneConfig, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The file name Keras passes to get_file while building ``bb`` with ImageNet weights."""
-    from keras.src.utils import file_utils
-
-    def stop(fname: str | None = None, *a: object, **kw: object) -> str:
-        raise _Asked(fname)
-
-    monkeypatch.setattr(file_utils, "get_file", stop)
-    try:
-        tlsweep.backbones.build_base(bb)
-    except _Asked as e:
-        return str(e.args[0])
-    raise AssertionError(f"{bb.name}: Keras asked for no weights file")
 
 
 def test_key_changes_with_the_layout_b_split(tmp_path: Path, bb: BackboneConfig) -> None:
@@ -588,3 +570,52 @@ def test_forward_all_raises_what_a_pass_raises() -> None:
     batches = [(np.arange(i, i + 3), tf.fill([3, 4], float(i))) for i in range(0, 30, 3)]
     with pytest.raises(ValueError, match="boom"):
         list(F._forward_all(forward, iter(batches)))
+
+
+@pytest.mark.slow  # two real extractions at 224 px under a private KERAS_HOME
+def test_cli_imagenet_entry_follows_the_file_under_keras_home(tiny: Path, tmp_path: Path) -> None:
+    """``weights: imagenet`` really extracted from $KERAS_HOME/models; another file there (same
+    name, same weights, other bytes) is another entry, and the first is a hit again after."""
+    import h5py
+
+    homes = []
+    for i in range(2):
+        home = tmp_path / f"keras_home{i}"
+        (home / "models").mkdir(parents=True)
+        shutil.copy(MNV2_WEIGHTS, home / "models" / MNV2_WEIGHTS.name)
+        homes.append(home)
+    with h5py.File(homes[1] / "models" / MNV2_WEIGHTS.name, "a") as f:
+        f.attrs["note"] = "re-saved elsewhere"  # other bytes, the same weights
+    bb = {"name": "MobileNetV2", "weights": "imagenet", "input_size": 224, "pooling": "avg"}
+    sweep = write_sweep(
+        tmp_path / "s.yaml", tiny, backbones=[{**bb, "args": {"alpha": 0.35}}], study="kh"
+    )
+    cache = tmp_path / "cache"
+    outs = []
+    for home in (homes[0], homes[1], homes[0]):
+        r = subprocess.run(
+            [sys.executable, "-m", "tlsweep", "extract", str(sweep), "-q"],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=tmp_path,
+            env={
+                **os.environ,
+                "KERAS_HOME": str(home),
+                "TF_CPP_MIN_LOG_LEVEL": "2",
+                "HTTP_PROXY": "http://127.0.0.1:9",  # a download attempt fails fast
+                "HTTPS_PROXY": "http://127.0.0.1:9",
+            },
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(r.stdout)
+    entries = _dirs(cache)
+    assert len(entries) == 2, entries
+    a, b = (F._read_entry(cache / e) for e in entries)
+    assert a.manifest["key_parts"]["weights"] != b.manifest["key_parts"]["weights"]
+    assert all(
+        e.manifest["key_parts"]["weights"].startswith(f"imagenet:{MNV2_WEIGHTS.name}:")
+        for e in (a, b)
+    )
+    np.testing.assert_allclose(a.features(), b.features(), rtol=1e-5, atol=1e-5)
+    assert "extracted" in outs[0] and "extracted" in outs[1] and "cache hit" in outs[2], outs

@@ -660,6 +660,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # a whole run through the CLI
 def test_a_crash_while_scoring_the_winner_is_exit_1_and_the_trials_are_safe(
     cd_features, cats_dogs_small: Path, shared_cache: Path, tracking_uri: str, tmp_path: Path
 ) -> None:
