@@ -257,3 +257,29 @@ def test_cache_publish_rename_error_other_than_exists_is_raised(tmp_path: Path) 
     with pytest.raises(FileNotFoundError):
         F._publish(ours, tmp_path / "missing_dir" / "E", "k")
     shutil.rmtree(ours)
+
+
+@pytest.mark.postgres
+def test_postgres_lock_excludes_and_recover_finds_orphans_under_it() -> None:
+    """pg_advisory_lock excludes; an untagged RUNNING trial seen under it is failed at once."""
+    import warnings
+
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    url = os.environ.get("TLSWEEP_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("TLSWEEP_TEST_POSTGRES_URL is not set; it is required in CI")
+        pytest.skip("TLSWEEP_TEST_POSTGRES_URL is not set (.ci/run starts a server and sets it)")
+    name = f"locks-{os.getpid()}-{time.time_ns()}"
+    assert _max_inside(lambda: W.storage_lock(url, name)) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        storage = RDBStorage(W._pg_driver(url), heartbeat_interval=1, grace_period=60)
+        study = optuna.create_study(study_name=name, storage=storage)
+        study.ask().suggest_float("x", 0, 1)
+        retry = RetryHeartbeatStaleTrialCallback(3)
+        assert W.recover(study, retry, 3600, lock=lambda: W.storage_lock(url, name)) == [0]
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
+    optuna.delete_study(study_name=name, storage=storage)
