@@ -684,3 +684,33 @@ def test_a_crash_while_scoring_the_winner_is_exit_1_and_the_trials_are_safe(
     assert [t.state.name for t in _trials(tmp_path, "winner_crash")] == ["COMPLETE"] * 2
     ml = _mlflow(tracking_uri, "winner_crash")
     assert not [r for r in ml["runs"] if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow  # three processes
+def test_workers_whose_trials_always_fail_stop_and_close_everything(
+    cd_features, cats_dogs_small: Path, shared_cache: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    """`run --workers 2` with a head that cannot train (in every worker, through a
+    sitecustomize): each worker stops after max_failures, the run exits 1, nothing RUNNING."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_FAILING_HEAD.split("from tlsweep.cli")[0])
+    search = {"n_trials": 20, "sampler": "random", "max_failures": 2, "space": {"epochs": 2}}
+    sweep = _sweep(tmp_path, cats_dogs_small, shared_cache, tracking_uri, "failing2", search=search)
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+    r = subprocess.run(
+        [sys.executable, "-m", "tlsweep", "run", str(sweep), "--workers", "2", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": path},
+    )
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert r.stderr.count("2 trials in a row failed (search.max_failures: 2)") == 2, r.stderr
+    assert "2 of 2 workers exited with an error (codes [1, 1])" in r.stderr
+    assert [t.state.name for t in _trials(tmp_path, "failing2")] == ["FAIL"] * 4
+    ml = _mlflow(tracking_uri, "failing2")
+    assert len(ml["children"]) == 4 and len(ml["parents"]) == 1
+    assert not [r for r in ml["runs"] if r.info.status == "RUNNING"]

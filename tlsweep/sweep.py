@@ -73,7 +73,11 @@ def run_sweep(
     if workers > 1:
         study = open_study(cfg, open_storage(cfg), data=study_keys(entries))
         attach_parent(cfg, study, tracker)
-        _run_workers(workers, worker_argv or [])
+        try:
+            _run_workers(workers, worker_argv or [])
+        except BaseException:  # close the parent run; what stopped the workers goes on up
+            _close_after_error(cfg, study, tracker)
+            raise
         summary = summarize(cfg, study)
         _finish_or_fail(cfg, study, tracker, summary, evaluate_winner, None, entries)
         return summary
