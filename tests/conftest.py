@@ -223,3 +223,25 @@ def flowers_features(
     )
     ((_, entry, _),) = extract_all(load_sweep(sweep))
     return entry
+
+
+class _Asked(BaseException):  # not an Exception: build_base turns those into BackboneError
+    pass
+
+
+def keras_asks_for(bb: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The file name Keras passes to ``get_file`` while building ``bb`` with ImageNet weights
+    (stopped right there: nothing is downloaded)."""
+    from keras.src.utils import file_utils
+
+    from tlsweep.backbones import build_base
+
+    def stop(fname: str | None = None, *a: object, **kw: object) -> str:
+        raise _Asked(fname)
+
+    monkeypatch.setattr(file_utils, "get_file", stop)
+    try:
+        build_base(bb)
+    except _Asked as e:
+        return str(e.args[0])
+    raise AssertionError(f"{bb.name}: Keras asked for no weights file")

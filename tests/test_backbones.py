@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MNV2_WEIGHTS, SHARED, need_shared
+from conftest import MNV2_WEIGHTS, SHARED, keras_asks_for, need_shared
 
 from tlsweep.backbones import (
     REGISTRY,
@@ -305,3 +305,20 @@ def test_imagenet_weights_offline_from_keras_home(tmp_path: Path) -> None:
     assert feats["imagenet"].shape == (2, 1280)
     assert feats["imagenet"].std() > 0
     np.testing.assert_allclose(feats["imagenet"], feats["from_file"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # builds every registered model once (minutes on 2 cores)
+@pytest.mark.parametrize("spec", list_backbones(), ids=lambda s: s.name)
+def test_imagenet_file_name_of_every_backbone_is_the_one_keras_asks_for(
+    spec: BackboneSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``weights: imagenet`` is keyed by the bytes of this file, found without TensorFlow."""
+    import keras
+
+    from tlsweep.backbones import imagenet_weights_file
+
+    bb = BackboneConfig(spec.name, "imagenet", spec.default_size)
+    try:
+        assert imagenet_weights_file(bb) == keras_asks_for(bb, monkeypatch)
+    finally:
+        keras.backend.clear_session()

@@ -368,6 +368,12 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("storage", "", "storage"),
     ("storage", "foo://x", "storage"),
     ("storage", "http://localhost:5000", "storage"),
+    # databases Optuna takes but tlsweep has no worker lock for
+    ("storage", "oracle://u:p@host/db", "storage"),
+    ("storage", "mssql+pyodbc://u:p@host/db", "storage"),
+    ("storage", "cockroachdb://u:p@host/db", "storage"),
+    ("search.max_failures", 0, "search.max_failures"),
+    ("search.max_failures", "many", "search.max_failures"),
     ("tracking_uri", 5, "tracking_uri"),
     ("tracking_uri", "", "tracking_uri"),
 ]

@@ -416,3 +416,21 @@ def test_decoded_chunks_first_chunk_stops_once_the_consumer_is_ready(tmp_path: P
     )
     assert [len(c) for c in chunks] == [1, 4]
     assert [int(i) for c in chunks for idx, _ in c for i in idx] == list(range(9))
+
+
+def test_read_failure_tells_io_errors_from_bad_images(tmp_path: Path) -> None:
+    """What the pipeline dropped: a bad image is skipped (None); a file that cannot be read, or
+    that reads and decodes now, is an I/O error with its reason."""
+    from tlsweep.data import read_failure
+
+    text = tmp_path / "text.jpg"
+    text.write_text("not an image")
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(_jpeg(tmp_path / "whole.jpg").read_bytes()[:200])
+    assert read_failure(str(text), 16) is None
+    assert read_failure(str(truncated), 16) is None
+    assert (
+        read_failure(str(tmp_path / "gone.jpg"), 16) == "cannot be read (No such file or directory)"
+    )
+    assert read_failure(str(tmp_path), 16) == "cannot be read (Is a directory)"
+    assert "reads now" in read_failure(str(tmp_path / "whole.jpg"), 16)

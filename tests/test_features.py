@@ -14,12 +14,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CATS_DOGS, FLOWERS, MNV2_WEIGHTS, need_shared, run_cli, small_copy, write_sweep
+from conftest import (
+    CATS_DOGS,
+    FLOWERS,
+    MN_WEIGHTS,
+    MNV2_WEIGHTS,
+    keras_asks_for,
+    need_shared,
+    run_cli,
+    small_copy,
+    write_sweep,
+)
 
 import tlsweep.backbones
 from tlsweep import features as F
 from tlsweep.config import BackboneConfig, DataConfig, load_sweep
 from tlsweep.data import content_digest, find_images
+from tlsweep.errors import DataError
 from tlsweep.features import FeatureCache, cache_key, key_parts
 
 PER_CLASS = 10  # per class and split: 60 images, a fast extraction
@@ -168,7 +179,17 @@ def test_key_ignores_where_the_data_folder_is(
     assert _key(tiny, bb) == _key(tiny_copy, bb)
 
 
-def test_key_changes_with_the_backbone(tiny: Path, bb: BackboneConfig, tmp_path: Path) -> None:
+def test_key_changes_with_the_backbone(
+    tiny: Path, bb: BackboneConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `weights: imagenet` is keyed by the file Keras would load: MobileNetV2 a0.35 at 96 px
+    home = tmp_path / "keras_home"
+    (home / "models").mkdir(parents=True)
+    shutil.copy(
+        MNV2_WEIGHTS,
+        home / "models" / tlsweep.backbones.imagenet_weights_file(replace(bb, weights="imagenet")),
+    )
+    monkeypatch.setenv("KERAS_HOME", str(home))
     same_file = tmp_path / "same.h5"
     shutil.copy(MNV2_WEIGHTS, same_file)
     edited = tmp_path / "edited.h5"
@@ -191,6 +212,58 @@ def test_key_changes_with_the_backbone(tiny: Path, bb: BackboneConfig, tmp_path:
     keys = {name: _key(tiny, v) for name, v in variants.items()}
     assert ref not in keys.values()
     assert len(set(keys.values())) == len(keys)
+
+
+def test_imagenet_weights_are_keyed_by_the_bytes_keras_loads(
+    tiny: Path, bb: BackboneConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is found under $KERAS_HOME/models by Keras's own name for it (which depends on
+    alpha and input size), without TensorFlow; other bytes there make another entry."""
+    home = Path(shutil.copytree(MNV2_WEIGHTS.parents[1], tmp_path / "keras_home"))
+    home.chmod(0o755)
+    (home / "models").chmod(0o755)
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    mnv2 = replace(bb, weights="imagenet", input_size=224)
+    mn = replace(bb, weights="imagenet", input_size=224, name="MobileNet", args={"alpha": 0.25})
+    path = tlsweep.backbones.imagenet_weights_path(mnv2)
+    assert path == home / "models" / MNV2_WEIGHTS.name
+    assert tlsweep.backbones.imagenet_weights_path(mn) == home / "models" / MN_WEIGHTS.name
+    # another size is another Keras file: not downloaded here, so its key is not known yet
+    assert key_parts(replace(mn, input_size=160), "x", fetch=False)["weights"] is None
+
+    ref = _key(tiny, mnv2)
+    assert key_parts(mnv2, "x")["weights"].startswith(f"imagenet:{MNV2_WEIGHTS.name}:")
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))  # the same name, other bytes: another entry
+    edited = _key(tiny, mnv2)
+    assert edited != ref
+    shutil.copy(MNV2_WEIGHTS, path)
+    os.utime(path, ns=(1, 1))  # the digest is remembered per size and mtime; force a re-read
+    assert _key(tiny, mnv2) == ref
+    other = tmp_path / "other_home"
+    (other / "models").mkdir(parents=True)
+    shutil.copy(path, other / "models" / path.name)
+    monkeypatch.setenv("KERAS_HOME", str(other))  # another Keras home, the same bytes
+    assert _key(tiny, mnv2) == ref
+
+
+@pytest.mark.parametrize(
+    "name, size, args",
+    [
+        ("MobileNet", 150, {"alpha": 0.75}),  # not a checkpoint size: Keras loads the 224 file
+        ("MobileNetV2", 96, {"alpha": 1.4}),
+        ("MobileNetV3Large", 224, {"minimalistic": True}),
+    ],
+)
+def test_imagenet_file_name_is_the_one_keras_asks_for(
+    name: str, size: int, args: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keras is stopped at the moment it asks for the file (every class: test_backbones)."""
+    assert tlsweep.backbones.imagenet_weights_file(
+        BackboneConfig(name, "imagenet", size, args=args)
+    ) == keras_asks_for(BackboneConfig(name, "imagenet", size, args=args), monkeypatch)
 
 
 def test_key_changes_with_the_layout_b_split(tmp_path: Path, bb: BackboneConfig) -> None:
@@ -298,6 +371,31 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
     "manifest row out of range": _edit_manifest(files=_row_out_of_range),
     "manifest files missing": _edit_manifest(files=lambda m: m.pop("files")),
 }
+
+
+def test_an_io_error_while_decoding_fails_the_extraction(
+    tiny: Path, bb: BackboneConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A good image the pipeline lost (its read failed) is not a 'skipped image': one error
+    naming the file, and no entry, temporary folder or partial file left behind."""
+    real = F.decoded_chunks
+    lost = sorted(find_images(DataConfig(dir=tiny)).files, key=lambda f: f.path)[3]
+
+    def losing_one(paths, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        target = paths.index(str(tiny / lost.path))
+        for chunk in real(paths, *a, **kw):
+            out = []
+            for idx, x in chunk:
+                keep = idx != target
+                out.append((idx[keep], x.numpy()[keep]))
+            yield out
+
+    monkeypatch.setattr(F, "decoded_chunks", losing_one)
+    cache = FeatureCache(tmp_path / "cache")
+    with pytest.raises(DataError, match=r"cannot|reads now") as e:
+        cache.ensure(bb, find_images(DataConfig(dir=tiny)))
+    assert str(tiny / lost.path) in str(e.value) and "I/O error" in str(e.value)
+    assert [p.name for p in cache.dir.iterdir() if p.is_dir()] == []
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
@@ -472,3 +570,52 @@ def test_forward_all_raises_what_a_pass_raises() -> None:
     batches = [(np.arange(i, i + 3), tf.fill([3, 4], float(i))) for i in range(0, 30, 3)]
     with pytest.raises(ValueError, match="boom"):
         list(F._forward_all(forward, iter(batches)))
+
+
+@pytest.mark.slow  # two real extractions at 224 px under a private KERAS_HOME
+def test_cli_imagenet_entry_follows_the_file_under_keras_home(tiny: Path, tmp_path: Path) -> None:
+    """``weights: imagenet`` really extracted from $KERAS_HOME/models; another file there (same
+    name, same weights, other bytes) is another entry, and the first is a hit again after."""
+    import h5py
+
+    homes = []
+    for i in range(2):
+        home = tmp_path / f"keras_home{i}"
+        (home / "models").mkdir(parents=True)
+        shutil.copy(MNV2_WEIGHTS, home / "models" / MNV2_WEIGHTS.name)
+        homes.append(home)
+    with h5py.File(homes[1] / "models" / MNV2_WEIGHTS.name, "a") as f:
+        f.attrs["note"] = "re-saved elsewhere"  # other bytes, the same weights
+    bb = {"name": "MobileNetV2", "weights": "imagenet", "input_size": 224, "pooling": "avg"}
+    sweep = write_sweep(
+        tmp_path / "s.yaml", tiny, backbones=[{**bb, "args": {"alpha": 0.35}}], study="kh"
+    )
+    cache = tmp_path / "cache"
+    outs = []
+    for home in (homes[0], homes[1], homes[0]):
+        r = subprocess.run(
+            [sys.executable, "-m", "tlsweep", "extract", str(sweep), "-q"],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=tmp_path,
+            env={
+                **os.environ,
+                "KERAS_HOME": str(home),
+                "TF_CPP_MIN_LOG_LEVEL": "2",
+                "HTTP_PROXY": "http://127.0.0.1:9",  # a download attempt fails fast
+                "HTTPS_PROXY": "http://127.0.0.1:9",
+            },
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(r.stdout)
+    entries = _dirs(cache)
+    assert len(entries) == 2, entries
+    a, b = (F._read_entry(cache / e) for e in entries)
+    assert a.manifest["key_parts"]["weights"] != b.manifest["key_parts"]["weights"]
+    assert all(
+        e.manifest["key_parts"]["weights"].startswith(f"imagenet:{MNV2_WEIGHTS.name}:")
+        for e in (a, b)
+    )
+    np.testing.assert_allclose(a.features(), b.features(), rtol=1e-5, atol=1e-5)
+    assert "extracted" in outs[0] and "extracted" in outs[1] and "cache hit" in outs[2], outs

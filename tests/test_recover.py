@@ -56,3 +56,139 @@ def test_trial_of_a_live_worker_is_left_alone(tmp_path):
     time.sleep(1.2)
     assert recover(study, RetryHeartbeatStaleTrialCallback(3), grace_period=1) == []
     assert [tr.state.name for tr in study.trials] == ["RUNNING"]
+
+
+def test_untagged_trial_seen_under_the_storage_lock_is_failed_without_comparing_clocks(tmp_path):
+    """A worker asks for a trial and tags it under the lock: an untagged trial seen under the
+    lock is an orphan at once, however its start time compares with this machine's clock."""
+    import threading
+
+    study = _study(tmp_path)
+    t = study.ask()
+    t.suggest_float("x", 0, 1)
+    held = []
+    lock = threading.Lock()
+
+    def storage_lock():
+        class _Held:
+            def __enter__(self):
+                lock.acquire()
+                held.append(True)
+
+            def __exit__(self, *exc):
+                lock.release()
+
+        return _Held()
+
+    assert recover(study, RetryHeartbeatStaleTrialCallback(3), 3600, lock=storage_lock) == [0]
+    assert held == [True]
+    assert [tr.state.name for tr in study.trials] == ["FAIL", "WAITING"]
+
+
+def test_orphan_age_is_measured_in_utc_so_a_start_ahead_of_this_clock_is_left_alone(tmp_path):
+    """Without the lock the age is UTC now minus the start; a trial started 'in the future' by
+    a machine whose clock runs ahead is not failed (it is young), nor does the check crash."""
+    import datetime
+
+    from tlsweep.workers import _age_seconds
+
+    now_local = datetime.datetime.now()
+    assert abs(_age_seconds(now_local)) < 5
+    utc = datetime.datetime.now(datetime.timezone.utc)
+    assert abs(_age_seconds(utc - datetime.timedelta(seconds=100)) - 100) < 5
+    study = _study(tmp_path)
+    study.ask()
+    assert recover(study, RetryHeartbeatStaleTrialCallback(3), grace_period=60) == []
+
+
+# --- the heartbeat thread ----------------------------------------------------------------------
+class _FlakyStorage:
+    """record_heartbeat fails ``failures`` times (None: always) with a database error."""
+
+    def __init__(self, failures=None):
+        self.failures = failures
+        self.calls = 0
+        self.recorded = 0
+
+    def record_heartbeat(self, trial_id):
+        import sqlalchemy.exc
+
+        self.calls += 1
+        if self.failures is None or self.calls <= self.failures:
+            raise sqlalchemy.exc.OperationalError("UPDATE", {}, Exception("connection dropped"))
+        self.recorded += 1
+
+
+def test_heartbeat_failure_is_logged_once_retried_and_recovers(caplog):
+    import logging
+
+    from tlsweep.workers import _Heartbeat
+
+    storage = _FlakyStorage(failures=3)
+    with caplog.at_level(logging.INFO, logger="tlsweep.workers"):
+        with _Heartbeat(storage, 7, interval=0.02, grace_period=5) as hb:
+            deadline = time.monotonic() + 5
+            while storage.recorded < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            hb.check()  # recovered within the grace period: the trial goes on
+    assert storage.recorded >= 2
+    warnings_ = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings_) == 1, [r.getMessage() for r in caplog.records]
+    assert "connection dropped" in warnings_[0].getMessage()
+    assert any("recorded again" in r.getMessage() for r in caplog.records)
+
+
+def test_heartbeat_lost_for_the_grace_period_stops_the_trial(caplog):
+    import logging
+
+    import pytest
+
+    from tlsweep.workers import HeartbeatLost, _Heartbeat
+
+    storage = _FlakyStorage(failures=None)
+    with caplog.at_level(logging.INFO, logger="tlsweep.workers"):
+        with _Heartbeat(storage, 7, interval=0.02, grace_period=0.3) as hb:
+            hb.check()  # not yet
+            deadline = time.monotonic() + 10
+            while hb.lost is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with pytest.raises(HeartbeatLost, match="grace_period.*connection dropped"):
+                hb.check()
+    assert storage.calls > 5  # it kept retrying
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1
+
+
+def test_a_trial_whose_heartbeat_is_lost_fails_between_epochs(tmp_path):
+    """run_trial calls the heartbeat's check after every epoch: the trial stops and is FAIL
+    (with the reason), not COMPLETE, so its retried parameters do not run beside it."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from conftest import write_sweep
+
+    from tlsweep.config import load_sweep
+    from tlsweep.search import FeatureData, run_trial
+    from tlsweep.workers import HeartbeatLost
+
+    bb = {"name": "MobileNetV2", "weights": "none", "input_size": 96, "pooling": "avg"}
+    sweep = write_sweep(tmp_path / "s.yaml", tmp_path / "no_data", backbones=[bb])
+    cfg = load_sweep(sweep, check_data_dir=False)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 8)).astype("float32"), rng.integers(0, 2, 64)
+    sizes = {"train": 64, "validation": 64, "test": 0}
+    label = cfg.backbones[0].label
+    entry = SimpleNamespace(key="k")
+    features = {label: FeatureData(cfg.backbones[0], entry, x, y, x, y, 2, sizes)}
+    study = optuna.create_study(direction="maximize")
+    epochs = []
+
+    def alive():
+        epochs.append(1)
+        if len(epochs) == 2:
+            raise HeartbeatLost("no heartbeat recorded for 31s")
+
+    result = run_trial(study, study.ask(), cfg, features, None, "w", alive=alive)
+    assert result.state == "FAIL" and len(result.history) == 2
+    assert result.error == "HeartbeatLost: no heartbeat recorded for 31s"
+    assert [t.state.name for t in study.trials] == ["FAIL"]

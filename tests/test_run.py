@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -252,6 +253,60 @@ def test_changed_search_space_is_refused(resumed: dict[str, Any], tracking_uri: 
     assert len(ours) == 1, r.stderr
     assert ours[0].startswith("tlsweep: error:") and "--study" in ours[0]
     assert "Traceback" not in r.stderr
+    assert len(_trials(d, "resume")) == 5  # nothing was added
+
+
+@pytest.mark.slow  # the `resumed` fixture runs the CLI twice
+def test_changed_data_or_weights_are_refused(
+    resumed: dict[str, Any], tracking_uri: str, tmp_path: Path
+) -> None:
+    """Same study name, other images or other weights bytes: run, best and export refuse it
+    before extracting anything (no new cache entry), status warns; nothing is added."""
+    d, entry = resumed["dir"], resumed["entry"]
+    stored = _study(d, "resume").user_attrs["tlsweep.data"]
+    assert stored == {
+        "MobileNetV2-alpha0.35-96-avg": {"key": entry.key, "parts": entry.manifest["key_parts"]}
+    }
+    cache = entry.path.parent
+    entries_before = sorted(p.name for p in cache.iterdir())
+    data = Path(shutil.copytree(resumed["data"], tmp_path / "data"))
+    next((data / "train" / "cats").iterdir()).unlink()
+    edited = tmp_path / "edited.h5"
+    raw = bytearray(MNV2_WEIGHTS.read_bytes())
+    raw[-100] ^= 0xFF
+    edited.write_bytes(bytes(raw))
+    bb = {"name": "MobileNetV2", "weights": str(edited), "input_size": 96, "pooling": "avg"}
+    cases = {
+        "images": {"data": data},
+        "weights": {"data": resumed["data"], "backbones": [{**bb, "args": {"alpha": 0.35}}]},
+    }
+    for what, kw in cases.items():
+        sweep = write_sweep(
+            tmp_path / f"{what}.yaml",
+            kw.pop("data"),
+            study="resume",
+            cache_dir=cache,
+            tracking_uri=tracking_uri,
+            storage=_storage(d),
+            **kw,
+        )
+        for command in ("run", "best", "export"):
+            args = (command, str(sweep)) + (
+                ("-o", str(tmp_path / "m.keras")) * (command == "export")
+            )
+            r = run_cli(*args, cwd=d)
+            assert r.returncode == 2, (what, command, r.stderr[-3000:])
+            ours = [line for line in r.stderr.splitlines() if line.startswith("tlsweep:")]
+            assert len(ours) == 1 and "Traceback" not in r.stderr, r.stderr
+            line = ours[0]
+            assert line.startswith("tlsweep: error: study 'resume'"), line
+            assert "MobileNetV2-alpha0.35-96-avg" in line and f"the {what}" in line, line
+            assert "--study NEW_NAME" in line and "optuna delete-study" in line, line
+        status = run_cli("status", str(sweep), cwd=d)
+        assert status.returncode == 0 and f"the {what}" in status.stderr, status.stderr[-2000:]
+        assert "study resume: 5/" in status.stdout, status.stdout
+    assert not (tmp_path / "m.keras").exists()
+    assert sorted(p.name for p in cache.iterdir()) == entries_before  # nothing extracted
     assert len(_trials(d, "resume")) == 5  # nothing was added
 
 
@@ -539,3 +594,123 @@ def test_multi_backbone_sweep(
         keys.setdefault(p["backbone"], set()).add(p["cache_key"])
     assert all(len(v) == 1 for v in keys.values()) and len(set.union(*keys.values())) == 2
     assert next(iter(keys[labels[0]])) == cd_features.key
+
+
+# --- a study that cannot succeed stops -------------------------------------------------------
+# The real CLI with a head that cannot train: train_head raises an error with a cause.
+_FAILING_HEAD = """
+import sys
+import tlsweep.head
+
+def broken(*args, **kwargs):
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError as e:
+        raise RuntimeError("the head cannot train") from e
+
+tlsweep.head.train_head = broken
+from tlsweep.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_trials_that_always_fail_stop_the_run_with_exit_1(
+    cd_features, cats_dogs_small: Path, shared_cache: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    search = {
+        "n_trials": 20,
+        "sampler": "random",
+        "max_failures": 3,
+        "space": {"units": {"low": 16, "high": 128}, "epochs": 2},
+    }
+    sweep = _sweep(tmp_path, cats_dogs_small, shared_cache, tracking_uri, "failing", search=search)
+    r = subprocess.run(
+        [sys.executable, "-c", _FAILING_HEAD, "run", str(sweep)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    (error,) = [line for line in r.stderr.splitlines() if line.startswith("tlsweep: error:")]
+    assert "3 trials in a row failed (search.max_failures: 3)" in error, error
+    assert "trial 0: RuntimeError: the head cannot train (caused by OSError: [Errno 28]" in error
+    assert r.stderr.count("the head cannot train") == 2, r.stderr  # the first warning, the error
+    trials = _trials(tmp_path, "failing")
+    assert [t.state.name for t in trials] == ["FAIL"] * 3
+    ml = _mlflow(tracking_uri, "failing")
+    assert [r.info.status for r in ml["children"]] == ["FAILED"] * 3
+    (parent,) = ml["parents"]
+    assert parent.info.status != "RUNNING"
+    assert not [r for r in ml["runs"] if r.info.status == "RUNNING"]
+
+
+_FAILING_WINNER = """
+import sys
+import tlsweep.winner
+
+def broken(*args, **kwargs):
+    raise MemoryError("cannot allocate the winner's head")
+
+tlsweep.winner.evaluate_and_log = broken
+from tlsweep.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # a whole run through the CLI
+def test_a_crash_while_scoring_the_winner_is_exit_1_and_the_trials_are_safe(
+    cd_features, cats_dogs_small: Path, shared_cache: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    search = {"n_trials": 2, "sampler": "random", "space": {"units": 16, "epochs": 2}}
+    sweep = _sweep(
+        tmp_path, cats_dogs_small, shared_cache, tracking_uri, "winner_crash", search=search
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", _FAILING_WINNER, "run", str(sweep)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    (error,) = [line for line in r.stderr.splitlines() if line.startswith("tlsweep: error:")]
+    assert "2 trials finished and saved, but scoring the winner failed: MemoryError" in error
+    assert "tlsweep best sweep.yaml" in error
+    assert [t.state.name for t in _trials(tmp_path, "winner_crash")] == ["COMPLETE"] * 2
+    ml = _mlflow(tracking_uri, "winner_crash")
+    assert not [r for r in ml["runs"] if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow  # three processes
+def test_workers_whose_trials_always_fail_stop_and_close_everything(
+    cd_features, cats_dogs_small: Path, shared_cache: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    """`run --workers 2` with a head that cannot train (in every worker, through a
+    sitecustomize): each worker stops after max_failures, the run exits 1, nothing RUNNING."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_FAILING_HEAD.split("from tlsweep.cli")[0])
+    search = {"n_trials": 20, "sampler": "random", "max_failures": 2, "space": {"epochs": 2}}
+    sweep = _sweep(tmp_path, cats_dogs_small, shared_cache, tracking_uri, "failing2", search=search)
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+    r = subprocess.run(
+        [sys.executable, "-m", "tlsweep", "run", str(sweep), "--workers", "2", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": path},
+    )
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert r.stderr.count("2 trials in a row failed (search.max_failures: 2)") == 2, r.stderr
+    assert "2 of 2 workers exited with an error (codes [1, 1])" in r.stderr
+    assert [t.state.name for t in _trials(tmp_path, "failing2")] == ["FAIL"] * 4
+    ml = _mlflow(tracking_uri, "failing2")
+    assert len(ml["children"]) == 4 and len(ml["parents"]) == 1
+    assert not [r for r in ml["runs"] if r.info.status == "RUNNING"]

@@ -51,13 +51,13 @@ class Counter:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.paths: list[str] = []
-        real = D._digest_file
+        real = D.file_digest
 
         def counting(path: str) -> str:
             self.paths.append(path)
             return real(path)
 
-        monkeypatch.setattr(D, "_digest_file", counting)
+        monkeypatch.setattr(D, "file_digest", counting)
 
     def take(self) -> list[str]:
         out, self.paths = sorted(self.paths), []

@@ -14,6 +14,8 @@ exported model compute exactly the same thing with only built-in, safe-mode-load
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from tlsweep.config import BackboneConfig
@@ -27,6 +29,8 @@ __all__ = [
     "build_extractor",
     "get_spec",
     "output_shape",
+    "imagenet_weights_file",
+    "imagenet_weights_path",
     "list_backbones",
     "preprocess_layer",
 ]
@@ -40,6 +44,103 @@ RANDOM_WEIGHTS_SEED = 0
 def preprocessing_name(bb: BackboneConfig) -> str:
     """The identity of the backbone's preprocessing (its ``preprocess_input``), for cache keys."""
     return f"keras.applications.{get_spec(bb.name).module}.preprocess_input"
+
+
+# --- which ImageNet file Keras loads (no TensorFlow) -------------------------------------------
+# The file name each keras.applications class passes to keras.utils.get_file(cache_subdir=
+# "models") for include_top=False, read from keras/src/applications/*.py (Keras 3.15).
+# tests/test_backbones.py checks every registered class against what Keras really asks for.
+_NOTOP_FILES = {
+    **{
+        f"DenseNet{n}": f"densenet{n}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+        for n in (121, 169, 201)
+    },
+    **{
+        f"ResNet{n}": f"resnet{n}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+        for n in (50, 101, 152)
+    },
+    **{
+        f"ResNet{n}V2": f"resnet{n}v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
+        for n in (50, 101, 152)
+    },
+    "InceptionV3": "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "InceptionResNetV2": "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "NASNetMobile": "nasnet_mobile_no_top.h5",
+    "NASNetLarge": "nasnet_large_no_top.h5",
+    "VGG16": "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "VGG19": "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "Xception": "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+}
+
+
+def _model_name(name: str) -> str:
+    """The default ``name=`` of a ConvNeXt/EfficientNet class (its weights file is named so)."""
+    if name.startswith("ConvNeXt"):
+        return "convnext_" + name[len("ConvNeXt") :].lower()
+    if name.startswith("EfficientNetV2"):
+        v = name[len("EfficientNetV2") :].lower()
+        return f"efficientnetv2-{v}"
+    return name.lower()  # EfficientNetB0 -> efficientnetb0
+
+
+def imagenet_weights_file(bb: BackboneConfig) -> str:
+    """The file name Keras looks for under ``$KERAS_HOME/models`` for ``weights: imagenet``."""
+    name, args = bb.name, bb.args
+    rows = bb.input_size or get_spec(name).default_size
+    if name == "MobileNet":
+        alpha = args.get("alpha", 1.0)
+        text = {1.0: "1_0", 0.75: "7_5", 0.5: "5_0"}.get(alpha, "2_5")
+        rows = rows if rows in (128, 160, 192, 224) else 224
+        return f"mobilenet_{text}_{rows}_tf_no_top.h5"
+    if name == "MobileNetV2":
+        rows = rows if rows in (96, 128, 160, 192, 224) else 224
+        return (
+            f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(args.get('alpha', 1.0))}_"
+            f"{rows}_no_top.h5"
+        )
+    if name.startswith("MobileNetV3"):
+        kind = name[len("MobileNetV3") :].lower()
+        mini = "_minimalistic" if args.get("minimalistic", False) else ""
+        return f"weights_mobilenet_v3_{kind}{mini}_224_{args.get('alpha', 1.0)}_float_no_top_v2.h5"
+    if name.startswith(("ConvNeXt", "EfficientNet")):
+        return f"{args.get('name', _model_name(name))}_notop.h5"
+    return _NOTOP_FILES[name]
+
+
+def _keras_home() -> str:
+    """Keras's cache folder, found as keras.src.backend.config and file_utils.get_file find it
+    (KERAS_HOME, else ~/.keras, and /tmp/.keras when that is not writable), without importing
+    Keras (which imports TensorFlow)."""
+    if "KERAS_HOME" in os.environ:
+        home = os.environ["KERAS_HOME"]
+    else:
+        base = os.path.expanduser("~")
+        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    home = os.path.expanduser(home)
+    probe = home  # Keras creates KERAS_HOME when it is imported: judge by the nearest parent
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    return home if os.access(probe, os.W_OK) else os.path.join("/tmp", ".keras")
+
+
+def imagenet_weights_path(bb: BackboneConfig) -> Path:
+    """Where Keras keeps (or will download) the ImageNet weights file of ``bb``."""
+    return Path(_keras_home()) / "models" / imagenet_weights_file(bb)
+
+
+def fetch_imagenet_weights(bb: BackboneConfig) -> Path:
+    """Make sure the ImageNet weights file of ``bb`` exists: Keras downloads it while it builds
+    the model once (imports TensorFlow; only when the file is missing)."""
+    path = imagenet_weights_path(bb)
+    if not path.is_file():
+        build_base(bb)
+        if not path.is_file():
+            raise BackboneError(
+                f"{bb.name}: Keras loaded its ImageNet weights from a file other than {path}; "
+                "tlsweep cannot key its features by those bytes (report this as a bug), or set "
+                "weights: to the file's path"
+            )
+    return path
 
 
 # --- building (imports Keras) ------------------------------------------------------------------
@@ -95,7 +196,11 @@ def build_base(bb: BackboneConfig) -> Any:
             f"{bb.weights}, input size {size}): {msg}; check this backbone's {fix} in the "
             "sweep file (a weights file must come from the same class and args, no top)"
         ) from None
-    except Exception as e:  # download failures come as URLError, HTTPError or plain Exception
+    except Exception as e:  # noqa: BLE001 - narrowed here; anything else is re-raised
+        # keras.utils.get_file turns every download failure into a plain Exception; reading a
+        # weights file fails with OSError (h5py's too) or KeyError (a layer it does not have)
+        if not (type(e) is Exception or isinstance(e, (OSError, KeyError))):
+            raise
         if weights == "imagenet":
             raise BackboneError(
                 f"{bb.name}: cannot load ImageNet weights ({type(e).__name__}: "

@@ -365,6 +365,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         preflight(cfg, tracking=False)  # a database server: reachable, login accepted
     study = open_study(cfg, open_storage(cfg, must_exist=True), create=False)
     _print_summary(summarize(cfg, study), cfg)
+    if cfg.data.dir.is_dir():  # status also works where the images are not
+        from tlsweep.sweep import check_study_data
+
+        try:
+            check_study_data(cfg, study)
+        except TlsweepError as e:
+            log.warning("%s", e)
     return 0
 
 

@@ -60,6 +60,7 @@ CHECK_HTTP_MAX_RETRIES = 1  # the check before any work: one line within about 3
 CHECK_HTTP_TIMEOUT = 10  # seconds
 DEFAULT_CONNECT_TIMEOUT = 10  # seconds for a database server to answer a connection
 DEFAULT_PREDICT_BATCH = 64  # images per forward pass of `tlsweep predict`
+DEFAULT_MAX_FAILURES = 5  # trials failing in a row (in one worker) before `run` stops
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc")
 PRUNERS = ("median", "hyperband", "none")
@@ -282,6 +283,7 @@ class SearchConfig:
     heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL
     grace_period: int = DEFAULT_GRACE_PERIOD
     max_retry: int = DEFAULT_MAX_RETRY
+    max_failures: int = DEFAULT_MAX_FAILURES
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,7 @@ _SEARCH_KEYS = (
     "heartbeat_interval",
     "grace_period",
     "max_retry",
+    "max_failures",
 )
 _PARAM_KEYS = ("low", "high", "log", "step", "choices")
 
@@ -672,6 +675,9 @@ def load_sweep(
             where, "search.grace_period", _get(s_raw, SearchConfig, "grace_period"), 2
         ),
         max_retry=_int(where, "search.max_retry", _get(s_raw, SearchConfig, "max_retry"), 0),
+        max_failures=_int(
+            where, "search.max_failures", _get(s_raw, SearchConfig, "max_failures"), 1
+        ),
     )
     if search.grace_period <= search.heartbeat_interval:
         raise ConfigError(
@@ -782,7 +788,10 @@ def _tracking_uri(where: str, uri: Any, field_name: str) -> str:
 
 
 # The SQLAlchemy dialects Optuna's RDBStorage can use (sqlite is handled above).
-_DATABASES = ("postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql", "cockroachdb")
+# The SQLAlchemy dialects whose worker lock tlsweep implements (workers.storage_lock:
+# pg_advisory_lock, GET_LOCK); other databases Optuna could use (oracle, mssql, cockroachdb) are
+# refused, since N workers there could not agree on who runs the last trials.
+_DATABASES = ("postgresql", "postgres", "mysql", "mariadb")
 
 
 def _storage_url(where: str, url: Any, base: Path, field_name: str) -> str:
@@ -810,8 +819,8 @@ def _storage_url(where: str, url: Any, base: Path, field_name: str) -> str:
             where,
             field_name,
             redact_url(url),  # no password in the message
-            "expected sqlite:///FILE, journal:FILE or a database URL like postgresql://... "
-            f"({', '.join(_DATABASES)})",
+            "expected sqlite:///FILE, journal:FILE, postgresql://... or mysql://... (the "
+            "storages whose worker lock tlsweep implements)",
         )
     return url
 

@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import struct
 import threading
 import time
 import uuid
@@ -418,7 +419,7 @@ def check_header(path: str) -> str | None:
             if e.errno
             else ("not a decodable image")
         )
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types on corrupt headers
+    except (ValueError, TypeError, SyntaxError, EOFError, struct.error) as e:  # Pillow's own
         return f"not a decodable image ({type(e).__name__})"
     if fmt not in _PIL_FORMATS:
         return f"unsupported format {fmt}"
@@ -608,6 +609,33 @@ def decoded_chunks(
     n = max(1, chunk_bytes // per_batch)
     while chunk := list(itertools.islice(batches, n)):
         yield chunk
+
+
+def read_failure(path: str, size: int) -> str | None:
+    """Why the decoding pipeline lost ``path`` if it was not the image's fault, else None.
+
+    The pipeline drops any file whose reading or decoding fails; this tells an I/O error (the
+    file cannot be read now for another reason than its permissions, or it reads and decodes
+    now, so the earlier read failed) from a file that is not a usable image (None). A file
+    without read permission is the data's own property: it is skipped, with its reason.
+    """
+    import errno
+
+    import tensorflow as tf
+
+    try:
+        with open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return None
+        return f"cannot be read ({e.strerror or type(e).__name__})"
+    try:
+        decode_and_resize(_header_guard(tf.io.read_file(path)), size)
+    except (tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError):
+        return None  # a bad image: the pipeline was right to drop it
+    return "could not be read while features were extracted, but reads now"
 
 
 def why_skipped(paths: Sequence[str]) -> list[str]:

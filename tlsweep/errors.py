@@ -6,6 +6,12 @@ that line and exits with its ``exit_code``: 2 for a usage error (a bad flag, fil
 for a runtime failure the input did not cause (:class:`ServiceError`: a server or database that is
 down or refuses the login, a disk that is full, a permission denied; :class:`StoreError`: a local
 database left half-built). Anything else is a bug and keeps its traceback.
+
+    exit_code = 1
+
+
+that line and exits with its ``exit_code`` (2 for a usage error, 1 for a runtime failure);
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -44,5 +50,11 @@ class StoreError(TlsweepError):
 
 class ServiceError(TlsweepError):
     """A runtime failure: a server or database unreachable or refusing, a disk full, no access."""
+
+    exit_code = 1
+
+
+class StudyFailing(StudyError):
+    """A runtime failure of the study: trials keep failing, the winner cannot be scored."""
 
     exit_code = 1

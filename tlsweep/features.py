@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -31,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -52,9 +54,10 @@ from tlsweep.data import (
     decoded_chunks,
     file_digest,
     find_images,
+    read_failure,
     why_skipped,
 )
-from tlsweep.errors import TlsweepError
+from tlsweep.errors import DataError, TlsweepError
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +79,47 @@ def _version(pkg: str) -> str:
         return "absent"
 
 
-def weights_identity(bb: BackboneConfig) -> str:
-    """What identifies the weights: Keras's ImageNet file, random init, or a file's bytes."""
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _weights_digest(path: Path) -> str:
+    """The digest of a weights file, remembered per (path, size, mtime) within a process."""
+    st = path.stat()
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    if memo not in _DIGESTS:
+        _DIGESTS[memo] = file_digest(str(path))
+    return _DIGESTS[memo]
+
+
+def weights_identity(bb: BackboneConfig, fetch: bool = True) -> str | None:
+    """What identifies the weights: the bytes of the file Keras loads for ``imagenet``, the
+    seeded random init for ``none``, or the bytes of a weights file.
+
+    The ImageNet file is the one Keras loads from ``$KERAS_HOME/models`` (found without
+    importing TensorFlow, so a cache hit stays fast). When it is not there yet (first run,
+    online), ``fetch`` builds the model once so Keras downloads it, and the identity is known
+    from then on; without ``fetch`` the identity is unknown (None).
+    """
     if bb.weights == "imagenet":
-        return "imagenet"
+        path = bbs.imagenet_weights_path(bb)
+        if not path.is_file():
+            if not fetch:
+                return None
+            path = bbs.fetch_imagenet_weights(bb)
+        return f"imagenet:{path.name}:{_weights_digest(path)}"
     if bb.weights == "none":
         return f"random-seed-{bbs.RANDOM_WEIGHTS_SEED}"
-    return f"file:{file_digest(bb.weights)}"
+    return f"file:{_weights_digest(Path(bb.weights))}"
 
 
-def key_parts(bb: BackboneConfig, images_digest: str) -> dict[str, Any]:
-    """Everything that changes the features, as a JSON-able dict."""
+def key_parts(bb: BackboneConfig, images_digest: str, fetch: bool = True) -> dict[str, Any]:
+    """Everything that changes the features, as a JSON-able dict (``weights`` is None when the
+    ImageNet file is not downloaded yet and ``fetch`` is False)."""
     return {
         "format": CACHE_FORMAT,
         "backbone": bb.name,
         "args": {k: bb.args[k] for k in sorted(bb.args)},
-        "weights": weights_identity(bb),
+        "weights": weights_identity(bb, fetch),
         "input_size": bb.input_size,
         "pooling": bb.pooling,
         "preprocessing": bbs.preprocessing_name(bb),
@@ -177,20 +205,72 @@ def _read_entry(path: Path, key: str | None = None) -> Entry | None:
 
 @contextlib.contextmanager
 def _entry_lock(cache_dir: Path, name: str) -> Iterator[None]:
-    """An exclusive lock per entry; the OS releases it if the holder dies."""
+    """An exclusive lock per entry; the OS releases it if the holder dies.
+
+    ``cache clear`` may delete a lock file nobody holds; a process that opened it just before
+    would then lock a deleted file while a newcomer locks a new one, so the lock is taken
+    again until the file locked is the one at the path.
+    """
     lock_path = cache_dir / f"{name}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process extracting %s", name)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process extracting %s", name)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:
+                continue  # finally: unlock and close, then lock the file now at the path
+            yield
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def _tmp_name(name: str) -> str:
+    """A temporary entry folder's name: which host and process are writing it."""
+    return f"{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+# A temporary folder written from another machine (a cache on a network share), whose lock this
+# machine cannot see, is taken as abandoned once it has not changed for this long.
+ABANDONED_AFTER = 24 * 3600
+
+
+def _in_progress(tmp: Path, locked: bool) -> bool:
+    """Whether a temporary entry folder may belong to an extraction still running: its entry
+    lock is held (``locked``), or it was written from another machine not long ago."""
+    if locked:
+        return True
+    parts = tmp.name.split(".tmp-", 1)[1].rsplit("-", 2) if ".tmp-" in tmp.name else []
+    if len(parts) < 3 or parts[0] == socket.gethostname():  # this machine (or an old name)
+        return False  # its lock is free: the process that wrote it is gone
+    try:
+        return time.time() - tmp.stat().st_mtime < ABANDONED_AFTER
+    except FileNotFoundError:
+        return False
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether another process holds the entry lock ``path`` (an extraction in progress)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
     finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        os.close(fd)  # closing releases our lock, if we got it
+    return False
 
 
 class FeatureCache:
@@ -234,7 +314,8 @@ class FeatureCache:
 
     def clear(self, match: str | None = None) -> list[str]:
         """Remove entries (all, or those whose name contains ``match``) and leftovers; without
-        ``match``, the stat indexes of the data folders too (they are a cache as well)."""
+        ``match``, the stat indexes of the data folders too (they are a cache as well). An
+        extraction in progress (its lock held, its temporary folder alive) is left alone."""
         removed = []
         if not self.dir.is_dir():
             return removed
@@ -242,9 +323,14 @@ class FeatureCache:
             if match and match not in p.name:
                 continue
             if p.is_dir():
+                lock = self.dir / f"{p.name.split('.tmp-')[0]}.lock"
+                if ".tmp-" in p.name and _in_progress(p, _lock_held(lock)):
+                    log.info("%s: an extraction in progress; left alone", p.name)
+                    continue
                 shutil.rmtree(p, ignore_errors=True)
-                removed.append(p.name)
-            elif p.suffix == ".lock" or (
+                if ".tmp-" not in p.name:
+                    removed.append(p.name)
+            elif (p.suffix == ".lock" and not _lock_held(p)) or (
                 match is None and p.name.lstrip(".").startswith(STAT_INDEX_PREFIX)
             ):
                 with contextlib.suppress(OSError):
@@ -306,9 +392,14 @@ class FeatureCache:
                         out[k] = (hit, True)
                         continue
                     for stale in self.dir.glob(f"{job.name}.tmp-*"):
-                        shutil.rmtree(stale, ignore_errors=True)
+                        if not _in_progress(stale, locked=False):  # we hold the lock; others'
+                            shutil.rmtree(stale, ignore_errors=True)
                     final = self.dir / job.name
                     if final.exists():  # a damaged entry: never used, replaced
+                        hit = _read_entry(final, job.key)  # unless another machine published it
+                        if hit is not None:
+                            out[k] = (hit, True)
+                            continue
                         log.warning("replacing damaged cache entry %s", job.name)
                         shutil.rmtree(final, ignore_errors=True)
                     todo.append((k, job))
@@ -359,6 +450,11 @@ class FeatureCache:
                 for job in jobs:
                     job.build(tf)
                     job.t_build = time.perf_counter() - t0
+                    if weights_identity(job.bb, fetch=False) != job.parts["weights"]:
+                        raise TlsweepError(
+                            f"{job.bb.label}: its weights file changed while the features were "
+                            "being extracted; run again"
+                        )
             finally:
                 ready.set()
             chunk = first.result()
@@ -377,7 +473,7 @@ class FeatureCache:
 
         try:
             for job in jobs:
-                job.tmp = self.dir / f"{job.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                job.tmp = self.dir / _tmp_name(job.name)
                 job.tmp.mkdir()
                 job.feats = np.lib.format.open_memmap(
                     job.tmp / "features.npy", mode="w+", dtype=np.float32, shape=(n, job.dim)
@@ -402,6 +498,13 @@ class FeatureCache:
             t_diag = time.perf_counter()
             got = np.logical_and.reduce([job.got for job in jobs])
             missing = np.flatnonzero(~got).tolist()
+            for i in missing:  # an I/O error is not a bad image: never a silent skip
+                failure = read_failure(paths[i], sizes[0])
+                if failure is not None:
+                    raise DataError(
+                        f"{paths[i]}: {failure}; an I/O error, not a bad image: check the disk "
+                        "or network share, then run again"
+                    )
             skipped = dict(zip(missing, why_skipped([paths[i] for i in missing]), strict=True))
             t_diag = time.perf_counter() - t_diag
             if not got.any():
@@ -461,7 +564,7 @@ class FeatureCache:
                     json.dump(manifest, f)  # no indent: the C encoder, 10x faster on 4000 files
                     f.flush()
                     os.fsync(f.fileno())
-                os.rename(job.tmp, self.dir / job.name)
+                job.theirs = _publish(job.tmp, self.dir / job.name, job.key)
                 job.tmp = None
         except BaseException:
             for job in jobs:
@@ -471,6 +574,10 @@ class FeatureCache:
             raise
         entries = []
         for job in jobs:
+            if job.theirs is not None:
+                log.info("cache hit: %s (published by another machine meanwhile)", job.name)
+                entries.append(job.theirs)
+                continue
             entry = _read_entry(self.dir / job.name, job.key)
             if entry is None:  # pragma: no cover - we just wrote it
                 raise TlsweepError(
@@ -505,6 +612,7 @@ class _Job:
     done: int = 0
     t_build: float = 0.0
     t_extract: float = 0.0
+    theirs: Entry | None = None  # the same entry, published by another machine first
 
     def build(self, tf: Any) -> None:
         extractor = bbs.build_extractor(self.bb)
@@ -538,6 +646,30 @@ def _forward_each(
 
     for (job, idx), out in _forward_all(lambda fx: fx[0](fx[1]), batches()):
         yield job, idx, out
+
+
+def _publish(tmp: Path, final: Path, key: str) -> Entry | None:
+    """Rename the finished ``tmp`` folder to ``final``; None when it is in place.
+
+    Where the entry lock does not hold (``flock`` on some network filesystems), another machine
+    may have published the same entry first: the rename then fails because ``final`` exists.
+    Its entry is as good as ours (same key, same bytes in), so it is used and ours dropped;
+    nobody deletes an entry that verifies.
+    """
+    try:
+        os.rename(tmp, final)
+        return None
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+    theirs = _read_entry(final, key)
+    if theirs is None:
+        raise TlsweepError(
+            f"{final}: another process published this cache entry at the same time and it does "
+            "not verify; run again (the entry will be replaced)"
+        )
+    shutil.rmtree(tmp, ignore_errors=True)
+    return theirs
 
 
 def _forward_all(
@@ -615,15 +747,22 @@ def check_usable(entry: Entry) -> None:
 def extract_all(
     cfg: SweepConfig,
     progress: Callable[[BackboneConfig], Progress | None] | None = None,
+    check: Callable[[dict[str, dict[str, Any]]], None] | None = None,
 ) -> list[tuple[BackboneConfig, Entry, bool]]:
     """Find the images once, then make sure every configured backbone's entry exists.
 
-    Returns (resolved backbone, entry, was_cached) per backbone, in sweep-file order.
+    ``check`` is called with :func:`study_keys`' view of the entries (label -> key and key
+    parts) before anything is extracted, so a study made on other features is refused before
+    minutes of extraction (a missing ImageNet file is downloaded first: its bytes are part of
+    the key). Returns (resolved backbone, entry, was_cached) per backbone, in sweep-file order.
     """
     resolved = list(cfg.backbones)  # load_sweep resolved them against the registry
     images = find_images(cfg.data)
     cache = FeatureCache(cfg.cache_dir)
     digest = cache.images_digest(images, verify=cfg.data.verify)
+    if check is not None:
+        parts = {bb.label: key_parts(bb, digest) for bb in resolved}
+        check({label: {"key": cache_key(p), "parts": p} for label, p in parts.items()})
     done = cache.ensure_many(
         resolved, images, digest, [progress(bb) for bb in resolved] if progress else None
     )
@@ -632,4 +771,26 @@ def extract_all(
         report_skipped(entry)
         check_usable(entry)
         out.append((bb, entry, cached))
+    return out
+
+
+def study_keys(entries: list[tuple[BackboneConfig, Entry, bool]]) -> dict[str, dict[str, Any]]:
+    """label -> {"key", "parts"} of each backbone's entry: what a study is tied to."""
+    return {bb.label: {"key": e.key, "parts": e.manifest["key_parts"]} for bb, e, _ in entries}
+
+
+def expected_keys(cfg: SweepConfig) -> dict[str, dict[str, Any]]:
+    """label -> {"key", "parts"} the sweep file's data would have now, without extracting or
+    downloading; a backbone whose ImageNet file is not downloaded yet is left out."""
+    images = find_images(cfg.data)
+    cache = FeatureCache(cfg.cache_dir)
+    if cache.dir.is_dir():  # through the stat index; a command that reads makes no folder
+        digest = cache.images_digest(images, verify=cfg.data.verify)
+    else:
+        digest = content_digest(images)
+    out = {}
+    for bb in cfg.backbones:
+        parts = key_parts(bb, digest, fetch=False)
+        if parts["weights"] is not None:
+            out[bb.label] = {"key": cache_key(parts), "parts": parts}
     return out

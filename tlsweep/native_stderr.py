@@ -185,7 +185,7 @@ def install() -> Callable[[], None] | None:
             start_new_session=True,  # Ctrl-C in the terminal is not for the filter
         )
         os.dup2(write_end, 2)
-    except Exception:  # noqa: BLE001 - never worse off than without the filter
+    except (OSError, subprocess.SubprocessError):  # never worse off than without the filter
         for fd in opened:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -204,7 +204,7 @@ def install() -> Callable[[], None] | None:
     os.environ[ENV_FLAG] = "1"  # child processes write through this filter already
 
     def restore() -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or file
             sys.stderr.flush()
         sys.stderr = previous
         os.environ.pop(ENV_FLAG, None)

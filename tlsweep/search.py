@@ -30,6 +30,7 @@ from tlsweep.errors import StudyError
 log = logging.getLogger(__name__)
 
 SPACE_ATTR = "tlsweep.space"
+DATA_ATTR = "tlsweep.data"  # label -> {"key", "parts"}: the feature cache entries of the study
 PARENT_ATTR = "tlsweep.mlflow_parent_run"
 RESOLVED_ATTR = "tlsweep.resolved"  # the resolved sweep of the last `tlsweep run`
 FINISHED = ("COMPLETE", "PRUNED")  # the states that count towards n_trials
@@ -135,19 +136,29 @@ def _suggest_one(trial: Any, p: Param) -> Any:
 
 
 # --- the study ---------------------------------------------------------------------------------
-def open_study(cfg: SweepConfig, storage: Any, seed_offset: int = 0, create: bool = True) -> Any:
-    """Create or resume the study; refuse one whose search space changed."""
+def open_study(
+    cfg: SweepConfig,
+    storage: Any,
+    seed_offset: int = 0,
+    create: bool = True,
+    data: dict[str, dict[str, Any]] | None = None,
+) -> Any:
+    """Create or resume the study; refuse one whose search space changed, or (given ``data``,
+    label -> cache key and key parts, see :func:`check_data`) one made on other features."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if not create:
         try:
-            return optuna.load_study(study_name=cfg.study, storage=storage)
+            study = optuna.load_study(study_name=cfg.study, storage=storage)
         except KeyError:
             raise StudyError(
                 f"no study '{cfg.study}' in {redact_url(cfg.storage)}; run 'tlsweep run "
                 f"{cfg.path.name}' first"
             ) from None
+        if data is not None:
+            check_data(cfg, study, data)
+        return study
     n_existing = 0
     with contextlib.suppress(KeyError):
         n_existing = len(optuna.load_study(study_name=cfg.study, storage=storage).trials)
@@ -179,7 +190,64 @@ def open_study(cfg: SweepConfig, storage: Any, seed_offset: int = 0, create: boo
             f"NEW_NAME (or a new study: name), or delete the old one: optuna delete-study "
             f"--study-name {cfg.study} --storage {redact_url(cfg.storage)}"
         )
+    if data is not None:
+        check_data(cfg, study, data, store=True)
     return study
+
+
+def existing_study(cfg: SweepConfig, storage: Any) -> Any | None:
+    """The study if it exists in ``storage`` (nothing is created), else None."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=cfg.study, storage=storage)
+    except KeyError:
+        return None
+
+
+def _fix(cfg: SweepConfig) -> str:
+    return (
+        f"start a new study with --study NEW_NAME (or a new study: name), or delete the old one: "
+        f"optuna delete-study --study-name {cfg.study} --storage {redact_url(cfg.storage)}"
+    )
+
+
+def _what_changed(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The changed key parts of one backbone's features, in words."""
+    words = []
+    if old.get("images") != new.get("images"):
+        words.append("the images (their bytes, file names, classes or splits)")
+    if old.get("weights") != new.get("weights"):
+        words.append(f"the weights ({old.get('weights')} -> {new.get('weights')})")
+    for k in sorted(set(old) | set(new)):
+        if k not in ("images", "weights") and old.get(k) != new.get(k):
+            words.append(f"{k} ({old.get(k)} -> {new.get(k)})")
+    return ", ".join(words) or "the cache key"
+
+
+def check_data(
+    cfg: SweepConfig, study: Any, data: dict[str, dict[str, Any]], store: bool = False
+) -> None:
+    """Refuse a study whose trials were scored on other features than ``data`` (label ->
+    {"key", "parts"} of each backbone's feature cache entry): other images, splits, weights
+    or settings. ``store``: tie a study that has no record yet (new, or made before tlsweep
+    recorded it) to ``data``. A backbone absent from ``data`` (its ImageNet file is not
+    downloaded yet, so its key is unknown) is not checked."""
+    stored = study.user_attrs.get(DATA_ATTR)
+    if stored is None:
+        if store:
+            study.set_user_attr(DATA_ATTR, data)
+        return
+    for label, now in data.items():
+        was = stored.get(label)
+        if was is None or was.get("key") == now["key"]:
+            continue  # a backbone new to the study is refused by the space check
+        raise StudyError(
+            f"study '{cfg.study}' in {redact_url(cfg.storage)} was scored on other features: "
+            f"{label}: {_what_changed(was.get('parts', {}), now['parts'])} changed since; its "
+            f"trials would compete with trials on the new features: {_fix(cfg)}"
+        )
 
 
 def _space_json(cfg: SweepConfig) -> dict[str, Any]:
@@ -267,12 +335,15 @@ def run_trial(
     worker: str,
     *,
     keep_alive: AbstractContextManager[Any] | None = None,
+    alive: Callable[[], None] | None = None,
     requeue: Callable[[], None] | None = None,
 ) -> TrialResult:
     """The objective: sample, train the head on the cached features, report, tell Optuna.
 
-    ``keep_alive`` is held while the head trains (the worker's heartbeat); ``requeue`` is
-    called when the user interrupts the trial, so its parameters run again on resume.
+    ``keep_alive`` is held while the head trains (the worker's heartbeat); ``alive`` is called
+    after every epoch and before the trial is told complete, and raises to stop (fail) the
+    trial; ``requeue`` is called when the user interrupts the trial, so its parameters run
+    again on resume.
     """
     import optuna
     from optuna.trial import TrialState
@@ -304,6 +375,8 @@ def run_trial(
 
     def on_epoch(m: Any) -> None:
         history.append(m.as_dict())
+        if alive is not None:
+            alive()
         value = getattr(m, metric)
         trial.report(value, m.epoch)
         if trial.should_prune():
@@ -323,6 +396,8 @@ def run_trial(
                 on_epoch=on_epoch,
             )
             value = history[-1][metric]
+            if alive is not None:
+                alive()
             study.tell(trial, value)
             state = "COMPLETE"
         except optuna.TrialPruned:
@@ -330,19 +405,26 @@ def run_trial(
             study.tell(trial, state=TrialState.PRUNED)
             state = "PRUNED"
         except BaseException as e:  # noqa: BLE001 - a failed trial lets the study go on
-            error = f"{type(e).__name__}: {e}"
-            with contextlib.suppress(Exception):
-                study.tell(trial, state=TrialState.FAIL)
+            error = describe(e)
+            try:  # another worker may have failed it already (its heartbeat went stale)
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            except storage_errors() as e2:
+                log.warning("trial %d: its failure could not be recorded: %s", trial.number, e2)
             interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
             if interrupted and requeue is not None:  # the user stopped us: run these again
-                with contextlib.suppress(Exception):
+                try:
                     requeue()
+                except storage_errors() as e2:
+                    log.warning("trial %d: could not be queued again: %s", trial.number, e2)
             if tracker and run_id:
-                with contextlib.suppress(Exception):
+                try:
                     tracker.end_trial(run_id, "FAIL", history, {}, error)
+                except tracker.errors() as e2:
+                    log.warning(
+                        "trial %d: its MLflow run could not be closed: %s", trial.number, e2
+                    )
             if interrupted:
                 raise
-            log.warning("trial %d failed: %s", trial.number, error)
     seconds = time.perf_counter() - t0
     if tracker and run_id and state != "FAIL":
         # The trial's value is the last point of its per-epoch `metric` curve, which MLflow
@@ -351,6 +433,31 @@ def run_trial(
         final = {"epochs_run": len(history), "trial_seconds": seconds}
         tracker.end_trial(run_id, state, history, final, value=value)
     return TrialResult(state, value, params, history, seconds, error)
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """What a failing Optuna storage raises: Optuna wraps SQLAlchemy's errors in
+    StorageInternalError; journal files and SQLite raise OSError and sqlite3.Error."""
+    import sqlite3
+
+    import optuna
+    import sqlalchemy.exc
+
+    return (
+        optuna.exceptions.StorageInternalError,
+        sqlalchemy.exc.SQLAlchemyError,
+        sqlite3.Error,
+        OSError,
+    )
+
+
+def describe(e: BaseException) -> str:
+    """``Type: message`` of an error, and of the error that caused it (one line)."""
+    text = f"{type(e).__name__}: {e}"
+    cause = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    if cause is not None:
+        text += f" (caused by {type(cause).__name__}: {cause})"
+    return " ".join(text.split())
 
 
 def best_of(study: Any) -> tuple[float | None, int | None]:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tlsweep.config import SweepConfig, changes, resolved_record, resolved_yaml
-from tlsweep.errors import StudyError
+from tlsweep.errors import StudyError, StudyFailing
 from tlsweep.search import StudySummary, summarize
 
 log = logging.getLogger(__name__)
@@ -126,14 +126,14 @@ def run_sweep(
     With ``workers > 1`` this process prepares everything (features, study, parent run) and
     starts ``workers`` worker processes (``worker_argv``) on the same study, then waits.
     """
-    from tlsweep.features import extract_all
+    from tlsweep.features import extract_all, study_keys
     from tlsweep.search import load_features, open_study
     from tlsweep.stores import prepare_mlflow
     from tlsweep.tracking import Tracker, resolve_uri
     from tlsweep.workers import StudyRunner, open_storage
 
     preflight(cfg, cache=True)
-    entries = extract_all(cfg, progress)
+    entries = extract_all(cfg, progress, check=lambda keys: _check_existing(cfg, keys))
     # A command refused here leaves no new store behind: a broken tracking store is refused
     # before the storage is created, and a storage that cannot be opened before mlflow.db is;
     # the study comes before the MLflow experiment, so a refused study (another search space,
@@ -141,13 +141,17 @@ def run_sweep(
     prepare_mlflow(resolve_uri(cfg.tracking_uri), create=False)
     storage = open_storage(cfg)
     if workers > 1:
-        study = open_study(cfg, storage)
+        study = open_study(cfg, storage, data=study_keys(entries))
         tracker = Tracker(cfg.tracking_uri, cfg.study)
         attach_parent(cfg, study, tracker)
         record_resolved(cfg, study, tracker)
-        _run_workers(workers, worker_argv or [])
+        try:
+            _run_workers(workers, worker_argv or [])
+        except BaseException:  # close the parent run; what stopped the workers goes on up
+            _close_after_error(cfg, study, tracker)
+            raise
         summary = summarize(cfg, study)
-        _finish(cfg, study, tracker, summary, evaluate_winner, extracted=entries)
+        _finish_or_fail(cfg, study, tracker, summary, evaluate_winner, None, entries)
         return summary
     features = load_features([(bb, e) for bb, e, _ in entries])
     runner = StudyRunner(cfg, features, None, on_trial, worker_index or 0)
@@ -159,24 +163,76 @@ def run_sweep(
     try:
         runner.run()
         done = runner.finished() >= cfg.search.n_trials
-    finally:
-        summary = summarize(cfg, runner.study)
-        if worker_index is None:
-            try:
-                _finish(
-                    cfg,
-                    runner.study,
-                    tracker,
-                    summary,
-                    evaluate_winner and done,
-                    done,
-                    extracted=entries,
-                )
-            except Exception as e:  # noqa: BLE001 - the trials are safe; report and go on
-                log.warning("could not evaluate the winner: %s", e)
-                with contextlib.suppress(Exception):
-                    tracker.close_parent(done)
+    except BaseException:
+        if worker_index is None:  # close the parent run; what stopped the run goes on up
+            _close_after_error(cfg, runner.study, tracker)
+        raise
+    summary = summarize(cfg, runner.study)
+    if worker_index is None:
+        _finish_or_fail(
+            cfg, runner.study, tracker, summary, evaluate_winner and done, done, entries
+        )
     return summary
+
+
+def _finish_or_fail(
+    cfg: SweepConfig,
+    study: Any,
+    tracker: Any,
+    summary: StudySummary,
+    evaluate: bool,
+    done: bool | None,
+    extracted: list,
+) -> None:
+    """:func:`_finish`; a failure (scoring the winner, most likely) is a runtime failure that
+    names its cause: the finished trials are safe in the study."""
+    try:
+        _finish(cfg, study, tracker, summary, evaluate, done, extracted)
+    except Exception as e:  # noqa: BLE001 - re-raised as a one-line runtime failure
+        from tlsweep.search import describe
+        from tlsweep.tracking import tracking_errors
+
+        log.debug("scoring the winner failed", exc_info=True)
+        with contextlib.suppress(*tracking_errors()):
+            tracker.close_parent(bool(done))
+        raise StudyFailing(
+            f"study '{cfg.study}': {summary.finished} trials finished and saved, but scoring the "
+            f"winner failed: {describe(e)}; score it again with 'tlsweep best {cfg.path.name}'"
+        ) from None
+
+
+def _close_after_error(cfg: SweepConfig, study: Any, tracker: Any) -> None:
+    """Record the best trial and close the parent run after the run stopped on an error."""
+    from tlsweep.search import storage_errors
+    from tlsweep.tracking import tracking_errors
+
+    try:
+        _finish(cfg, study, tracker, summarize(cfg, study), False, False)
+    except (*tracking_errors(), *storage_errors()) as e:
+        log.warning("could not close the study's MLflow run: %s", e)
+
+
+def _check_existing(cfg: SweepConfig, keys: dict[str, dict[str, Any]]) -> None:
+    """Refuse, before extracting, to resume a study that was scored on other features."""
+    from tlsweep.search import check_data, existing_study
+    from tlsweep.workers import open_storage
+
+    try:
+        storage = open_storage(cfg, must_exist=True)
+    except StudyError:
+        return  # no storage file yet, so no study; a broken storage is reported when opened
+    study = existing_study(cfg, storage)
+    if study is not None:
+        check_data(cfg, study, keys)
+
+
+def check_study_data(cfg: SweepConfig, study: Any) -> None:
+    """Raise :class:`StudyError` if the sweep file's data, weights or settings no longer give
+    the features the study's trials were scored on (reads the images; extracts nothing)."""
+    from tlsweep.features import expected_keys
+    from tlsweep.search import check_data
+
+    check_data(cfg, study, expected_keys(cfg))
 
 
 def _finish(
@@ -215,13 +271,18 @@ def _run_workers(n: int, argv: Sequence[str]) -> None:
         # Ctrl-C reached the workers too (one process group); a SIGTERM only reached us:
         # pass it on, so each worker closes its trial and runs and stops.
         for p in procs:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(ProcessLookupError):
                 if p.poll() is None:
                     p.terminate()
         for p in procs:
-            with contextlib.suppress(Exception):
+            try:
                 p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                log.warning("worker %d did not stop within 60s of SIGTERM: killed", p.pid)
+                p.kill()
         raise
     bad = [c for c in codes if c != 0]
     if bad:
-        raise StudyError(f"{len(bad)} of {n} workers exited with an error (codes {bad}); see above")
+        raise StudyFailing(
+            f"{len(bad)} of {n} workers exited with an error (codes {bad}); see above"
+        )

@@ -211,8 +211,18 @@ def check_server(tracking_uri: str) -> None:
                 os.environ[k] = v
 
 
+def tracking_errors() -> tuple[type[BaseException], ...]:
+    """What a failing tracking store or server raises: MLflow's own errors, and OSError (the
+    HTTP client's errors are OSErrors)."""
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, OSError)
+
+
 class Tracker:
     """The MLflow side of one study."""
+
+    errors = staticmethod(tracking_errors)  # for callers that must not import MLflow
 
     def __init__(self, tracking_uri: str | None, study: str, parent_run_id: str | None = None):
         from mlflow import MlflowClient

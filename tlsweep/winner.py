@@ -60,10 +60,12 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
 
     from tlsweep.features import extract_all
     from tlsweep.head import HeadParams, evaluate_head, train_head
-    from tlsweep.search import suggest
+    from tlsweep.search import check_data, suggest
 
     best = best_trial(study)
-    entries = {bb.label: (bb, e) for bb, e, _ in (extracted or extract_all(cfg))}
+    # Never retrain the winner's parameters on features other than the ones it was chosen on.
+    extracted = extracted or extract_all(cfg, check=lambda keys: check_data(cfg, study, keys))
+    entries = {bb.label: (bb, e) for bb, e, _ in extracted}
     params = dict(best.params)
     # Replay the trial's parameters through the same suggest() code path (fixed ones included).
     full = suggest(optuna.trial.FixedTrial(params), cfg)
@@ -162,8 +164,10 @@ def log_reports(cfg: SweepConfig, study: Any, tracker: Any) -> list[str]:
                 fig.write_html(str(path), include_plotlyjs="cdn")
                 tracker.log_parent_artifact(str(path), "reports")
                 written.append(name)
-            except Exception as e:  # noqa: BLE001 - e.g. importances need 2+ varied trials
-                log.info("report %s skipped: %s", name, e)
+            except (ValueError, RuntimeError, ImportError) as e:  # e.g. importances need 2+
+                log.info("report %s skipped: %s", name, e)  # varied trials, or no plotly
+            except tracker.errors() as e:
+                log.warning("report %s not logged: %s", name, e)
     return written
 
 
@@ -275,7 +279,7 @@ def predict(
         raise TlsweepError(f"{model_path}: no such model file; create one with 'tlsweep export'")
     try:
         model = keras.models.load_model(model_path, safe_mode=True, compile=False)
-    except Exception as e:  # noqa: BLE001
+    except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile) as e:
         raise TlsweepError(
             f"{model_path}: not a loadable Keras model ({type(e).__name__})"
         ) from None

@@ -36,15 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from tlsweep.config import DEFAULT_CONNECT_TIMEOUT, SweepConfig, redact_url
-from tlsweep.errors import ConfigError, ServiceError, StudyError
+from tlsweep.errors import ConfigError, ServiceError, StudyError, StudyFailing
 from tlsweep.search import (
     FINISHED,
     FeatureData,
     TrialOutcome,
+    TrialResult,
     best_of,
     counts,
     open_study,
     run_trial,
+    storage_errors,
     study_storage,
     trial_id,
 )
@@ -88,6 +90,7 @@ def open_storage(cfg: SweepConfig, must_exist: bool = False) -> Any:
     engine_kwargs: dict[str, Any] = {}
     sqlite = _sqlite_path(url)
     if sqlite is not None:
+        check_local_sqlite(sqlite)  # not on a network filesystem
         prepare_optuna(url, create=not must_exist)  # built atomically; a half-built one checked
         try:
             sqlite.parent.mkdir(parents=True, exist_ok=True)
@@ -182,12 +185,73 @@ def check_database(url: str, field_name: str) -> None:
         engine.dispose()
 
 
+# Filesystems where SQLite's WAL (shared memory) and file locks do not work between machines.
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p")
+
+
+def network_filesystem(path: Path, mounts: str = "/proc/mounts") -> str | None:
+    """The type of the network filesystem ``path`` is on (``nfs4``, ``cifs``...), or None."""
+    try:
+        with open(mounts) as f:
+            rows = [line.split() for line in f]
+    except OSError:  # not Linux: cannot tell
+        return None
+    target = os.path.realpath(path)
+    best, fstype = "", None
+    for row in rows:
+        if len(row) < 3:
+            continue
+        mount = row[1].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, fstype = mount, row[2]
+    return fstype if fstype in NETWORK_FILESYSTEMS else None
+
+
+def check_local_sqlite(path: Path) -> None:
+    """Refuse a SQLite storage on a network filesystem: WAL needs shared memory between the
+    processes, and its file locks do not hold across machines, so workers would corrupt it."""
+    fstype = network_filesystem(path.parent if not path.exists() else path)
+    if fstype is not None:
+        raise ConfigError(
+            f"storage: {path} is on a network filesystem ({fstype}), where SQLite's locks and "
+            "WAL do not work; for workers on several machines use a database server "
+            "(storage: postgresql://... or mysql://...), or journal:FILE on the share; for one "
+            "machine, put the database on a local disk"
+        )
+
+
+# Seconds a worker waits for the storage lock before saying so (MySQL's GET_LOCK timeout), and
+# in all before giving up: the lock is held only while a trial is asked for and tagged.
+LOCK_WAIT = 60
+LOCK_GIVE_UP = 600
+
+
 @contextlib.contextmanager
 def storage_lock(url: str, name: str) -> Iterator[None]:
-    """A mutex shared by every worker of a storage, held in or beside the storage itself."""
+    """A mutex shared by every worker of a storage, held in or beside the storage itself.
+
+    SQLite and ``journal:FILE``: ``flock`` on ``FILE.lock`` (released by the OS if its holder
+    dies; a SQLite file on a network share is refused). ``journal:FILE`` on a network
+    filesystem, where ``flock`` may not hold between machines: Optuna's symlink lock.
+    PostgreSQL: ``pg_advisory_lock``. MySQL: ``GET_LOCK``, whose result is checked.
+    """
     path = _sqlite_path(url) or (
         Path(url[len("journal:") :]) if url.startswith("journal:") else None
     )
+    if path is not None and url.startswith("journal:") and network_filesystem(path.parent):
+        from optuna.storages.journal import JournalFileSymlinkLock
+
+        # link(2) is atomic on NFS; a holder that died is overridden after LOCK_WAIT seconds
+        target = Path(f"{path}.tlsweep")
+        target.touch(exist_ok=True)
+        lock = JournalFileSymlinkLock(str(target), grace_period=LOCK_WAIT)
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+        return
     if path is not None:
         fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -210,13 +274,48 @@ def storage_lock(url: str, name: str) -> Iterator[None]:
             finally:
                 con.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
         elif dialect in ("mysql", "mariadb"):
-            con.execute(sqlalchemy.text("SELECT GET_LOCK(:k, 60)"), {"k": f"tlsweep{key}"})
+            _mysql_get_lock(con, f"tlsweep{key}")
             try:
                 yield
             finally:
-                con.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": f"tlsweep{key}"})
+                released = con.execute(
+                    sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": f"tlsweep{key}"}
+                ).scalar()
+                if released != 1:
+                    log.warning("MySQL RELEASE_LOCK returned %r, not 1 (lock lost?)", released)
         else:
-            yield
+            raise StudyError(
+                f"storage: {redact_url(url)}: tlsweep has no worker lock for {dialect}; use "
+                "sqlite:///FILE, journal:FILE, postgresql://... or mysql://..."
+            )
+
+
+def _mysql_get_lock(con: Any, key: str) -> None:
+    """``GET_LOCK`` until it returns 1: 0 means it timed out (another worker holds it: wait
+    again, up to ``LOCK_GIVE_UP`` seconds), NULL means an error."""
+    import sqlalchemy
+
+    waited = 0
+    while True:
+        got = con.execute(
+            sqlalchemy.text("SELECT GET_LOCK(:k, :t)"), {"k": key, "t": LOCK_WAIT}
+        ).scalar()
+        if got == 1:
+            return
+        if got is None:
+            raise StudyFailing(
+                f"storage: MySQL GET_LOCK('{key}') failed (returned NULL: out of memory or the "
+                "thread was killed); run again"
+            )
+        waited += LOCK_WAIT
+        if waited >= LOCK_GIVE_UP:
+            raise StudyFailing(
+                f"storage: another worker has held the study's lock ({key}) for over "
+                f"{LOCK_GIVE_UP}s; a stopped or hung worker? Stop it and run again"
+            )
+        log.warning(
+            "waiting for the study's lock (%s), held by another worker for %ds", key, waited
+        )
 
 
 _ENGINES: dict[str, Any] = {}
@@ -301,22 +400,74 @@ def die_with_parent() -> None:
         threading.Thread(target=watch, name="tlsweep-parent-watch", daemon=True).start()
 
 
-class _Heartbeat:
-    """Records a running trial's heartbeat every ``interval`` seconds in a thread."""
+class HeartbeatLost(Exception):
+    """A running trial's heartbeat could not be recorded for longer than the grace period:
+    other workers count the trial as dead and retry its parameters, so this run stops."""
 
-    def __init__(self, storage: Any, trial_id: int, interval: float):
+
+class _Heartbeat:
+    """Records a running trial's heartbeat every ``interval`` seconds in a thread.
+
+    A failure to record it (a dropped database connection, a full disk) is logged once and
+    retried every interval; if no heartbeat was recorded for longer than ``grace_period``
+    seconds, other workers take the trial as dead and run its parameters again, so
+    :meth:`check` (called by the trial after every epoch) raises :class:`HeartbeatLost` and the
+    trial fails here instead of running twice.
+    """
+
+    def __init__(self, storage: Any, trial_id: int, interval: float, grace_period: float):
         self._storage = storage
         self._trial_id = trial_id
         self._interval = interval
+        self._grace = grace_period
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tlsweep-heartbeat")
+        self._last_ok = time.monotonic()  # the worker recorded one when it asked for the trial
+        self._first_error: str | None = None
+        self.lost: str | None = None  # why the trial must stop, once it must
+
+    def _beat(self) -> None:
+        try:
+            self._storage.record_heartbeat(self._trial_id)
+        except storage_errors() as e:
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e) else ''}"
+            silent = time.monotonic() - self._last_ok
+            if self._first_error is None:
+                self._first_error = error
+                log.warning(
+                    "trial heartbeat (storage id %d) could not be recorded (%s); retrying every "
+                    "%gs for up to %gs",
+                    self._trial_id,
+                    error,
+                    self._interval,
+                    self._grace,
+                )
+            if silent > self._grace and self.lost is None:
+                self.lost = (
+                    f"no heartbeat recorded for {silent:.0f}s (search.grace_period: "
+                    f"{self._grace:g}), so other workers take this trial as dead; first error: "
+                    f"{self._first_error}"
+                )
+                log.error("stopping the trial: %s", self.lost)
+            return
+        except BaseException as e:  # not a storage error: a bug; stop the trial and show it
+            self.lost = f"the heartbeat thread failed: {type(e).__name__}: {e}"
+            raise
+        if self._first_error is not None and self.lost is None:
+            log.info("trial heartbeat recorded again after %s", self._first_error)
+            self._first_error = None
+        self._last_ok = time.monotonic()
 
     def _run(self) -> None:
         while True:
-            with contextlib.suppress(Exception):
-                self._storage.record_heartbeat(self._trial_id)
+            self._beat()
             if self._stop.wait(self._interval):
                 return
+
+    def check(self) -> None:
+        """Raise :class:`HeartbeatLost` if the trial must stop (called between epochs)."""
+        if self.lost is not None:
+            raise HeartbeatLost(self.lost)
 
     def __enter__(self) -> _Heartbeat:
         if hasattr(self._storage, "record_heartbeat"):
@@ -329,23 +480,39 @@ class _Heartbeat:
             self._thread.join()
 
 
+def _age_seconds(start: datetime.datetime) -> float:
+    """Seconds since ``start``: aware (JournalStorage) or naive local time (RDBStorage's
+    getter turns the stored naive UTC into this machine's local time), compared in UTC."""
+    if start.tzinfo is None:
+        start = start.astimezone()  # naive means this machine's local time
+    return (datetime.datetime.now(datetime.timezone.utc) - start).total_seconds()
+
+
 def recover(
-    study: Any, retry: Callable[[Any, Any], None] | None, grace_period: float = 30.0
+    study: Any,
+    retry: Callable[[Any, Any], None] | None,
+    grace_period: float = 30.0,
+    lock: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> list[int]:
-    """Fail the trials of dead workers and queue their parameters again; returns their numbers."""
+    """Fail the trials of dead workers and queue their parameters again; returns their numbers.
+
+    A worker asks for a trial and tags it with its id under the storage lock, so a RUNNING
+    trial without a tag seen while holding that ``lock`` belongs to a process killed in
+    between (it has no heartbeat either, so Optuna's stale-trial check would never see it):
+    no clock is compared, so clock skew between machines cannot fail a live trial. Without
+    ``lock``, an untagged trial counts as orphaned once older than ``grace_period`` (in UTC).
+    """
     import optuna
     from optuna.trial import TrialState
 
     failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    with lock() if lock is not None else contextlib.nullcontext():
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in running:
         w = t.user_attrs.get(WORKER_ATTR) or t.system_attrs.get(WORKER_ATTR)
-        # A worker tags its trial within milliseconds of asking for it; an untagged trial older
-        # than the grace period was asked for by a process killed in between (no heartbeat
-        # either, so Optuna's stale-trial check would never see it).
-        orphan = (
-            not w
-            and t.datetime_start is not None
-            and ((datetime.datetime.now() - t.datetime_start).total_seconds() > grace_period)
+        orphan = not w and (
+            lock is not None
+            or (t.datetime_start is not None and _age_seconds(t.datetime_start) > grace_period)
         )
         if orphan or (w and worker_is_dead(w)):
             try:
@@ -385,7 +552,11 @@ class StudyRunner:
         self.tracker = tracker
         self.on_trial = on_trial
         self.storage = open_storage(cfg)
-        self.study = open_study(cfg, self.storage, seed_offset=worker_index)
+        data = {
+            label: {"key": f.entry.key, "parts": f.entry.manifest["key_parts"]}
+            for label, f in features.items()
+        }
+        self.study = open_study(cfg, self.storage, seed_offset=worker_index, data=data)
         self.worker = worker_id()
         self.retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.search.max_retry)
 
@@ -394,7 +565,12 @@ class StudyRunner:
         return sum(c[s] for s in FINISHED)
 
     def recover(self) -> None:
-        recover(self.study, self.retry, self.cfg.search.grace_period)
+        recover(
+            self.study,
+            self.retry,
+            self.cfg.search.grace_period,
+            lock=lambda: storage_lock(self.cfg.storage, self.cfg.study),
+        )
         if self.tracker is not None:
             states = {t.number: t.state.name for t in self.study.get_trials(deepcopy=False)}
             alive = {n for n, s in states.items() if s == "RUNNING"}
@@ -422,6 +598,7 @@ class StudyRunner:
             time.monotonic() + self.cfg.search.timeout if self.cfg.search.timeout else math.inf
         )
         ran = 0
+        failing: list[tuple[int, str]] = []  # the trials failed in a row: (number, error)
         last_recover = time.monotonic()
         while time.monotonic() < deadline and not (stop and stop.is_set()):
             trial, done = self._next_trial()
@@ -433,13 +610,37 @@ class StudyRunner:
                     last_recover = time.monotonic()
                 time.sleep(0.5)
                 continue
-            self._run_trial(trial)
+            result = self._run_trial(trial)
             ran += 1
+            if result.state != "FAIL":
+                failing.clear()
+                continue
+            failing.append((trial.number, result.error or "no error message"))
+            self._stop_if_failing(failing)
         self.recover()
         return ran
 
-    def _run_trial(self, trial: Any) -> None:
+    def _stop_if_failing(self, failing: list[tuple[int, str]]) -> None:
+        """Log a failed trial (a repeated error once), and stop the study when
+        ``search.max_failures`` trials failed in a row: it cannot succeed as it is."""
+        number, error = failing[-1]
+        first_number, first = failing[0]
+        if len(failing) == 1 or error != first:
+            log.warning("trial %d failed: %s", number, error)
+        else:
+            log.debug("trial %d failed the same way", number)
+        limit = self.cfg.search.max_failures
+        if len(failing) >= limit:
+            raise StudyFailing(
+                f"study '{self.cfg.study}': {len(failing)} trials in a row failed "
+                f"(search.max_failures: {limit}), so the run stops; the first, trial "
+                f"{first_number}: {first}; fix the cause and run again (finished trials are kept)"
+            )
+
+    def _run_trial(self, trial: Any) -> TrialResult:
         study, tid = self.study, trial_id(trial)
+        s = self.cfg.search
+        heartbeat = _Heartbeat(self.storage, tid, s.heartbeat_interval, s.grace_period)
         result = run_trial(
             study,
             trial,
@@ -447,7 +648,8 @@ class StudyRunner:
             self.features,
             self.tracker,
             self.worker,
-            keep_alive=_Heartbeat(self.storage, tid, self.cfg.search.heartbeat_interval),
+            keep_alive=heartbeat,
+            alive=heartbeat.check,
             requeue=lambda: self.retry(study, study_storage(study).get_trial(tid)),
         )
         if self.on_trial:
@@ -466,3 +668,4 @@ class StudyRunner:
                     result.error,
                 )
             )
+        return result
