@@ -44,11 +44,27 @@ DEFAULT_METRIC = "val_accuracy"
 DEFAULT_HEARTBEAT_INTERVAL = 5  # seconds between a running trial's heartbeats
 DEFAULT_GRACE_PERIOD = 30  # seconds without a heartbeat before a trial is taken as dead
 DEFAULT_MAX_RETRY = 3  # how often the parameters of a trial killed mid-way are retried
+DEFAULT_CV_FOLDS = None  # None (or 0, 1): no cross-validation; K >= 2: K stratified folds of train
+DEFAULT_REPEATS = 1  # heads trained per trial (per fold) with seeds seed, seed+1, ...; averaged
+DEFAULT_CLASS_WEIGHT = "none"  # none | balanced | {class name: weight}
+DEFAULT_REGISTER = None  # a registered model name for `tlsweep export`, or None
+MIN_VALIDATION_PER_CLASS = 5  # fewer validation images of a class than this: a warning
+BOOTSTRAP_SAMPLES = 2000  # resamples of the test images for the winner's 95% intervals
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc")
 PRUNERS = ("median", "hyperband", "none")
 DIRECTIONS = ("maximize", "minimize")
-METRICS = ("val_accuracy", "val_loss")
+# The objective metrics and the direction each must be optimised in.
+METRIC_DIRECTIONS: dict[str, str] = {
+    "val_accuracy": "maximize",
+    "val_loss": "minimize",
+    "val_balanced_accuracy": "maximize",
+    "val_macro_f1": "maximize",
+    "val_roc_auc": "maximize",  # two classes only
+    "val_log_loss": "minimize",  # cross-entropy without label smoothing
+}
+METRICS = tuple(METRIC_DIRECTIONS)
+CLASS_WEIGHTS = ("none", "balanced")
 POOLINGS = ("avg", "max", "flatten")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 
@@ -175,6 +191,9 @@ class SearchConfig:
     heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL
     grace_period: int = DEFAULT_GRACE_PERIOD
     max_retry: int = DEFAULT_MAX_RETRY
+    cv_folds: int | None = DEFAULT_CV_FOLDS
+    repeats: int = DEFAULT_REPEATS
+    class_weight: str | Mapping[str, float] = DEFAULT_CLASS_WEIGHT
 
 
 @dataclass(frozen=True)
@@ -190,6 +209,7 @@ class SweepConfig:
     storage: str
     tracking_uri: str | None
     text: str = ""  # the sweep file's text, logged to MLflow
+    register: str | None = DEFAULT_REGISTER  # registered model name for `tlsweep export`
 
     def space_fingerprint(self) -> str:
         """A hash of the search space, stored in the study to refuse a changed space."""
@@ -197,6 +217,15 @@ class SweepConfig:
         payload["backbone"] = [b.label for b in self.backbones]
         payload["direction"] = self.search.direction
         payload["metric"] = self.search.metric
+        # Only when set, so studies made before these keys existed keep their fingerprint.
+        for key, default in (
+            ("cv_folds", DEFAULT_CV_FOLDS),
+            ("repeats", DEFAULT_REPEATS),
+            ("class_weight", DEFAULT_CLASS_WEIGHT),
+        ):
+            value = getattr(self.search, key)
+            if value != default:
+                payload[key] = dict(value) if isinstance(value, Mapping) else value
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
@@ -206,7 +235,16 @@ class SweepConfig:
 
 
 # --- parsing -----------------------------------------------------------------------------------
-_TOP_KEYS = ("study", "data", "backbones", "cache_dir", "search", "storage", "tracking_uri")
+_TOP_KEYS = (
+    "study",
+    "data",
+    "backbones",
+    "cache_dir",
+    "search",
+    "storage",
+    "tracking_uri",
+    "register",
+)
 _DATA_KEYS = ("dir", "validation_split", "test_split", "seed")
 _BACKBONE_KEYS = ("name", "weights", "input_size", "pooling", "args")
 _SEARCH_KEYS = (
@@ -221,6 +259,9 @@ _SEARCH_KEYS = (
     "heartbeat_interval",
     "grace_period",
     "max_retry",
+    "cv_folds",
+    "repeats",
+    "class_weight",
 )
 _PARAM_KEYS = ("low", "high", "log", "step", "choices")
 
@@ -514,7 +555,7 @@ def load_sweep(
     space = {n: _parse_param(where, n, merged[n]) for n in HEAD_PARAMS}
     direction = _choice(where, "search.direction", s_raw.get("direction", "maximize"), DIRECTIONS)
     metric = _choice(where, "search.metric", s_raw.get("metric", DEFAULT_METRIC), METRICS)
-    expected = "maximize" if metric == "val_accuracy" else "minimize"
+    expected = METRIC_DIRECTIONS[metric]
     if direction != expected:
         raise ConfigError(
             f"{where}: search.direction: got '{direction}' for metric '{metric}'; "
@@ -539,6 +580,9 @@ def load_sweep(
             where, "search.grace_period", s_raw.get("grace_period", DEFAULT_GRACE_PERIOD), 2
         ),
         max_retry=_int(where, "search.max_retry", s_raw.get("max_retry", DEFAULT_MAX_RETRY), 0),
+        cv_folds=_cv_folds(where, s_raw.get("cv_folds", DEFAULT_CV_FOLDS)),
+        repeats=_int(where, "search.repeats", s_raw.get("repeats", DEFAULT_REPEATS), 1, 100),
+        class_weight=_class_weight(where, s_raw.get("class_weight", DEFAULT_CLASS_WEIGHT)),
     )
     if search.grace_period <= search.heartbeat_interval:
         raise ConfigError(
@@ -563,6 +607,14 @@ def load_sweep(
     if tracking_uri is not None and (not isinstance(tracking_uri, str) or not tracking_uri):
         raise _fail(where, "tracking_uri", tracking_uri, "expected an MLflow tracking URI or null")
 
+    register = raw.get("register", DEFAULT_REGISTER)
+    if register is not None and (
+        not isinstance(register, str) or not re.fullmatch(r"[\w.\- ]{1,200}", register.strip())
+    ):
+        raise _fail(
+            where, "register", register, "expected a model name (letters, digits, _ . - space)"
+        )
+
     return SweepConfig(
         path=path.resolve(),
         study=name,
@@ -573,7 +625,33 @@ def load_sweep(
         storage=st,
         tracking_uri=tracking_uri,
         text=text,
+        register=register.strip() if register else None,
     )
+
+
+def _cv_folds(where: str, v: Any) -> int | None:
+    """``null``, 0 or 1: off; otherwise the number of folds (2 to 20)."""
+    if v is None or (_is_int(v) and v in (0, 1)):
+        return None
+    return _int(where, "search.cv_folds", v, 2, 20)
+
+
+def _class_weight(where: str, v: Any) -> str | dict[str, float]:
+    """``none``, ``balanced`` or a mapping of class names to positive weights."""
+    name = "search.class_weight"
+    allowed = "allowed: none | balanced | {class name: weight > 0}"
+    if v is None:
+        return "none"
+    if isinstance(v, str):
+        return _choice(where, name, v, CLASS_WEIGHTS)
+    if not isinstance(v, dict) or not v:
+        raise _fail(where, name, v, allowed)
+    out: dict[str, float] = {}
+    for k, w in v.items():
+        if not _is_num(w) or w <= 0:
+            raise _fail(where, f"{name}.{k}", w, "expected a weight > 0")
+        out[str(k)] = float(w)
+    return out
 
 
 # The SQLAlchemy dialects Optuna's RDBStorage can use (sqlite is handled above).

@@ -64,11 +64,13 @@ def run_sweep(
     starts ``workers`` worker processes (``worker_argv``) on the same study, then waits.
     """
     from tlsweep.features import extract_all
-    from tlsweep.search import load_features, open_study
+    from tlsweep.search import check_setup, load_features, open_study
     from tlsweep.tracking import Tracker
     from tlsweep.workers import StudyRunner, open_storage
 
     entries = extract_all(cfg, progress)
+    if worker_index is None:  # workers of `--workers N`: their parent has checked
+        check_setup(cfg, [(bb, e) for bb, e, _ in entries])
     tracker = Tracker(cfg.tracking_uri, cfg.study)
     if workers > 1:
         study = open_study(cfg, open_storage(cfg))

@@ -60,7 +60,7 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
 
     from tlsweep.features import extract_all
     from tlsweep.head import HeadParams, evaluate_head, train_head
-    from tlsweep.search import suggest
+    from tlsweep.search import suggest, training_options
 
     best = best_trial(study)
     entries = {bb.label: (bb, e) for bb, e, _ in (extracted or extract_all(cfg))}
@@ -74,7 +74,8 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
     xt, yt = entry.split("train")
     xv, yv = entry.split("validation")
     hp = HeadParams.from_dict({**full, "seed": cfg.search.seed})
-    head = train_head(xt, yt, xv, yv, len(entry.class_names), hp)
+    names = list(entry.class_names)
+    head = train_head(xt, yt, xv, yv, len(names), hp, **training_options(cfg, yt, names))
     xs, ys = entry.split("test")
     test = evaluate_head(head, xs, ys) if len(ys) else None
     if test is not None:
