@@ -201,6 +201,19 @@ def _short_params(params: dict[str, Any], cfg: Any) -> str:
     return " ".join(f"{k}={_fmt(v)}" for k, v in items)
 
 
+def _with_ci(test: dict[str, Any]) -> str:
+    """``accuracy 0.9420 (95% CI 0.927-0.956)``, and the same for the objective's metric."""
+    ci = test.get("ci", {})
+    parts = []
+    for name in ci or ["accuracy"]:
+        part = f"{name.replace('_', ' ')} {test[name]:.4f}"
+        if name in ci:
+            lo, hi = ci[name]
+            part += f" (95% CI {lo:.3f}-{hi:.3f})"
+        parts.append(part)
+    return ", ".join(parts)
+
+
 def _print_summary(summary: Any, cfg: Any) -> None:
     c = summary.counts
     print(
@@ -217,9 +230,11 @@ def _print_summary(summary: Any, cfg: Any) -> None:
             )
     if summary.test is not None:
         t = summary.test
+        b = summary.best[0]
         print(
-            f"\nwinner (trial {summary.best[0]['number']}) on the held-out test split: "
-            f"accuracy {t['accuracy']:.4f}, loss {t['loss']:.4f} ({t['n']} images)"
+            f"\nwinner (trial {b['number']}): validation {summary.metric} {b['value']:.4f} "
+            f"(the best of {summary.finished} trials, so optimistic); on the held-out test "
+            f"split: {_with_ci(t)}, loss {t['loss']:.4f} ({t['n']} images)"
         )
     elif summary.test_note:
         print(f"\nwinner: {summary.test_note}; no test score reported")
@@ -344,7 +359,7 @@ def _print_test(w: Any, cfg: Any) -> None:
         print("no test split (no test/ folder, or test_split: 0): no test score reported")
         return
     t = w.test
-    print(f"test accuracy {t['accuracy']:.4f}, loss {t['loss']:.4f} on {t['n']} held-out images")
+    print(f"test {_with_ci(t)}, loss {t['loss']:.4f} on {t['n']} held-out images")
     names = t["class_names"]
     print(f"{'class':<20} {'precision':>9} {'recall':>7}")
     for n, p, r in zip(names, t["precision"], t["recall"], strict=True):

@@ -39,6 +39,8 @@ class Winner:
     entry: Any
     head: Any
     test: dict[str, Any] | None  # None: no test split
+    test_proba: Any = None  # [n, classes] probabilities on the test split
+    test_labels: Any = None  # [n] true labels of the test split
 
 
 def best_trial(study: Any) -> Any:
@@ -78,9 +80,30 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
     head = train_head(xt, yt, xv, yv, len(names), hp, **training_options(cfg, yt, names))
     xs, ys = entry.split("test")
     test = evaluate_head(head, xs, ys) if len(ys) else None
+    proba = None
     if test is not None:
         test["class_names"] = entry.class_names
-    return Winner(best.number, float(best.value), full, bb, entry, head, test)
+        proba = head.predict_proba(np.asarray(xs, np.float32))
+        test.update(score_test(cfg, proba, ys))
+    return Winner(best.number, float(best.value), full, bb, entry, head, test, proba, ys)
+
+
+def score_test(cfg: SweepConfig, proba: Any, y: Any) -> dict[str, Any]:
+    """The objective's metric on the test images (when it has a test form) and a seeded 95%
+    bootstrap interval over the test images for it and for accuracy (``ci``)."""
+    from tlsweep.config import BOOTSTRAP_SAMPLES
+    from tlsweep.metrics import SCORES, bootstrap_intervals, scores
+
+    names = ["accuracy"]
+    objective = cfg.search.metric.removeprefix("val_")
+    if objective in SCORES and objective != "accuracy":
+        names.append(objective)
+    out: dict[str, Any] = {k: v for k, v in scores(proba, y, names).items() if k != "accuracy"}
+    ci = bootstrap_intervals(proba, y, names, samples=BOOTSTRAP_SAMPLES, seed=cfg.search.seed)
+    out["ci"] = {k: list(v) for k, v in ci.items()}
+    out["ci_level"] = 0.95
+    out["ci_samples"] = BOOTSTRAP_SAMPLES
+    return out
 
 
 def evaluate_and_log(
@@ -95,6 +118,10 @@ def evaluate_and_log(
         if w.test is not None:
             metrics["test_accuracy"] = w.test["accuracy"]
             metrics["test_loss"] = w.test["loss"]
+            for name, (lo, hi) in w.test.get("ci", {}).items():
+                metrics[f"test_{name}"] = w.test[name]
+                metrics[f"test_{name}_ci_low"] = lo
+                metrics[f"test_{name}_ci_high"] = hi
             for name, p, r in zip(
                 w.entry.class_names, w.test["precision"], w.test["recall"], strict=True
             ):
