@@ -37,9 +37,7 @@ def test_roc_auc_counts_ties_half() -> None:
     score = np.array([0.5, 0.5, 0.5, 0.9])
     y = np.array([0, 1, 0, 1])
     proba = np.stack([1 - score, score], axis=1)
-    assert scores(proba, y, ["roc_auc"])["roc_auc"] == pytest.approx(
-        skm.roc_auc_score(y, score)
-    )
+    assert scores(proba, y, ["roc_auc"])["roc_auc"] == pytest.approx(skm.roc_auc_score(y, score))
 
 
 def test_balanced_accuracy_sees_what_accuracy_hides() -> None:
