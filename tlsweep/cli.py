@@ -383,9 +383,13 @@ def cmd_best(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from tlsweep.winner import export
 
+    if args.register is not None:
+        from tlsweep.config import model_name
+
+        args.register = model_name("tlsweep export", "--register", args.register)
     cfg, study, tracker = _study_and_tracker(args)
     try:
-        w = export(cfg, study, args.output, tracker)
+        w, reg = export(cfg, study, args.output, tracker, args.register)
     finally:
         tracker.close_parent(True)
     _print_test(w, cfg)
@@ -393,6 +397,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"exported {args.output} (raw RGB images of any size -> probabilities of "
         f"{', '.join(w.entry.class_names)})"
     )
+    if reg is not None:
+        if reg.promoted:
+            was = f" (was {reg.previous:.4f})" if reg.previous is not None else ""
+            state = f"now models:/{reg.name}@champion{was}"
+        else:
+            state = f"models:/{reg.name}@champion stays ({reg.previous:.4f} or better)"
+            if reg.previous is None:
+                state = f"models:/{reg.name}@champion was scored on another metric: it stays"
+        print(
+            f"registered {reg.name} version {reg.version} "
+            f"(validation {cfg.search.metric} {w.value:.4f}): {state}"
+        )
     return 0
 
 
@@ -456,6 +472,12 @@ def _register_run(sub: Any) -> None:
     ex.add_argument("--study", metavar="NAME")
     ex.add_argument("--storage", metavar="URL")
     ex.add_argument("--tracking-uri", metavar="URI")
+    ex.add_argument(
+        "--register",
+        metavar="NAME",
+        help="register the model as a new version of NAME in the MLflow model registry; "
+        "alias champion moves to it when its validation score is better (overrides register:)",
+    )
     ex.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("predict", help="classify image files and folders with an exported model")

@@ -608,12 +608,8 @@ def load_sweep(
         raise _fail(where, "tracking_uri", tracking_uri, "expected an MLflow tracking URI or null")
 
     register = raw.get("register", DEFAULT_REGISTER)
-    if register is not None and (
-        not isinstance(register, str) or not re.fullmatch(r"[\w.\- ]{1,200}", register.strip())
-    ):
-        raise _fail(
-            where, "register", register, "expected a model name (letters, digits, _ . - space)"
-        )
+    if register is not None:
+        register = model_name(where, "register", register)
 
     return SweepConfig(
         path=path.resolve(),
@@ -625,8 +621,15 @@ def load_sweep(
         storage=st,
         tracking_uri=tracking_uri,
         text=text,
-        register=register.strip() if register else None,
+        register=register,
     )
+
+
+def model_name(where: str, field_name: str, v: Any) -> str:
+    """A registered model's name: letters, digits, ``_ . -`` and spaces, up to 200."""
+    if not isinstance(v, str) or not re.fullmatch(r"[\w.\- ]{1,200}", v.strip()):
+        raise _fail(where, field_name, v, "expected a model name (letters, digits, _ . - space)")
+    return v.strip()
 
 
 def _cv_folds(where: str, v: Any) -> int | None:

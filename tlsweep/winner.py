@@ -137,6 +137,11 @@ def evaluate_and_log(
         tracker.log_parent_metrics(metrics)
         tracker.set_parent_tag("winner_trial", str(w.number))
         log_reports(cfg, study, tracker)
+        if w.test is not None:
+            try:
+                tracker.log_evaluation(w.test_proba, w.test_labels, list(w.entry.class_names))
+            except Exception as e:  # noqa: BLE001 - the test score above is logged already
+                log.warning("MLflow's evaluation of the winner failed: %s", e)
     return w
 
 
@@ -232,8 +237,28 @@ def metadata(cfg: SweepConfig, w: Winner) -> dict[str, Any]:
     }
 
 
-def export(cfg: SweepConfig, study: Any, output: str | Path, tracker: Any | None) -> Winner:
-    """Write the winner as one ``.keras`` file (and log it to the parent run as an MLflow model)."""
+@dataclass
+class Registration:
+    """What :func:`export` did in the model registry."""
+
+    name: str
+    version: int
+    promoted: bool  # the `champion` alias now points at this version
+    previous: float | None  # the champion's validation score before, if it had one
+
+
+def export(
+    cfg: SweepConfig,
+    study: Any,
+    output: str | Path,
+    tracker: Any | None,
+    register: str | None = None,
+) -> tuple[Winner, Registration | None]:
+    """Write the winner as one ``.keras`` file (and log it to the parent run as an MLflow model).
+
+    ``register`` (or the sweep's ``register:``): also register that MLflow model as a new
+    version of this registered model, promoted to ``@champion`` on its validation score.
+    """
     output = Path(output)
     if output.suffix != ".keras":
         raise TlsweepError(f"--output {output}: the file name must end in .keras")
@@ -246,9 +271,23 @@ def export(cfg: SweepConfig, study: Any, output: str | Path, tracker: Any | None
     with zipfile.ZipFile(tmp, "a") as z:
         z.writestr(METADATA_NAME, json.dumps(meta, indent=1, default=str))
     os.replace(tmp, output)
+    name = register or cfg.register
+    reg = None
     if tracker is not None and tracker.parent_run_id:
-        tracker.log_parent_model(model, meta, output)
-    return w
+        uri = tracker.log_parent_model(model, meta, output)
+        if name and uri:
+            version, promoted, before = tracker.register(
+                uri,
+                name,
+                w.value,
+                cfg.search.metric,
+                cfg.search.direction,
+                {"tlsweep.trial": w.number, "tlsweep.backbone": w.backbone.label},
+            )
+            reg = Registration(name, version, promoted, before)
+    elif name:
+        raise TlsweepError(f"--register {name}: needs the study's MLflow parent run")
+    return w, reg
 
 
 def read_metadata(model_path: str | Path) -> dict[str, Any]:
