@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -118,27 +119,31 @@ def test_export_registers_a_champion_on_the_validation_score(registered: dict[st
 
 
 LOAD = """
-import sys, numpy as np, mlflow
+import sys, keras, numpy as np, mlflow
 from PIL import Image
 mlflow.set_tracking_uri(sys.argv[1])
 model = mlflow.pyfunc.load_model(sys.argv[2])
-for f in sys.argv[3:]:
+exported = keras.models.load_model(sys.argv[3], safe_mode=True, compile=False)
+for f in sys.argv[4:]:
     image = np.asarray(Image.open(f).convert("RGB"), np.float32)[None]  # raw, its own size
     p = np.asarray(model.predict(image))[0]
-    print(f, *p.tolist())
+    q = np.asarray(exported.predict_on_batch(image))[0]
+    print(f, *p.tolist(), float(np.abs(p - q).max()))
 """
 
 
 def test_champion_loads_in_a_fresh_python_and_predicts_raw_photos(
     registered: dict[str, Any], cats_dogs_small: Path, tmp_path: Path
 ) -> None:
-    photos = [sorted((cats_dogs_small / "test" / c).iterdir())[:3] for c in ("cats", "dogs")]
-    files = [str(f) for fs in photos for f in fs]
+    photos = {c: sorted((cats_dogs_small / "test" / c).iterdir())[:4] for c in ("cats", "dogs")}
+    files = [str(f) for fs in photos.values() for f in fs]
+    model = str(registered["model"])
     r = subprocess.run(
-        [sys.executable, "-c", LOAD, registered["tracking"], f"models:/{NAME}@champion", *files],
+        [sys.executable, "-c", LOAD, registered["tracking"], f"models:/{NAME}@champion", model]
+        + files,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         cwd=tmp_path,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
@@ -146,18 +151,13 @@ def test_champion_loads_in_a_fresh_python_and_predicts_raw_photos(
     got = {}
     for line in r.stdout.splitlines():
         parts = line.split()
-        if len(parts) == 3 and parts[0] in files:
-            got[parts[0]] = (float(parts[1]), float(parts[2]))
+        if len(parts) == 4 and parts[0] in files:
+            got[parts[0]] = [float(v) for v in parts[1:]]
     assert sorted(got) == sorted(files)
-    # the same probabilities as the exported file gives through `tlsweep predict`
-    csv_path = tmp_path / "p.csv"
-    assert (
-        run_cli("predict", str(registered["model"]), *files, "--csv", str(csv_path)).returncode == 0
-    )
-    meta = json.loads(__import__("zipfile").ZipFile(registered["model"]).read("tlsweep.json"))
-    for row in csv.DictReader(csv_path.open()):
-        p = got[row["file"]]
-        k = max(range(2), key=lambda i: p[i])
-        assert meta["class_names"][k] == row["class"]
-        assert p[k] == pytest.approx(float(row["probability"]), abs=0.02)
-        assert sum(p) == pytest.approx(1.0, abs=1e-5)
+    names = json.loads(zipfile.ZipFile(model).read("tlsweep.json"))["class_names"]
+    correct = 0
+    for f, (p_cat, p_dog, diff) in got.items():
+        assert p_cat + p_dog == pytest.approx(1.0, abs=1e-5)
+        assert diff < 1e-5  # the champion is the exported model, to the float
+        correct += names[int(p_dog > p_cat)] == Path(f).parent.name
+    assert correct >= 6, got  # 8 photos; the winner scores about 0.8 on this small test split

@@ -266,10 +266,11 @@ def training_options(cfg: SweepConfig, y_train: Any, class_names: list[str]) -> 
     """The keyword arguments of ``train_head`` that come from the ``search:`` section."""
     from tlsweep.head import class_weight_vector
 
-    return {
-        "class_weights": class_weight_vector(cfg.search.class_weight, y_train, class_names),
-        "extra_metrics": extra_metrics(cfg, len(class_names)),
-    }
+    try:
+        weights = class_weight_vector(cfg.search.class_weight, y_train, class_names)
+    except ValueError as e:  # a class name the data does not have
+        raise StudyError(str(e)) from None
+    return {"class_weights": weights, "extra_metrics": extra_metrics(cfg, len(class_names))}
 
 
 def stratified_folds(y: Any, k: int, seed: int) -> list[Any]:
@@ -307,10 +308,7 @@ def check_setup(cfg: SweepConfig, backbones: list[tuple[BackboneConfig, Any]]) -
                 f"{entry.manifest['data_dir']} has {len(names)}: use "
                 "val_balanced_accuracy, val_macro_f1 or val_log_loss"
             )
-        try:
-            training_options(cfg, y_train, names)
-        except ValueError as e:
-            raise StudyError(str(e)) from None
+        training_options(cfg, y_train, names)
         k = cfg.search.cv_folds
         if k:
             where = "held-out fold of the training split"
