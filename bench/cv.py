@@ -89,18 +89,64 @@ def run_one(sweep: Path, name: str, out: Path) -> dict[str, Any]:
     }
 
 
+def table(rows: list[dict[str, Any]], folds: int) -> str:
+    """The README's Markdown table, one row per (sweep, seed)."""
+    out = [
+        f"| sweep | seed | winner off / cv{folds} | selection score off / cv | "
+        "untouched validation off / cv | test off / cv (95% CI) | run seconds off / cv |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        o, c = r["off"], r["cv"]
+        same = "same" if o["winner"] == c["winner"] else "changed"
+        out.append(
+            f"| {r['sweep']} | {r['seed']} | #{o['winner']} / #{c['winner']} ({same}) | "
+            f"{o['selection']:.4f} / {c['selection']:.4f} | "
+            f"{o['validation']:.4f} / {c['validation']:.4f} | "
+            f"{o['test']:.3f} [{o['test_ci'][0]:.3f}, {o['test_ci'][1]:.3f}] / "
+            f"{c['test']:.3f} [{c['test_ci'][0]:.3f}, {c['test_ci'][1]:.3f}] | "
+            f"{o['seconds']:.0f} / {c['seconds']:.0f} ({c['seconds'] / o['seconds']:.1f}x) |"
+        )
+    return "\n".join(out)
+
+
+def rows_from_log(paths: list[Path]) -> list[dict[str, Any]]:
+    """Rows rebuilt from the ``NAME: {json}`` lines this script writes to stderr."""
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            name, sep, payload = line.partition(": ")
+            if not sep or not payload.startswith("{"):
+                continue
+            sweep, seed, label = name.rsplit("-", 2)
+            row = runs.setdefault((sweep, int(seed)), {"sweep": sweep, "seed": int(seed)})
+            row[label] = json.loads(payload)
+    return [r for r in runs.values() if "off" in r and "cv" in r]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("sweeps", nargs="+", type=Path)
+    p.add_argument("sweeps", nargs="*", type=Path)
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--n-trials", type=int, default=20)
     p.add_argument("--sampler", default="random")
     p.add_argument("--pruner", default="none")
-    p.add_argument("--out", type=Path, required=True, help="a new folder for stores and sweeps")
+    p.add_argument("--out", type=Path, help="a new folder for stores and sweeps")
     p.add_argument("--cache-dir", type=Path, default=Path(".tlsweep/cache"))
     p.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    p.add_argument(
+        "--from-log",
+        nargs="+",
+        type=Path,
+        help="print the table from earlier runs' stderr logs instead of running",
+    )
     a = p.parse_args()
+    if a.from_log:
+        print(table(rows_from_log(a.from_log), a.folds))
+        return 0
+    if a.out is None:
+        p.error("--out is required (unless --from-log)")
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for src in a.sweeps:
@@ -113,22 +159,7 @@ def main() -> int:
                 row[label] = run_one(write_sweep(src, out, name, seed, folds, a), name, out)
                 print(f"{name}: {json.dumps(row[label])}", file=sys.stderr, flush=True)
             rows.append(row)
-    print(
-        f"| sweep | seed | winner off / cv{a.folds} | selection score off / cv | "
-        "untouched validation off / cv | test off / cv (95% CI) | run seconds off / cv |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        o, c = r["off"], r["cv"]
-        same = "same" if o["winner"] == c["winner"] else "changed"
-        print(
-            f"| {r['sweep']} | {r['seed']} | #{o['winner']} / #{c['winner']} ({same}) | "
-            f"{o['selection']:.4f} / {c['selection']:.4f} | "
-            f"{o['validation']:.4f} / {c['validation']:.4f} | "
-            f"{o['test']:.4f} [{o['test_ci'][0]:.3f}, {o['test_ci'][1]:.3f}] / "
-            f"{c['test']:.4f} [{c['test_ci'][0]:.3f}, {c['test_ci'][1]:.3f}] | "
-            f"{o['seconds']:.0f} / {c['seconds']:.0f} ({c['seconds'] / o['seconds']:.1f}x) |"
-        )
+    print(table(rows, a.folds))
     if a.json:
         print(json.dumps(rows, indent=1))
     return 0
