@@ -150,3 +150,44 @@ def test_setup_refuses_unknown_classes_and_warns_about_tiny_folds(
     with pytest.raises(StudyError, match="search.class_weight: unknown class birds"):
         run_sweep(cfg)
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_roc_auc_needs_two_classes(
+    flowers_features: Any, flowers_small: Path, shared_cache: Path, tmp_path: Path
+) -> None:
+    from tlsweep.search import check_setup
+
+    cfg = load_sweep(_sweep(tmp_path, flowers_small, shared_cache, metric="val_roc_auc"))
+    with pytest.raises(StudyError, match="search.metric: got 'val_roc_auc'; it needs two classes"):
+        check_setup(cfg, [(None, flowers_features)])
+
+
+def test_a_balanced_sweep_optimises_balanced_accuracy(
+    entry: Any, tmp_path: Path, imbalanced: Path, shared_cache: Path
+) -> None:
+    import optuna
+    from mlflow import MlflowClient
+
+    from tlsweep.sweep import run_sweep
+
+    cfg = load_sweep(
+        _sweep(
+            tmp_path,
+            imbalanced,
+            shared_cache,
+            n_trials=2,
+            class_weight="balanced",
+            metric="val_balanced_accuracy",
+        )
+    )
+    assert run_sweep(cfg).finished == 2
+    study = optuna.load_study(study_name="test", storage=cfg.storage)
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp = client.get_experiment_by_name("test")
+    for run in client.search_runs([exp.experiment_id], "tags.`tlsweep.role` = 'trial'"):
+        assert run.data.params["class_weight"] == "balanced"
+        curve = client.get_metric_history(run.info.run_id, "val_balanced_accuracy")
+        trial = study.trials[int(run.data.tags["optuna.trial_number"])]
+        last = max(curve, key=lambda p: p.step)
+        assert trial.value == pytest.approx(last.value)
+        assert {"val_macro_f1", "val_roc_auc", "val_log_loss"} <= set(run.data.metrics)
