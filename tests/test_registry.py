@@ -161,3 +161,21 @@ def test_champion_loads_in_a_fresh_python_and_predicts_raw_photos(
         assert diff < 1e-5  # the champion is the exported model, to the float
         correct += names[int(p_dog > p_cat)] == Path(f).parent.name
     assert correct >= 6, got  # 8 photos; the winner scores about 0.8 on this small test split
+
+
+def test_bad_model_names_are_refused_before_any_work(cats_dogs_small: Path, tmp_path: Path) -> None:
+    from tlsweep.config import load_sweep
+    from tlsweep.errors import ConfigError
+
+    sweep = write_sweep(tmp_path / "s.yaml", cats_dogs_small, register="champ/1")
+    with pytest.raises(ConfigError, match=r"s\.yaml: register: got 'champ/1'; expected a model"):
+        load_sweep(sweep)
+    sweep = write_sweep(tmp_path / "s.yaml", cats_dogs_small, register=" cats-dogs ")
+    assert load_sweep(sweep).register == "cats-dogs"
+    r = run_cli("export", str(sweep), "-o", str(tmp_path / "m.keras"), "--register", "a/b")
+    assert r.returncode == 2
+    assert r.stderr.strip().endswith(
+        "tlsweep: error: --register: got 'a/b'; expected a model name "
+        "(letters, digits, _ . - space)"
+    )
+    assert not (tmp_path / "m.keras").exists() and not (tmp_path / "optuna.db").exists()

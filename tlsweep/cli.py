@@ -386,7 +386,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.register is not None:
         from tlsweep.config import model_name
 
-        args.register = model_name("tlsweep export", "--register", args.register)
+        args.register = model_name("", "--register", args.register)
     cfg, study, tracker = _study_and_tracker(args)
     try:
         w, reg = export(cfg, study, args.output, tracker, args.register)

@@ -628,7 +628,8 @@ def load_sweep(
 def model_name(where: str, field_name: str, v: Any) -> str:
     """A registered model's name: letters, digits, ``_ . -`` and spaces, up to 200."""
     if not isinstance(v, str) or not re.fullmatch(r"[\w.\- ]{1,200}", v.strip()):
-        raise _fail(where, field_name, v, "expected a model name (letters, digits, _ . - space)")
+        err = _fail(where, field_name, v, "expected a model name (letters, digits, _ . - space)")
+        raise ConfigError(str(err).removeprefix(": ")) if not where else err
     return v.strip()
 
 
