@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tlsweep.config import MAX_WORKERS
+from tlsweep.config import MAX_WORKERS, redact_url
 from tlsweep.errors import ServiceError, TlsweepError
 
 log = logging.getLogger("tlsweep")
@@ -280,6 +280,19 @@ def _short_params(params: dict[str, Any], cfg: Any) -> str:
     return " ".join(f"{k}={_fmt(v)}" for k, v in items)
 
 
+def _with_ci(test: dict[str, Any]) -> str:
+    """``accuracy 0.9420 (95% CI 0.927-0.956)``, and the same for the objective's metric."""
+    ci = test.get("ci", {})
+    parts = []
+    for name in ci or ["accuracy"]:
+        part = f"{name.replace('_', ' ')} {test[name]:.4f}"
+        if name in ci:
+            lo, hi = ci[name]
+            part += f" (95% CI {lo:.3f}-{hi:.3f})"
+        parts.append(part)
+    return ", ".join(parts)
+
+
 def _print_summary(summary: Any, cfg: Any) -> None:
     c = summary.counts
     print(
@@ -296,9 +309,11 @@ def _print_summary(summary: Any, cfg: Any) -> None:
             )
     if summary.test is not None:
         t = summary.test
+        b = summary.best[0]
         print(
-            f"\nwinner (trial {summary.best[0]['number']}) on the held-out test split: "
-            f"accuracy {t['accuracy']:.4f}, loss {t['loss']:.4f} ({t['n']} images)"
+            f"\nwinner (trial {b['number']}): validation {summary.metric} {b['value']:.4f} "
+            f"(the best of {summary.finished} trials, so optimistic); on the held-out test "
+            f"split: {_with_ci(t)}, loss {t['loss']:.4f} ({t['n']} images)"
         )
     elif summary.test_note:
         print(f"\nwinner: {summary.test_note}; no test score reported")
@@ -417,11 +432,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
             else "run 'tlsweep run' first (in this folder, if the store is a relative path)"
         )
         raise TlsweepError(
-            f"{which}: no such study in the tracking store {tracking.redact(uri)}; {there}"
+            f"{which}: no such study in the tracking store {redact_url(uri)}; {there}"
         )
     if uri.startswith(("http://", "https://")):
-        print(f"study {cfg.study} on the tracking server {tracking.redact(uri)}; open:")
-        _print_ui_pages(tracking.redact(uri), experiment_id, parent)
+        print(f"study {cfg.study} on the tracking server {redact_url(uri)}; open:")
+        _print_ui_pages(redact_url(uri), experiment_id, parent)
         return 0
     server = ui.UiServer(uri, args.host, args.port)
     defer = [True]  # while the server starts or stops, a signal is noted, not raised
@@ -445,7 +460,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         except ui.ServerError as e:
             print(f"tlsweep: error: {e}", file=sys.stderr)
             return 1
-        print(f"MLflow UI: study {cfg.study}, its runs on {tracking.redact(uri)} (Ctrl-C to stop):")
+        print(f"MLflow UI: study {cfg.study}, its runs on {redact_url(uri)} (Ctrl-C to stop):")
         _print_ui_pages(server.url, experiment_id, parent)
         rc = server.wait()
         print(f"tlsweep: error: the MLflow server exited with code {rc}", file=sys.stderr)
@@ -484,7 +499,7 @@ def _print_test(w: Any, cfg: Any) -> None:
         print("no test split (no test/ folder, or test_split: 0): no test score reported")
         return
     t = w.test
-    print(f"test accuracy {t['accuracy']:.4f}, loss {t['loss']:.4f} on {t['n']} held-out images")
+    print(f"test {_with_ci(t)}, loss {t['loss']:.4f} on {t['n']} held-out images")
     names = t["class_names"]
     print(f"{'class':<20} {'precision':>9} {'recall':>7}")
     for n, p, r in zip(names, t["precision"], t["recall"], strict=True):
@@ -511,11 +526,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if not args.output.endswith(".keras"):
         raise TlsweepError(f"--output: got '{args.output}'; the file name must end in .keras")
+    if args.register is not None:
+        from tlsweep.config import model_name
+
+        args.register = model_name("", "--register", args.register)
     cfg = _load(args)
     check_can_write(args.output, "--output")  # before minutes of retraining, not after
     cfg, study, tracker = _study_and_tracker(args, cfg)
     try:
-        w = export(cfg, study, args.output, tracker)
+        w, reg = export(cfg, study, args.output, tracker, args.register)
     finally:
         tracker.close_parent(True)
     _print_test(w, cfg)
@@ -523,6 +542,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"exported {args.output} (raw RGB images of any size -> probabilities of "
         f"{', '.join(w.entry.class_names)})"
     )
+    if reg is not None:
+        if reg.promoted:
+            was = f" (was {reg.previous:.4f})" if reg.previous is not None else ""
+            state = f"now models:/{reg.name}@champion{was}"
+        else:
+            state = f"models:/{reg.name}@champion stays ({reg.previous:.4f} or better)"
+            if reg.previous is None:
+                state = f"models:/{reg.name}@champion was scored on another metric: it stays"
+        print(
+            f"registered {reg.name} version {reg.version} "
+            f"(validation {cfg.search.metric} {w.value:.4f}): {state}"
+        )
     return 0
 
 
@@ -633,6 +664,12 @@ def _register_run(sub: Any) -> None:
     ex.add_argument("--study", metavar="NAME")
     ex.add_argument("--storage", metavar="URL")
     ex.add_argument("--tracking-uri", metavar="URI")
+    ex.add_argument(
+        "--register",
+        metavar="NAME",
+        help="register the model as a new version of NAME in the MLflow model registry; "
+        "alias champion moves to it when its validation score is better (overrides register:)",
+    )
     ex.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("predict", help="classify image files and folders with an exported model")

@@ -61,11 +61,27 @@ CHECK_HTTP_TIMEOUT = 10  # seconds
 DEFAULT_CONNECT_TIMEOUT = 10  # seconds for a database server to answer a connection
 DEFAULT_PREDICT_BATCH = 64  # images per forward pass of `tlsweep predict`
 DEFAULT_MAX_FAILURES = 5  # trials failing in a row (in one worker) before `run` stops
+DEFAULT_CV_FOLDS = None  # None (or 0, 1): no cross-validation; K >= 2: K stratified folds of train
+DEFAULT_REPEATS = 1  # heads trained per trial (per fold) with seeds seed, seed+1, ...; averaged
+DEFAULT_CLASS_WEIGHT = "none"  # none | balanced | {class name: weight}
+DEFAULT_REGISTER = None  # a registered model name for `tlsweep export`, or None
+MIN_VALIDATION_PER_CLASS = 5  # fewer validation images of a class than this: a warning
+BOOTSTRAP_SAMPLES = 2000  # resamples of the test images for the winner's 95% intervals
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc")
 PRUNERS = ("median", "hyperband", "none")
 DIRECTIONS = ("maximize", "minimize")
-METRICS = ("val_accuracy", "val_loss")
+# The objective metrics and the direction each must be optimised in.
+METRIC_DIRECTIONS: dict[str, str] = {
+    "val_accuracy": "maximize",
+    "val_loss": "minimize",
+    "val_balanced_accuracy": "maximize",
+    "val_macro_f1": "maximize",
+    "val_roc_auc": "maximize",  # two classes only
+    "val_log_loss": "minimize",  # cross-entropy without label smoothing
+}
+METRICS = tuple(METRIC_DIRECTIONS)
+CLASS_WEIGHTS = ("none", "balanced")
 POOLINGS = ("avg", "max", "flatten")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 
@@ -284,6 +300,9 @@ class SearchConfig:
     grace_period: int = DEFAULT_GRACE_PERIOD
     max_retry: int = DEFAULT_MAX_RETRY
     max_failures: int = DEFAULT_MAX_FAILURES
+    cv_folds: int | None = DEFAULT_CV_FOLDS
+    repeats: int = DEFAULT_REPEATS
+    class_weight: str | Mapping[str, float] = DEFAULT_CLASS_WEIGHT
 
 
 @dataclass(frozen=True)
@@ -299,6 +318,7 @@ class SweepConfig:
     storage: str
     tracking_uri: str | None
     text: str = ""  # the sweep file's text, logged to MLflow
+    register: str | None = DEFAULT_REGISTER  # registered model name for `tlsweep export`
 
     def space_fingerprint(self) -> str:
         """A hash of the search space, stored in the study to refuse a changed space."""
@@ -306,6 +326,15 @@ class SweepConfig:
         payload["backbone"] = [b.label for b in self.backbones]
         payload["direction"] = self.search.direction
         payload["metric"] = self.search.metric
+        # Only when set, so studies made before these keys existed keep their fingerprint.
+        for key, default in (
+            ("cv_folds", DEFAULT_CV_FOLDS),
+            ("repeats", DEFAULT_REPEATS),
+            ("class_weight", DEFAULT_CLASS_WEIGHT),
+        ):
+            value = getattr(self.search, key)
+            if value != default:
+                payload[key] = dict(value) if isinstance(value, Mapping) else value
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
@@ -315,7 +344,16 @@ class SweepConfig:
 
 
 # --- parsing -----------------------------------------------------------------------------------
-_TOP_KEYS = ("study", "data", "backbones", "cache_dir", "search", "storage", "tracking_uri")
+_TOP_KEYS = (
+    "study",
+    "data",
+    "backbones",
+    "cache_dir",
+    "search",
+    "storage",
+    "tracking_uri",
+    "register",
+)
 _DATA_KEYS = ("dir", "validation_split", "test_split", "seed", "verify")
 _BACKBONE_KEYS = ("name", "weights", "input_size", "pooling", "args")
 _SEARCH_KEYS = (
@@ -331,6 +369,9 @@ _SEARCH_KEYS = (
     "grace_period",
     "max_retry",
     "max_failures",
+    "cv_folds",
+    "repeats",
+    "class_weight",
 )
 _PARAM_KEYS = ("low", "high", "log", "step", "choices")
 
@@ -650,7 +691,7 @@ def load_sweep(
         where, "search.direction", _get(s_raw, SearchConfig, "direction"), DIRECTIONS
     )
     metric = _choice(where, "search.metric", _get(s_raw, SearchConfig, "metric"), METRICS)
-    expected = "maximize" if metric == "val_accuracy" else "minimize"
+    expected = METRIC_DIRECTIONS[metric]
     if direction != expected:
         raise ConfigError(
             f"{where}: search.direction: got '{direction}' for metric '{metric}'; "
@@ -678,6 +719,9 @@ def load_sweep(
         max_failures=_int(
             where, "search.max_failures", _get(s_raw, SearchConfig, "max_failures"), 1
         ),
+        cv_folds=_cv_folds(where, _get(s_raw, SearchConfig, "cv_folds")),
+        repeats=_int(where, "search.repeats", _get(s_raw, SearchConfig, "repeats"), 1, 100),
+        class_weight=_class_weight(where, _get(s_raw, SearchConfig, "class_weight")),
     )
     if search.grace_period <= search.heartbeat_interval:
         raise ConfigError(
@@ -702,6 +746,10 @@ def load_sweep(
     elif raw.get("tracking_uri") is not None:
         tracking_uri = _tracking_uri(where, raw["tracking_uri"], "tracking_uri")
 
+    register = raw.get("register", DEFAULT_REGISTER)
+    if register is not None:
+        register = model_name(where, "register", register)
+
     return SweepConfig(
         path=path.resolve(),
         study=name,
@@ -712,6 +760,7 @@ def load_sweep(
         storage=st,
         tracking_uri=tracking_uri,
         text=text,
+        register=register,
     )
 
 
@@ -785,6 +834,39 @@ def _tracking_uri(where: str, uri: Any, field_name: str) -> str:
     if scheme in TRACKING_SCHEMES:
         return uri
     raise _fail(where, field_name, redact_url(uri), _TRACKING_ALLOWED)
+
+
+def model_name(where: str, field_name: str, v: Any) -> str:
+    """A registered model's name: letters, digits, ``_ . -`` and spaces, up to 200."""
+    if not isinstance(v, str) or not re.fullmatch(r"[\w.\- ]{1,200}", v.strip()):
+        err = _fail(where, field_name, v, "expected a model name (letters, digits, _ . - space)")
+        raise ConfigError(str(err).removeprefix(": ")) if not where else err
+    return v.strip()
+
+
+def _cv_folds(where: str, v: Any) -> int | None:
+    """``null``, 0 or 1: off; otherwise the number of folds (2 to 20)."""
+    if v is None or (_is_int(v) and v in (0, 1)):
+        return None
+    return _int(where, "search.cv_folds", v, 2, 20)
+
+
+def _class_weight(where: str, v: Any) -> str | dict[str, float]:
+    """``none``, ``balanced`` or a mapping of class names to positive weights."""
+    name = "search.class_weight"
+    allowed = "allowed: none | balanced | {class name: weight > 0}"
+    if v is None:
+        return "none"
+    if isinstance(v, str):
+        return _choice(where, name, v, CLASS_WEIGHTS)
+    if not isinstance(v, dict) or not v:
+        raise _fail(where, name, v, allowed)
+    out: dict[str, float] = {}
+    for k, w in v.items():
+        if not _is_num(w) or w <= 0:
+            raise _fail(where, f"{name}.{k}", w, "expected a weight > 0")
+        out[str(k)] = float(w)
+    return out
 
 
 # The SQLAlchemy dialects Optuna's RDBStorage can use (sqlite is handled above).

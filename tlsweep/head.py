@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, make_dataclass
 from typing import Any
 
@@ -76,11 +76,27 @@ class EpochMetrics:
     accuracy: float
     val_loss: float
     val_accuracy: float
+    # Further validation metrics (``val_balanced_accuracy``, ...), only when asked for.
+    extra: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float]:
         d = asdict(self)
         d.pop("epoch")
+        d.update(d.pop("extra"))
         return d
+
+    @classmethod
+    def mean(cls, ms: list[EpochMetrics]) -> EpochMetrics:
+        """The element-wise mean of several heads' metrics at the same epoch."""
+        keys = ms[0].extra.keys()
+        return cls(
+            ms[0].epoch,
+            *(float(np.mean([getattr(m, k) for m in ms])) for k in _BASE_METRICS),
+            {k: float(np.mean([m.extra[k] for m in ms])) for k in keys},
+        )
+
+
+_BASE_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
 @dataclass
@@ -121,11 +137,7 @@ class TrainedHead:
             logits = fn(ws, tf.constant(np.asarray(x[i : i + batch], np.float32))).numpy()
             outs.append(logits)
         logits = np.concatenate(outs) if outs else np.zeros((0, 1), np.float32)
-        if self.n_classes == 2:
-            p1 = 0.5 * (1.0 + np.tanh(0.5 * logits[:, 0]))  # the sigmoid, without overflow
-            return np.stack([1.0 - p1, p1], axis=1)
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
+        return _proba(logits, self.n_classes)
 
 
 # --- compiled functions, one per structure, shared by every trial of the process -----------------
@@ -241,7 +253,7 @@ def _epoch_fn(n_dense: int, binary: bool, optimizer: str, batch_size: int) -> An
     wspec = tuple(handle for _ in range(2 * n_dense))
     sspec = tuple(wspec for _ in range(SLOTS[optimizer]))
 
-    def run_epoch(wvars, slots, step, x, y, seed, lr, dropout, l2, smoothing):  # noqa: ANN001
+    def run_epoch(wvars, slots, step, x, y, seed, lr, dropout, l2, smoothing, cw):  # noqa: ANN001
         # Every batch has the static size `batch_size`; the last one wraps around and masks
         # the extra rows, so the loss equals Keras's smaller last batch and the graph sees one
         # batch shape.
@@ -264,6 +276,9 @@ def _epoch_fn(n_dense: int, binary: bool, optimizer: str, batch_size: int) -> An
                 tape.watch(ws)
                 logits = _forward(ws, xb, dropout, seed + tf.stack([b + 1, 0]))
                 loss, correct = _loss_and_correct(logits, yb, binary, smoothing)
+                # Keras's class_weight: each example's loss times its class's weight, and the
+                # sum divided by the batch size (not by the sum of the weights).
+                loss = loss * tf.gather(cw, yb)
                 mean_loss = tf.reduce_sum(loss * mask) / count
             grads = list(tape.gradient(mean_loss, ws))
             # The reported loss includes the penalty at the step's weights, as Keras's fit does.
@@ -325,6 +340,7 @@ def _epoch_fn(n_dense: int, binary: bool, optimizer: str, batch_size: int) -> An
             tf.TensorSpec([], tf.float32),
             tf.TensorSpec([], tf.float32),
             tf.TensorSpec([], tf.float32),
+            tf.TensorSpec([None], tf.float32),
         ],
     )
     _FUNCS[key] = fn
@@ -366,6 +382,137 @@ def as_tensor(x: np.ndarray) -> Any:
 EpochCallback = Callable[[EpochMetrics], None]
 
 
+class _Trainer:
+    """One head in training: its weights, optimizer slots and data; one epoch per call."""
+
+    def __init__(
+        self,
+        x_train: Any,
+        y_train: Any,
+        x_val: Any,
+        y_val: Any,
+        n_classes: int,
+        params: HeadParams,
+        class_weights: Sequence[float] | None = None,
+        extra_metrics: Sequence[str] = (),
+    ) -> None:
+        import tensorflow as tf
+
+        if n_classes < 2:
+            raise ValueError("a head needs at least two classes")
+        if params.optimizer not in SLOTS:
+            raise ValueError(f"unknown optimizer {params.optimizer!r}; use one of {sorted(SLOTS)}")
+        self.params, self.n_classes = params, n_classes
+        self.xt = x_train if tf.is_tensor(x_train) else as_tensor(x_train)
+        self.xv = x_val if tf.is_tensor(x_val) else as_tensor(x_val)
+        self.yt = (
+            tf.convert_to_tensor(np.asarray(y_train, np.int64))
+            if not tf.is_tensor(y_train)
+            else y_train
+        )
+        self.yv = (
+            tf.convert_to_tensor(np.asarray(y_val, np.int64)) if not tf.is_tensor(y_val) else y_val
+        )
+        self.extra_metrics = tuple(extra_metrics)
+        self.yv_np = np.asarray(self.yv) if self.extra_metrics else None
+        binary = n_classes == 2
+        self.n_features = int(self.xt.shape[1])
+        out_units = 1 if binary else n_classes
+        sizes = [self.n_features] + [params.units] * params.hidden_layers + [out_units]
+        init: list[Any] = []
+        for i in range(len(sizes) - 1):
+            init.append(_glorot((sizes[i], sizes[i + 1]), (params.seed, 1000 + i)))
+            init.append(tf.zeros((sizes[i + 1],), tf.float32))
+
+        # This head's weights and optimizer slots; freed with it (the graph holds no state).
+        # Declared with an unknown shape: TensorFlow keys its cache of instantiated functions on
+        # the shapes of resource arguments, so shaped variables would instantiate (and keep) a
+        # new copy of the epoch function for every new layer width, about 1.5 MB per width.
+        def variable(value: Any) -> Any:
+            return tf.Variable(value, trainable=False, shape=tf.TensorShape(None))
+
+        self.wvars = [variable(w) for w in init]
+        self.slot_vars = [
+            [variable(tf.zeros_like(w)) for w in init] for _ in range(SLOTS[params.optimizer])
+        ]
+        del init
+        self.handles = tuple(v.handle for v in self.wvars)
+        self.slot_handles = tuple(tuple(v.handle for v in s) for s in self.slot_vars)
+        self.step = tf.constant(0.0)
+        n_dense = len(self.wvars) // 2
+        bs = min(params.batch_size, int(self.xt.shape[0]))
+        self.epoch_fn = _epoch_fn(n_dense, binary, params.optimizer, bs)
+        self.evaluate = _eval_fn(n_dense, binary)
+        self.lr = tf.constant(params.learning_rate, tf.float32)
+        self.dropout = tf.constant(params.dropout, tf.float32)
+        self.l2 = tf.constant(params.l2, tf.float32)
+        self.smoothing = tf.constant(params.label_smoothing, tf.float32)
+        cw = np.ones(n_classes, np.float32) if class_weights is None else class_weights
+        self.cw = tf.constant(np.asarray(cw, np.float32))
+
+    def numpy_weights(self) -> list[np.ndarray]:
+        return [v.numpy() for v in self.wvars]
+
+    def run_epoch(self, e: int) -> EpochMetrics:
+        import tensorflow as tf
+
+        seed = tf.constant([self.params.seed, e], tf.int32)
+        self.step, loss, acc = self.epoch_fn(
+            self.handles,
+            self.slot_handles,
+            self.step,
+            self.xt,
+            self.yt,
+            seed,
+            self.lr,
+            self.dropout,
+            self.l2,
+            self.smoothing,
+            self.cw,
+        )
+        ws = tuple(v.value() for v in self.wvars)
+        val_loss, val_acc = self.evaluate(ws, self.xv, self.yv, self.smoothing)
+        extra: dict[str, float] = {}
+        if self.extra_metrics:  # only when asked for: the default path stays in the graph
+            from tlsweep.metrics import scores
+
+            logits = _forward_fn(len(ws) // 2)(ws, self.xv).numpy()
+            proba = _proba(logits, self.n_classes)
+            got = scores(proba, self.yv_np, self.extra_metrics)
+            extra = {f"val_{k}": v for k, v in got.items()}
+        return EpochMetrics(e, float(loss), float(acc), float(val_loss), float(val_acc), extra)
+
+
+def _proba(logits: np.ndarray, n_classes: int) -> np.ndarray:
+    """Class probabilities [n, n_classes] from the head's logits (two columns when binary)."""
+    if n_classes == 2:
+        p1 = 0.5 * (1.0 + np.tanh(0.5 * logits[:, 0]))  # the sigmoid, without overflow
+        return np.stack([1.0 - p1, p1], axis=1)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def class_weight_vector(
+    spec: str | Mapping[str, float], y_train: Any, class_names: Sequence[str]
+) -> np.ndarray | None:
+    """Per-class loss weights: None for ``none``; ``balanced`` is n / (k * count), as Keras
+    and scikit-learn compute it; a mapping gives the listed classes' weights (others 1.0)."""
+    k = len(class_names)
+    if isinstance(spec, str):
+        if spec == "none":
+            return None
+        counts = np.bincount(np.asarray(y_train, np.int64), minlength=k).astype(np.float64)
+        w = np.divide(counts.sum(), k * counts, out=np.ones(k), where=counts > 0)
+        return w.astype(np.float32)
+    unknown = sorted(set(spec) - set(class_names))
+    if unknown:
+        raise ValueError(
+            f"search.class_weight: unknown class {', '.join(unknown)}; "
+            f"the classes are {', '.join(class_names)}"
+        )
+    return np.asarray([spec.get(c, 1.0) for c in class_names], np.float32)
+
+
 def train_head(
     x_train: Any,
     y_train: Any,
@@ -374,79 +521,77 @@ def train_head(
     n_classes: int,
     params: HeadParams,
     on_epoch: EpochCallback | None = None,
+    *,
+    class_weights: Sequence[float] | None = None,
+    extra_metrics: Sequence[str] = (),
 ) -> TrainedHead:
     """Train a head; ``on_epoch`` sees each epoch's metrics and may raise to stop (pruning).
 
     ``x_*`` may be numpy arrays or tensors from :func:`as_tensor` (preferred: no copy).
+    ``class_weights``: one loss weight per class (see :func:`class_weight_vector`).
+    ``extra_metrics``: names from :data:`tlsweep.metrics.SCORES` also computed on the
+    validation data each epoch, as ``val_<name>`` in :attr:`EpochMetrics.extra`.
     """
-    import tensorflow as tf
-
-    if n_classes < 2:
-        raise ValueError("a head needs at least two classes")
     t0 = time.perf_counter()
-    xt = x_train if tf.is_tensor(x_train) else as_tensor(x_train)
-    xv = x_val if tf.is_tensor(x_val) else as_tensor(x_val)
-    yt = (
-        tf.convert_to_tensor(np.asarray(y_train, np.int64))
-        if not tf.is_tensor(y_train)
-        else y_train
-    )
-    yv = tf.convert_to_tensor(np.asarray(y_val, np.int64)) if not tf.is_tensor(y_val) else y_val
-    binary = n_classes == 2
-    n_features = int(xt.shape[1])
-    out_units = 1 if binary else n_classes
-    sizes = [n_features] + [params.units] * params.hidden_layers + [out_units]
-    init: list[Any] = []
-    for i in range(len(sizes) - 1):
-        init.append(_glorot((sizes[i], sizes[i + 1]), (params.seed, 1000 + i)))
-        init.append(tf.zeros((sizes[i + 1],), tf.float32))
-    if params.optimizer not in SLOTS:
-        raise ValueError(f"unknown optimizer {params.optimizer!r}; use one of {sorted(SLOTS)}")
-
-    # This trial's weights and optimizer slots; freed with the trial (the graph holds no state).
-    # Declared with an unknown shape: TensorFlow keys its cache of instantiated functions on the
-    # shapes of resource arguments, so shaped variables would instantiate (and keep) a new copy
-    # of the epoch function for every new layer width, about 1.5 MB per distinct width.
-    def variable(value: Any) -> Any:
-        return tf.Variable(value, trainable=False, shape=tf.TensorShape(None))
-
-    wvars = [variable(w) for w in init]
-    slot_vars = [[variable(tf.zeros_like(w)) for w in init] for _ in range(SLOTS[params.optimizer])]
-    del init
-    handles = tuple(v.handle for v in wvars)
-    slot_handles = tuple(tuple(v.handle for v in s) for s in slot_vars)
-    step = tf.constant(0.0)
-    n_dense = len(wvars) // 2
-    bs = min(params.batch_size, int(xt.shape[0]))
-    epoch = _epoch_fn(n_dense, binary, params.optimizer, bs)
-    evaluate = _eval_fn(n_dense, binary)
-    lr = tf.constant(params.learning_rate, tf.float32)
-    dropout = tf.constant(params.dropout, tf.float32)
-    l2 = tf.constant(params.l2, tf.float32)
-    smoothing = tf.constant(params.label_smoothing, tf.float32)
-    head = TrainedHead(params, n_features, n_classes, [])
-
-    def numpy_weights() -> list[np.ndarray]:
-        return [v.numpy() for v in wvars]
-
+    t = _Trainer(x_train, y_train, x_val, y_val, n_classes, params, class_weights, extra_metrics)
+    head = TrainedHead(params, t.n_features, n_classes, [])
     for e in range(params.epochs):
-        seed = tf.constant([params.seed, e], tf.int32)
-        step, loss, acc = epoch(
-            handles, slot_handles, step, xt, yt, seed, lr, dropout, l2, smoothing
-        )
-        val_loss, val_acc = evaluate(tuple(v.value() for v in wvars), xv, yv, smoothing)
-        metrics = EpochMetrics(e, float(loss), float(acc), float(val_loss), float(val_acc))
+        metrics = t.run_epoch(e)
         head.history.append(metrics)
         if not all(math.isfinite(x) for x in (metrics.loss, metrics.val_loss)):
-            head.weights = numpy_weights()
+            head.weights = t.numpy_weights()
             head.seconds = time.perf_counter() - t0
             raise FloatingPointError(f"training diverged at epoch {e} (loss {metrics.loss})")
         if on_epoch is not None:
-            head.weights = numpy_weights() if e == params.epochs - 1 else []
+            head.weights = t.numpy_weights() if e == params.epochs - 1 else []
             on_epoch(metrics)
-    head.weights = numpy_weights()
+    head.weights = t.numpy_weights()
     head.seconds = time.perf_counter() - t0
     return head
+
+
+Task = tuple[Any, Any, Any, Any]  # (x_train, y_train, x_val, y_val)
+
+
+def train_heads(
+    tasks: Sequence[Task],
+    n_classes: int,
+    params: Sequence[HeadParams],
+    on_epoch: Callable[[EpochMetrics, list[EpochMetrics]], None] | None = None,
+    *,
+    class_weights: Sequence[Sequence[float] | None] | None = None,
+    extra_metrics: Sequence[str] = (),
+) -> list[TrainedHead]:
+    """Train several heads in lock-step (cross-validation folds, repeated seeds).
+
+    Head ``i`` trains on ``tasks[i]`` with ``params[i]``; after every epoch of all of them,
+    ``on_epoch(mean, each)`` sees their mean metrics and each head's, and may raise to stop
+    them all (pruning on the mean). The heads share the compiled functions of one process.
+    """
+    if len(tasks) != len(params) or not tasks:
+        raise ValueError("train_heads needs one HeadParams per task, and at least one task")
+    epochs = {p.epochs for p in params}
+    if len(epochs) != 1:
+        raise ValueError("heads trained in lock-step need the same number of epochs")
+    t0 = time.perf_counter()
+    cws = class_weights or [None] * len(tasks)
+    trainers = [
+        _Trainer(*task, n_classes, p, cw, extra_metrics)
+        for task, p, cw in zip(tasks, params, cws, strict=True)
+    ]
+    heads = [TrainedHead(t.params, t.n_features, n_classes, []) for t in trainers]
+    for e in range(epochs.pop()):
+        each = [t.run_epoch(e) for t in trainers]
+        for h, m in zip(heads, each, strict=True):
+            h.history.append(m)
+            if not all(math.isfinite(x) for x in (m.loss, m.val_loss)):
+                raise FloatingPointError(f"training diverged at epoch {e} (loss {m.loss})")
+        if on_epoch is not None:
+            on_epoch(EpochMetrics.mean(each), each)
+    for h, t in zip(heads, trainers, strict=True):
+        h.weights = t.numpy_weights()
+        h.seconds = time.perf_counter() - t0
+    return heads
 
 
 def evaluate_head(head: TrainedHead, x: Any, y: Any) -> dict[str, Any]:

@@ -21,10 +21,16 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tlsweep.config import BackboneConfig, Param, SweepConfig, redact_url
+from tlsweep.config import (
+    MIN_VALIDATION_PER_CLASS,
+    BackboneConfig,
+    Param,
+    SweepConfig,
+    redact_url,
+)
 from tlsweep.errors import StudyError
 
 log = logging.getLogger(__name__)
@@ -314,6 +320,124 @@ def load_features(backbones: list[tuple[BackboneConfig, Any]]) -> dict[str, Feat
     return out
 
 
+def extra_metrics(cfg: SweepConfig, n_classes: int) -> tuple[str, ...]:
+    """The validation metrics beyond loss and accuracy a trial computes each epoch: none on the
+    default path (``val_accuracy`` or ``val_loss`` without class weights), all the others when
+    the objective or the class weights call for them."""
+    from tlsweep.metrics import SCORES
+
+    if cfg.search.metric in ("val_accuracy", "val_loss") and cfg.search.class_weight == "none":
+        return ()
+    return tuple(n for n, two in SCORES.items() if n != "accuracy" and (not two or n_classes == 2))
+
+
+def training_options(cfg: SweepConfig, y_train: Any, class_names: list[str]) -> dict[str, Any]:
+    """The keyword arguments of ``train_head`` that come from the ``search:`` section."""
+    from tlsweep.head import class_weight_vector
+
+    try:
+        weights = class_weight_vector(cfg.search.class_weight, y_train, class_names)
+    except ValueError as e:  # a class name the data does not have
+        raise StudyError(str(e)) from None
+    return {"class_weights": weights, "extra_metrics": extra_metrics(cfg, len(class_names))}
+
+
+def stratified_folds(y: Any, k: int, seed: int) -> list[Any]:
+    """``k`` disjoint index arrays covering ``y``, each with every class in proportion."""
+    import numpy as np
+
+    y = np.asarray(y)
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(y), dtype=np.int64)
+    start = 0  # continue the round-robin across classes, so fold sizes differ by at most one
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        fold_of[idx] = (start + np.arange(len(idx))) % k
+        start += len(idx)
+    return [np.flatnonzero(fold_of == f) for f in range(k)]
+
+
+def check_setup(cfg: SweepConfig, backbones: list[tuple[BackboneConfig, Any]]) -> None:
+    """Refuse what cannot work with these classes; warn about too few images to score on.
+
+    Runs on the cache entries before any study or MLflow experiment is made.
+    """
+    import numpy as np
+
+    from tlsweep.metrics import SCORES
+
+    for _, entry in backbones[:1]:  # every backbone has the same images and splits
+        names = list(entry.class_names)
+        files = entry.manifest["files"]
+        y_train = np.array([f["label"] for f in files if f["split"] == "train"], np.int64)
+        y_val = np.array([f["label"] for f in files if f["split"] == "validation"], np.int64)
+        if SCORES.get(cfg.search.metric.removeprefix("val_")) and len(names) != 2:
+            raise StudyError(
+                f"search.metric: got '{cfg.search.metric}'; it needs two classes and "
+                f"{entry.manifest['data_dir']} has {len(names)}: use "
+                "val_balanced_accuracy, val_macro_f1 or val_log_loss"
+            )
+        training_options(cfg, y_train, names)
+        k = cfg.search.cv_folds
+        if k:
+            where = "held-out fold of the training split"
+            per_class = np.bincount(np.asarray(y_train, np.int64), minlength=len(names)) // k
+        else:
+            where = "validation split"
+            per_class = np.bincount(np.asarray(y_val, np.int64), minlength=len(names))
+        few = [
+            f"{n} ({int(c)})"
+            for n, c in zip(names, per_class, strict=True)
+            if c < MIN_VALIDATION_PER_CLASS
+        ]
+        if few:
+            log.warning(
+                "fewer than %d images of %s in the %s: scores on it are mostly noise",
+                MIN_VALIDATION_PER_CLASS,
+                ", ".join(few),
+                where,
+            )
+
+
+def _tasks(cfg: SweepConfig, data: FeatureData) -> tuple[list[tuple], list[int], str]:
+    """The (x_train, y_train, x_val, y_val) of every head of a trial, the group (fold or seed)
+    each belongs to, and the group's name."""
+    import numpy as np
+    import tensorflow as tf
+
+    k, r = cfg.search.cv_folds, cfg.search.repeats
+    if not k:
+        task = (data.x_train, data.y_train, data.x_val, data.y_val)
+        return [task] * r, list(range(r)), "seed"
+    y = np.asarray(data.y_train)
+    folds = stratified_folds(y, k, cfg.search.seed)
+    tasks, groups = [], []
+    for f, held in enumerate(folds):
+        train = np.sort(np.concatenate([folds[j] for j in range(k) if j != f]))
+        task = (tf.gather(data.x_train, train), y[train], tf.gather(data.x_train, held), y[held])
+        tasks += [task] * r
+        groups += [f] * r
+    return tasks, groups, "fold"
+
+
+def _spread(each: list[Any], groups: list[int], group: str) -> dict[str, float]:
+    """Per-group final validation metrics (mean over a group's heads), their mean and std."""
+    import numpy as np
+
+    out: dict[str, float] = {}
+    names = [k for k in each[0].as_dict() if k.startswith("val_")]
+    for name in names:
+        per = []
+        for g in sorted(set(groups)):
+            vals = [m.as_dict()[name] for m, gg in zip(each, groups, strict=True) if gg == g]
+            v = float(np.mean(vals))
+            out[f"{name}_{group}_{g}"] = v
+            per.append(v)
+        out[f"{name}_mean"] = float(np.mean(per))
+        out[f"{name}_std"] = float(np.std(per, ddof=1)) if len(per) > 1 else 0.0
+    return out
+
+
 @dataclass
 class TrialResult:
     """How one trial ended."""
@@ -348,7 +472,7 @@ def run_trial(
     import optuna
     from optuna.trial import TrialState
 
-    from tlsweep.head import HeadParams, train_head
+    from tlsweep.head import HeadParams, train_head, train_heads
 
     t0 = time.perf_counter()
     metric = cfg.search.metric
@@ -369,6 +493,9 @@ def run_trial(
         "test_size": data.sizes["test"],
         "seed": cfg.search.seed,
         "trial_number": trial.number,
+        "cv_folds": cfg.search.cv_folds or 0,
+        "repeats": cfg.search.repeats,
+        "class_weight": cfg.search.class_weight,
     }
     run_id = tracker.start_trial(trial.number, logged, worker) if tracker else None
     history: list[dict[str, float]] = []
@@ -377,24 +504,51 @@ def run_trial(
         history.append(m.as_dict())
         if alive is not None:
             alive()
-        value = getattr(m, metric)
+        value = history[-1][metric]
         trial.report(value, m.epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {m.epoch}")
 
     state, value, error = "FAIL", None, None
     hp = HeadParams.from_dict({**params, "seed": cfg.search.seed})
+    names = list(data.entry.class_names)
+    last: dict[str, Any] = {}  # the last epoch's metrics of every head, when there are several
+
+    def on_mean_epoch(mean: Any, each: list[Any]) -> None:
+        last["each"] = each
+        on_epoch(mean)
+
     with keep_alive or contextlib.nullcontext():
         try:
-            train_head(
-                data.x_train,
-                data.y_train,
-                data.x_val,
-                data.y_val,
-                data.n_classes,
-                hp,
-                on_epoch=on_epoch,
-            )
+            if cfg.search.cv_folds or cfg.search.repeats > 1:
+                # Several heads in lock-step; Optuna sees their mean after every epoch, so the
+                # pruner compares the same curves (and epochs) as without folds.
+                tasks, groups, group = _tasks(cfg, data)
+                train_heads(
+                    tasks,
+                    data.n_classes,
+                    # head i is repeat i % repeats of its fold: seeds seed, seed + 1, ...
+                    [
+                        replace(hp, seed=cfg.search.seed + i % cfg.search.repeats)
+                        for i in range(len(tasks))
+                    ],
+                    on_mean_epoch,
+                    class_weights=[
+                        training_options(cfg, t[1], names)["class_weights"] for t in tasks
+                    ],
+                    extra_metrics=extra_metrics(cfg, data.n_classes),
+                )
+            else:
+                train_head(
+                    data.x_train,
+                    data.y_train,
+                    data.x_val,
+                    data.y_val,
+                    data.n_classes,
+                    hp,
+                    on_epoch=on_epoch,
+                    **training_options(cfg, data.y_train, names),
+                )
             value = history[-1][metric]
             if alive is not None:
                 alive()
@@ -431,6 +585,8 @@ def run_trial(
         # already shows as the run's value (the highest step); logging it again at step 0
         # would add a second point to the curve's first epoch.
         final = {"epochs_run": len(history), "trial_seconds": seconds}
+        if "each" in last:
+            final.update(_spread(last["each"], groups, group))
         tracker.end_trial(run_id, state, history, final, value=value)
     return TrialResult(state, value, params, history, seconds, error)
 

@@ -127,13 +127,15 @@ def run_sweep(
     starts ``workers`` worker processes (``worker_argv``) on the same study, then waits.
     """
     from tlsweep.features import extract_all, study_keys
-    from tlsweep.search import load_features, open_study
+    from tlsweep.search import check_setup, load_features, open_study
     from tlsweep.stores import prepare_mlflow
     from tlsweep.tracking import Tracker, resolve_uri
     from tlsweep.workers import StudyRunner, open_storage
 
     preflight(cfg, cache=True)
     entries = extract_all(cfg, progress, check=lambda keys: _check_existing(cfg, keys))
+    if worker_index is None:  # workers of `--workers N`: their parent has checked
+        check_setup(cfg, [(bb, e) for bb, e, _ in entries])
     # A command refused here leaves no new store behind: a broken tracking store is refused
     # before the storage is created, and a storage that cannot be opened before mlflow.db is;
     # the study comes before the MLflow experiment, so a refused study (another search space,

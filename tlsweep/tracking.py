@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,11 +84,6 @@ def _local_store_path(tracking_uri: str) -> str | None:
     return None
 
 
-def redact(uri: str) -> str:
-    """``uri`` with any password replaced by ``***`` (``postgresql://me:***@host/db``)."""
-    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", uri)
-
-
 class TrackingStoreUnavailable(TlsweepError):
     """The tracking store cannot be read (a server that is down, a database that refuses)."""
 
@@ -129,7 +125,7 @@ def find_study_experiment(
     except MlflowException as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise TrackingStoreUnavailable(
-            f"cannot read the tracking store {redact(tracking_uri)}: {redact(first)[:300]}; "
+            f"cannot read the tracking store {redact_url(tracking_uri)}: {redact_url(first)[:300]}; "
             "check that it is up and reachable, then try again"
         ) from None
     parent = next((r.info.run_id for r in parents if r.data.tags.get(STUDY_TAG) == study), None)
@@ -147,6 +143,12 @@ def runs_page_url(server_url: str, experiment_id: str, run_id: str | None = None
     )
 
 
+CHAMPION = "champion"  # the registry alias of the best registered version
+SCORE_TAG = "tlsweep.validation_score"  # registered versions: the score that ranks them
+METRIC_TAG = "tlsweep.validation_metric"
+DIRECTION_TAG = "tlsweep.direction"
+
+
 def _mlflow_value(v: Any) -> str:
     s = str(v)
     return s if len(s) <= 6000 else s[:5997] + "..."
@@ -161,7 +163,6 @@ def bound_http_retries() -> None:
 
 def _first_line(e: BaseException) -> str:
     """The gist of an MLflow, SQLAlchemy or connection error, short and without a password."""
-    import re
 
     e = getattr(e, "orig", None) or e  # SQLAlchemy wraps the driver's error
     msg = str(getattr(e, "message", None) or e)
@@ -470,15 +471,18 @@ class Tracker:
         if self.parent_run_id:
             self.client.set_tag(self.parent_run_id, key, value)
 
-    def log_parent_model(self, model: Any, meta: Mapping[str, Any], path: Any) -> None:
-        """The exported Keras model as an MLflow model on the parent run, with its file."""
+    def log_parent_model(self, model: Any, meta: Mapping[str, Any], path: Any) -> str | None:
+        """The exported Keras model as an MLflow model on the parent run, with its file.
+
+        Returns the logged model's URI (``models:/m-...``), what :meth:`register` takes.
+        """
         import mlflow
 
         if not self.parent_run_id:
-            return
+            return None
         mlflow.set_tracking_uri(self.tracking_uri)
         with mlflow.start_run(run_id=self.parent_run_id):
-            mlflow.keras.log_model(
+            info = mlflow.keras.log_model(
                 model,
                 name="model",
                 pip_requirements=["keras", "tensorflow"],
@@ -486,6 +490,119 @@ class Tracker:
             )
             mlflow.log_dict(dict(meta), "model_metadata.json")
             mlflow.log_artifact(str(path), "export")
+        return str(info.model_uri)
+
+    # --- MLflow's own evaluation of the winner ------------------------------------------------
+    def log_evaluation(self, proba: Any, labels: Any, class_names: list[str]) -> dict[str, float]:
+        """MLflow's default classifier evaluator on the winner's test predictions.
+
+        The parent run gets MLflow's standard metrics (prefixed ``test_eval_``) and artifacts:
+        confusion matrix, ROC, precision-recall, calibration (and lift for two classes) plots,
+        the per-class table for more classes. The evaluator draws its curves from a model's
+        ``predict_proba``; a static dataset gives it only the predicted labels (no curves). So it
+        is handed a lookup "model": row ``i`` of the dataset answers with the winner's stored
+        probabilities of test image ``i``, computed once by the exported head; nothing is
+        re-predicted. SHAP explanations are off (they would explain the lookup, not the head).
+        """
+        import mlflow
+        import numpy as np
+        import pandas as pd
+        from mlflow.models import Model
+        from mlflow.pyfunc import PyFuncModel
+
+        if not self.parent_run_id:
+            return {}
+        proba = np.asarray(proba, dtype=np.float64)
+        proba = proba / proba.sum(axis=1, keepdims=True)  # float32 rows sum to 1 +- 1e-7
+        names = np.asarray(class_names, dtype=object)
+
+        class _Predictions:  # what the evaluator reads from a scikit-learn classifier
+            def predict(self, x: Any) -> Any:
+                return names[proba[np.asarray(x["row"], np.int64)].argmax(axis=1)]
+
+            def predict_proba(self, x: Any) -> Any:
+                return proba[np.asarray(x["row"], np.int64)]
+
+            def score(self, x: Any, y: Any, sample_weight: Any = None) -> float:
+                return float(np.average(self.predict(x) == np.asarray(y), weights=sample_weight))
+
+        lookup = PyFuncModel(
+            model_meta=Model(flavors={"python_function": {"loader_module": "mlflow.sklearn"}}),
+            model_impl=_Predictions(),
+        )
+        df = pd.DataFrame({"row": np.arange(len(proba)), "label": names[np.asarray(labels)]})
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=self.parent_run_id), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # schema hints about the integer row column
+            result = mlflow.models.evaluate(
+                lookup,
+                data=df,
+                targets="label",
+                model_type="classifier",
+                evaluators="default",
+                evaluator_config={
+                    "log_explainer": False,
+                    "log_model_explainability": False,
+                    "label_list": list(class_names),
+                    "metric_prefix": "test_eval_",
+                },
+            )
+        return dict(result.metrics)
+
+    # --- the model registry --------------------------------------------------------------------
+    def register(
+        self,
+        model_uri: str,
+        name: str,
+        score: float,
+        metric: str,
+        direction: str,
+        tags: Mapping[str, Any] | None = None,
+    ) -> tuple[int, bool, float | None]:
+        """Register ``model_uri`` as a new version of ``name``; move the ``champion`` alias to it
+        when its validation ``score`` beats the score of the version the alias holds.
+
+        The score and its metric are stored as version tags, so later exports compare against
+        them; the test score never takes part. A champion scored on another metric is left in
+        place (the two numbers are not comparable). Returns (version, promoted, champion's
+        score before).
+        """
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        version_tags = {
+            SCORE_TAG: repr(float(score)),
+            METRIC_TAG: metric,
+            DIRECTION_TAG: direction,
+            STUDY_TAG: self.study,
+            **{k: _mlflow_value(v) for k, v in (tags or {}).items()},
+        }
+        mv = mlflow.register_model(model_uri, name, tags=version_tags)
+        version = int(mv.version)
+        before: float | None = None
+        try:
+            champ = self.client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:  # no champion yet
+            champ = None
+        promote = champ is None
+        if champ is not None:
+            if champ.tags.get(METRIC_TAG) != metric or SCORE_TAG not in champ.tags:
+                log.warning(
+                    "%s@%s (version %s) was scored on %s, not %s: the alias stays where it is",
+                    name,
+                    CHAMPION,
+                    champ.version,
+                    champ.tags.get(METRIC_TAG, "no recorded metric"),
+                    metric,
+                )
+            else:
+                before = float(champ.tags[SCORE_TAG])
+                better = score > before if direction == "maximize" else score < before
+                promote = better
+        if promote:
+            self.client.set_registered_model_alias(name, CHAMPION, str(version))
+        return version, promote, before
 
     def log_parent_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         if self.parent_run_id:

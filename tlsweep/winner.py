@@ -39,6 +39,8 @@ class Winner:
     entry: Any
     head: Any
     test: dict[str, Any] | None  # None: no test split
+    test_proba: Any = None  # [n, classes] probabilities on the test split
+    test_labels: Any = None  # [n] true labels of the test split
 
 
 def best_trial(study: Any) -> Any:
@@ -60,7 +62,7 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
 
     from tlsweep.features import extract_all
     from tlsweep.head import HeadParams, evaluate_head, train_head
-    from tlsweep.search import check_data, suggest
+    from tlsweep.search import check_data, suggest, training_options
 
     best = best_trial(study)
     # Never retrain the winner's parameters on features other than the ones it was chosen on.
@@ -76,12 +78,34 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
     xt, yt = entry.split("train")
     xv, yv = entry.split("validation")
     hp = HeadParams.from_dict({**full, "seed": cfg.search.seed})
-    head = train_head(xt, yt, xv, yv, len(entry.class_names), hp)
+    names = list(entry.class_names)
+    head = train_head(xt, yt, xv, yv, len(names), hp, **training_options(cfg, yt, names))
     xs, ys = entry.split("test")
     test = evaluate_head(head, xs, ys) if len(ys) else None
+    proba = None
     if test is not None:
         test["class_names"] = entry.class_names
-    return Winner(best.number, float(best.value), full, bb, entry, head, test)
+        proba = head.predict_proba(np.asarray(xs, np.float32))
+        test.update(score_test(cfg, proba, ys))
+    return Winner(best.number, float(best.value), full, bb, entry, head, test, proba, ys)
+
+
+def score_test(cfg: SweepConfig, proba: Any, y: Any) -> dict[str, Any]:
+    """The objective's metric on the test images (when it has a test form) and a seeded 95%
+    bootstrap interval over the test images for it and for accuracy (``ci``)."""
+    from tlsweep.config import BOOTSTRAP_SAMPLES
+    from tlsweep.metrics import SCORES, bootstrap_intervals, scores
+
+    names = ["accuracy"]
+    objective = cfg.search.metric.removeprefix("val_")
+    if objective in SCORES and objective != "accuracy":
+        names.append(objective)
+    out: dict[str, Any] = {k: v for k, v in scores(proba, y, names).items() if k != "accuracy"}
+    ci = bootstrap_intervals(proba, y, names, samples=BOOTSTRAP_SAMPLES, seed=cfg.search.seed)
+    out["ci"] = {k: list(v) for k, v in ci.items()}
+    out["ci_level"] = 0.95
+    out["ci_samples"] = BOOTSTRAP_SAMPLES
+    return out
 
 
 def evaluate_and_log(
@@ -96,6 +120,10 @@ def evaluate_and_log(
         if w.test is not None:
             metrics["test_accuracy"] = w.test["accuracy"]
             metrics["test_loss"] = w.test["loss"]
+            for name, (lo, hi) in w.test.get("ci", {}).items():
+                metrics[f"test_{name}"] = w.test[name]
+                metrics[f"test_{name}_ci_low"] = lo
+                metrics[f"test_{name}_ci_high"] = hi
             for name, p, r in zip(
                 w.entry.class_names, w.test["precision"], w.test["recall"], strict=True
             ):
@@ -111,6 +139,11 @@ def evaluate_and_log(
         tracker.log_parent_metrics(metrics)
         tracker.set_parent_tag("winner_trial", str(w.number))
         log_reports(cfg, study, tracker)
+        if w.test is not None:
+            try:
+                tracker.log_evaluation(w.test_proba, w.test_labels, list(w.entry.class_names))
+            except Exception as e:  # noqa: BLE001 - the test score above is logged already
+                log.warning("MLflow's evaluation of the winner failed: %s", e)
     return w
 
 
@@ -208,8 +241,28 @@ def metadata(cfg: SweepConfig, w: Winner) -> dict[str, Any]:
     }
 
 
-def export(cfg: SweepConfig, study: Any, output: str | Path, tracker: Any | None) -> Winner:
-    """Write the winner as one ``.keras`` file (and log it to the parent run as an MLflow model)."""
+@dataclass
+class Registration:
+    """What :func:`export` did in the model registry."""
+
+    name: str
+    version: int
+    promoted: bool  # the `champion` alias now points at this version
+    previous: float | None  # the champion's validation score before, if it had one
+
+
+def export(
+    cfg: SweepConfig,
+    study: Any,
+    output: str | Path,
+    tracker: Any | None,
+    register: str | None = None,
+) -> tuple[Winner, Registration | None]:
+    """Write the winner as one ``.keras`` file (and log it to the parent run as an MLflow model).
+
+    ``register`` (or the sweep's ``register:``): also register that MLflow model as a new
+    version of this registered model, promoted to ``@champion`` on its validation score.
+    """
     output = Path(output)
     if output.suffix != ".keras":
         raise TlsweepError(f"--output {output}: the file name must end in .keras")
@@ -225,9 +278,23 @@ def export(cfg: SweepConfig, study: Any, output: str | Path, tracker: Any | None
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
+    name = register or cfg.register
+    reg = None
     if tracker is not None and tracker.parent_run_id:
-        tracker.log_parent_model(model, meta, output)
-    return w
+        uri = tracker.log_parent_model(model, meta, output)
+        if name and uri:
+            version, promoted, before = tracker.register(
+                uri,
+                name,
+                w.value,
+                cfg.search.metric,
+                cfg.search.direction,
+                {"tlsweep.trial": w.number, "tlsweep.backbone": w.backbone.label},
+            )
+            reg = Registration(name, version, promoted, before)
+    elif name:
+        raise TlsweepError(f"--register {name}: needs the study's MLflow parent run")
+    return w, reg
 
 
 def read_metadata(model_path: str | Path) -> dict[str, Any]:
