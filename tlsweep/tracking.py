@@ -125,8 +125,8 @@ def find_study_experiment(
     except MlflowException as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise TrackingStoreUnavailable(
-            f"cannot read the tracking store {redact_url(tracking_uri)}: {redact_url(first)[:300]}; "
-            "check that it is up and reachable, then try again"
+            f"cannot read the tracking store {redact_url(tracking_uri)}: "
+            f"{redact_url(first)[:300]}; check that it is up and reachable, then try again"
         ) from None
     parent = next((r.info.run_id for r in parents if r.data.tags.get(STUDY_TAG) == study), None)
     studies = sorted(e.name for e in experiments if STUDY_TAG in e.tags)
