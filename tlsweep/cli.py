@@ -209,10 +209,11 @@ def _print_summary(summary: Any, cfg: Any) -> None:
         f"{c.get('FAIL', 0)} failed, {c.get('RUNNING', 0)} running, {c.get('WAITING', 0)} queued"
     )
     if len(summary.per_backbone) > 1 or summary.per_backbone:
-        print(f"\n{'backbone':<48} {'trials':>6} {'best':>8} {'median':>8} {'s/trial':>8}")
+        w = max(48, *(len(b["backbone"]) for b in summary.per_backbone))  # fused labels are long
+        print(f"\n{'backbone':<{w}} {'trials':>6} {'best':>8} {'median':>8} {'s/trial':>8}")
         for b in summary.per_backbone:
             print(
-                f"{b['backbone'][:48]:<48} {b['trials']:>6} {_fmt(b['best']):>8} "
+                f"{b['backbone']:<{w}} {b['trials']:>6} {_fmt(b['best']):>8} "
                 f"{_fmt(b['median']):>8} {_fmt(b['seconds_per_trial']):>8}"
             )
     if summary.test is not None:

@@ -122,10 +122,13 @@ class BackboneConfig:
     pooling: str = DEFAULT_POOLING
     args: Mapping[str, Any] = field(default_factory=dict)
     weights_tag: str = ""  # set only when two backbones differ by their weights file alone
+    members: tuple[BackboneConfig, ...] = ()  # a fused backbone: its members' features, joined
 
     @property
     def label(self) -> str:
         """A short, readable name (``MobileNetV2-alpha0.35-160-avg``): the categorical choice."""
+        if self.members:
+            return "fuse(" + "+".join(m.label for m in self.members) + ")"
         extra = "-".join(f"{k}{v}" for k, v in sorted(self.args.items()))
         parts = [self.name] + ([extra] if extra else [])
         parts += [str(self.input_size or "default"), self.pooling]
@@ -209,6 +212,8 @@ class SweepConfig:
 _TOP_KEYS = ("study", "data", "backbones", "cache_dir", "search", "storage", "tracking_uri")
 _DATA_KEYS = ("dir", "validation_split", "test_split", "seed")
 _BACKBONE_KEYS = ("name", "weights", "input_size", "pooling", "args")
+_SEARCHABLE_BACKBONE_KEYS = ("input_size", "pooling")  # may be {choices: [...]}
+FUSED_NAME = "fuse"  # the name (and key) of a fused backbone entry
 _SEARCH_KEYS = (
     "n_trials",
     "timeout",
@@ -377,8 +382,106 @@ def _parse_backbone(where: str, i: int, spec: Any, base: Path) -> BackboneConfig
     )
 
 
+def _backbone_choices(where: str, sec: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """One plain backbone spec per combination of ``input_size`` and ``pooling`` choices."""
+    combos: list[dict[str, Any]] = [dict(spec)]
+    for key in _SEARCHABLE_BACKBONE_KEYS:
+        value = spec.get(key)
+        if isinstance(value, list):
+            raise _fail(where, f"{sec}.{key}", value, "write a list of options as {choices: [...]}")
+        if not isinstance(value, dict):
+            continue
+        _check_keys(where, f"{sec}.{key}", value, ("choices",))
+        choices = value.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise _fail(where, f"{sec}.{key}.choices", choices, "expected a non-empty list")
+        if any(isinstance(c, (dict, list)) for c in choices) or len(
+            {json.dumps(c) for c in choices}
+        ) != len(choices):
+            raise _fail(where, f"{sec}.{key}.choices", choices, "expected distinct plain values")
+        combos = [{**c, key: v} for c in combos for v in choices]
+    return combos
+
+
+def _parse_fused(where: str, i: int, spec: dict[str, Any], base: Path) -> BackboneConfig:
+    sec = f"backbones[{i}]"
+    _check_keys(where, sec, spec, (FUSED_NAME,))
+    members_raw = spec[FUSED_NAME]
+    if not isinstance(members_raw, list) or len(members_raw) < 2:
+        raise _fail(where, f"{sec}.fuse", members_raw, "expected a list of 2 or more backbones")
+    members = []
+    for j, m in enumerate(members_raw):
+        msec = f"{sec}.fuse[{j}]"
+        if isinstance(m, dict) and FUSED_NAME in m:
+            raise ConfigError(f"{where}: {msec}: a fused backbone cannot contain another fuse:")
+        if isinstance(m, dict) and any(
+            isinstance(m.get(k), dict) for k in ("input_size", "pooling")
+        ):
+            raise ConfigError(
+                f"{where}: {msec}: a fused member takes one input_size and one pooling, not "
+                "choices; list each fused combination as its own fuse: entry"
+            )
+        member = _parse_backbone(where, i, m, base)
+        members.append(resolve_backbone(member, f"{where}: {msec}"))
+    ids = [_identity(m) for m in members]
+    if len(set(ids)) < len(ids):
+        raise ConfigError(f"{where}: {sec}.fuse: the same backbone is listed twice")
+    return BackboneConfig(
+        name=FUSED_NAME, weights="members", pooling="concat", members=tuple(members)
+    )
+
+
+def _identity(b: BackboneConfig) -> str:
+    """What makes two backbone entries the same (for the duplicate check)."""
+    if b.members:
+        return "fuse:" + "|".join(_identity(m) for m in b.members)
+    return json.dumps([b.name, b.weights, b.input_size, b.pooling, sorted(b.args.items())])
+
+
+def parse_backbones(where: str, raw: Any, base: Path) -> tuple[BackboneConfig, ...]:
+    """The ``backbones:`` list, resolved, with choices expanded and fused entries built.
+
+    ``input_size: {choices: [160, 224]}`` (and ``pooling``) expands one entry into one backbone
+    per value (their product when both are given): each is its own cache entry and its own
+    value of the study's categorical ``backbone`` parameter, whose label names size and pooling.
+    """
+    if not isinstance(raw, list) or not raw:
+        raise _fail(where, "backbones", raw, "expected a non-empty list of backbones")
+    out: list[BackboneConfig] = []
+    try:
+        for i, s in enumerate(raw):
+            if isinstance(s, dict) and FUSED_NAME in s:
+                out.append(_parse_fused(where, i, s, base))
+                continue
+            specs = _backbone_choices(where, f"backbones[{i}]", s) if isinstance(s, dict) else [s]
+            for one in specs:
+                out.append(
+                    resolve_backbone(
+                        _parse_backbone(where, i, one, base), f"{where}: backbones[{i}]"
+                    )
+                )
+    except BackboneError as e:  # an unknown name or a size the backbone cannot take
+        raise ConfigError(str(e)) from None
+    plain = [b.label for b in out]
+    if len(set(plain)) < len(plain):
+        out = [
+            replace(b, weights_tag=Path(b.weights).stem)
+            if plain.count(b.label) > 1 and not b.members
+            else b
+            for b in out
+        ]
+    ids = [_identity(b) for b in out]
+    for i, ident in enumerate(ids):
+        if ident in ids[:i]:
+            raise ConfigError(f"{where}: backbones: {out[i].label} is listed twice")
+    return tuple(out)
+
+
 def resolve_backbone(bb: BackboneConfig, where: str = "backbones") -> BackboneConfig:
     """Check a backbone config against the registry and fill in its input size."""
+    if bb.members:
+        members = tuple(resolve_backbone(m, f"{where}.fuse[{j}]") for j, m in enumerate(bb.members))
+        return replace(bb, members=members)
     try:
         spec = get_spec(bb.name)
     except BackboneError as e:
@@ -464,28 +567,7 @@ def load_sweep(
     data = DataConfig(dir=ddir, validation_split=vsplit, test_split=tsplit, seed=dseed)
 
     # backbones
-    bb_raw = raw.get("backbones")
-    if not isinstance(bb_raw, list) or not bb_raw:
-        raise _fail(where, "backbones", bb_raw, "expected a non-empty list of backbones")
-    try:
-        backbones = tuple(
-            resolve_backbone(_parse_backbone(where, i, s, base), f"{where}: backbones[{i}]")
-            for i, s in enumerate(bb_raw)
-        )
-    except BackboneError as e:  # an unknown name or a size the backbone cannot take
-        raise ConfigError(str(e)) from None
-    plain = [b.label for b in backbones]
-    if len(set(plain)) < len(plain):
-        backbones = tuple(
-            replace(b, weights_tag=Path(b.weights).stem) if plain.count(b.label) > 1 else b
-            for b in backbones
-        )
-    labels = [
-        (b.name, b.weights, b.input_size, b.pooling, sorted(b.args.items())) for b in backbones
-    ]
-    for i, lab in enumerate(labels):
-        if lab in labels[:i]:
-            raise ConfigError(f"{where}: backbones[{i}]: the same backbone is listed twice")
+    backbones = parse_backbones(where, raw.get("backbones"), base)
 
     # cache
     if cache_dir is not None:

@@ -473,7 +473,16 @@ def extract_all(
     cache = FeatureCache(cfg.cache_dir)
     out = []
     for bb in resolved:
-        entry, cached = cache.ensure(bb, images, digest, progress(bb) if progress else None)
+        if bb.members:  # a fused backbone: its members' entries (extracted if needed), joined
+            from tlsweep.fusion import fuse_entries
+
+            got = [
+                cache.ensure(m, images, digest, progress(m) if progress else None)
+                for m in bb.members
+            ]
+            entry, cached = fuse_entries(bb, [e for e, _ in got]), all(c for _, c in got)
+        else:
+            entry, cached = cache.ensure(bb, images, digest, progress(bb) if progress else None)
         report_skipped(entry)
         check_usable(entry)
         out.append((bb, entry, cached))
