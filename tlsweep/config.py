@@ -45,6 +45,17 @@ DEFAULT_HEARTBEAT_INTERVAL = 5  # seconds between a running trial's heartbeats
 DEFAULT_GRACE_PERIOD = 30  # seconds without a heartbeat before a trial is taken as dead
 DEFAULT_MAX_RETRY = 3  # how often the parameters of a trial killed mid-way are retried
 
+# The optional fine-tuning stage of the winner (`finetune:`), every default once.
+DEFAULT_FINETUNE: dict[str, Any] = {
+    "epochs": 5,  # at most; early stopping may end it sooner
+    "learning_rate": 1.0e-5,  # small: the Keras transfer-learning guide's second stage
+    "batch_size": 32,
+    "unfreeze": 20,  # the backbone's top layers to train (BatchNorm stays frozen); or "all"
+    "optimizer": "adam",
+    "patience": 2,  # epochs without a better validation score before stopping
+    "augment": {"flip": True, "rotation": 0.0, "zoom": 0.0, "contrast": 0.0},
+}
+
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc")
 PRUNERS = ("median", "hyperband", "none")
 DIRECTIONS = ("maximize", "minimize")
@@ -181,6 +192,29 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Keras preprocessing layers applied to the training images while fine-tuning."""
+
+    flip: bool = DEFAULT_FINETUNE["augment"]["flip"]  # RandomFlip("horizontal")
+    rotation: float = DEFAULT_FINETUNE["augment"]["rotation"]  # RandomRotation(factor)
+    zoom: float = DEFAULT_FINETUNE["augment"]["zoom"]  # RandomZoom(factor)
+    contrast: float = DEFAULT_FINETUNE["augment"]["contrast"]  # RandomContrast(factor)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The ``finetune:`` section: train the winner end to end on the raw images."""
+
+    epochs: int = DEFAULT_FINETUNE["epochs"]
+    learning_rate: float = DEFAULT_FINETUNE["learning_rate"]
+    batch_size: int = DEFAULT_FINETUNE["batch_size"]
+    unfreeze: int | None = DEFAULT_FINETUNE["unfreeze"]  # None: every layer
+    optimizer: str = DEFAULT_FINETUNE["optimizer"]
+    patience: int = DEFAULT_FINETUNE["patience"]
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """A resolved, validated sweep file."""
 
@@ -193,6 +227,7 @@ class SweepConfig:
     storage: str
     tracking_uri: str | None
     text: str = ""  # the sweep file's text, logged to MLflow
+    finetune: FinetuneConfig | None = None  # None: no fine-tuning stage
 
     def space_fingerprint(self) -> str:
         """A hash of the search space, stored in the study to refuse a changed space."""
@@ -209,7 +244,18 @@ class SweepConfig:
 
 
 # --- parsing -----------------------------------------------------------------------------------
-_TOP_KEYS = ("study", "data", "backbones", "cache_dir", "search", "storage", "tracking_uri")
+_TOP_KEYS = (
+    "study",
+    "data",
+    "backbones",
+    "cache_dir",
+    "search",
+    "storage",
+    "tracking_uri",
+    "finetune",
+)
+_FINETUNE_KEYS = tuple(DEFAULT_FINETUNE)
+_AUGMENT_KEYS = tuple(DEFAULT_FINETUNE["augment"])
 _DATA_KEYS = ("dir", "validation_split", "test_split", "seed")
 _BACKBONE_KEYS = ("name", "weights", "input_size", "pooling", "args")
 _SEARCHABLE_BACKBONE_KEYS = ("input_size", "pooling")  # may be {choices: [...]}
@@ -477,6 +523,48 @@ def parse_backbones(where: str, raw: Any, base: Path) -> tuple[BackboneConfig, .
     return tuple(out)
 
 
+def parse_finetune(where: str, raw: Any) -> FinetuneConfig | None:
+    """The ``finetune:`` section (absent or false: None; true or {}: every default)."""
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        raw = {}
+    _check_keys(where, "finetune", raw, _FINETUNE_KEYS)
+    d = {**DEFAULT_FINETUNE, **raw}
+    lr = d["learning_rate"]
+    if not _is_num(lr) or not 0 < lr <= 1:
+        raise _fail(where, "finetune.learning_rate", lr, "expected a number above 0, at most 1")
+    unfreeze = d["unfreeze"]
+    if isinstance(unfreeze, str) and unfreeze.lower() == "all":
+        unfreeze = None
+    elif not _is_int(unfreeze) or unfreeze < 0:
+        raise _fail(where, "finetune.unfreeze", unfreeze, "expected an integer >= 0 or 'all'")
+    aug_raw = d["augment"]
+    if aug_raw is None or aug_raw is False:
+        aug_raw = {"flip": False}
+    _check_keys(where, "finetune.augment", aug_raw, _AUGMENT_KEYS)
+    aug = {**DEFAULT_FINETUNE["augment"], **aug_raw}
+    if not isinstance(aug["flip"], bool):
+        raise _fail(where, "finetune.augment.flip", aug["flip"], "expected true or false")
+    for k in ("rotation", "zoom", "contrast"):
+        if not _is_num(aug[k]) or not 0 <= aug[k] < 1:
+            raise _fail(where, f"finetune.augment.{k}", aug[k], "expected a number from 0 to 1")
+    return FinetuneConfig(
+        epochs=_int(where, "finetune.epochs", d["epochs"], 1, 10000),
+        learning_rate=float(lr),
+        batch_size=_int(where, "finetune.batch_size", d["batch_size"], 1, 4096),
+        unfreeze=unfreeze,
+        optimizer=_choice(where, "finetune.optimizer", d["optimizer"], OPTIMIZERS),
+        patience=_int(where, "finetune.patience", d["patience"], 1),
+        augment=AugmentConfig(
+            flip=aug["flip"],
+            rotation=float(aug["rotation"]),
+            zoom=float(aug["zoom"]),
+            contrast=float(aug["contrast"]),
+        ),
+    )
+
+
 def resolve_backbone(bb: BackboneConfig, where: str = "backbones") -> BackboneConfig:
     """Check a backbone config against the registry and fill in its input size."""
     if bb.members:
@@ -655,6 +743,7 @@ def load_sweep(
         storage=st,
         tracking_uri=tracking_uri,
         text=text,
+        finetune=parse_finetune(where, raw.get("finetune")),
     )
 
 

@@ -234,21 +234,37 @@ def metadata(cfg: SweepConfig, w: Winner) -> dict[str, Any]:
 
 def export(cfg: SweepConfig, study: Any, output: str | Path, tracker: Any | None) -> Winner:
     """Write the winner as one ``.keras`` file (and log it to the parent run as an MLflow model)."""
-    output = Path(output)
-    if output.suffix != ".keras":
-        raise TlsweepError(f"--output {output}: the file name must end in .keras")
+    _check_output(output)
     w = evaluate_and_log(cfg, study, tracker)
-    model = build_export_model(w)
+    save_model(cfg, w, build_export_model(w), output, tracker)
+    return w
+
+
+def _check_output(output: str | Path) -> None:
+    if Path(output).suffix != ".keras":
+        raise TlsweepError(f"--output {output}: the file name must end in .keras")
+
+
+def save_model(
+    cfg: SweepConfig,
+    w: Winner,
+    model: Any,
+    output: str | Path,
+    tracker: Any | None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Save ``model`` (the winner's, frozen or fine-tuned) with its metadata, atomically."""
+    _check_output(output)
+    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp.keras")
     model.save(tmp)
-    meta = metadata(cfg, w)
+    meta = {**metadata(cfg, w), **(extra or {})}
     with zipfile.ZipFile(tmp, "a") as z:
         z.writestr(METADATA_NAME, json.dumps(meta, indent=1, default=str))
     os.replace(tmp, output)
     if tracker is not None and tracker.parent_run_id:
         tracker.log_parent_model(model, meta, output)
-    return w
 
 
 def read_metadata(model_path: str | Path) -> dict[str, Any]:
