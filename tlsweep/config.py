@@ -494,20 +494,27 @@ def parse_backbones(where: str, raw: Any, base: Path) -> tuple[BackboneConfig, .
     if not isinstance(raw, list) or not raw:
         raise _fail(where, "backbones", raw, "expected a non-empty list of backbones")
     out: list[BackboneConfig] = []
+    src: list[int] = []  # the entry each backbone comes from
     try:
         for i, s in enumerate(raw):
             if isinstance(s, dict) and FUSED_NAME in s:
                 out.append(_parse_fused(where, i, s, base))
-                continue
-            specs = _backbone_choices(where, f"backbones[{i}]", s) if isinstance(s, dict) else [s]
-            for one in specs:
-                out.append(
-                    resolve_backbone(
-                        _parse_backbone(where, i, one, base), f"{where}: backbones[{i}]"
-                    )
+            else:
+                specs = (
+                    _backbone_choices(where, f"backbones[{i}]", s) if isinstance(s, dict) else [s]
                 )
+                for one in specs:
+                    bb = _parse_backbone(where, i, one, base)
+                    out.append(resolve_backbone(bb, f"{where}: backbones[{i}]"))
+            src += [i] * (len(out) - len(src))
     except BackboneError as e:  # an unknown name or a size the backbone cannot take
         raise ConfigError(str(e)) from None
+    ids = [_identity(b) for b in out]
+    for i, ident in enumerate(ids):
+        if ident in ids[:i]:
+            raise ConfigError(
+                f"{where}: backbones[{src[i]}]: {out[i].label}: the same backbone is listed twice"
+            )
     plain = [b.label for b in out]
     if len(set(plain)) < len(plain):
         out = [
@@ -516,10 +523,6 @@ def parse_backbones(where: str, raw: Any, base: Path) -> tuple[BackboneConfig, .
             else b
             for b in out
         ]
-    ids = [_identity(b) for b in out]
-    for i, ident in enumerate(ids):
-        if ident in ids[:i]:
-            raise ConfigError(f"{where}: backbones: {out[i].label} is listed twice")
     return tuple(out)
 
 
