@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 STATE = "state.json"
 FINAL = "final.keras"  # the best fine-tuned model, written when the stage is complete
+BEST = "best-weights.npz"  # the model's weights at its best validation score so far
 IMAGE_FORMAT = 1
 # (epoch, epochs, images done in this epoch, images per epoch)
 FinetuneProgress = Callable[[int, int, int, int], None]
@@ -278,6 +279,18 @@ def _write_json(path: Path, d: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _save_weights(model: Any, path: Path) -> None:
+    """The model's weights only (no optimizer state), atomically."""
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, *model.get_weights())
+    os.replace(tmp, path)
+
+
+def _load_weights(model: Any, path: Path) -> None:
+    with np.load(path, allow_pickle=False) as z:
+        model.set_weights([z[f"arr_{i}"] for i in range(len(z.files))])
+
+
 def _better(metric: str, a: float, b: float) -> bool:
     return a > b if metric == "val_accuracy" else a < b
 
@@ -343,7 +356,7 @@ def run_finetune(
         baseline = v_acc if metric == "val_accuracy" else v_loss
         state.update(baseline=baseline, best=baseline, best_epoch=0, since_best=0)
         state["history"].append({"epoch": 0, "val_loss": v_loss, "val_accuracy": v_acc})
-        model.save_weights(folder / "best.weights.h5")
+        _save_weights(model, folder / BEST)
         model.save(folder / "epoch-0.keras")
         state["checkpoint"] = "epoch-0.keras"
         _write_json(state_path, state)
@@ -382,8 +395,7 @@ def run_finetune(
             }
             if _better(metric, value, state["best"]):
                 state.update(best=value, best_epoch=epoch, since_best=0)
-                model.save_weights(folder / "best.weights.h5.tmp.weights.h5")
-                os.replace(folder / "best.weights.h5.tmp.weights.h5", folder / "best.weights.h5")
+                _save_weights(model, folder / BEST)
             else:
                 state["since_best"] += 1
             name = f"epoch-{epoch}.keras"
@@ -398,7 +410,7 @@ def run_finetune(
             _log_pending(tracker, run_id, state)
             _write_json(state_path, state)  # remembers what is on the MLflow run
         # early stopping's "restore best weights"; epoch 0 is the frozen winner itself
-        model.load_weights(folder / "best.weights.h5")
+        _load_weights(model, folder / BEST)
         accepted = _better(metric, state["best"], state["baseline"])
         test = None
         if len(rows["test"]):
