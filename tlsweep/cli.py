@@ -94,6 +94,46 @@ def _bar_factory(disable: bool = False) -> Any:
     return factory
 
 
+def _finetune_bar(disable: bool = False) -> Any:
+    """A progress bar per fine-tuning epoch: images/s and the epoch's ETA."""
+    from tqdm import tqdm
+
+    bars: dict[int, Any] = {}
+
+    def progress(epoch: int, epochs: int, done: int, total: int) -> None:
+        if epoch not in bars:
+            bars[epoch] = tqdm(
+                total=total,
+                desc=f"fine-tune epoch {epoch}/{epochs}",
+                unit="img",
+                disable=disable,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+        b = bars[epoch]
+        b.update(done - b.n)
+        if done >= total:
+            b.close()
+
+    return progress
+
+
+def _print_finetune(ft: Any) -> None:
+    if ft is None:
+        return
+    kept = (
+        "kept: it replaces the frozen winner"
+        if ft.accepted
+        else "not kept: the frozen winner stays"
+    )
+    test = f", test accuracy {ft.test['accuracy']:.4f}" if ft.test else ""
+    print(
+        f"\nfine-tuning: {ft.epochs_run} epoch(s), best validation {ft.metric} {ft.best:.4f} "
+        f"(epoch {ft.best_epoch}) vs frozen {ft.baseline:.4f} on the same images{test}, "
+        f"{ft.seconds:.0f}s; {kept}"
+    )
+
+
 # --- commands ----------------------------------------------------------------------------------
 def _stop_on_signals() -> None:
     """SIGTERM and SIGHUP (a closed terminal) stop the command as Ctrl-C does: the running
@@ -301,17 +341,20 @@ def _print_summary(summary: Any, cfg: Any) -> None:
         f"{c.get('FAIL', 0)} failed, {c.get('RUNNING', 0)} running, {c.get('WAITING', 0)} queued"
     )
     if len(summary.per_backbone) > 1 or summary.per_backbone:
-        print(f"\n{'backbone':<48} {'trials':>6} {'best':>8} {'median':>8} {'s/trial':>8}")
+        w = max(48, *(len(b["backbone"]) for b in summary.per_backbone))  # fused labels are long
+        print(f"\n{'backbone':<{w}} {'trials':>6} {'best':>8} {'median':>8} {'s/trial':>8}")
         for b in summary.per_backbone:
             print(
-                f"{b['backbone'][:48]:<48} {b['trials']:>6} {_fmt(b['best']):>8} "
+                f"{b['backbone']:<{w}} {b['trials']:>6} {_fmt(b['best']):>8} "
                 f"{_fmt(b['median']):>8} {_fmt(b['seconds_per_trial']):>8}"
             )
+    _print_finetune(summary.finetune)
     if summary.test is not None:
         t = summary.test
         b = summary.best[0]
+        tuned = " fine-tuned" if summary.finetune is not None and summary.finetune.accepted else ""
         print(
-            f"\nwinner (trial {b['number']}): validation {summary.metric} {b['value']:.4f} "
+            f"\nwinner (trial {b['number']}{tuned}): validation {summary.metric} {b['value']:.4f} "
             f"(the best of {summary.finished} trials, so optimistic); on the held-out test "
             f"split: {_with_ci(t)}, loss {t['loss']:.4f} ({t['n']} images)"
         )
@@ -363,6 +406,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers,
         worker_index=args.worker_index,
         worker_argv=argv,
+        finetune_progress=_finetune_bar(args.quiet),
     )
     if args.worker_index is None:
         print()
@@ -510,11 +554,17 @@ def _print_test(w: Any, cfg: Any) -> None:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
+    from tlsweep.sweep import finetune_winner
     from tlsweep.winner import evaluate_and_log
 
     cfg, study, tracker = _study_and_tracker(args)
     try:
-        _print_test(evaluate_and_log(cfg, study, tracker), cfg)
+        w = evaluate_and_log(cfg, study, tracker)
+        _print_test(w, cfg)
+        if cfg.finetune is not None:
+            _print_finetune(
+                finetune_winner(cfg, w, tracker, _finetune_bar(getattr(args, "quiet", False)))
+            )
     finally:
         tracker.close_parent(True)
     return 0
@@ -522,7 +572,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from tlsweep.config import check_can_write
-    from tlsweep.winner import export
+    from tlsweep.sweep import export_winner
 
     if not args.output.endswith(".keras"):
         raise TlsweepError(f"--output: got '{args.output}'; the file name must end in .keras")
@@ -534,10 +584,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_can_write(args.output, "--output")  # before minutes of retraining, not after
     cfg, study, tracker = _study_and_tracker(args, cfg)
     try:
-        w, reg = export(cfg, study, args.output, tracker, args.register)
+        w, ft, reg = export_winner(
+            cfg,
+            study,
+            args.output,
+            tracker,
+            _finetune_bar(getattr(args, "quiet", False)),
+            args.register,
+        )
     finally:
         tracker.close_parent(True)
     _print_test(w, cfg)
+    _print_finetune(ft)
     print(
         f"exported {args.output} (raw RGB images of any size -> probabilities of "
         f"{', '.join(w.entry.class_names)})"

@@ -68,6 +68,17 @@ DEFAULT_REGISTER = None  # a registered model name for `tlsweep export`, or None
 MIN_VALIDATION_PER_CLASS = 5  # fewer validation images of a class than this: a warning
 BOOTSTRAP_SAMPLES = 2000  # resamples of the test images for the winner's 95% intervals
 
+# The optional fine-tuning stage of the winner (`finetune:`), every default once.
+DEFAULT_FINETUNE: dict[str, Any] = {
+    "epochs": 5,  # at most; early stopping may end it sooner
+    "learning_rate": 1.0e-5,  # small: the Keras transfer-learning guide's second stage
+    "batch_size": 32,
+    "unfreeze": 20,  # the backbone's top layers to train (BatchNorm stays frozen); or "all"
+    "optimizer": "adam",
+    "patience": 2,  # epochs without a better validation score before stopping
+    "augment": {"flip": True, "rotation": 0.0, "zoom": 0.0, "contrast": 0.0},
+}
+
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc")
 PRUNERS = ("median", "hyperband", "none")
 DIRECTIONS = ("maximize", "minimize")
@@ -237,10 +248,13 @@ class BackboneConfig:
     pooling: str = DEFAULT_POOLING
     args: Mapping[str, Any] = field(default_factory=dict)
     weights_tag: str = ""  # set only when two backbones differ by their weights file alone
+    members: tuple[BackboneConfig, ...] = ()  # a fused backbone: its members' features, joined
 
     @property
     def label(self) -> str:
         """A short, readable name (``MobileNetV2-alpha0.35-160-avg``): the categorical choice."""
+        if self.members:
+            return "fuse(" + "+".join(m.label for m in self.members) + ")"
         extra = "-".join(f"{k}{v}" for k, v in sorted(self.args.items()))
         parts = [self.name] + ([extra] if extra else [])
         parts += [str(self.input_size or "default"), self.pooling]
@@ -306,6 +320,29 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Keras preprocessing layers applied to the training images while fine-tuning."""
+
+    flip: bool = DEFAULT_FINETUNE["augment"]["flip"]  # RandomFlip("horizontal")
+    rotation: float = DEFAULT_FINETUNE["augment"]["rotation"]  # RandomRotation(factor)
+    zoom: float = DEFAULT_FINETUNE["augment"]["zoom"]  # RandomZoom(factor)
+    contrast: float = DEFAULT_FINETUNE["augment"]["contrast"]  # RandomContrast(factor)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The ``finetune:`` section: train the winner end to end on the raw images."""
+
+    epochs: int = DEFAULT_FINETUNE["epochs"]
+    learning_rate: float = DEFAULT_FINETUNE["learning_rate"]
+    batch_size: int = DEFAULT_FINETUNE["batch_size"]
+    unfreeze: int | None = DEFAULT_FINETUNE["unfreeze"]  # None: every layer
+    optimizer: str = DEFAULT_FINETUNE["optimizer"]
+    patience: int = DEFAULT_FINETUNE["patience"]
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """A resolved, validated sweep file."""
 
@@ -319,6 +356,7 @@ class SweepConfig:
     tracking_uri: str | None
     text: str = ""  # the sweep file's text, logged to MLflow
     register: str | None = DEFAULT_REGISTER  # registered model name for `tlsweep export`
+    finetune: FinetuneConfig | None = None  # None: no fine-tuning stage
 
     def space_fingerprint(self) -> str:
         """A hash of the search space, stored in the study to refuse a changed space."""
@@ -353,9 +391,14 @@ _TOP_KEYS = (
     "storage",
     "tracking_uri",
     "register",
+    "finetune",
 )
+_FINETUNE_KEYS = tuple(DEFAULT_FINETUNE)
+_AUGMENT_KEYS = tuple(DEFAULT_FINETUNE["augment"])
 _DATA_KEYS = ("dir", "validation_split", "test_split", "seed", "verify")
 _BACKBONE_KEYS = ("name", "weights", "input_size", "pooling", "args")
+_SEARCHABLE_BACKBONE_KEYS = ("input_size", "pooling")  # may be {choices: [...]}
+FUSED_NAME = "fuse"  # the name (and key) of a fused backbone entry
 _SEARCH_KEYS = (
     "n_trials",
     "timeout",
@@ -541,8 +584,151 @@ def _parse_backbone(where: str, i: int, spec: Any, base: Path) -> BackboneConfig
     )
 
 
+def _backbone_choices(where: str, sec: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """One plain backbone spec per combination of ``input_size`` and ``pooling`` choices."""
+    combos: list[dict[str, Any]] = [dict(spec)]
+    for key in _SEARCHABLE_BACKBONE_KEYS:
+        value = spec.get(key)
+        if isinstance(value, list):
+            raise _fail(where, f"{sec}.{key}", value, "write a list of options as {choices: [...]}")
+        if not isinstance(value, dict):
+            continue
+        _check_keys(where, f"{sec}.{key}", value, ("choices",))
+        choices = value.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise _fail(where, f"{sec}.{key}.choices", choices, "expected a non-empty list")
+        if any(isinstance(c, (dict, list)) for c in choices) or len(
+            {json.dumps(c) for c in choices}
+        ) != len(choices):
+            raise _fail(where, f"{sec}.{key}.choices", choices, "expected distinct plain values")
+        combos = [{**c, key: v} for c in combos for v in choices]
+    return combos
+
+
+def _parse_fused(where: str, i: int, spec: dict[str, Any], base: Path) -> BackboneConfig:
+    sec = f"backbones[{i}]"
+    _check_keys(where, sec, spec, (FUSED_NAME,))
+    members_raw = spec[FUSED_NAME]
+    if not isinstance(members_raw, list) or len(members_raw) < 2:
+        raise _fail(where, f"{sec}.fuse", members_raw, "expected a list of 2 or more backbones")
+    members = []
+    for j, m in enumerate(members_raw):
+        msec = f"{sec}.fuse[{j}]"
+        if isinstance(m, dict) and FUSED_NAME in m:
+            raise ConfigError(f"{where}: {msec}: a fused backbone cannot contain another fuse:")
+        if isinstance(m, dict) and any(
+            isinstance(m.get(k), dict) for k in ("input_size", "pooling")
+        ):
+            raise ConfigError(
+                f"{where}: {msec}: a fused member takes one input_size and one pooling, not "
+                "choices; list each fused combination as its own fuse: entry"
+            )
+        member = _parse_backbone(where, i, m, base)
+        members.append(resolve_backbone(member, f"{where}: {msec}"))
+    ids = [_identity(m) for m in members]
+    if len(set(ids)) < len(ids):
+        raise ConfigError(f"{where}: {sec}.fuse: the same backbone is listed twice")
+    return BackboneConfig(
+        name=FUSED_NAME, weights="members", pooling="concat", members=tuple(members)
+    )
+
+
+def _identity(b: BackboneConfig) -> str:
+    """What makes two backbone entries the same (for the duplicate check)."""
+    if b.members:
+        return "fuse:" + "|".join(_identity(m) for m in b.members)
+    return json.dumps([b.name, b.weights, b.input_size, b.pooling, sorted(b.args.items())])
+
+
+def parse_backbones(where: str, raw: Any, base: Path) -> tuple[BackboneConfig, ...]:
+    """The ``backbones:`` list, resolved, with choices expanded and fused entries built.
+
+    ``input_size: {choices: [160, 224]}`` (and ``pooling``) expands one entry into one backbone
+    per value (their product when both are given): each is its own cache entry and its own
+    value of the study's categorical ``backbone`` parameter, whose label names size and pooling.
+    """
+    if not isinstance(raw, list) or not raw:
+        raise _fail(where, "backbones", raw, "expected a non-empty list of backbones")
+    out: list[BackboneConfig] = []
+    src: list[int] = []  # the entry each backbone comes from
+    try:
+        for i, s in enumerate(raw):
+            if isinstance(s, dict) and FUSED_NAME in s:
+                out.append(_parse_fused(where, i, s, base))
+            else:
+                specs = (
+                    _backbone_choices(where, f"backbones[{i}]", s) if isinstance(s, dict) else [s]
+                )
+                for one in specs:
+                    bb = _parse_backbone(where, i, one, base)
+                    out.append(resolve_backbone(bb, f"{where}: backbones[{i}]"))
+            src += [i] * (len(out) - len(src))
+    except BackboneError as e:  # an unknown name or a size the backbone cannot take
+        raise ConfigError(str(e)) from None
+    ids = [_identity(b) for b in out]
+    for i, ident in enumerate(ids):
+        if ident in ids[:i]:
+            raise ConfigError(
+                f"{where}: backbones[{src[i]}]: {out[i].label}: the same backbone is listed twice"
+            )
+    plain = [b.label for b in out]
+    if len(set(plain)) < len(plain):
+        out = [
+            replace(b, weights_tag=Path(b.weights).stem)
+            if plain.count(b.label) > 1 and not b.members
+            else b
+            for b in out
+        ]
+    return tuple(out)
+
+
+def parse_finetune(where: str, raw: Any) -> FinetuneConfig | None:
+    """The ``finetune:`` section (absent or false: None; true or {}: every default)."""
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        raw = {}
+    _check_keys(where, "finetune", raw, _FINETUNE_KEYS)
+    d = {**DEFAULT_FINETUNE, **raw}
+    lr = d["learning_rate"]
+    if not _is_num(lr) or not 0 < lr <= 1:
+        raise _fail(where, "finetune.learning_rate", lr, "expected a number above 0, at most 1")
+    unfreeze = d["unfreeze"]
+    if isinstance(unfreeze, str) and unfreeze.lower() == "all":
+        unfreeze = None
+    elif not _is_int(unfreeze) or unfreeze < 0:
+        raise _fail(where, "finetune.unfreeze", unfreeze, "expected an integer >= 0 or 'all'")
+    aug_raw = d["augment"]
+    if aug_raw is None or aug_raw is False:
+        aug_raw = {"flip": False}
+    _check_keys(where, "finetune.augment", aug_raw, _AUGMENT_KEYS)
+    aug = {**DEFAULT_FINETUNE["augment"], **aug_raw}
+    if not isinstance(aug["flip"], bool):
+        raise _fail(where, "finetune.augment.flip", aug["flip"], "expected true or false")
+    for k in ("rotation", "zoom", "contrast"):
+        if not _is_num(aug[k]) or not 0 <= aug[k] < 1:
+            raise _fail(where, f"finetune.augment.{k}", aug[k], "expected a number from 0 to 1")
+    return FinetuneConfig(
+        epochs=_int(where, "finetune.epochs", d["epochs"], 1, 10000),
+        learning_rate=float(lr),
+        batch_size=_int(where, "finetune.batch_size", d["batch_size"], 1, 4096),
+        unfreeze=unfreeze,
+        optimizer=_choice(where, "finetune.optimizer", d["optimizer"], OPTIMIZERS),
+        patience=_int(where, "finetune.patience", d["patience"], 1),
+        augment=AugmentConfig(
+            flip=aug["flip"],
+            rotation=float(aug["rotation"]),
+            zoom=float(aug["zoom"]),
+            contrast=float(aug["contrast"]),
+        ),
+    )
+
+
 def resolve_backbone(bb: BackboneConfig, where: str = "backbones") -> BackboneConfig:
     """Check a backbone config against the registry and fill in its input size."""
+    if bb.members:
+        members = tuple(resolve_backbone(m, f"{where}.fuse[{j}]") for j, m in enumerate(bb.members))
+        return replace(bb, members=members)
     try:
         spec = get_spec(bb.name)
     except BackboneError as e:
@@ -638,28 +824,7 @@ def load_sweep(
     )
 
     # backbones
-    bb_raw = raw.get("backbones")
-    if not isinstance(bb_raw, list) or not bb_raw:
-        raise _fail(where, "backbones", bb_raw, "expected a non-empty list of backbones")
-    try:
-        backbones = tuple(
-            resolve_backbone(_parse_backbone(where, i, s, base), f"{where}: backbones[{i}]")
-            for i, s in enumerate(bb_raw)
-        )
-    except BackboneError as e:  # an unknown name or a size the backbone cannot take
-        raise ConfigError(str(e)) from None
-    plain = [b.label for b in backbones]
-    if len(set(plain)) < len(plain):
-        backbones = tuple(
-            replace(b, weights_tag=Path(b.weights).stem) if plain.count(b.label) > 1 else b
-            for b in backbones
-        )
-    labels = [
-        (b.name, b.weights, b.input_size, b.pooling, sorted(b.args.items())) for b in backbones
-    ]
-    for i, lab in enumerate(labels):
-        if lab in labels[:i]:
-            raise ConfigError(f"{where}: backbones[{i}]: the same backbone is listed twice")
+    backbones = parse_backbones(where, raw.get("backbones"), base)
 
     # cache
     if cache_dir is not None:
@@ -761,6 +926,7 @@ def load_sweep(
         tracking_uri=tracking_uri,
         text=text,
         register=register,
+        finetune=parse_finetune(where, raw.get("finetune")),
     )
 
 

@@ -761,13 +761,26 @@ def extract_all(
     cache = FeatureCache(cfg.cache_dir)
     digest = cache.images_digest(images, verify=cfg.data.verify)
     if check is not None:
-        parts = {bb.label: key_parts(bb, digest) for bb in resolved}
-        check({label: {"key": cache_key(p), "parts": p} for label, p in parts.items()})
+        check({bb.label: _expected(bb, digest) for bb in resolved})
+    # Every entry that must exist, fused backbones' members included, extracted together (one
+    # decode of each image for all of them); a fused backbone joins its members' entries.
+    plain: list[BackboneConfig] = []
+    for bb in resolved:
+        for m in bb.members or (bb,):
+            if m not in plain:
+                plain.append(m)
     done = cache.ensure_many(
-        resolved, images, digest, [progress(bb) for bb in resolved] if progress else None
+        plain, images, digest, [progress(bb) for bb in plain] if progress else None
     )
     out = []
-    for bb, (entry, cached) in zip(resolved, done, strict=True):
+    for bb in resolved:
+        if bb.members:
+            from tlsweep.fusion import fuse_entries
+
+            got = [done[plain.index(m)] for m in bb.members]
+            entry, cached = fuse_entries(bb, [e for e, _ in got]), all(c for _, c in got)
+        else:
+            entry, cached = done[plain.index(bb)]
         report_skipped(entry)
         check_usable(entry)
         out.append((bb, entry, cached))
@@ -790,7 +803,26 @@ def expected_keys(cfg: SweepConfig) -> dict[str, dict[str, Any]]:
         digest = content_digest(images)
     out = {}
     for bb in cfg.backbones:
-        parts = key_parts(bb, digest, fetch=False)
-        if parts["weights"] is not None:
-            out[bb.label] = {"key": cache_key(parts), "parts": parts}
+        expected = _expected(bb, digest, fetch=False)
+        if expected is not None:
+            out[bb.label] = expected
     return out
+
+
+def _expected(bb: BackboneConfig, digest: str, fetch: bool = True) -> dict[str, Any] | None:
+    """{"key", "parts"} of ``bb``'s entry on images of ``digest`` (a fused backbone: of its
+    joined members, as :func:`tlsweep.fusion.fuse_entries` keys it); None when an ImageNet
+    file is not downloaded yet and ``fetch`` is False."""
+    if bb.members:
+        members = [_expected(m, digest, fetch) for m in bb.members]
+        if any(m is None for m in members):
+            return None
+        keys = [m["key"] for m in members]  # type: ignore[index]
+        return {
+            "key": hashlib.sha256(json.dumps({"fuse": keys}).encode()).hexdigest(),
+            "parts": {"fuse": keys},
+        }
+    parts = key_parts(bb, digest, fetch)
+    if parts["weights"] is None:
+        return None
+    return {"key": cache_key(parts), "parts": parts}

@@ -639,6 +639,7 @@ class StudySummary:
     direction: str
     test: dict[str, Any] | None = None  # the winner's held-out test score, once evaluated
     test_note: str | None = None  # why there is no test score
+    finetune: Any | None = None  # the fine-tuning stage's result (tlsweep.finetune), if any
 
     @property
     def finished(self) -> int:

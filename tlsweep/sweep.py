@@ -120,6 +120,7 @@ def run_sweep(
     worker_index: int | None = None,
     worker_argv: Sequence[str] | None = None,
     evaluate_winner: bool = True,
+    finetune_progress: Callable[[int, int, int, int], None] | None = None,
 ) -> StudySummary:
     """Extract (or reuse) features, run the study to ``n_trials`` finished trials, summarize.
 
@@ -153,7 +154,9 @@ def run_sweep(
             _close_after_error(cfg, study, tracker)
             raise
         summary = summarize(cfg, study)
-        _finish_or_fail(cfg, study, tracker, summary, evaluate_winner, None, entries)
+        _finish_or_fail(
+            cfg, study, tracker, summary, evaluate_winner, None, entries, finetune_progress
+        )
         return summary
     features = load_features([(bb, e) for bb, e, _ in entries])
     runner = StudyRunner(cfg, features, None, on_trial, worker_index or 0)
@@ -172,7 +175,14 @@ def run_sweep(
     summary = summarize(cfg, runner.study)
     if worker_index is None:
         _finish_or_fail(
-            cfg, runner.study, tracker, summary, evaluate_winner and done, done, entries
+            cfg,
+            runner.study,
+            tracker,
+            summary,
+            evaluate_winner and done,
+            done,
+            entries,
+            finetune_progress,
         )
     return summary
 
@@ -185,11 +195,12 @@ def _finish_or_fail(
     evaluate: bool,
     done: bool | None,
     extracted: list,
+    finetune_progress: Callable[[int, int, int, int], None] | None = None,
 ) -> None:
     """:func:`_finish`; a failure (scoring the winner, most likely) is a runtime failure that
     names its cause: the finished trials are safe in the study."""
     try:
-        _finish(cfg, study, tracker, summary, evaluate, done, extracted)
+        _finish(cfg, study, tracker, summary, evaluate, done, extracted, finetune_progress)
     except Exception as e:  # noqa: BLE001 - re-raised as a one-line runtime failure
         from tlsweep.search import describe
         from tlsweep.tracking import tracking_errors
@@ -245,6 +256,7 @@ def _finish(
     evaluate: bool,
     done: bool | None = None,
     extracted: list | None = None,
+    finetune_progress: Callable[[int, int, int, int], None] | None = None,
 ) -> None:
     done = summary.finished >= cfg.search.n_trials if done is None else done
     if summary.best:
@@ -256,7 +268,68 @@ def _finish(
         w = winner.evaluate_and_log(cfg, study, tracker, extracted)
         summary.test = w.test
         summary.test_note = None if w.test else "no test split (no test/ folder, or test_split: 0)"
+        if cfg.finetune is not None:
+            try:
+                ft = finetune_winner(cfg, w, tracker, finetune_progress)
+            except BaseException:  # Ctrl-C or a failure: the checkpoints stay, a rerun resumes
+                with contextlib.suppress(Exception):
+                    tracker.close_parent(False)
+                raise
+            summary.finetune = ft
+            if ft.accepted and ft.test is not None:
+                summary.test = ft.test
     tracker.close_parent(done)
+
+
+def finetune_winner(cfg: SweepConfig, w: Any, tracker: Any, progress: Any = None) -> Any:
+    """Run (or resume, or read back) the fine-tuning stage and put its outcome on the parent."""
+    from tlsweep.finetune import run_finetune
+
+    ft = run_finetune(cfg, w, tracker, progress)
+    if tracker is not None and tracker.parent_run_id:
+        metrics = {
+            f"finetune_baseline_{ft.metric}": ft.baseline,
+            f"finetune_best_{ft.metric}": ft.best,
+        }
+        if ft.test is not None:
+            metrics["finetune_test_accuracy"] = ft.test["accuracy"]
+            metrics["finetune_test_loss"] = ft.test["loss"]
+        tracker.log_parent_metrics(metrics)
+        tracker.set_parent_tag("winner_model", "finetuned" if ft.accepted else "frozen")
+    return ft
+
+
+def export_winner(
+    cfg: SweepConfig,
+    study: Any,
+    output: Any,
+    tracker: Any,
+    progress: Any = None,
+    register: str | None = None,
+) -> tuple[Any, Any, Any]:
+    """Export the winner: the fine-tuned model if it beat the frozen one on validation.
+
+    Returns (the frozen winner, the fine-tuning result or None, the registration or None).
+    """
+    import keras
+
+    from tlsweep import winner
+
+    if cfg.finetune is None:
+        w, reg = winner.export(cfg, study, output, tracker, register)
+        return w, None, reg
+    winner._check_output(output)
+    w = winner.evaluate_and_log(cfg, study, tracker)
+    ft = finetune_winner(cfg, w, tracker, progress)
+    info = {"model": "finetuned" if ft.accepted else "frozen", "finetune": ft.as_dict()}
+    if ft.accepted:
+        model = keras.models.load_model(ft.model_path, safe_mode=True, compile=False)
+        info["test"] = ft.test
+        info[f"validation_{cfg.search.metric}"] = ft.best
+    else:
+        model = winner.build_export_model(w)
+    reg = winner.save_model(cfg, w, model, output, tracker, info, register=register)
+    return w, ft, reg
 
 
 def _run_workers(n: int, argv: Sequence[str]) -> None:

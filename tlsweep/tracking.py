@@ -607,3 +607,41 @@ class Tracker:
     def log_parent_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         if self.parent_run_id:
             self.client.log_artifact(self.parent_run_id, local_path, artifact_path)
+
+    # --- the fine-tuning stage: a child run of the parent --------------------------------------
+    def start_stage(self, name: str, params: Mapping[str, Any], run_id: str | None = None) -> str:
+        """A child run of the parent for a stage after the study (``run_id``: resume that one)."""
+        if run_id:
+            try:
+                self.client.update_run(run_id, status="RUNNING")
+                return run_id
+            except Exception:  # noqa: BLE001 - deleted: start a new one
+                log.info("MLflow run %s of %s is gone; starting a new one", run_id, name)
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=name,
+            tags={
+                "mlflow.parentRunId": self.parent_run_id or "",
+                STUDY_TAG: self.study,
+                ROLE_TAG: name,
+            },
+        )
+        self._log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, _mlflow_value(v)) for k, v in tags.items()])
+
+    def end_stage(self, run_id: str, status: str = "FINISHED") -> None:
+        """``status``: FINISHED, FAILED or KILLED (interrupted; a rerun resumes it)."""
+        self.client.set_terminated(run_id, status)

@@ -205,32 +205,60 @@ def log_reports(cfg: SweepConfig, study: Any, tracker: Any) -> list[str]:
 
 
 # --- export ------------------------------------------------------------------------------------
-def build_export_model(w: Winner) -> Any:
-    """Raw RGB images of any size -> class probabilities [n, classes]."""
+def image_branch(bb: Any, inputs: Any, suffix: str = "") -> Any:
+    """``Resizing -> preprocessing -> backbone (inference mode) -> pooling`` on ``inputs``."""
     import keras
 
     from tlsweep import backbones as bbs
 
-    bb = w.backbone
     size = bb.input_size
-    inputs = keras.Input((None, None, 3), name="image")
-    x = keras.layers.Resizing(size, size, interpolation="bilinear", name="resize")(inputs)
-    x = bbs.preprocess_layer(bb)(x)
+    x = keras.layers.Resizing(size, size, interpolation="bilinear", name=f"resize{suffix}")(inputs)
+    x = bbs.preprocess_layer(bb, name=f"preprocess{suffix}")(x)
     base = bbs.build_base(bb)
+    if suffix:  # two members may build the same Keras model name; layer names must be unique
+        base.name = f"{base.name}{suffix}"
     x = base(x, training=False)
-    x = bbs.pooling_layer(bb.pooling)(x)
+    return bbs.pooling_layer(bb.pooling, name=f"pool{suffix}")(x)
+
+
+def build_features_model(bb: Any) -> Any:
+    """Raw RGB images of any size -> the features the head was trained on.
+
+    A fused backbone runs one branch per member on the same images and concatenates them.
+    """
+    import keras
+
+    inputs = keras.Input((None, None, 3), name="image")
+    if bb.members:
+        branches = [image_branch(m, inputs, f"_{j}") for j, m in enumerate(bb.members)]
+        x = keras.layers.Concatenate(name="features")(branches)
+    else:
+        x = image_branch(bb, inputs)
+    return keras.Model(inputs, x, name="tlsweep_features")
+
+
+def build_export_model(w: Winner) -> Any:
+    """Raw RGB images of any size -> class probabilities [n, classes]."""
+    import keras
+
+    features = build_features_model(w.backbone)
     head = w.head.to_keras()
-    p = head(x)
+    p = head(features.output)
     if w.head.n_classes == 2:
         p = keras.layers.Concatenate(name="probabilities")([1.0 - p, p])
-    return keras.Model(inputs, p, name="tlsweep_classifier")
+    return keras.Model(features.input, p, name="tlsweep_classifier")
+
+
+def _input_sizes(bb: Any) -> list[int]:
+    return [m.input_size for m in bb.members] if bb.members else [bb.input_size]
 
 
 def metadata(cfg: SweepConfig, w: Winner) -> dict[str, Any]:
     return {
         "class_names": w.entry.class_names,
         "input": "RGB images, values 0..255, any size (resized to "
-        f"{w.backbone.input_size}x{w.backbone.input_size} inside the model)",
+        + " and ".join(f"{s}x{s}" for s in _input_sizes(w.backbone))
+        + " inside the model)",
         "output": "class probabilities, one column per class_names entry",
         "backbone": w.entry.manifest["backbone"],
         "study": cfg.study,
@@ -263,14 +291,32 @@ def export(
     ``register`` (or the sweep's ``register:``): also register that MLflow model as a new
     version of this registered model, promoted to ``@champion`` on its validation score.
     """
-    output = Path(output)
-    if output.suffix != ".keras":
-        raise TlsweepError(f"--output {output}: the file name must end in .keras")
+    _check_output(output)
     w = evaluate_and_log(cfg, study, tracker)
-    model = build_export_model(w)
+    return w, save_model(cfg, w, build_export_model(w), output, tracker, register=register)
+
+
+def _check_output(output: str | Path) -> None:
+    if Path(output).suffix != ".keras":
+        raise TlsweepError(f"--output {output}: the file name must end in .keras")
+
+
+def save_model(
+    cfg: SweepConfig,
+    w: Winner,
+    model: Any,
+    output: str | Path,
+    tracker: Any | None,
+    extra: dict[str, Any] | None = None,
+    register: str | None = None,
+) -> Registration | None:
+    """Save ``model`` (the winner's, frozen or fine-tuned) with its metadata, atomically; log it
+    to the parent run and register it (``register`` or the sweep's ``register:``)."""
+    _check_output(output)
+    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp.keras")
-    meta = metadata(cfg, w)
+    meta = {**metadata(cfg, w), **(extra or {})}
     try:  # the model file is whole or absent, never half-written (a full disk, Ctrl-C)
         model.save(tmp)
         with zipfile.ZipFile(tmp, "a") as z:
@@ -283,10 +329,12 @@ def export(
     if tracker is not None and tracker.parent_run_id:
         uri = tracker.log_parent_model(model, meta, output)
         if name and uri:
+            # ranked on the validation score of the model exported (fine-tuned or frozen)
+            value = meta.get(f"validation_{cfg.search.metric}", w.value)
             version, promoted, before = tracker.register(
                 uri,
                 name,
-                w.value,
+                value,
                 cfg.search.metric,
                 cfg.search.direction,
                 {"tlsweep.trial": w.number, "tlsweep.backbone": w.backbone.label},
@@ -294,7 +342,7 @@ def export(
             reg = Registration(name, version, promoted, before)
     elif name:
         raise TlsweepError(f"--register {name}: needs the study's MLflow parent run")
-    return w, reg
+    return reg
 
 
 def read_metadata(model_path: str | Path) -> dict[str, Any]:
@@ -353,8 +401,13 @@ def predict(
     meta = read_metadata(model_path)
     n_out = int(model.output_shape[-1])
     names = meta.get("class_names") or [str(i) for i in range(n_out)]
-    resize = next((layer for layer in model.layers if layer.name == "resize"), None)
-    size = int(resize.get_config()["height"]) if resize is not None else 224
+    # Batches are made at the model's (largest) input size; the model resizes them again.
+    sizes = [
+        int(layer.get_config()["height"])
+        for layer in model.layers
+        if layer.name == "resize" or layer.name.startswith("resize_")
+    ]
+    size = max(sizes) if sizes else 224
     files, bad = find_files(paths)
     ok = files
     rows: list[dict] = []

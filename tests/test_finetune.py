@@ -1,0 +1,167 @@
+"""The fine-tuning stage of the winner: what is trainable, kill -9 and resume, and that a stage
+which does not beat the frozen winner on validation leaves the export unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from conftest import run_cli, write_sweep
+
+SEARCH = {
+    "n_trials": 2,
+    "sampler": "random",
+    "pruner": "none",
+    "space": {"units": 32, "dropout": 0.1, "learning_rate": 3e-3, "batch_size": 32, "epochs": 5},
+}
+
+
+def test_trainable_layers(cd_features: Any) -> None:
+    """The top `unfreeze` layers of the backbone train; BatchNorm and preprocessing never do."""
+    import keras
+
+    from tlsweep.finetune import _bases, set_trainable
+    from tlsweep.head import HeadParams, train_head
+    from tlsweep.winner import Winner, build_export_model
+
+    xt, yt = cd_features.split("train")
+    xv, yv = cd_features.split("validation")
+    head = train_head(xt, yt, xv, yv, 2, HeadParams(units=16, epochs=1))
+    m = cd_features.manifest["backbone"]
+    from tlsweep.config import BackboneConfig
+
+    bb = BackboneConfig(m["name"], m["weights"], m["input_size"], m["pooling"], m["args"])
+    model = build_export_model(Winner(0, 0.0, {}, bb, cd_features, head, None))
+    set_trainable(model, 12)
+    (base,) = _bases(model)
+    trainable = [i for i, layer in enumerate(base.layers) if layer.trainable]
+    assert trainable and min(trainable) >= len(base.layers) - 12
+    assert not any(
+        layer.trainable
+        for layer in base.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    )
+    assert not model.get_layer("preprocess").trainable
+    assert model.get_layer("head").trainable
+    set_trainable(model, 0)
+    assert not any(layer.trainable for layer in base.layers)
+
+
+def _finetune_sweep(path: Path, data: Path, cache: Path, study: str, **finetune: Any) -> Path:
+    return write_sweep(path, data, study=study, cache_dir=cache, search=SEARCH, finetune=finetune)
+
+
+def _runs(tracking_uri: str, study: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(study)
+    return client, client.search_runs([exp.experiment_id])
+
+
+@pytest.mark.slow
+def test_kill_9_mid_finetune_resumes_from_the_last_epoch(
+    cats_dogs_small: Path, shared_cache: Path, tmp_path: Path
+) -> None:
+    sweep = _finetune_sweep(
+        tmp_path / "sweep.yaml",
+        cats_dogs_small,
+        shared_cache,
+        "ft_kill",
+        epochs=8,
+        patience=8,
+        learning_rate=1e-4,
+        unfreeze=10,
+        batch_size=16,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tlsweep", "run", str(sweep), "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    state_glob = "finetune/ft_kill-*/state.json"
+    deadline = time.time() + 900
+    state: dict = {}
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            for p in shared_cache.glob(state_glob):
+                try:
+                    state = json.loads(p.read_text())
+                except ValueError:
+                    continue
+            if state.get("epochs_done", 0) >= 1:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be killed mid fine-tuning"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    (state_path,) = shared_cache.glob(state_glob)
+    killed = json.loads(state_path.read_text())
+    assert not killed.get("complete") and 1 <= killed["epochs_done"] < 8
+    r = run_cli("run", str(sweep), "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "fine-tuning:" in r.stdout
+    done = json.loads(state_path.read_text())
+    assert done["complete"]
+    # it went on from the last finished epoch: the epochs before the kill were not redone
+    assert done["history"][: killed["epochs_done"] + 1] == killed["history"]
+    client, runs = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft_kill")
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    (ft,) = [r for r in runs if r.data.tags.get("tlsweep.role") == "finetune"]
+    assert ft.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(ft.info.run_id, "val_accuracy")]
+    assert sorted(steps) == list(range(done["epochs_done"] + 1)), steps  # no restart, no repeat
+
+
+@pytest.mark.slow
+def test_a_finetune_that_does_not_beat_the_frozen_winner_leaves_export_unchanged(
+    cats_dogs_small: Path, shared_cache: Path, tmp_path: Path
+) -> None:
+    import keras
+    import tensorflow as tf
+
+    sweep = write_sweep(
+        tmp_path / "sweep.yaml",
+        cats_dogs_small,
+        study="ft_keep",
+        cache_dir=shared_cache,
+        search=SEARCH,
+    )
+    r = run_cli("run", str(sweep), "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("export", str(sweep), "-o", str(tmp_path / "frozen.keras"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the same study with a fine-tuning stage that cannot move validation (a learning rate of
+    # 1e-9 changes no prediction): the frozen winner stays
+    doc = yaml.safe_load(sweep.read_text())
+    doc["finetune"] = {"epochs": 1, "patience": 1, "learning_rate": 1e-9, "augment": None}
+    sweep.write_text(yaml.safe_dump(doc))
+    r = run_cli("export", str(sweep), "-o", str(tmp_path / "after.keras"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "not kept: the frozen winner stays" in r.stdout
+    meta = json.loads(zipfile.ZipFile(tmp_path / "after.keras").read("tlsweep.json"))
+    assert meta["model"] == "frozen" and meta["finetune"]["accepted"] is False
+    files = sorted((cats_dogs_small / "test" / "cats").iterdir())[:4]
+    x = [tf.io.decode_image(tf.io.read_file(str(f)), channels=3) for f in files]
+    x = np.stack([tf.image.resize(i, [120, 120]).numpy() for i in x])
+    a = keras.models.load_model(tmp_path / "frozen.keras").predict(x, verbose=0)
+    b = keras.models.load_model(tmp_path / "after.keras").predict(x, verbose=0)
+    assert np.array_equal(a, b)
+    client, runs = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft_keep")
+    (ft,) = [r for r in runs if r.data.tags.get("tlsweep.role") == "finetune"]
+    assert ft.data.tags["tlsweep.accepted"] == "false" and ft.info.status == "FINISHED"
+    (parent,) = [r for r in runs if r.data.tags.get("tlsweep.role") == "study"]
+    assert parent.data.tags["winner_model"] == "frozen"
+    assert "finetune_test_accuracy" in parent.data.metrics  # scored once, logged, not used
