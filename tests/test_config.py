@@ -692,3 +692,28 @@ def test_changes_name_each_changed_key_once(tmp_path: Path, base: dict[str, Any]
     ]
     newer = {**new, "versions": {**new["versions"], "optuna": "99.0"}}
     assert C.changes(new, newer) == [f"versions.optuna: {new['versions']['optuna']!r} -> '99.0'"]
+
+
+def test_resolved_sweep_with_fused_and_expanded_backbones_loads_back(
+    tmp_path: Path, base: dict[str, Any]
+) -> None:
+    """A fused entry is written back as ``{fuse: [...]}`` and size choices as their expansion."""
+    import dataclasses
+
+    tiny = {"name": "TinyConvNet", "weights": "none", "pooling": "avg"}
+    doc = _set(
+        base,
+        "backbones",
+        [
+            {**tiny, "input_size": {"choices": [64, 96]}},
+            {"fuse": [{**tiny, "input_size": 64}, {**tiny, "input_size": 96, "pooling": "max"}]},
+        ],
+    )
+    cfg = load_sweep(_write(tmp_path, doc))
+    resolved = yaml.safe_load(C.resolved_yaml(C.resolved_record(cfg)))
+    assert [set(b) for b in resolved["backbones"]][-1] == {"fuse"}
+    again = load_sweep(_write(tmp_path, {**resolved, "storage": base["storage"]}, "again.yaml"))
+    assert [b.label for b in again.backbones] == [b.label for b in cfg.backbones]
+    assert dataclasses.replace(again, text="", path=cfg.path) == dataclasses.replace(
+        cfg, text="", storage=again.storage
+    )

@@ -178,7 +178,7 @@ def test_a_trial_whose_heartbeat_is_lost_fails_between_epochs(tmp_path):
     x, y = rng.normal(size=(64, 8)).astype("float32"), rng.integers(0, 2, 64)
     sizes = {"train": 64, "validation": 64, "test": 0}
     label = cfg.backbones[0].label
-    entry = SimpleNamespace(key="k")
+    entry = SimpleNamespace(key="k", class_names=["a", "b"])
     features = {label: FeatureData(cfg.backbones[0], entry, x, y, x, y, 2, sizes)}
     study = optuna.create_study(direction="maximize")
     epochs = []

@@ -1087,13 +1087,21 @@ def resolved(cfg: SweepConfig) -> dict[str, Any]:
     """
     d = cfg.to_json()
     d.pop("path")
-    for bb in d["backbones"]:
-        bb.pop("weights_tag")  # derived from the weights file's name when two clash
+    d["backbones"] = [_backbone_entry(bb) for bb in d["backbones"]]
     d["search"]["space"] = {n: p.to_sweep() for n, p in cfg.search.space.items()}
     d["storage"] = redact_url(d["storage"])
     if d["tracking_uri"] is not None:
         d["tracking_uri"] = redact_url(d["tracking_uri"])
     return d
+
+
+def _backbone_entry(bb: dict[str, Any]) -> dict[str, Any]:
+    """A resolved backbone as a sweep file's entry (a fused one as ``{fuse: [...]}``)."""
+    bb.pop("weights_tag", None)  # derived from the weights file's name when two clash
+    members = bb.pop("members", None)
+    if members:
+        return {FUSED_NAME: [_backbone_entry(m) for m in members]}
+    return bb
 
 
 def versions() -> dict[str, str]:
