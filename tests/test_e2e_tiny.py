@@ -142,7 +142,7 @@ def test_run_export_and_predict_agree_on_the_test_photos(sweep: dict[str, Any]) 
     exported = sweep["export"].stdout
     assert "on 12 held-out images" in exported
     test_accuracy = float(exported.split("test accuracy ")[1].split()[0].rstrip(","))
-    assert "test accuracy %.4f (95%% CI " % test_accuracy in exported  # with its interval
+    assert f"test accuracy {test_accuracy:.4f} (95% CI " in exported  # with its interval
     # the winner the run scored at its end is the one exported
     assert f"test split: accuracy {test_accuracy:.4f}" in sweep["resume"].stdout
     model = keras.models.load_model(sweep["model"], safe_mode=True, compile=False)

@@ -36,7 +36,14 @@ def test_trainable_layers(cd_features: Any) -> None:
 
     xt, yt = cd_features.split("train")
     xv, yv = cd_features.split("validation")
-    head = train_head(xt, yt, xv, yv, 2, HeadParams(units=16, dropout=0.0, learning_rate=1e-3, batch_size=32, epochs=1))
+    head = train_head(
+        xt,
+        yt,
+        xv,
+        yv,
+        2,
+        HeadParams(units=16, dropout=0.0, learning_rate=1e-3, batch_size=32, epochs=1),
+    )
     m = cd_features.manifest["backbone"]
     from tlsweep.config import BackboneConfig
 
