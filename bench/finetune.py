@@ -65,7 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     entry, _ = FeatureCache(args.cache_dir).ensure(bb, find_images(DataConfig(dir=data)))
     xt, yt = entry.split("train")
     xv, yv = entry.split("validation")
-    head = train_head(xt, yt, xv, yv, 2, HeadParams(units=256, epochs=10, seed=1))
+    head = train_head(
+        xt,
+        yt,
+        xv,
+        yv,
+        2,
+        HeadParams(units=256, dropout=0.5, learning_rate=1e-4, batch_size=64, epochs=10, seed=1),
+    )
     ft = FinetuneConfig(batch_size=args.batch, unfreeze=args.unfreeze)
     winner = Winner(0, 0.0, {}, bb, entry, head, None)
 

@@ -370,7 +370,14 @@ def run_worker(entry_dir: Path, trials: int) -> dict:
 
     # the baseline: one tiny trial, so TensorFlow's kernels and the compiled head exist
     warm = np.zeros((8, FEATURES), np.float32)
-    train_head(warm, np.arange(8) % 2, warm, np.arange(8) % 2, 2, HeadParams(epochs=1))
+    train_head(
+        warm,
+        np.arange(8) % 2,
+        warm,
+        np.arange(8) % 2,
+        2,
+        HeadParams(**{**WORKER_HEAD, "epochs": 1}),
+    )
     rows = {"baseline": memory_mb()}
     t0 = time.perf_counter()
     (fd,) = load_features([(bb, entry)]).values()

@@ -278,7 +278,14 @@ def test_fused_export_computes_what_was_scored(
     ((bb, entry, _),) = extract_all(load_sweep(sweep))
     xt, yt = entry.split("train")
     xv, yv = entry.split("validation")
-    head = train_head(xt, yt, xv, yv, 2, HeadParams(units=32, epochs=3, seed=1))
+    head = train_head(
+        xt,
+        yt,
+        xv,
+        yv,
+        2,
+        HeadParams(units=32, dropout=0.0, learning_rate=1e-3, batch_size=32, epochs=3, seed=1),
+    )
     model = build_export_model(Winner(0, 0.0, {}, bb, entry, head, None))
     assert [layer.name for layer in model.layers if layer.name.startswith("resize")] == [
         "resize_0",
