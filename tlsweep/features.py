@@ -7,6 +7,11 @@ arguments, image content and labels, library versions). An entry is a folder::
         manifest.json   # key, shapes, class names, files, skipped files, timings (written last)
         features.npy    # float32 [rows, dim], memory-mappable, never pickled
 
+With augmented views (``augment:``), rows ``0 .. n`` are view 0 (the plain image) of every file
+and views ``1 .. K - 1`` follow, one block each, holding the files of the augmented splits (the
+training split, every split with ``tta``), which come first in the row order; the manifest's
+``views`` says where (:meth:`Entry.views`).
+
 It is written under a temporary name and renamed into place; an entry whose manifest is missing,
 unreadable or does not match its key and arrays is never used. Extraction streams batches to a
 memory-mapped ``.npy`` file, so a dataset larger than memory works. A per-entry file lock makes
