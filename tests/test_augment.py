@@ -294,3 +294,42 @@ def test_export_of_a_tta_winner_computes_its_reported_test_score(
     assert last.startswith("tlsweep: error: study 'aug'") and "was scored on other features" in last
     assert "augment" in last and "'crop': 0.1" in last
     assert sorted((tmp_path / "cache").iterdir()) == entries  # refused before extracting
+
+
+@pytest.mark.slow
+def test_real_backbone_export_computes_the_plain_view_not_the_views_mean(
+    cats_dogs_small: Path, shared_cache: Path, tmp_path: Path
+) -> None:
+    """MobileNetV2 with real weights: the head trained on augmented views, exported, gives on
+    raw images the probabilities the head gives on the plain view (view 0), not the TTA mean."""
+    import tensorflow as tf
+    from conftest import TWO_MOBILENETS
+
+    from tlsweep.features import extract_all
+    from tlsweep.head import HeadParams, train_head
+    from tlsweep.winner import Winner, build_export_model
+
+    bb = {**TWO_MOBILENETS[0], "augment": {"views": 3, "crop": 0.2, "tta": True}}
+    sweep = write_sweep(
+        tmp_path / "s.yaml", cats_dogs_small, cache_dir=shared_cache, backbones=[bb]
+    )
+    ((backbone, entry, _),) = extract_all(load_sweep(sweep))
+    xt, yt = entry.views("train")
+    xv, yv = entry.views("validation")
+    assert xt.ndim == 3 and xv.ndim == 3
+    hp = HeadParams(units=32, dropout=0.0, learning_rate=1e-3, batch_size=32, epochs=3, seed=1)
+    head = train_head(xt, yt, xv, yv, 2, hp)
+    model = build_export_model(Winner(0, 0.0, {}, backbone, entry, head, None))
+    files = [f for f in entry.manifest["files"] if f["split"] == "test"][:6]
+    paths = [str(Path(entry.manifest["data_dir"]) / f["path"]) for f in files]
+    xs_views, _ = entry.views("test")
+
+    def raw(p: str) -> np.ndarray:
+        img = tf.io.decode_image(tf.io.read_file(p), channels=3, expand_animations=False)
+        return np.asarray(img, "float32")[None]
+
+    got = np.concatenate([np.asarray(model(raw(p))) for p in paths])
+    plain = head.predict_proba(xs_views[0][:6])
+    mean = head.predict_proba(xs_views[:, :6])
+    assert np.allclose(got, plain, atol=2e-3), (got, plain)
+    assert np.abs(mean - plain).max() > 1e-2  # the views' mean is another computation
