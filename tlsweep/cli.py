@@ -214,7 +214,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
             m = e.manifest
             size_mb = (e.path / "features.npy").stat().st_size / 1e6
             print(
-                f"{m['name']}  {len(m['files'])} images x {m['shape'][1]} features  "
+                f"{m['name']}  {len(m['files'])} images x {m['shape'][1]} features"
+                + (f" x {m['views']['count']} views" if m.get("views") else "")
+                + "  "
                 f"{size_mb:.1f} MB  {len(m['skipped'])} skipped  {m['data_dir']}  {m['created']}"
             )
         return 0
