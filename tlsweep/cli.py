@@ -373,6 +373,12 @@ def _print_summary(summary: Any, cfg: Any) -> None:
             f"(the best of {summary.finished} trials, so optimistic); on the held-out test "
             f"split: {_with_ci(t)}, loss {t['loss']:.4f} ({t['n']} images)"
         )
+        if "tta_accuracy" in t:
+            print(
+                "  (the test score is the plain image's, which the exported model computes; with "
+                f"test-time augmentation over {t['tta_views']} cached views: test accuracy "
+                f"{t['tta_accuracy']:.4f})"
+            )
     elif summary.test_note:
         print(f"\nwinner: {summary.test_note}; no test score reported")
     if summary.best:
