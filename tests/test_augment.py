@@ -263,6 +263,7 @@ def test_export_of_a_tta_winner_computes_its_reported_test_score(
     path = _sweep(tmp_path, photos, _with(views=3, tta=True), study="aug")
     run = _ok("run", str(path), "-q", cwd=tmp_path)
     assert "views3-tta" in run.stdout
+    assert "with test-time augmentation over 3 cached views: test accuracy" in run.stdout
     model_path = tmp_path / "m.keras"
     out = _ok("export", str(path), "-o", str(model_path), cwd=tmp_path).stdout
     test_accuracy = float(out.split("test accuracy ")[1].split()[0].rstrip(","))
