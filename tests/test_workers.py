@@ -161,10 +161,12 @@ def _alive(pid: int) -> bool:
 
 
 def _start_run(sweep: Path, *extra: str) -> tuple[subprocess.Popen, list[str]]:
+    """Start `tlsweep run` in its own session; its stderr goes to ``stderr.txt`` beside the
+    sweep file (read it with :func:`_stderr` when an assertion fails)."""
     p = subprocess.Popen(
         [sys.executable, "-m", "tlsweep", "run", str(sweep), "-q", *extra],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=(sweep.parent / "stderr.txt").open("w"),
         text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         start_new_session=True,  # a signal to it is not a Ctrl-C of this test's process group
@@ -177,6 +179,10 @@ def _start_run(sweep: Path, *extra: str) -> tuple[subprocess.Popen, list[str]]:
 
     threading.Thread(target=read, daemon=True).start()
     return p, lines
+
+
+def _stderr(sweep: Path) -> str:
+    return (sweep.parent / "stderr.txt").read_text()[-4000:]
 
 
 def _wait_for_trials(p: subprocess.Popen, lines: list[str], n: int, seconds: float = 300) -> None:
@@ -236,7 +242,7 @@ def test_sighup_stops_run_like_sigterm(cats_dogs_small: Path, tmp_path: Path):
     p, lines = _start_run(sweep)
     _wait_for_trials(p, lines, 1)
     os.kill(p.pid, signal.SIGHUP)  # the terminal was closed
-    assert p.wait(timeout=120) == 128 + signal.SIGHUP
+    assert p.wait(timeout=120) == 128 + signal.SIGHUP, _stderr(sweep)
     _no_open_trials_or_runs(tmp_path, "hangup")
 
 
