@@ -416,14 +416,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from tlsweep.search import open_study, summarize
-    from tlsweep.sweep import preflight
+    from tlsweep.sweep import preflight, recorded_finetune
     from tlsweep.workers import open_storage
 
     cfg = _load(args, check_data_dir=False)
     if not cfg.storage.startswith(("sqlite:///", "journal:")):
         preflight(cfg, tracking=False)  # a database server: reachable, login accepted
     study = open_study(cfg, open_storage(cfg, must_exist=True), create=False)
-    _print_summary(summarize(cfg, study), cfg)
+    summary = summarize(cfg, study)
+    summary.finetune = recorded_finetune(cfg, study, summary)
+    _print_summary(summary, cfg)
     if cfg.data.dir.is_dir():  # status also works where the images are not
         from tlsweep.sweep import check_study_data
 
@@ -563,7 +565,9 @@ def cmd_best(args: argparse.Namespace) -> int:
         _print_test(w, cfg)
         if cfg.finetune is not None:
             _print_finetune(
-                finetune_winner(cfg, w, tracker, _finetune_bar(getattr(args, "quiet", False)))
+                finetune_winner(
+                    cfg, w, tracker, _finetune_bar(getattr(args, "quiet", False)), study
+                )
             )
     finally:
         tracker.close_parent(True)
