@@ -245,3 +245,23 @@ def keras_asks_for(bb: Any, monkeypatch: pytest.MonkeyPatch) -> str:
     except _Asked as e:
         return str(e.args[0])
     raise AssertionError(f"{bb.name}: Keras asked for no weights file")
+
+
+def trial_inputs(tmp_path: Path) -> tuple[Any, dict[str, Any]]:
+    """A sweep config and random 8-wide features (64 rows, 2 classes) for ``run_trial``,
+    without images or a backbone."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from tlsweep.config import load_sweep
+    from tlsweep.search import FeatureData
+
+    bb = {"name": "MobileNetV2", "weights": "none", "input_size": 96, "pooling": "avg"}
+    sweep = write_sweep(tmp_path / "s.yaml", tmp_path / "no_data", backbones=[bb])
+    cfg = load_sweep(sweep, check_data_dir=False)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 8)).astype("float32"), rng.integers(0, 2, 64)
+    sizes = {"train": 64, "validation": 64, "test": 0}
+    entry = SimpleNamespace(key="k", class_names=["a", "b"])
+    return cfg, {cfg.backbones[0].label: FeatureData(cfg.backbones[0], entry, x, y, x, y, 2, sizes)}

@@ -162,24 +162,12 @@ def test_heartbeat_lost_for_the_grace_period_stops_the_trial(caplog):
 def test_a_trial_whose_heartbeat_is_lost_fails_between_epochs(tmp_path):
     """run_trial calls the heartbeat's check after every epoch: the trial stops and is FAIL
     (with the reason), not COMPLETE, so its retried parameters do not run beside it."""
-    from types import SimpleNamespace
+    from conftest import trial_inputs
 
-    import numpy as np
-    from conftest import write_sweep
-
-    from tlsweep.config import load_sweep
-    from tlsweep.search import FeatureData, run_trial
+    from tlsweep.search import run_trial
     from tlsweep.workers import HeartbeatLost
 
-    bb = {"name": "MobileNetV2", "weights": "none", "input_size": 96, "pooling": "avg"}
-    sweep = write_sweep(tmp_path / "s.yaml", tmp_path / "no_data", backbones=[bb])
-    cfg = load_sweep(sweep, check_data_dir=False)
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(64, 8)).astype("float32"), rng.integers(0, 2, 64)
-    sizes = {"train": 64, "validation": 64, "test": 0}
-    label = cfg.backbones[0].label
-    entry = SimpleNamespace(key="k", class_names=["a", "b"])
-    features = {label: FeatureData(cfg.backbones[0], entry, x, y, x, y, 2, sizes)}
+    cfg, features = trial_inputs(tmp_path)
     study = optuna.create_study(direction="maximize")
     epochs = []
 

@@ -212,10 +212,15 @@ def test_kill_9_of_the_parent_stops_the_workers(cats_dogs_small: Path, tmp_path:
     n = 12
     search = {**_search(n, 60), "heartbeat_interval": 1, "grace_period": 3}
     sweep = write_sweep(tmp_path / "sweep.yaml", cats_dogs_small, study="orphans", search=search)
-    p, lines = _start_run(sweep, "--workers", "2")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"  # as the sweep file says, given as a flag
+    p, lines = _start_run(sweep, "--workers", "2", "--storage", storage)
     _wait_for_trials(p, lines, 1)
     workers = _workers(p.pid)
     assert len(workers) == 2, workers
+    # a URL (it may hold a password) reaches the workers through their environment, which only
+    # this user can read, not through their command line, which `ps` shows to everyone
+    for w in workers:
+        assert storage.encode() not in Path(f"/proc/{w}/cmdline").read_bytes()
     os.kill(p.pid, signal.SIGKILL)  # the parent only: no signal reaches the workers from us
     p.wait(timeout=30)
     deadline = time.monotonic() + 60

@@ -136,16 +136,20 @@ def _print_finetune(ft: Any) -> None:
 
 # --- commands ----------------------------------------------------------------------------------
 def _stop_on_signals() -> None:
-    """SIGTERM and SIGHUP (a closed terminal) stop the command as Ctrl-C does: the running
-    trial and its runs are closed and a half-written cache entry is removed."""
+    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal) stop the command at a point where the
+    running trial and its runs are closed and a half-written cache entry is removed
+    (:mod:`tlsweep.interrupts`)."""
     import signal
 
-    def _terminate(signum: int, frame: Any) -> None:
-        _exit_code["interrupted"] = 128 + signum  # 143 for SIGTERM, 129 for SIGHUP, as a shell
-        raise KeyboardInterrupt
+    from tlsweep.interrupts import interrupt
 
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    def _terminate(signum: int, frame: Any) -> None:
+        # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP, as a shell says it
+        _exit_code["interrupted"] = 128 + signum
+        interrupt()
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -370,6 +374,10 @@ def _print_summary(summary: Any, cfg: Any) -> None:
             )
 
 
+# `run --workers N`: the --storage / --tracking-uri given to the parent, passed to its workers
+_URL_ENV = {"storage": "TLSWEEP_WORKER_STORAGE", "tracking_uri": "TLSWEEP_WORKER_TRACKING_URI"}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from tlsweep.sweep import run_sweep
 
@@ -378,6 +386,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         from tlsweep.workers import die_with_parent
 
         die_with_parent()  # a worker of `--workers N` never outlives its parent, however it died
+    if args.worker_index is not None:  # the URLs its parent was given (see below)
+        for flag, env in _URL_ENV.items():
+            setattr(args, flag, os.environ.pop(env, None) or getattr(args, flag))
     cfg = _load(args)
     n = cfg.search.n_trials
     if args.worker_index is not None:
@@ -395,10 +406,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
 
     argv = ["run", args.sweep, "--workers", "1", "-q"]
-    for flag in ("data", "cache_dir", "study", "storage", "tracking_uri", "n_trials"):
+    for flag in ("data", "cache_dir", "study", "n_trials"):
         v = getattr(args, flag)
         if v is not None:
             argv.append(f"--{flag.replace('_', '-')}={v}")  # a value may start with -
+    # URLs may hold a password: to the workers through their environment, which only this
+    # user can read, not their command line, which `ps` shows everyone
+    worker_env = {e: getattr(args, f) for f, e in _URL_ENV.items() if getattr(args, f)}
     summary = run_sweep(
         cfg,
         on_trial=on_trial,
@@ -406,6 +420,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers,
         worker_index=args.worker_index,
         worker_argv=argv,
+        worker_env=worker_env,
         finetune_progress=_finetune_bar(args.quiet),
     )
     if args.worker_index is None:

@@ -119,6 +119,7 @@ def run_sweep(
     workers: int = 1,
     worker_index: int | None = None,
     worker_argv: Sequence[str] | None = None,
+    worker_env: dict[str, str] | None = None,
     evaluate_winner: bool = True,
     finetune_progress: Callable[[int, int, int, int], None] | None = None,
 ) -> StudySummary:
@@ -149,7 +150,7 @@ def run_sweep(
         attach_parent(cfg, study, tracker)
         record_resolved(cfg, study, tracker)
         try:
-            _run_workers(workers, worker_argv or [])
+            _run_workers(workers, worker_argv or [], worker_env or {})
         except BaseException:  # close the parent run; what stopped the workers goes on up
             _close_after_error(cfg, study, tracker)
             raise
@@ -365,11 +366,12 @@ def export_winner(
     return w, ft, reg
 
 
-def _run_workers(n: int, argv: Sequence[str]) -> None:
+def _run_workers(n: int, argv: Sequence[str], extra_env: dict[str, str]) -> None:
     from tlsweep.workers import PARENT_PID_ENV
 
     procs = []
-    env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}  # they stop if this process dies
+    # they stop if this process dies; extra_env: what must not show on a command line
+    env = {**os.environ, **extra_env, PARENT_PID_ENV: str(os.getpid())}
     try:
         for i in range(n):
             cmd = [sys.executable, "-m", "tlsweep", *argv, "--worker-index", str(i)]

@@ -37,6 +37,7 @@ from typing import Any
 
 from tlsweep.config import DEFAULT_CONNECT_TIMEOUT, SweepConfig, redact_url
 from tlsweep.errors import ConfigError, ServiceError, StudyError, StudyFailing
+from tlsweep.interrupts import deferred
 from tlsweep.search import (
     FINISHED,
     FeatureData,
@@ -601,16 +602,20 @@ class StudyRunner:
         failing: list[tuple[int, str]] = []  # the trials failed in a row: (number, error)
         last_recover = time.monotonic()
         while time.monotonic() < deadline and not (stop and stop.is_set()):
-            trial, done = self._next_trial()
-            if done:
-                break
-            if trial is None:  # others are running the last trials: wait, and watch for deaths
-                if time.monotonic() - last_recover > 1.0:
-                    self.recover()
-                    last_recover = time.monotonic()
-                time.sleep(0.5)
-                continue
-            result = self._run_trial(trial)
+            # An interrupt between asking for a trial and the objective's handler that fails
+            # it would leave it RUNNING: held until the objective releases it (``started``).
+            with deferred() as started:
+                trial, done = self._next_trial()
+                if done:
+                    break
+                if trial is None:  # others run the last trials: wait, and watch for deaths
+                    started()
+                    if time.monotonic() - last_recover > 1.0:
+                        self.recover()
+                        last_recover = time.monotonic()
+                    time.sleep(0.5)
+                    continue
+                result = self._run_trial(trial, started)
             ran += 1
             if result.state != "FAIL":
                 failing.clear()
@@ -637,7 +642,7 @@ class StudyRunner:
                 f"{first_number}: {first}; fix the cause and run again (finished trials are kept)"
             )
 
-    def _run_trial(self, trial: Any) -> TrialResult:
+    def _run_trial(self, trial: Any, started: Callable[[], None]) -> TrialResult:
         study, tid = self.study, trial_id(trial)
         s = self.cfg.search
         heartbeat = _Heartbeat(self.storage, tid, s.heartbeat_interval, s.grace_period)
@@ -651,6 +656,7 @@ class StudyRunner:
             keep_alive=heartbeat,
             alive=heartbeat.check,
             requeue=lambda: self.retry(study, study_storage(study).get_trial(tid)),
+            started=started,
         )
         if self.on_trial:
             best_value, best_number = best_of(study)
