@@ -23,6 +23,8 @@ MODELS = SHARED / "keras_home" / "models"
 MNV2_WEIGHTS = MODELS / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 MN_WEIGHTS = MODELS / "mobilenet_2_5_224_tf_no_top.h5"
 # The two real ImageNet backbones at 96 px, as a sweep file's backbones list.
+# the test stand-in backbone: three seeded random convolutions, built in milliseconds
+TINY = [{"name": "TinyConvNet", "weights": "none", "input_size": 64, "pooling": "avg"}]
 TWO_MOBILENETS = [
     {
         "name": "MobileNetV2",
@@ -265,3 +267,34 @@ def trial_inputs(tmp_path: Path) -> tuple[Any, dict[str, Any]]:
     sizes = {"train": 64, "validation": 64, "test": 0}
     entry = SimpleNamespace(key="k", class_names=["a", "b"])
     return cfg, {cfg.backbones[0].label: FeatureData(cfg.backbones[0], entry, x, y, x, y, 2, sizes)}
+
+
+SERVERS = {"postgres": "TLSWEEP_TEST_POSTGRES_URL", "mysql": "TLSWEEP_TEST_MYSQL_URL"}
+
+
+def server_url(kind: str) -> str:
+    """The URL of the test database server of ``kind`` (.ci/run starts both): a failure in CI
+    without it, a skip elsewhere."""
+    var = SERVERS[kind]
+    url = os.environ.get(var)
+    if not url:
+        msg = f"{var} is not set (.ci/run starts a {kind} server and sets it)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg + "; it is required in CI")
+        pytest.skip(msg)
+    return url
+
+
+def create_database(url: str, name: str) -> str:
+    """A new, empty database on the server of ``url`` (PostgreSQL or MySQL); returns its URL."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    quote = "`" if engine.dialect.name in ("mysql", "mariadb") else '"'
+    try:
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text(f"CREATE DATABASE {quote}{name}{quote}"))
+    finally:
+        engine.dispose()
+    return make_url(url).set(database=name).render_as_string(hide_password=False)

@@ -489,6 +489,19 @@ def _age_seconds(start: datetime.datetime) -> float:
     return (datetime.datetime.now(datetime.timezone.utc) - start).total_seconds()
 
 
+def run_may_still_be_closed(trial: Any, grace_period: float) -> bool:
+    """Whether the worker of a finished trial may still be closing its MLflow run (it tells
+    the study first): yes while that worker lives on this host; for a worker on another host,
+    for ``grace_period`` seconds after the trial ended. Such a run is not stale."""
+    w = trial.user_attrs.get(WORKER_ATTR) or trial.system_attrs.get(WORKER_ATTR)
+    if not w or worker_is_dead(w):
+        return False
+    if w.rsplit(":", 2)[0] == socket.gethostname():
+        return True
+    done = trial.datetime_complete
+    return done is not None and _age_seconds(done) < grace_period
+
+
 def recover(
     study: Any,
     retry: Callable[[Any, Any], None] | None,
@@ -573,8 +586,14 @@ class StudyRunner:
             lock=lambda: storage_lock(self.cfg.storage, self.cfg.study),
         )
         if self.tracker is not None:
-            states = {t.number: t.state.name for t in self.study.get_trials(deepcopy=False)}
-            alive = {n for n, s in states.items() if s == "RUNNING"}
+            trials = self.study.get_trials(deepcopy=False)
+            states = {t.number: t.state.name for t in trials}
+            grace = self.cfg.search.grace_period
+            alive = {
+                t.number
+                for t in trials
+                if t.state.name == "RUNNING" or run_may_still_be_closed(t, grace)
+            }
             self.tracker.close_stale_runs(states, alive)
 
     def _next_trial(self) -> tuple[Any | None, bool]:
