@@ -16,7 +16,7 @@ import optuna
 import pytest
 from conftest import trial_inputs
 
-from tlsweep.interrupts import deferred, interrupt
+from tlsweep.interrupts import clear, deferred, interrupt, requested
 
 
 @pytest.fixture
@@ -24,6 +24,7 @@ def stop_signal() -> Iterator[None]:
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: interrupt())
     yield
     signal.signal(signal.SIGUSR1, previous)
+    clear()
 
 
 def _signal() -> None:
@@ -121,3 +122,31 @@ def test_an_interrupt_while_the_outcome_is_told_comes_after_it_is_recorded(
     assert [t.state.name for t in study.trials] == ["COMPLETE"]
     assert requeued == []
     _check_not_holding()
+
+
+def test_an_interrupt_a_library_turned_into_its_own_error_still_stops_the_study(
+    tmp_path: Path, stop_signal: None
+) -> None:
+    """A library may turn a KeyboardInterrupt raised inside it into an error of its own (as
+    TensorFlow does inside a tf.py_function): the trial is still an interrupted one (failed, queued again) and the stop goes on up,
+    instead of a failed trial and the next one starting."""
+    from tlsweep.search import run_trial
+
+    cfg, features = trial_inputs(tmp_path)
+    study = optuna.create_study(direction="maximize")
+    requeued = []
+
+    def alive() -> None:
+        try:
+            _signal()
+        except KeyboardInterrupt:
+            raise RuntimeError("UnknownError: KeyboardInterrupt") from None  # as TF would
+
+    assert not requested()
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(
+            study, study.ask(), cfg, features, None, "w", alive=alive,
+            requeue=lambda: requeued.append(1),
+        )  # fmt: skip
+    assert requested()
+    assert [t.state.name for t in study.trials] == ["FAIL"] and requeued == [1]

@@ -141,7 +141,9 @@ def _stop_on_signals() -> None:
     (:mod:`tlsweep.interrupts`)."""
     import signal
 
-    from tlsweep.interrupts import interrupt
+    from tlsweep.interrupts import clear, interrupt
+
+    clear()
 
     def _terminate(signum: int, frame: Any) -> None:
         # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP, as a shell says it

@@ -8,6 +8,11 @@ asked from the study but not yet inside the objective that fails it on an interr
 created but whose id is not yet known, a trial told complete whose state is not yet recorded.
 Inside :func:`deferred` an interrupt is held and raised when the step is whole.
 
+A library may turn the ``KeyboardInterrupt`` raised inside its code into an error of its own
+(TensorFlow reports a Python exception raised inside a ``tf.py_function`` as its
+``UnknownError``, for one); :func:`requested` still tells that a stop was asked for, so the
+study stops instead of counting a failed trial and going on.
+
 Signals are delivered to the main thread only, so the state here is a plain module variable.
 """
 
@@ -16,15 +21,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-_held = {"depth": 0, "pending": False}
+_held = {"depth": 0, "pending": False, "requested": False}
 
 
 def interrupt() -> None:
     """Stop now (``KeyboardInterrupt``), or at the end of the :func:`deferred` step running."""
+    _held["requested"] = True
     if _held["depth"]:
         _held["pending"] = True
         return
     raise KeyboardInterrupt
+
+
+def requested() -> bool:
+    """Whether a stop was asked for since :func:`clear` (the start of the command)."""
+    return _held["requested"]
+
+
+def clear() -> None:
+    """Forget a stop asked for earlier (a new command starts, in the same process)."""
+    _held.update(depth=0, pending=False, requested=False)
 
 
 @contextmanager

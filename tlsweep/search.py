@@ -33,6 +33,7 @@ from tlsweep.config import (
 )
 from tlsweep.errors import StudyError
 from tlsweep.interrupts import deferred
+from tlsweep.interrupts import requested as stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -582,7 +583,8 @@ def run_trial(
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             except storage_errors() as e2:
                 log.warning("trial %d: its failure could not be recorded: %s", trial.number, e2)
-            interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
+            # a library may have turned the user's interrupt into an error of its own
+            interrupted = isinstance(e, (KeyboardInterrupt, SystemExit)) or stop_requested()
             if interrupted and requeue is not None:  # the user stopped us: run these again
                 try:
                     requeue()
@@ -596,7 +598,9 @@ def run_trial(
                         "trial %d: its MLflow run could not be closed: %s", trial.number, e2
                     )
             if interrupted:
-                raise
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+                raise KeyboardInterrupt from e
         seconds = time.perf_counter() - t0
         if tracker and run_id and state != "FAIL":
             # The trial's value is the last point of its per-epoch `metric` curve, which MLflow

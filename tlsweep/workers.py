@@ -38,6 +38,7 @@ from typing import Any
 from tlsweep.config import DEFAULT_CONNECT_TIMEOUT, SweepConfig, redact_url
 from tlsweep.errors import ConfigError, ServiceError, StudyError, StudyFailing
 from tlsweep.interrupts import deferred
+from tlsweep.interrupts import requested as stop_requested
 from tlsweep.search import (
     FINISHED,
     FeatureData,
@@ -621,6 +622,8 @@ class StudyRunner:
         failing: list[tuple[int, str]] = []  # the trials failed in a row: (number, error)
         last_recover = time.monotonic()
         while time.monotonic() < deadline and not (stop and stop.is_set()):
+            if stop_requested():  # an interrupt that a library turned into an error of its own
+                raise KeyboardInterrupt
             # An interrupt between asking for a trial and the objective's handler that fails
             # it would leave it RUNNING: held until the objective releases it (``started``).
             with deferred() as started:
