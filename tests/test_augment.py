@@ -334,3 +334,11 @@ def test_real_backbone_export_computes_the_plain_view_not_the_views_mean(
     mean = head.predict_proba(xs_views[:, :6])
     assert np.allclose(got, plain, atol=2e-3), (got, plain)
     assert np.abs(mean - plain).max() > 1e-2  # the views' mean is another computation
+
+
+def test_readme_shows_every_augment_default() -> None:
+    from test_config import _readme_sweep
+
+    from tlsweep.config import DEFAULT_VIEWS
+
+    assert _readme_sweep()["backbones"][0]["augment"] == DEFAULT_VIEWS
