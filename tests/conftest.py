@@ -151,6 +151,70 @@ def run_cli(
     )
 
 
+class CliInProcess:
+    """``tlsweep.cli.main(argv)`` called in this process, answered like :func:`run_cli`.
+
+    For refusals (exit code, one error line, nothing created) a fresh process costs about a
+    second of CPU (Python, then MLflow or TensorFlow imported again) and tests nothing more: the
+    tests that need a real process (no traceback from ``python -m tlsweep``, TensorFlow's start-up
+    lines filtered, signals, a file this process may not read as root) keep :func:`run_cli`.
+    What a call changes in this process is put back afterwards: the signal handlers ``extract``
+    and ``run`` install, the logging set-up, warning filters, environment variables, the working
+    directory. Descriptor 2 is left alone (``native_stderr.install`` sees the flag a parent
+    tlsweep sets); ``capfd`` collects what Python and native code write to 1 and 2.
+    """
+
+    def __init__(self, capfd: pytest.CaptureFixture[str]) -> None:
+        self.capfd = capfd
+
+    def __call__(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        import logging
+        import signal
+        import warnings
+
+        from tlsweep import native_stderr
+        from tlsweep.cli import main
+
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        handlers = {s: signal.getsignal(s) for s in signals}
+        root = logging.getLogger()
+        root_state = (root.handlers[:], root.level)
+        names = ("tlsweep", "absl", "tensorflow", "optuna", "mlflow", "alembic", "urllib3", "h5py")
+        levels = {n: logging.getLogger(n).level for n in names}
+        environ = dict(os.environ)
+        here = os.getcwd()
+        self.capfd.readouterr()  # only what this call writes
+        try:
+            os.environ[native_stderr.ENV_FLAG] = "1"
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # as run_cli gives its process
+            if cwd is not None:
+                os.chdir(cwd)
+            with warnings.catch_warnings():
+                try:
+                    code = main(list(args))
+                except SystemExit as e:  # argparse's refusals, as the interpreter exits
+                    code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        finally:
+            os.chdir(here)
+            os.environ.clear()
+            os.environ.update(environ)
+            root.handlers[:], level = root_state
+            root.setLevel(level)
+            for n, lv in levels.items():
+                logging.getLogger(n).setLevel(lv)
+            for s, h in handlers.items():
+                if h is not None:  # None: set outside Python, nothing to put back
+                    signal.signal(s, h)
+        out, err = self.capfd.readouterr()
+        return subprocess.CompletedProcess(["tlsweep", *args], code, out, err)
+
+
+@pytest.fixture
+def cli(capfd: pytest.CaptureFixture[str]) -> CliInProcess:
+    """The ``tlsweep`` command line in this process: ``cli("extract", path, cwd=...)``."""
+    return CliInProcess(capfd)
+
+
 def without_root_powers() -> tuple[str, ...]:
     """A command prefix under which chmod 000 keeps a file from this process, even as root.
 
