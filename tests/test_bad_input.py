@@ -403,18 +403,11 @@ FLAG_CASES: dict[str, tuple[str, int, str]] = {
 
 
 # A real process for the files this process may not read or write (as root, only a process
-# started without root's powers meets them as a user would), and one case per kind of refusal:
-# argparse's, a sweep file's, a database and a tracking server that are down, a bad model file.
+# started without root's powers meets them as a user would: these cover every command), and for
+# argparse's refusal, a tracking server that is down and a file that is not a model.
 _LOCKED = ("{ro}", "{lockedfile}", "{lockeddir}")
 REAL_PROCESS = {c for c, (args, _, _) in FLAG_CASES.items() if any(k in args for k in _LOCKED)}
-REAL_PROCESS |= {
-    "no-command",
-    "extract-data-missing",
-    "run-storage-pg-down",
-    "run-tracking-server-down",
-    "status-no-study",
-    "predict-model-not-zip",
-}
+REAL_PROCESS |= {"no-command", "run-tracking-server-down", "predict-model-not-zip"}
 
 
 def _closed_port() -> int:
