@@ -151,6 +151,17 @@ def run_cli(
     )
 
 
+# What tlsweep sets in its own process's environment (os.environ.setdefault: the user's setting
+# wins) and library calls in earlier tests leave set here; a fresh process starts without them.
+_SET_BY_TLSWEEP = (
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "MLFLOW_ENABLE_ASYNC_LOGGING",
+    "GRPC_VERBOSITY",
+)
+_SESSION_ENV = {k: os.environ[k] for k in _SET_BY_TLSWEEP if k in os.environ}
+
+
 class CliInProcess:
     """``tlsweep.cli.main(argv)`` called in this process, answered like :func:`run_cli`.
 
@@ -160,9 +171,10 @@ class CliInProcess:
     lines filtered, signals, a file this process may not read as root) keep :func:`run_cli`.
     What a call changes in this process is put back afterwards: the signal handlers ``extract``
     and ``run`` install, the logging set-up, warning filters, environment variables, the working
-    directory. Descriptors 1 and 2 (what Python and native code write) go to files for the call
-    and come back; ``native_stderr.install`` sees the flag a parent tlsweep sets and leaves
-    descriptor 2 alone. Usable from fixtures of any scope.
+    directory; the variables tlsweep sets for itself start as in a fresh process. Descriptors 1
+    and 2 (what Python and native code write) go to files for the call and come back;
+    ``native_stderr.install`` sees the flag a parent tlsweep sets and leaves descriptor 2 alone.
+    Usable from fixtures of any scope.
     """
 
     def __call__(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -200,6 +212,11 @@ class CliInProcess:
                     errors="backslashreplace",
                     line_buffering=True,
                 )
+                for k in _SET_BY_TLSWEEP:  # as a fresh process has them
+                    if k in _SESSION_ENV:
+                        os.environ[k] = _SESSION_ENV[k]
+                    else:
+                        os.environ.pop(k, None)
                 os.environ[native_stderr.ENV_FLAG] = "1"
                 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # as run_cli gives its process
                 if cwd is not None:
