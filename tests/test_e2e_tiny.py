@@ -22,10 +22,17 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import CATS_DOGS, CliInProcess, need_shared, run_cli, small_copy, write_sweep
+from conftest import (
+    CATS_DOGS,
+    TINY,
+    CliInProcess,
+    need_shared,
+    run_cli,
+    small_copy,
+    write_sweep,
+)
 
 STUDY = "tiny"
-TINY = [{"name": "TinyConvNet", "weights": "none", "input_size": 64, "pooling": "avg"}]
 SEARCH = {
     "n_trials": 3,
     "sampler": "random",

@@ -78,7 +78,8 @@ def _bar_factory(disable: bool = False) -> Any:
             if "bar" not in bar:
                 bar["bar"] = tqdm(
                     total=total,
-                    desc=f"extract {bb.name} {bb.input_size}px {bb.pooling}",
+                    desc=f"extract {bb.name} {bb.input_size}px {bb.pooling}"
+                    + (f" x{bb.augment.views} views" if bb.augment else ""),
                     unit="img",
                     disable=disable,
                     dynamic_ncols=True,
@@ -136,16 +137,22 @@ def _print_finetune(ft: Any) -> None:
 
 # --- commands ----------------------------------------------------------------------------------
 def _stop_on_signals() -> None:
-    """SIGTERM and SIGHUP (a closed terminal) stop the command as Ctrl-C does: the running
-    trial and its runs are closed and a half-written cache entry is removed."""
+    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal) stop the command at a point where the
+    running trial and its runs are closed and a half-written cache entry is removed
+    (:mod:`tlsweep.interrupts`)."""
     import signal
 
-    def _terminate(signum: int, frame: Any) -> None:
-        _exit_code["interrupted"] = 128 + signum  # 143 for SIGTERM, 129 for SIGHUP, as a shell
-        raise KeyboardInterrupt
+    from tlsweep.interrupts import clear, interrupt
 
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    clear()
+
+    def _terminate(signum: int, frame: Any) -> None:
+        # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP, as a shell says it
+        _exit_code["interrupted"] = 128 + signum
+        interrupt()
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -161,9 +168,21 @@ def cmd_extract(args: argparse.Namespace) -> int:
         print(
             f"{bb.label}: {state}: {len(entry.manifest['files'])} images "
             f"(train {sizes['train']}, validation {sizes['validation']}, test {sizes['test']}), "
-            f"{entry.manifest['shape'][1]} features -> {entry.path}"
+            f"{entry.manifest['shape'][1]} features{_views_cost(entry)} -> {entry.path}"
         )
     return 0
+
+
+def _views_cost(entry: Any) -> str:
+    """``, 4 views of train: 5600 forward passes (2.80x)``: what augmented views cost."""
+    views = entry.manifest.get("views")
+    if not views:
+        return ""
+    passes = views["base"] + (views["count"] - 1) * views["rows"]
+    return (
+        f", {views['count']} views of {'/'.join(views['splits'])}: {passes} forward passes "
+        f"({passes / max(views['base'], 1):.2f}x one view)"
+    )
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
@@ -201,7 +220,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
             m = e.manifest
             size_mb = (e.path / "features.npy").stat().st_size / 1e6
             print(
-                f"{m['name']}  {len(m['files'])} images x {m['shape'][1]} features  "
+                f"{m['name']}  {len(m['files'])} images x {m['shape'][1]} features"
+                + (f" x {m['views']['count']} views" if m.get("views") else "")
+                + "  "
                 f"{size_mb:.1f} MB  {len(m['skipped'])} skipped  {m['data_dir']}  {m['created']}"
             )
         return 0
@@ -358,6 +379,12 @@ def _print_summary(summary: Any, cfg: Any) -> None:
             f"(the best of {summary.finished} trials, so optimistic); on the held-out test "
             f"split: {_with_ci(t)}, loss {t['loss']:.4f} ({t['n']} images)"
         )
+        if "tta_accuracy" in t:
+            print(
+                "  (the test score is the plain image's, which the exported model computes; with "
+                f"test-time augmentation over {t['tta_views']} cached views: test accuracy "
+                f"{t['tta_accuracy']:.4f})"
+            )
     elif summary.test_note:
         print(f"\nwinner: {summary.test_note}; no test score reported")
     if summary.best:
@@ -370,6 +397,10 @@ def _print_summary(summary: Any, cfg: Any) -> None:
             )
 
 
+# `run --workers N`: the --storage / --tracking-uri given to the parent, passed to its workers
+_URL_ENV = {"storage": "TLSWEEP_WORKER_STORAGE", "tracking_uri": "TLSWEEP_WORKER_TRACKING_URI"}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from tlsweep.sweep import run_sweep
 
@@ -378,6 +409,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         from tlsweep.workers import die_with_parent
 
         die_with_parent()  # a worker of `--workers N` never outlives its parent, however it died
+    if args.worker_index is not None:  # the URLs its parent was given (see below)
+        for flag, env in _URL_ENV.items():
+            setattr(args, flag, os.environ.pop(env, None) or getattr(args, flag))
     cfg = _load(args)
     n = cfg.search.n_trials
     if args.worker_index is not None:
@@ -395,10 +429,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
 
     argv = ["run", args.sweep, "--workers", "1", "-q"]
-    for flag in ("data", "cache_dir", "study", "storage", "tracking_uri", "n_trials"):
+    for flag in ("data", "cache_dir", "study", "n_trials"):
         v = getattr(args, flag)
         if v is not None:
             argv.append(f"--{flag.replace('_', '-')}={v}")  # a value may start with -
+    # URLs may hold a password: to the workers through their environment, which only this
+    # user can read, not their command line, which `ps` shows everyone
+    worker_env = {e: getattr(args, f) for f, e in _URL_ENV.items() if getattr(args, f)}
     summary = run_sweep(
         cfg,
         on_trial=on_trial,
@@ -406,6 +443,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers,
         worker_index=args.worker_index,
         worker_argv=argv,
+        worker_env=worker_env,
         finetune_progress=_finetune_bar(args.quiet),
     )
     if args.worker_index is None:
@@ -416,14 +454,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from tlsweep.search import open_study, summarize
-    from tlsweep.sweep import preflight
+    from tlsweep.sweep import preflight, recorded_finetune
     from tlsweep.workers import open_storage
 
     cfg = _load(args, check_data_dir=False)
     if not cfg.storage.startswith(("sqlite:///", "journal:")):
         preflight(cfg, tracking=False)  # a database server: reachable, login accepted
     study = open_study(cfg, open_storage(cfg, must_exist=True), create=False)
-    _print_summary(summarize(cfg, study), cfg)
+    summary = summarize(cfg, study)
+    summary.finetune = recorded_finetune(cfg, study, summary)
+    _print_summary(summary, cfg)
     if cfg.data.dir.is_dir():  # status also works where the images are not
         from tlsweep.sweep import check_study_data
 
@@ -544,6 +584,18 @@ def _print_test(w: Any, cfg: Any) -> None:
         return
     t = w.test
     print(f"test {_with_ci(t)}, loss {t['loss']:.4f} on {t['n']} held-out images")
+    if w.backbone.augment is not None:
+        single = w.validation_single_view
+        print(
+            "the test score is the plain image's, which the exported model computes (no "
+            "test-time augmentation)"
+            + (f"; its validation {cfg.search.metric} {single:.4f}" if single is not None else "")
+        )
+    if "tta_accuracy" in t:
+        print(
+            f"with test-time augmentation (mean of {t['tta_views']} cached views; not in the "
+            f"exported model): test accuracy {t['tta_accuracy']:.4f}"
+        )
     names = t["class_names"]
     print(f"{'class':<20} {'precision':>9} {'recall':>7}")
     for n, p, r in zip(names, t["precision"], t["recall"], strict=True):
@@ -563,7 +615,9 @@ def cmd_best(args: argparse.Namespace) -> int:
         _print_test(w, cfg)
         if cfg.finetune is not None:
             _print_finetune(
-                finetune_winner(cfg, w, tracker, _finetune_bar(getattr(args, "quiet", False)))
+                finetune_winner(
+                    cfg, w, tracker, _finetune_bar(getattr(args, "quiet", False)), study
+                )
             )
     finally:
         tracker.close_parent(True)

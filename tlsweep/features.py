@@ -7,6 +7,11 @@ arguments, image content and labels, library versions). An entry is a folder::
         manifest.json   # key, shapes, class names, files, skipped files, timings (written last)
         features.npy    # float32 [rows, dim], memory-mappable, never pickled
 
+With augmented views (``augment:``), rows ``0 .. n`` are view 0 (the plain image) of every file
+and views ``1 .. K - 1`` follow, one block each, holding the files of the augmented splits (the
+training split, every split with ``tta``), which come first in the row order; the manifest's
+``views`` says where (:meth:`Entry.views`).
+
 It is written under a temporary name and renamed into place; an entry whose manifest is missing,
 unreadable or does not match its key and arrays is never used. Extraction streams batches to a
 memory-mapped ``.npy`` file, so a dataset larger than memory works. A per-entry file lock makes
@@ -38,7 +43,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -50,11 +55,14 @@ from tlsweep.config import BackboneConfig, SweepConfig
 from tlsweep.data import (
     SPLITS,
     ImageSet,
+    ViewsVariant,
     content_digest,
     decoded_chunks,
     file_digest,
     find_images,
+    path_seeds,
     read_failure,
+    variant_pixels,
     why_skipped,
 )
 from tlsweep.errors import DataError, TlsweepError
@@ -69,6 +77,7 @@ EXTRACT_BATCH = 32
 IN_FLIGHT = 2
 # Batches per decoded chunk when several entries are extracted together (see _extract).
 MULTI_CHUNK_BATCHES = 8
+VIEWS_CHUNK_BYTES = 256 << 20  # at most this much decoded image data per chunk with views
 Progress = Callable[[int, int], None]
 
 
@@ -114,8 +123,9 @@ def weights_identity(bb: BackboneConfig, fetch: bool = True) -> str | None:
 
 def key_parts(bb: BackboneConfig, images_digest: str, fetch: bool = True) -> dict[str, Any]:
     """Everything that changes the features, as a JSON-able dict (``weights`` is None when the
-    ImageNet file is not downloaded yet and ``fetch`` is False)."""
-    return {
+    ImageNet file is not downloaded yet and ``fetch`` is False). Augmented views add their
+    settings (``augment``); an entry without them keeps the key it always had."""
+    parts = {
         "format": CACHE_FORMAT,
         "backbone": bb.name,
         "args": {k: bb.args[k] for k in sorted(bb.args)},
@@ -127,6 +137,9 @@ def key_parts(bb: BackboneConfig, images_digest: str, fetch: bool = True) -> dic
         "images": images_digest,
         "versions": {p: _version(p) for p in ("keras", "tensorflow")},
     }
+    if bb.augment is not None:
+        parts["augment"] = bb.augment.key()
+    return parts
 
 
 def cache_key(parts: dict[str, Any]) -> str:
@@ -134,7 +147,8 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 
 def entry_name(bb: BackboneConfig, key: str) -> str:
-    return f"{bb.name}-{bb.input_size}-{bb.pooling}-{key[:16]}"
+    views = f"-views{bb.augment.views}" if bb.augment is not None else ""
+    return f"{bb.name}-{bb.input_size}-{bb.pooling}{views}-{key[:16]}"
 
 
 @dataclass
@@ -181,6 +195,29 @@ class Entry:
             out[f["split"]] += 1
         return out
 
+    def views(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of one split with every view the entry holds of it:
+        ``[views, n, dim]`` (view 0 the plain image, in memory) for a split with augmented views,
+        else what :meth:`split` gives, ``[n, dim]``.
+
+        The rows of view ``v >= 1`` are ``base + (v - 1) * rows + row``: every view's block
+        holds the first ``rows`` rows, the augmented splits (train first, see ``_extract``).
+        """
+        x, y = self.split(name)
+        info = self.manifest.get("views")
+        if not info or name not in info["splits"] or len(y) == 0:
+            return x, y
+        idx = np.array(
+            [f["row"] for f in self.manifest["files"] if f["split"] == name], dtype=np.int64
+        )
+        feats = np.load(self.path / "features.npy", mmap_mode="r", allow_pickle=False)
+        base, rows = info["base"], info["rows"]
+        out = np.empty((info["count"], len(idx), feats.shape[1]), np.float32)
+        out[0] = x
+        for v in range(1, info["count"]):
+            out[v] = feats[base + (v - 1) * rows + idx]
+        return out, y
+
 
 def _read_entry(path: Path, key: str | None = None) -> Entry | None:
     """The entry at ``path`` if complete and consistent, else None (never raises)."""
@@ -196,7 +233,11 @@ def _read_entry(path: Path, key: str | None = None) -> Entry | None:
         if list(arr.shape) != manifest["shape"] or str(arr.dtype) != manifest["dtype"]:
             return None
         rows = [f["row"] for f in manifest["files"]]
-        if rows and (min(rows) < 0 or max(rows) >= arr.shape[0]):
+        views = manifest.get("views")
+        end = arr.shape[0] if not views else views["base"]
+        if views and views["base"] + (views["count"] - 1) * views["rows"] != arr.shape[0]:
+            return None
+        if rows and (min(rows) < 0 or max(rows) >= end):
             return None
         return Entry(path=path, manifest=manifest)
     except (OSError, ValueError, KeyError, TypeError):
@@ -424,22 +465,33 @@ class FeatureCache:
         row_of[order] = np.arange(len(order))
         paths = [images.abspath(images.files[i]) for i in order]
         n = len(paths)
-        # One decode per image for every entry: resized once per distinct input size.
+        for job in jobs:
+            job.plan_views(n, [images.files[i].split for i in order])
+        # One decode per image for every entry: resized once per distinct input size, and
+        # augmented once per distinct set of views.
         sizes = sorted({job.bb.input_size for job in jobs})
-        slot = {size: i for i, size in enumerate(sizes)}
+        augmented = sorted({job.variant for job in jobs if job.variant is not None})
+        variants: list[Any] = [*sizes, *augmented]
+        slot = {v: i for i, v in enumerate(variants)}
         ready = threading.Event()
-        if len(jobs) == 1:
+        if len(jobs) == 1 and not augmented:
             chunks = decoded_chunks(paths, sizes[0], EXTRACT_BATCH, first_until=ready)
         else:
-            # Chunks of MULTI_CHUNK_BATCHES batches: each entry's passes read the images of
-            # its size in turn, from memory shared by all.
-            pixels = sum(size * size for size in sizes)
+            # Chunks of MULTI_CHUNK_BATCHES batches (fewer when views make them large): each
+            # entry's passes read the images of its size in turn, from memory shared by all.
+            pixels = sum(variant_pixels(v) for v in variants)
+            per_batch = EXTRACT_BATCH * pixels * 3 * 4
             chunks = decoded_chunks(
                 paths,
-                sizes,
+                variants,
                 EXTRACT_BATCH,
-                chunk_bytes=MULTI_CHUNK_BATCHES * EXTRACT_BATCH * pixels * 3 * 4,
+                chunk_bytes=(
+                    max(per_batch, min(MULTI_CHUNK_BATCHES * per_batch, VIEWS_CHUNK_BYTES))
+                    if augmented
+                    else MULTI_CHUNK_BATCHES * per_batch
+                ),
                 first_until=ready,
+                seeds=path_seeds([images.files[i].path for i in order]) if augmented else None,
             )
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlsweep-decode") as decoder:
             # The first chunk decodes (on the decoding threads, mostly without the GIL) while
@@ -459,13 +511,13 @@ class FeatureCache:
                 ready.set()
             chunk = first.result()
 
-        if len(jobs) == 1:
+        if len(jobs) == 1 and not augmented:
             # One stream of batches: the next chunk decodes when the forward passes reach the
             # end of this one, while the last of them is still running (the passes never drain).
             (job,) = jobs
             batches = itertools.chain(chunk or [], itertools.chain.from_iterable(chunks))
-            stream: Iterator[tuple[_Job, np.ndarray, Any]] = (
-                (job, idx, out) for idx, out in _forward_all(job.forward, batches)
+            stream: Iterator[tuple[_Job, np.ndarray, int, Any]] = (
+                (job, idx, 0, out) for idx, out in _forward_all(job.forward, batches)
             )
         else:
             stream = _forward_each(jobs, itertools.chain([chunk] if chunk else [], chunks), slot)
@@ -476,21 +528,25 @@ class FeatureCache:
                 job.tmp = self.dir / _tmp_name(job.name)
                 job.tmp.mkdir()
                 job.feats = np.lib.format.open_memmap(
-                    job.tmp / "features.npy", mode="w+", dtype=np.float32, shape=(n, job.dim)
+                    job.tmp / "features.npy",
+                    mode="w+",
+                    dtype=np.float32,
+                    shape=(job.total, job.dim),
                 )
                 job.got = np.zeros(n, dtype=bool)
                 if job.progress:
-                    job.progress(0, n)
-            for job, idx, out in stream:
-                job.feats[idx] = out.reshape(len(idx), job.dim)
-                job.got[idx] = True
+                    job.progress(0, job.total)
+            for job, idx, view, out in stream:
+                job.feats[job.rows_of(idx, view)] = out.reshape(len(idx), job.dim)
+                if view == 0:
+                    job.got[idx] = True
                 job.done += len(idx)
                 if job.progress:
-                    job.progress(job.done, n)
+                    job.progress(job.done, job.total)
                 job.t_extract = time.perf_counter() - t0
             for job in jobs:
-                if job.progress and job.done < n:
-                    job.progress(n, n)  # every file handled; the skipped are reported
+                if job.progress and job.done < job.total:
+                    job.progress(job.total, job.total)  # every file handled; skipped reported
                 job.feats.flush()
                 job.feats = None
             # Rows of skipped files stay zero and no file points at them. A file is skipped
@@ -537,8 +593,9 @@ class FeatureCache:
                         "pooling": job.bb.pooling,
                         "args": dict(job.bb.args),
                         "label": job.bb.label,
+                        "augment": asdict(job.bb.augment) if job.bb.augment else None,
                     },
-                    "shape": [n, job.dim],
+                    "shape": [job.total, job.dim],
                     "dtype": "float32",
                     "data_dir": str(images.root),
                     "layout": images.layout,
@@ -560,6 +617,10 @@ class FeatureCache:
                     },
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 }
+                if job.bb.augment is not None:
+                    manifest["views"] = job.views_info()
+                    # forward passes per usable image: the views' cost, K x on augmented splits
+                    manifest["timings"]["forward_passes"] = job.done
                 with open(job.tmp / "manifest.json", "w") as f:
                     json.dump(manifest, f)  # no indent: the C encoder, 10x faster on 4000 files
                     f.flush()
@@ -584,12 +645,13 @@ class FeatureCache:
                     f"{self.dir / job.name}: the new cache entry failed verification"
                 )
             log.info(
-                "extracted %s: %d images in %.1fs (%.0f images/s), %d skipped",
+                "extracted %s: %d images in %.1fs (%.0f images/s), %d skipped%s",
                 job.name,
                 done,
                 job.t_extract,
                 done / max(job.t_extract, 1e-9),
                 len(skipped_list),
+                job.cost_note(),
             )
             entries.append(entry)
         return entries
@@ -613,6 +675,45 @@ class _Job:
     t_build: float = 0.0
     t_extract: float = 0.0
     theirs: Entry | None = None  # the same entry, published by another machine first
+    base: int = 0  # rows of view 0 (every file)
+    rows: int = 0  # rows of each further view: the files of the augmented splits
+    total: int = 0  # rows of features.npy
+
+    @property
+    def variant(self) -> ViewsVariant | None:
+        """The augmented variant of the decoded images this entry needs, if any."""
+        a = self.bb.augment
+        if a is None:
+            return None
+        return (int(self.bb.input_size or 0), a.views, a.flip, a.crop, a.seed)
+
+    def plan_views(self, n: int, splits: list[str]) -> None:
+        """Lay out the rows: view 0 of all ``n`` files, then views 1 .. K - 1 of the files of
+        the augmented splits, which come first in ``splits`` (the files' splits in row order)."""
+        self.base = self.total = n
+        a = self.bb.augment
+        if a is None:
+            return
+        self.rows = sum(1 for s in splits if s in a.splits)
+        if any(s not in a.splits for s in splits[: self.rows]):  # pragma: no cover - row order
+            raise TlsweepError("augmented splits must come first in the rows")
+        self.total = n + (a.views - 1) * self.rows
+
+    def rows_of(self, idx: np.ndarray, view: int) -> np.ndarray:
+        return idx if view == 0 else self.base + (view - 1) * self.rows + idx
+
+    def views_info(self) -> dict[str, Any]:
+        a = self.bb.augment
+        assert a is not None
+        return {"count": a.views, "base": self.base, "rows": self.rows, "splits": list(a.splits)}
+
+    def cost_note(self) -> str:
+        if self.bb.augment is None:
+            return ""
+        return (
+            f"; {self.bb.augment.views} views of {', '.join(self.bb.augment.splits)}: "
+            f"{self.done} forward passes, {self.done / max(self.base, 1):.2f}x a single view"
+        )
 
     def build(self, tf: Any) -> None:
         extractor = bbs.build_extractor(self.bb)
@@ -628,24 +729,37 @@ class _Job:
 
 
 def _forward_each(
-    jobs: list[_Job], chunks: Iterator[list[tuple[np.ndarray, Any]]], slot: dict[int, int]
-) -> Iterator[tuple[_Job, np.ndarray, Any]]:
-    """Every entry's forward passes over each decoded chunk in turn: ``(job, indices,
-    features)``. The chunk's batches hold one tuple of images per input size (``slot``).
+    jobs: list[_Job], chunks: Iterator[list[tuple[np.ndarray, Any]]], slot: dict[Any, int]
+) -> Iterator[tuple[_Job, np.ndarray, int, Any]]:
+    """Every entry's forward passes over each decoded chunk in turn: ``(job, indices, view,
+    features)``. The chunk's batches hold one tuple of images per input size and augmented
+    variant (``slot``); an entry with views forwards each view of its augmented splits' files.
 
     One stream of passes for every entry, so the passes in flight never drain between two
     entries (only where the next chunk is decoded, as with one entry).
     """
 
-    def batches() -> Iterator[tuple[tuple[_Job, np.ndarray], tuple[Any, Any]]]:
+    def batches() -> Iterator[tuple[tuple[_Job, np.ndarray, int], tuple[Any, Any]]]:
+        import tensorflow as tf
+
         for chunk in chunks:
             for job in jobs:
                 k = slot[job.bb.input_size]
                 for idx, x in chunk:
-                    yield (job, idx), (job.forward, x[k])
+                    yield (job, idx, 0), (job.forward, x[k])
+                if job.variant is None:
+                    continue
+                kv = slot[job.variant]
+                for idx, x in chunk:
+                    keep = np.flatnonzero(idx < job.rows)  # files of the augmented splits
+                    if len(keep) == 0:
+                        continue
+                    xs = x[kv] if len(keep) == len(idx) else tf.gather(x[kv], keep)
+                    for v in range(1, job.variant[1]):
+                        yield (job, idx[keep], v), (job.forward, xs[:, v - 1])
 
-    for (job, idx), out in _forward_all(lambda fx: fx[0](fx[1]), batches()):
-        yield job, idx, out
+    for (job, idx, view), out in _forward_all(lambda fx: fx[0](fx[1]), batches()):
+        yield job, idx, view, out
 
 
 def _publish(tmp: Path, final: Path, key: str) -> Entry | None:

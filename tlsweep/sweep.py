@@ -119,6 +119,7 @@ def run_sweep(
     workers: int = 1,
     worker_index: int | None = None,
     worker_argv: Sequence[str] | None = None,
+    worker_env: dict[str, str] | None = None,
     evaluate_winner: bool = True,
     finetune_progress: Callable[[int, int, int, int], None] | None = None,
 ) -> StudySummary:
@@ -149,7 +150,7 @@ def run_sweep(
         attach_parent(cfg, study, tracker)
         record_resolved(cfg, study, tracker)
         try:
-            _run_workers(workers, worker_argv or [])
+            _run_workers(workers, worker_argv or [], worker_env or {})
         except BaseException:  # close the parent run; what stopped the workers goes on up
             _close_after_error(cfg, study, tracker)
             raise
@@ -270,7 +271,7 @@ def _finish(
         summary.test_note = None if w.test else "no test split (no test/ folder, or test_split: 0)"
         if cfg.finetune is not None:
             try:
-                ft = finetune_winner(cfg, w, tracker, finetune_progress)
+                ft = finetune_winner(cfg, w, tracker, finetune_progress, study)
             except BaseException:  # Ctrl-C or a failure: the checkpoints stay, a rerun resumes
                 with contextlib.suppress(Exception):
                     tracker.close_parent(False)
@@ -281,11 +282,20 @@ def _finish(
     tracker.close_parent(done)
 
 
-def finetune_winner(cfg: SweepConfig, w: Any, tracker: Any, progress: Any = None) -> Any:
-    """Run (or resume, or read back) the fine-tuning stage and put its outcome on the parent."""
+def finetune_winner(
+    cfg: SweepConfig, w: Any, tracker: Any, progress: Any = None, study: Any = None
+) -> Any:
+    """Run (or resume, or read back) the fine-tuning stage and put its outcome on the parent
+    run, and with the study (for ``tlsweep status``)."""
     from tlsweep.finetune import run_finetune
+    from tlsweep.search import FINETUNE_ATTR
 
     ft = run_finetune(cfg, w, tracker, progress)
+    if study is not None:
+        study.set_user_attr(
+            FINETUNE_ATTR,
+            {"trial": w.number, "settings": _finetune_settings(cfg), "result": ft.as_dict()},
+        )
     if tracker is not None and tracker.parent_run_id:
         metrics = {
             f"finetune_baseline_{ft.metric}": ft.baseline,
@@ -297,6 +307,30 @@ def finetune_winner(cfg: SweepConfig, w: Any, tracker: Any, progress: Any = None
         tracker.log_parent_metrics(metrics)
         tracker.set_parent_tag("winner_model", "finetuned" if ft.accepted else "frozen")
     return ft
+
+
+def _finetune_settings(cfg: SweepConfig) -> str:
+    import json
+    from dataclasses import asdict
+
+    return json.dumps(asdict(cfg.finetune) if cfg.finetune else None, sort_keys=True, default=str)
+
+
+def recorded_finetune(cfg: SweepConfig, study: Any, summary: StudySummary) -> Any:
+    """The fine-tuning outcome recorded with the study, if it is of the current best trial
+    with the sweep file's current ``finetune:`` settings (else None: it would be stale)."""
+    from tlsweep.search import FINETUNE_ATTR
+
+    rec = study.user_attrs.get(FINETUNE_ATTR)
+    if cfg.finetune is None or not rec or not summary.best:
+        return None
+    if rec.get("trial") != summary.best[0]["number"] or rec.get("settings") != (
+        _finetune_settings(cfg)
+    ):
+        return None
+    from tlsweep.finetune import FinetuneResult
+
+    return FinetuneResult(**rec["result"])
 
 
 def export_winner(
@@ -320,7 +354,7 @@ def export_winner(
         return w, None, reg
     winner._check_output(output)
     w = winner.evaluate_and_log(cfg, study, tracker)
-    ft = finetune_winner(cfg, w, tracker, progress)
+    ft = finetune_winner(cfg, w, tracker, progress, study)
     info = {"model": "finetuned" if ft.accepted else "frozen", "finetune": ft.as_dict()}
     if ft.accepted:
         model = keras.models.load_model(ft.model_path, safe_mode=True, compile=False)
@@ -332,11 +366,12 @@ def export_winner(
     return w, ft, reg
 
 
-def _run_workers(n: int, argv: Sequence[str]) -> None:
+def _run_workers(n: int, argv: Sequence[str], extra_env: dict[str, str]) -> None:
     from tlsweep.workers import PARENT_PID_ENV
 
     procs = []
-    env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}  # they stop if this process dies
+    # they stop if this process dies; extra_env: what must not show on a command line
+    env = {**os.environ, **extra_env, PARENT_PID_ENV: str(os.getpid())}
     try:
         for i in range(n):
             cmd = [sys.executable, "-m", "tlsweep", *argv, "--worker-index", str(i)]
