@@ -153,6 +153,112 @@ def run_cli(
     )
 
 
+# What tlsweep sets in its own process's environment (os.environ.setdefault: the user's setting
+# wins) and library calls in earlier tests leave set here; a fresh process starts without them.
+_SET_BY_TLSWEEP = (
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "MLFLOW_ENABLE_ASYNC_LOGGING",
+    "GRPC_VERBOSITY",
+)
+_SESSION_ENV = {k: os.environ[k] for k in _SET_BY_TLSWEEP if k in os.environ}
+
+
+class CliInProcess:
+    """``tlsweep.cli.main(argv)`` called in this process, answered like :func:`run_cli`.
+
+    For refusals (exit code, one error line, nothing created) a fresh process costs about a
+    second of CPU (Python, then MLflow or TensorFlow imported again) and tests nothing more; the
+    tests that need a real process (no traceback from ``python -m tlsweep``, TensorFlow's start-up
+    lines filtered, signals, a file this process may not read as root) keep :func:`run_cli`.
+    What a call changes in this process is put back afterwards: the signal handlers ``extract``
+    and ``run`` install, the logging set-up, warning filters, environment variables, the working
+    directory; the variables tlsweep sets for itself start as in a fresh process. Descriptors 1
+    and 2 (what Python and native code write) go to files for the call and come back;
+    ``native_stderr.install`` sees the flag a parent tlsweep sets and leaves descriptor 2 alone.
+    Usable from fixtures of any scope.
+    """
+
+    def __call__(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        import io
+        import logging
+        import signal
+        import tempfile
+        import warnings
+
+        from tlsweep import native_stderr
+        from tlsweep.cli import main
+
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        handlers = {s: signal.getsignal(s) for s in signals}
+        root = logging.getLogger()
+        root_state = (root.handlers[:], root.level)
+        names = ("tlsweep", "absl", "tensorflow", "optuna", "mlflow", "alembic", "urllib3", "h5py")
+        levels = {n: logging.getLogger(n).level for n in names}
+        environ = dict(os.environ)
+        here = os.getcwd()
+        streams = (sys.stdout, sys.stderr)
+        for f in streams:
+            f.flush()
+        saved = (os.dup(1), os.dup(2))
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            try:
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                sys.stdout = io.TextIOWrapper(
+                    open(1, "wb", closefd=False), encoding="utf-8", line_buffering=True
+                )
+                sys.stderr = io.TextIOWrapper(
+                    open(2, "wb", closefd=False),
+                    encoding="utf-8",
+                    errors="backslashreplace",
+                    line_buffering=True,
+                )
+                for k in _SET_BY_TLSWEEP:  # as a fresh process has them
+                    if k in _SESSION_ENV:
+                        os.environ[k] = _SESSION_ENV[k]
+                    else:
+                        os.environ.pop(k, None)
+                os.environ[native_stderr.ENV_FLAG] = "1"
+                os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # as run_cli gives its process
+                if cwd is not None:
+                    os.chdir(cwd)
+                with warnings.catch_warnings():
+                    try:
+                        code = main(list(args))
+                    except SystemExit as e:  # argparse's refusals, as the interpreter exits
+                        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+            finally:
+                for f in (sys.stdout, sys.stderr):
+                    f.flush()
+                sys.stdout, sys.stderr = streams
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                os.close(saved[0])
+                os.close(saved[1])
+                os.chdir(here)
+                os.environ.clear()
+                os.environ.update(environ)
+                root.handlers[:], level = root_state
+                root.setLevel(level)
+                for n, lv in levels.items():
+                    logging.getLogger(n).setLevel(lv)
+                for s, h in handlers.items():
+                    if h is not None:  # None: set outside Python, nothing to put back
+                        signal.signal(s, h)
+            text = []
+            for f in (out, err):
+                f.seek(0)
+                text.append(f.read().decode("utf-8", errors="replace"))
+        return subprocess.CompletedProcess(["tlsweep", *args], code, *text)
+
+
+@pytest.fixture
+def cli() -> CliInProcess:
+    """The ``tlsweep`` command line in this process: ``cli("extract", path, cwd=...)``."""
+    return CliInProcess()
+
+
 def without_root_powers() -> tuple[str, ...]:
     """A command prefix under which chmod 000 keeps a file from this process, even as root.
 

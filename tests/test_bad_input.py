@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CATS_DOGS, need_shared, run_cli, without_root_powers, write_sweep
+from conftest import (
+    CATS_DOGS,
+    CliInProcess,
+    need_shared,
+    run_cli,
+    without_root_powers,
+    write_sweep,
+)
 
 
 def _one_error_line(stderr: str) -> None:
@@ -117,7 +124,7 @@ def test_extract_odd_corpus(tmp_path: Path):
     assert sum(1 for n in files if n.startswith(("cat.", "dog."))) == 20
 
 
-def test_empty_class_folder_is_an_error(tmp_path: Path):
+def test_empty_class_folder_is_an_error(tmp_path: Path, cli: CliInProcess):
     need_shared()
     data = tmp_path / "data"
     (data / "dogs").mkdir(parents=True)
@@ -125,14 +132,16 @@ def test_empty_class_folder_is_an_error(tmp_path: Path):
     for f in sorted((CATS_DOGS / "train" / "cats").iterdir())[:8]:
         shutil.copy(f, data / "cats" / f.name)
     sweep = write_sweep(tmp_path / "sweep.yaml", data)
-    r = run_cli("extract", str(sweep), "-q")
+    r = cli("extract", str(sweep), "-q")
     assert r.returncode == 2, r.stderr[-3000:]
     _one_error_line(r.stderr)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
 @pytest.mark.parametrize("split", ["train", "validation"])
-def test_a_split_left_without_usable_images_is_an_error(tmp_path: Path, split: str):
+def test_a_split_left_without_usable_images_is_an_error(
+    tmp_path: Path, split: str, cli: CliInProcess
+):
     need_shared()
     data = tmp_path / "data"
     for s in ("train", "validation"):
@@ -149,7 +158,7 @@ def test_a_split_left_without_usable_images_is_an_error(tmp_path: Path, split: s
     sweep = write_sweep(tmp_path / "sweep.yaml", data)
     written = []
     for command in ("extract", "run"):
-        r = run_cli(command, str(sweep), "-q")
+        r = cli(command, str(sweep), "-q")
         assert r.returncode == 2, r.stderr[-3000:]
         _one_error_line(r.stderr)
         error = next(x for x in r.stderr.splitlines() if x.startswith("tlsweep: error:"))
@@ -162,14 +171,14 @@ def test_a_split_left_without_usable_images_is_an_error(tmp_path: Path, split: s
     assert not (tmp_path / "optuna.db").exists()
 
 
-def test_single_class_is_an_error(tmp_path: Path):
+def test_single_class_is_an_error(tmp_path: Path, cli: CliInProcess):
     need_shared()
     data = tmp_path / "data"
     (data / "cats").mkdir(parents=True)
     for f in sorted((CATS_DOGS / "train" / "cats").iterdir())[:8]:
         shutil.copy(f, data / "cats" / f.name)
     sweep = write_sweep(tmp_path / "sweep.yaml", data)
-    r = run_cli("extract", str(sweep), "-q")
+    r = cli("extract", str(sweep), "-q")
     assert r.returncode == 2, r.stderr[-3000:]
     _one_error_line(r.stderr)
 
@@ -252,9 +261,9 @@ def _nothing_created(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(CASES) + sorted(RAW))
-def test_bad_sweep_extract(tmp_path: Path, tiny_data: Path, case: str):
+def test_bad_sweep_extract(tmp_path: Path, tiny_data: Path, case: str, cli: CliInProcess):
     sweep = _sweep_variants(tmp_path, tiny_data, case)
-    r = run_cli("extract", str(sweep), "-q", cwd=tmp_path)
+    r = cli("extract", str(sweep), "-q", cwd=tmp_path)
     assert r.returncode == 2, (r.returncode, r.stdout[-1000:], r.stderr[-3000:])
     _one_error_line(r.stderr)
     _nothing_created(tmp_path)
@@ -263,18 +272,20 @@ def test_bad_sweep_extract(tmp_path: Path, tiny_data: Path, case: str):
 @pytest.mark.parametrize("case", ["search-n-trials-zero", "invalid-yaml", "backbone-unknown-name"])
 def test_bad_sweep_run(tmp_path: Path, tiny_data: Path, case: str):
     sweep = _sweep_variants(tmp_path, tiny_data, case)
-    r = run_cli("run", str(sweep), "-q", cwd=tmp_path)
+    r = run_cli("run", str(sweep), "-q", cwd=tmp_path)  # a real process: no traceback there
     assert r.returncode == 2, (r.returncode, r.stdout[-1000:], r.stderr[-3000:])
     _one_error_line(r.stderr)
     _nothing_created(tmp_path)
 
 
 # --- every command x every flag: a wrong value, a missing path, an unwritable path, "" ---------
-# Each case runs the real command line in a fresh folder holding a valid sweep file (weights: none,
+# Each case runs the command line in a fresh folder holding a valid sweep file (weights: none,
 # so no TensorFlow is needed to refuse it) and asserts: the exit code (2 usage, 1 runtime), one
 # `tlsweep: error:` line naming the flag, no traceback, and no file or folder created anywhere in
-# that folder. {sweep}, {data}, {file} (a plain file), {dir} (an empty folder), {ro} (a folder this
-# process may not write), {lockedfile} and {lockeddir} (mode 000; run without root's powers),
+# that folder. Most cases call the CLI in this process (a traceback there is an exception that
+# fails the test); those in REAL_PROCESS run `python -m tlsweep` as a user would. {sweep},
+# {data}, {file} (a plain file), {dir} (an empty folder), {ro} (a folder this process may not
+# write), {lockedfile} and {lockeddir} (mode 000; run without root's powers),
 # {model} (a zip named .keras), {missing}, {port} (a closed TCP port), {newline} and {tab} (names
 # with a control character) are filled in per case.
 FLAG_CASES: dict[str, tuple[str, int, str]] = {
@@ -391,6 +402,14 @@ FLAG_CASES: dict[str, tuple[str, int, str]] = {
 }
 
 
+# A real process for the files this process may not read or write (as root, only a process
+# started without root's powers meets them as a user would: these cover every command), and for
+# argparse's refusal, a tracking server that is down and a file that is not a model.
+_LOCKED = ("{ro}", "{lockedfile}", "{lockeddir}")
+REAL_PROCESS = {c for c, (args, _, _) in FLAG_CASES.items() if any(k in args for k in _LOCKED)}
+REAL_PROCESS |= {"no-command", "run-tracking-server-down", "predict-model-not-zip"}
+
+
 def _closed_port() -> int:
     import socket
 
@@ -404,7 +423,7 @@ def _tree(root: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("case", sorted(FLAG_CASES))
-def test_bad_flag(tmp_path: Path, case: str):
+def test_bad_flag(tmp_path: Path, case: str, cli: CliInProcess):
     import shlex
     import zipfile
 
@@ -447,7 +466,10 @@ def test_bad_flag(tmp_path: Path, case: str):
     locked_file.chmod(0)
     locked_dir.chmod(0)
     try:
-        r = run_cli(*argv, cwd=tmp_path, timeout=120, wrap=without_root_powers())
+        if case in REAL_PROCESS:
+            r = run_cli(*argv, cwd=tmp_path, timeout=120, wrap=without_root_powers())
+        else:
+            r = cli(*argv, cwd=tmp_path)
     finally:
         ro.chmod(0o755)
         locked_file.chmod(0o644)

@@ -7,6 +7,7 @@ share one MLflow SQLite store (one experiment per study) to pay its schema migra
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import shutil
@@ -19,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MNV2_WEIGHTS, TWO_MOBILENETS, need_shared, run_cli, write_sweep
+from conftest import (
+    MNV2_WEIGHTS,
+    TWO_MOBILENETS,
+    CliInProcess,
+    need_shared,
+    run_cli,
+    write_sweep,
+)
 
 PARENT_ATTR = "tlsweep.mlflow_parent_run"
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -600,25 +608,32 @@ def test_multi_backbone_sweep(
 
 
 # --- a study that cannot succeed stops -------------------------------------------------------
-# The real CLI with a head that cannot train: train_head raises an error with a cause.
-_FAILING_HEAD = """
-import sys
-import tlsweep.head
-
-def broken(*args, **kwargs):
+# The CLI with a head that cannot train: train_head raises an error with a cause.
+def _broken_head(*args: Any, **kwargs: Any) -> Any:
     try:
         raise OSError(28, "No space left on device")
     except OSError as e:
         raise RuntimeError("the head cannot train") from e
 
-tlsweep.head.train_head = broken
-from tlsweep.cli import main
-sys.exit(main(sys.argv[1:]))
+
+_FAILING_HEAD = f"""
+from typing import Any
+
+import tlsweep.head
+
+{inspect.getsource(_broken_head)}
+tlsweep.head.train_head = _broken_head
 """
 
 
 def test_trials_that_always_fail_stop_the_run_with_exit_1(
-    cd_features, cats_dogs_small: Path, shared_cache: Path, tracking_uri: str, tmp_path: Path
+    cd_features,
+    cats_dogs_small: Path,
+    shared_cache: Path,
+    tracking_uri: str,
+    tmp_path: Path,
+    cli: CliInProcess,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     search = {
         "n_trials": 20,
@@ -627,14 +642,10 @@ def test_trials_that_always_fail_stop_the_run_with_exit_1(
         "space": {"units": {"low": 16, "high": 128}, "epochs": 2},
     }
     sweep = _sweep(tmp_path, cats_dogs_small, shared_cache, tracking_uri, "failing", search=search)
-    r = subprocess.run(
-        [sys.executable, "-c", _FAILING_HEAD, "run", str(sweep)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+    # in this process (tlsweep.search takes train_head from tlsweep.head when a trial runs); the
+    # same head in real worker processes: test_workers_whose_trials_always_fail_stop_... (slow)
+    monkeypatch.setattr("tlsweep.head.train_head", _broken_head)
+    r = cli("run", str(sweep), cwd=tmp_path)
     assert r.returncode == 1, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     (error,) = [line for line in r.stderr.splitlines() if line.startswith("tlsweep: error:")]
@@ -697,7 +708,7 @@ def test_workers_whose_trials_always_fail_stop_and_close_everything(
     sitecustomize): each worker stops after max_failures, the run exits 1, nothing RUNNING."""
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_FAILING_HEAD.split("from tlsweep.cli")[0])
+    (hook / "sitecustomize.py").write_text(_FAILING_HEAD)
     search = {"n_trials": 20, "sampler": "random", "max_failures": 2, "space": {"epochs": 2}}
     sweep = _sweep(tmp_path, cats_dogs_small, shared_cache, tracking_uri, "failing2", search=search)
     path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import _in_ci, run_cli, write_sweep
+from conftest import CliInProcess, _in_ci, run_cli, write_sweep
 
 from tlsweep.tracking import (
     EXPERIMENT_KIND_TAG,
@@ -223,6 +223,14 @@ def test_runs_page_url_opens_the_training_runs_table() -> None:
 
 
 # --- `tlsweep ui`: refusals --------------------------------------------------------------------
+# A missing store is refused by a real `python -m tlsweep ui`; the other refusals call the CLI in
+# this process (no server is started), those that only read it on one store made once.
+@pytest.fixture(scope="module")
+def ui_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sweep file of a tracking store with one study, ``ui_test``, read by refusals."""
+    return tiny_store(tmp_path_factory.mktemp("ui_store"))
+
+
 def test_ui_missing_store_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
     sweep = tiny_store(tmp_path, studies=())
     db = tmp_path / "mlflow.db"
@@ -235,13 +243,15 @@ def test_ui_missing_store_is_one_line_and_creates_nothing(tmp_path: Path) -> Non
     assert not db.exists()  # MLflow would have created an empty store
 
 
-def test_ui_unknown_study_names_the_flag_and_lists_the_studies(tmp_path: Path) -> None:
+def test_ui_unknown_study_names_the_flag_and_lists_the_studies(
+    tmp_path: Path, cli: CliInProcess
+) -> None:
     from mlflow import MlflowClient
 
     sweep = tiny_store(tmp_path, studies=("cats", "dogs"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     before = sorted(e.name for e in MlflowClient(uri).search_experiments())
-    r = run_cli("ui", str(sweep), "--study", "birds", "--port", str(free_port()))
+    r = cli("ui", str(sweep), "--study", "birds", "--port", str(free_port()))
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("tlsweep: error: --study birds: no such study")
@@ -259,31 +269,30 @@ def test_ui_unknown_study_names_the_flag_and_lists_the_studies(tmp_path: Path) -
         (("--host", "192.0.2.1"), "tlsweep: error: --host 192.0.2.1: not an address of this"),
     ],
 )
-def test_ui_bad_flags(tmp_path: Path, flags: tuple[str, ...], expected: str) -> None:
-    sweep = tiny_store(tmp_path)
+def test_ui_bad_flags(
+    ui_store: Path, flags: tuple[str, ...], expected: str, cli: CliInProcess
+) -> None:
     extra = () if "--port" in flags else ("--port", str(free_port()))
-    r = run_cli("ui", str(sweep), *flags, *extra)
+    r = cli("ui", str(ui_store), *flags, *extra)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith(expected) and r.stderr.count("\n") == 1, r.stderr
 
 
-def test_ui_tracking_server_down_is_one_line(tmp_path: Path) -> None:
-    sweep = tiny_store(tmp_path)
+def test_ui_tracking_server_down_is_one_line(ui_store: Path, cli: CliInProcess) -> None:
     down = f"http://127.0.0.1:{free_port()}"
-    r = run_cli("ui", str(sweep), "--tracking-uri", down, timeout=120)
+    r = cli("ui", str(ui_store), "--tracking-uri", down)
     assert r.returncode == 1, r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith(f"tlsweep: error: cannot read the tracking store {down}: ")
     assert r.stderr.endswith("check that it is up and reachable, then try again\n")
 
 
-def test_ui_port_in_use_is_one_line(tmp_path: Path) -> None:
-    sweep = tiny_store(tmp_path)
+def test_ui_port_in_use_is_one_line(ui_store: Path, cli: CliInProcess) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        r = run_cli("ui", str(sweep), "--port", str(port))
+        r = cli("ui", str(ui_store), "--port", str(port))
     assert r.returncode == 1, r.stderr
     assert r.stderr == (
         f"tlsweep: error: --port {port}: 127.0.0.1:{port} is already in use; "
