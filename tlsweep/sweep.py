@@ -134,7 +134,15 @@ def run_sweep(
     from tlsweep.workers import StudyRunner, open_storage
 
     preflight(cfg, cache=True)
-    entries = extract_all(cfg, progress, check=lambda keys: _check_existing(cfg, keys))
+    entries = extract_all(
+        cfg,
+        progress,
+        check=lambda keys: _check_existing(cfg, keys),
+        # `--workers N`: the workers extract the missing entries' shards together first
+        share=(lambda: _run_workers(workers, worker_argv or [], extract=True))
+        if workers > 1
+        else None,
+    )
     if worker_index is None:  # workers of `--workers N`: their parent has checked
         check_setup(cfg, [(bb, e) for bb, e, _ in entries])
     # A command refused here leaves no new store behind: a broken tracking store is refused
@@ -332,14 +340,22 @@ def export_winner(
     return w, ft, reg
 
 
-def _run_workers(n: int, argv: Sequence[str]) -> None:
+def _run_workers(n: int, argv: Sequence[str], extract: bool = False) -> None:
+    """Run ``n`` worker processes on the study and wait for them; with ``extract``, workers
+    that only extract the missing features' shards together, each on its share of the cores
+    (TensorFlow's intra-op threads), so that together they are not slower than one."""
     from tlsweep.workers import PARENT_PID_ENV
 
     procs = []
     env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}  # they stop if this process dies
+    extra = []
+    if extract:
+        log.info("extracting the missing features with %d workers", n)
+        extra = ["--extract-only"]
+        env.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, _cores() // n)))
     try:
         for i in range(n):
-            cmd = [sys.executable, "-m", "tlsweep", *argv, "--worker-index", str(i)]
+            cmd = [sys.executable, "-m", "tlsweep", *argv, *extra, "--worker-index", str(i)]
             procs.append(subprocess.Popen(cmd, env=env))
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
@@ -358,6 +374,14 @@ def _run_workers(n: int, argv: Sequence[str]) -> None:
         raise
     bad = [c for c in codes if c != 0]
     if bad:
+        what = "workers extracting features" if extract else "workers"
         raise StudyFailing(
-            f"{len(bad)} of {n} workers exited with an error (codes {bad}); see above"
+            f"{len(bad)} of {n} {what} exited with an error (codes {bad}); see above"
         )
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
