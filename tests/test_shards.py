@@ -252,29 +252,32 @@ def _extract_together(d: Path, sweep: Path, n: int, pause: float = 0.5) -> list:
 
 
 @pytest.mark.parametrize(
-    "backbone",
-    [pytest.param(TINY, id="tiny"), pytest.param(MNV2, id="mnv2", marks=pytest.mark.slow)],
+    ("backbone", "n"),
+    [
+        pytest.param(TINY, 2, id="tiny-2"),
+        pytest.param(TINY, 3, id="tiny-3", marks=pytest.mark.slow),
+        pytest.param(MNV2, 2, id="mnv2-2", marks=pytest.mark.slow),
+        pytest.param(MNV2, 3, id="mnv2-3", marks=pytest.mark.slow),
+    ],
 )
-def test_two_and_three_workers_give_the_bytes_of_one(
-    tmp_path: Path, data: Path, backbone: dict
+def test_several_workers_give_the_bytes_of_one(
+    tmp_path: Path, data: Path, backbone: dict, n: int, small_shards: None
 ) -> None:
-    entries = {}
-    for n in (1, 2, 3):
-        d = tmp_path / f"w{n}"
-        d.mkdir()
-        sweep = _sweep(d, data, backbone, d / "cache")
-        outs = _extract_together(d, sweep, n)
-        (name,) = [p.name for p in (d / "cache").iterdir() if p.is_dir()]  # nothing else left
-        entries[n] = F._read_entry(d / "cache" / name)
-        assert entries[n] is not None
-        workers = entries[n].manifest["timings"]["workers"]
-        assert len(workers) == n, (workers, [o for o, _ in outs])  # every process took shards
-        assert sum("extracted:" in o for o, _ in outs) == 1  # one of them published it
-    one = entries[1]
-    for n in (2, 3):
-        assert np.array_equal(entries[n].features(), one.features())
-        for k in ("files", "skipped", "shape", "key"):
-            assert entries[n].manifest[k] == one.manifest[k]
+    cfg = load_sweep(_sweep(tmp_path, data, backbone, tmp_path / "alone"))
+    ((bb, one, _),) = F.extract_all(cfg)  # one worker, in this process: every shard in order
+    assert one.manifest["timings"]["workers"] == [f"{socket.gethostname()}:{os.getpid()}"]
+    d = tmp_path / "together"
+    d.mkdir()
+    outs = _extract_together(d, _sweep(d, data, backbone, d / "cache"), n)
+    (name,) = [p.name for p in (d / "cache").iterdir() if p.is_dir()]  # nothing else left
+    entry = F._read_entry(d / "cache" / name)
+    assert entry is not None and name == one.path.name
+    workers = entry.manifest["timings"]["workers"]
+    assert len(workers) == n, (workers, [o for o, _ in outs])  # every process took shards
+    assert sum("extracted:" in o for o, _ in outs) == 1  # one of them published it
+    assert np.array_equal(entry.features(), one.features())
+    for k in ("files", "skipped", "shape", "key"):
+        assert entry.manifest[k] == one.manifest[k]
 
 
 def test_a_worker_killed_mid_shard_leaves_no_entry_and_a_rerun_reuses_its_shards(
@@ -312,6 +315,7 @@ def test_a_worker_killed_mid_shard_leaves_no_entry_and_a_rerun_reuses_its_shards
     assert np.array_equal(entry.features(), alone.features())
 
 
+@pytest.mark.slow
 def test_run_with_workers_extracts_in_the_workers(tmp_path: Path, data: Path) -> None:
     search = {
         "n_trials": 2,

@@ -139,9 +139,7 @@ def run_sweep(
         progress,
         check=lambda keys: _check_existing(cfg, keys),
         # `--workers N`: the workers extract the missing entries' shards together first
-        share=(lambda: _run_workers(workers, worker_argv or [], extract=True))
-        if workers > 1
-        else None,
+        share=(lambda: _extract_in_workers(workers, worker_argv or [])) if workers > 1 else None,
     )
     if worker_index is None:  # workers of `--workers N`: their parent has checked
         check_setup(cfg, [(bb, e) for bb, e, _ in entries])
@@ -338,6 +336,15 @@ def export_winner(
         model = winner.build_export_model(w)
     reg = winner.save_model(cfg, w, model, output, tracker, info, register=register)
     return w, ft, reg
+
+
+def _extract_in_workers(n: int, argv: Sequence[str]) -> None:
+    """``n`` worker processes extract the missing features' shards together. If one fails,
+    this process extracts what is left itself, and meets (and reports) the cause itself."""
+    try:
+        _run_workers(n, argv, extract=True)
+    except StudyFailing as e:
+        log.warning("%s; extracting in this process instead", e)
 
 
 def _run_workers(n: int, argv: Sequence[str], extract: bool = False) -> None:

@@ -1,0 +1,140 @@
+"""Benchmark one extraction shared by 1 or 2 local workers (issue 14, item 3).
+
+``tlsweep run --workers N`` first runs N worker processes that extract the missing entries'
+shards together (:func:`tlsweep.sweep._run_workers` with ``extract=True``: each process gets
+``cores // N`` TensorFlow intra-op threads). This bench runs exactly that, with N = 1 and N = 2,
+on every image of the data folder (MobileNetV2 a0.35, 160 px, average pooling), each time into a
+fresh cache folder, interleaved per repeat so that machine noise hits both alike. It reports the
+wall time, the core-seconds of the worker processes (user + system), the ratio 2 / 1 of both,
+and checks that the two entries' features are bit-identical.
+
+The page cache is warmed first (every file read once), so the disk is not measured.
+
+Usage (from the repository root)::
+
+    /work/main/.venv/bin/python bench/shards.py --repeats 2 --json /tmp/bench_shards.json
+
+Target: the wall time with 2 workers is not above the wall time with 1 (ratio <= 1.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_data_args, mobilenet_v2, setup  # noqa: E402
+
+
+def _sweep(folder: Path, data: Path, weights: Path) -> Path:
+    bb = mobilenet_v2(weights)
+    doc = {
+        "study": "bench-shards",
+        "data": {"dir": str(data)},
+        "backbones": [
+            {
+                "name": bb.name,
+                "weights": bb.weights,
+                "input_size": bb.input_size,
+                "pooling": bb.pooling,
+                "args": dict(bb.args),
+            }
+        ],
+        "cache_dir": str(folder / "cache"),
+        "storage": f"sqlite:///{folder / 'optuna.db'}",
+        "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
+    }
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _one(data: Path, weights: Path, workers: int) -> dict:
+    from tlsweep.features import FeatureCache
+    from tlsweep.sweep import _run_workers
+
+    folder = Path(tempfile.mkdtemp(prefix=f"bench-shards-{workers}-"))
+    sweep = _sweep(folder, data, weights)
+    cpu, t = _children_cpu(), time.perf_counter()
+    _run_workers(workers, ["run", str(sweep), "--workers", "1", "-q"], extract=True)
+    wall, cpu = time.perf_counter() - t, _children_cpu() - cpu
+    (entry,) = FeatureCache(folder / "cache").entries()
+    return {
+        "workers": workers,
+        "wall_s": round(wall, 2),
+        "core_s": round(cpu, 2),
+        "images": len(entry.manifest["files"]),
+        "shards": entry.manifest["timings"]["shards"],
+        "took_part": len(entry.manifest["timings"]["workers"]),
+        "entry": str(entry.path),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_args(p, cache=False)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json", type=Path, help="write the results here")
+    args = p.parse_args()
+    data, weights = setup(args)
+    import numpy as np
+
+    from tlsweep.config import DataConfig
+    from tlsweep.data import find_images
+
+    images = find_images(DataConfig(dir=data))
+    for f in images.files:  # warm the page cache
+        Path(images.abspath(f)).read_bytes()
+    print(f"{len(images.files)} images, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+    runs: list[dict] = []
+    for r in range(args.repeats):
+        order = (1, 2) if r % 2 == 0 else (2, 1)
+        for n in order:
+            res = _one(data, weights, n)
+            res["repeat"] = r
+            runs.append(res)
+            print(
+                f"repeat {r}: {n} worker(s): {res['wall_s']:.1f} s wall, {res['core_s']:.1f} "
+                f"core-s, {res['shards']} shards by {res['took_part']} process(es)",
+                flush=True,
+            )
+    one = [x for x in runs if x["workers"] == 1]
+    two = [x for x in runs if x["workers"] == 2]
+    a = np.load(Path(one[0]["entry"]) / "features.npy")
+    b = np.load(Path(two[0]["entry"]) / "features.npy")
+    identical = bool(np.array_equal(a, b))
+    summary = {
+        "wall_1": statistics.median(x["wall_s"] for x in one),
+        "wall_2": statistics.median(x["wall_s"] for x in two),
+        "core_1": statistics.median(x["core_s"] for x in one),
+        "core_2": statistics.median(x["core_s"] for x in two),
+        "bit_identical": identical,
+        "load_after": os.getloadavg()[0],
+    }
+    summary["wall_ratio_2_over_1"] = round(summary["wall_2"] / summary["wall_1"], 3)
+    summary["core_ratio_2_over_1"] = round(summary["core_2"] / summary["core_1"], 3)
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs, "summary": summary}, indent=1))
+    for x in runs:
+        shutil.rmtree(Path(x["entry"]).parents[1], ignore_errors=True)
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
