@@ -15,6 +15,12 @@ Usage (from the repository root)::
     /work/main/.venv/bin/python bench/shards.py --repeats 2 --json /tmp/bench_shards.json
 
 Target: the wall time with 2 workers is not above the wall time with 1 (ratio <= 1.0).
+
+``--postgres URL`` checks instead the whole ``tlsweep run --workers 3`` on a PostgreSQL storage
+(MLflow in a SQLite file): it samples every process of the run (the parent, the 3 workers that
+extract, the 3 that run trials) twice a second and reports each one's peak VmRSS, then extracts
+the same entry in one ``tlsweep extract`` process into another cache folder and checks that the
+features are bit-identical.
 """
 
 from __future__ import annotations
@@ -85,13 +91,98 @@ def _one(data: Path, weights: Path, workers: int) -> dict:
     }
 
 
+def _tree(root: int) -> dict[int, str]:
+    """The processes under ``root`` (pid -> command line)."""
+    parents: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                parents[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            out[pid] = (Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")).decode()
+        except OSError:
+            continue
+        todo += [c for c, p in parents.items() if p == pid]
+    return out
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def postgres(data: Path, weights: Path, url: str, workers: int = 3) -> int:
+    import subprocess
+
+    import numpy as np
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-shards-pg-"))
+    sweep = _sweep(folder, data, weights)
+    doc = yaml.safe_load(sweep.read_text())
+    doc["study"] = f"bench-shards-{os.getpid()}"
+    doc["search"] = {
+        "n_trials": 6,
+        "sampler": "random",
+        "space": {"units": 64, "learning_rate": 1e-3, "batch_size": 64, "epochs": 5},
+    }
+    sweep.write_text(yaml.safe_dump(doc, sort_keys=False))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    cmd = [sys.executable, "-m", "tlsweep", "run", str(sweep), "--workers", str(workers)]
+    t = time.perf_counter()
+    p = subprocess.Popen([*cmd, "--storage", url, "-q"], env=env)
+    peak: dict[int, tuple[str, float]] = {}
+    while p.poll() is None:
+        for pid, line in _tree(p.pid).items():
+            rss = _rss_mb(pid)
+            if rss is not None and rss > peak.get(pid, ("", 0.0))[1]:
+                role = "extract" if "--extract-only" in line else "trials"
+                role = role if "--worker-index" in line else "parent"
+                peak[pid] = (role, rss)
+        time.sleep(0.5)
+    wall = time.perf_counter() - t
+    print(f"run --workers {workers} on PostgreSQL: exit {p.returncode}, {wall:.1f} s")
+    for pid, (role, rss) in sorted(peak.items(), key=lambda x: (x[1][0], x[0])):
+        print(f"  {role:8} pid {pid}: peak VmRSS {rss:.0f} MB")
+    (entry,) = [x for x in (folder / "cache").iterdir() if x.is_dir()]
+    alone = folder / "alone"
+    doc["cache_dir"] = str(alone)
+    sweep.write_text(yaml.safe_dump(doc, sort_keys=False))
+    subprocess.run(
+        [sys.executable, "-m", "tlsweep", "extract", str(sweep), "-q"], env=env, check=True
+    )
+    (single,) = [x for x in alone.iterdir() if x.is_dir()]
+    a, b = np.load(entry / "features.npy"), np.load(single / "features.npy")
+    manifest = json.loads((entry / "manifest.json").read_text())
+    identical = bool(np.array_equal(a, b)) and entry.name == single.name
+    print(
+        f"entry {entry.name}: {manifest['timings']['shards']} shards by "
+        f"{len(manifest['timings']['workers'])} workers; bit-identical to one worker: {identical}"
+    )
+    shutil.rmtree(folder, ignore_errors=True)
+    return 0 if identical and p.returncode == 0 else 1
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_args(p, cache=False)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--postgres", metavar="URL", help="check run --workers 3 on this storage")
     args = p.parse_args()
     data, weights = setup(args)
+    if args.postgres:
+        return postgres(data, weights, args.postgres)
     import numpy as np
 
     from tlsweep.config import DataConfig

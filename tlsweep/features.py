@@ -1118,7 +1118,7 @@ def extract_all(
     cfg: SweepConfig,
     progress: Callable[[BackboneConfig], Progress | None] | None = None,
     check: Callable[[dict[str, dict[str, Any]]], None] | None = None,
-    share: Callable[[], None] | None = None,
+    share: Callable[[Callable[[], bool]], None] | None = None,
 ) -> list[tuple[BackboneConfig, Entry, bool]]:
     """Find the images once, then make sure every configured backbone's entry exists.
 
@@ -1126,9 +1126,10 @@ def extract_all(
     parts) before anything is extracted, so a study made on other features is refused before
     minutes of extraction (a missing ImageNet file is downloaded first: its bytes are part of
     the key). ``share`` is called when an entry is missing, before this process extracts
-    anything: ``run --workers N`` runs its workers on the shards then, and this process finds
-    the entries made. Returns (resolved backbone, entry, was_cached) per backbone, in
-    sweep-file order.
+    anything, with a function that tells whether every entry exists now: ``run --workers N``
+    starts its workers on the shards then and waits for them; this process extracts whatever
+    is still missing after it returns. Returns (resolved backbone, entry, was_cached) per
+    backbone, in sweep-file order.
     """
     resolved = list(cfg.backbones)  # load_sweep resolved them against the registry
     images = find_images(cfg.data)
@@ -1143,10 +1144,10 @@ def extract_all(
         for m in bb.members or (bb,):
             if m not in plain:
                 plain.append(m)
-    if share is not None and any(
-        cache.lookup(bb, cache_key(key_parts(bb, digest))) is None for bb in plain
-    ):
-        share()
+    if share is not None:
+        keys = [(bb, cache_key(key_parts(bb, digest))) for bb in plain]
+        if any(cache.lookup(bb, key) is None for bb, key in keys):
+            share(lambda: all(cache.lookup(bb, key) is not None for bb, key in keys))
     done = cache.ensure_many(
         plain, images, digest, [progress(bb) for bb in plain] if progress else None
     )
