@@ -22,6 +22,23 @@ SIZE = 160  # MobileNetV2 input size of every bench
 ALPHA = 0.35  # MobileNetV2 width of the shared ImageNet weights
 
 
+def sweep_text(
+    study: str, data: Path, weights: Path, cache: Path, tmp: Path, extra: str = ""
+) -> str:
+    """A sweep file on MobileNetV2 a0.35 at ``SIZE`` px (avg pooling, the given weights), its
+    stores in ``tmp``; ``extra``: more top-level YAML (e.g. a ``search:`` section)."""
+    return (
+        f"study: {study}\n"
+        f"data:\n  dir: {data}\n"
+        "backbones:\n"
+        f"  - name: MobileNetV2\n    weights: {weights}\n    input_size: {SIZE}\n"
+        f"    pooling: avg\n    args: {{alpha: {ALPHA}}}\n"
+        f"cache_dir: {cache}\n"
+        f"storage: sqlite:///{tmp}/optuna.db\n"
+        f"tracking_uri: sqlite:///{tmp}/mlflow.db\n"
+    ) + extra
+
+
 def add_data_args(p: argparse.ArgumentParser, cache: bool = True) -> None:
     """--data, --weights (and --cache-dir) with the ../shared defaults."""
     p.add_argument(

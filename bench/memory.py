@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ALPHA, SIZE, add_data_args, mobilenet_v2  # noqa: E402
+from _common import ALPHA, SIZE, add_data_args, mobilenet_v2, sweep_text  # noqa: E402
 
 FIRST = 10
 TARGET_MB = 100.0
@@ -210,19 +210,7 @@ def backbone(weights: Path):
 
 
 # --- the two modes -------------------------------------------------------------------------------
-SWEEP = """\
-study: bench_memory
-data:
-  dir: {data}
-backbones:
-  - name: MobileNetV2
-    weights: {weights}
-    input_size: {size}
-    pooling: avg
-    args: {{alpha: {alpha}}}
-cache_dir: {cache_dir}
-storage: sqlite:///{tmp}/optuna.db
-tracking_uri: sqlite:///{tmp}/mlflow.db
+SEARCH = """\
 search:
   n_trials: {trials}
   sampler: {sampler}
@@ -239,16 +227,13 @@ def run_study(args: argparse.Namespace, rec: Recorder, tmp: Path) -> dict:
 
     sweep = tmp / "sweep.yaml"
     sweep.write_text(
-        SWEEP.format(
-            data=args.data,
-            weights=args.weights,
-            size=SIZE,
-            alpha=ALPHA,
-            cache_dir=args.cache_dir.resolve(),
-            tmp=tmp,
-            trials=args.trials,
-            sampler=args.sampler,
-            epochs=args.epochs,
+        sweep_text(
+            "bench_memory",
+            args.data,
+            args.weights,
+            args.cache_dir.resolve(),
+            tmp,
+            SEARCH.format(trials=args.trials, sampler=args.sampler, epochs=args.epochs),
         )
     )
     cfg = load_sweep(sweep)

@@ -36,27 +36,13 @@ from multiprocessing import Pool
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ALPHA, REPO, SIZE, add_data_args  # noqa: E402
+from _common import REPO, add_data_args, sweep_text  # noqa: E402
 
 sys.path.insert(0, str(REPO))  # this checkout's tlsweep, whatever the venv installed
 
 VALIDATION_EVERY = 10  # every 10th photo goes to validation/
 HIT_TARGET_S = 1.0
 TRIAL = {"units": 256, "dropout": 0.3, "learning_rate": 1e-3, "batch_size": 64, "epochs": 10}
-SWEEP = """\
-study: bench_scale
-data:
-  dir: {data}
-backbones:
-  - name: MobileNetV2
-    weights: {weights}
-    input_size: {size}
-    pooling: avg
-    args: {{alpha: {alpha}}}
-cache_dir: {cache}
-storage: sqlite:///{tmp}/optuna.db
-tracking_uri: sqlite:///{tmp}/mlflow.db
-"""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -243,9 +229,7 @@ def measure(args: argparse.Namespace, n: int, work: Path) -> dict:
         flush=True,
     )
     sweep = tmp / "sweep.yaml"
-    sweep.write_text(
-        SWEEP.format(data=data, weights=args.weights, size=SIZE, alpha=ALPHA, cache=cache, tmp=tmp)
-    )
+    sweep.write_text(sweep_text("bench_scale", data, args.weights, cache, tmp))
     py = sys.executable
     # The stat index trusts only files changed more than RACY_NS before the hashing: wait so
     # that the extraction's hashing indexes them all, as it would on a folder not just written.

@@ -23,6 +23,8 @@ MODELS = SHARED / "keras_home" / "models"
 MNV2_WEIGHTS = MODELS / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 MN_WEIGHTS = MODELS / "mobilenet_2_5_224_tf_no_top.h5"
 # The two real ImageNet backbones at 96 px, as a sweep file's backbones list.
+# the test stand-in backbone: three seeded random convolutions, built in milliseconds
+TINY = [{"name": "TinyConvNet", "weights": "none", "input_size": 64, "pooling": "avg"}]
 TWO_MOBILENETS = [
     {
         "name": "MobileNetV2",
@@ -245,3 +247,54 @@ def keras_asks_for(bb: Any, monkeypatch: pytest.MonkeyPatch) -> str:
     except _Asked as e:
         return str(e.args[0])
     raise AssertionError(f"{bb.name}: Keras asked for no weights file")
+
+
+def trial_inputs(tmp_path: Path) -> tuple[Any, dict[str, Any]]:
+    """A sweep config and random 8-wide features (64 rows, 2 classes) for ``run_trial``,
+    without images or a backbone."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from tlsweep.config import load_sweep
+    from tlsweep.search import FeatureData
+
+    bb = {"name": "MobileNetV2", "weights": "none", "input_size": 96, "pooling": "avg"}
+    sweep = write_sweep(tmp_path / "s.yaml", tmp_path / "no_data", backbones=[bb])
+    cfg = load_sweep(sweep, check_data_dir=False)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 8)).astype("float32"), rng.integers(0, 2, 64)
+    sizes = {"train": 64, "validation": 64, "test": 0}
+    entry = SimpleNamespace(key="k", class_names=["a", "b"])
+    return cfg, {cfg.backbones[0].label: FeatureData(cfg.backbones[0], entry, x, y, x, y, 2, sizes)}
+
+
+SERVERS = {"postgres": "TLSWEEP_TEST_POSTGRES_URL", "mysql": "TLSWEEP_TEST_MYSQL_URL"}
+
+
+def server_url(kind: str) -> str:
+    """The URL of the test database server of ``kind`` (.ci/run starts both): a failure in CI
+    without it, a skip elsewhere."""
+    var = SERVERS[kind]
+    url = os.environ.get(var)
+    if not url:
+        msg = f"{var} is not set (.ci/run starts a {kind} server and sets it)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg + "; it is required in CI")
+        pytest.skip(msg)
+    return url
+
+
+def create_database(url: str, name: str) -> str:
+    """A new, empty database on the server of ``url`` (PostgreSQL or MySQL); returns its URL."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    quote = "`" if engine.dialect.name in ("mysql", "mariadb") else '"'
+    try:
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text(f"CREATE DATABASE {quote}{name}{quote}"))
+    finally:
+        engine.dispose()
+    return make_url(url).set(database=name).render_as_string(hide_password=False)

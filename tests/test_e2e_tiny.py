@@ -18,10 +18,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import CATS_DOGS, need_shared, run_cli, small_copy, write_sweep
+from conftest import CATS_DOGS, TINY, need_shared, run_cli, small_copy, write_sweep
 
 STUDY = "tiny"
-TINY = [{"name": "TinyConvNet", "weights": "none", "input_size": 64, "pooling": "avg"}]
 SEARCH = {
     "n_trials": 3,
     "sampler": "random",

@@ -172,3 +172,12 @@ def test_a_finetune_that_does_not_beat_the_frozen_winner_leaves_export_unchanged
     (parent,) = [r for r in runs if r.data.tags.get("tlsweep.role") == "study"]
     assert parent.data.tags["winner_model"] == "frozen"
     assert "finetune_test_accuracy" in parent.data.metrics  # scored once, logged, not used
+    # `status` shows the stage's outcome, recorded with the study; with other settings it
+    # would be stale (the next run fine-tunes again), so it is not shown
+    r = run_cli("status", str(sweep))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "fine-tuning: 1 epoch(s)" in r.stdout and "not kept" in r.stdout, r.stdout
+    doc["finetune"]["epochs"] = 2
+    sweep.write_text(yaml.safe_dump(doc))
+    r = run_cli("status", str(sweep))
+    assert r.returncode == 0 and "fine-tuning:" not in r.stdout, r.stdout

@@ -259,19 +259,17 @@ def test_cache_publish_rename_error_other_than_exists_is_raised(tmp_path: Path) 
     shutil.rmtree(ours)
 
 
-@pytest.mark.postgres
-def test_postgres_lock_excludes_and_recover_finds_orphans_under_it() -> None:
-    """pg_advisory_lock excludes; an untagged RUNNING trial seen under it is failed at once."""
+@pytest.mark.parametrize("kind", ["postgres", "mysql"])
+def test_server_lock_excludes_and_recover_finds_orphans_under_it(kind: str) -> None:
+    """pg_advisory_lock / GET_LOCK on a real server exclude; an untagged RUNNING trial seen
+    under the lock is failed at once."""
     import warnings
 
     import optuna
+    from conftest import server_url
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    url = os.environ.get("TLSWEEP_TEST_POSTGRES_URL")
-    if not url:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("TLSWEEP_TEST_POSTGRES_URL is not set; it is required in CI")
-        pytest.skip("TLSWEEP_TEST_POSTGRES_URL is not set (.ci/run starts a server and sets it)")
+    url = server_url(kind)
     name = f"locks-{os.getpid()}-{time.time_ns()}"
     assert _max_inside(lambda: W.storage_lock(url, name)) == 1
     with warnings.catch_warnings():

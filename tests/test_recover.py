@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import warnings
 
@@ -162,24 +164,12 @@ def test_heartbeat_lost_for_the_grace_period_stops_the_trial(caplog):
 def test_a_trial_whose_heartbeat_is_lost_fails_between_epochs(tmp_path):
     """run_trial calls the heartbeat's check after every epoch: the trial stops and is FAIL
     (with the reason), not COMPLETE, so its retried parameters do not run beside it."""
-    from types import SimpleNamespace
+    from conftest import trial_inputs
 
-    import numpy as np
-    from conftest import write_sweep
-
-    from tlsweep.config import load_sweep
-    from tlsweep.search import FeatureData, run_trial
+    from tlsweep.search import run_trial
     from tlsweep.workers import HeartbeatLost
 
-    bb = {"name": "MobileNetV2", "weights": "none", "input_size": 96, "pooling": "avg"}
-    sweep = write_sweep(tmp_path / "s.yaml", tmp_path / "no_data", backbones=[bb])
-    cfg = load_sweep(sweep, check_data_dir=False)
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(64, 8)).astype("float32"), rng.integers(0, 2, 64)
-    sizes = {"train": 64, "validation": 64, "test": 0}
-    label = cfg.backbones[0].label
-    entry = SimpleNamespace(key="k", class_names=["a", "b"])
-    features = {label: FeatureData(cfg.backbones[0], entry, x, y, x, y, 2, sizes)}
+    cfg, features = trial_inputs(tmp_path)
     study = optuna.create_study(direction="maximize")
     epochs = []
 
@@ -192,3 +182,38 @@ def test_a_trial_whose_heartbeat_is_lost_fails_between_epochs(tmp_path):
     assert result.state == "FAIL" and len(result.history) == 2
     assert result.error == "HeartbeatLost: no heartbeat recorded for 31s"
     assert [t.state.name for t in study.trials] == ["FAIL"]
+
+
+def test_a_finished_trials_run_is_left_to_its_worker_while_it_may_still_close_it():
+    """A worker tells the study a trial's outcome, then closes its MLflow run: in between, the
+    run is RUNNING but not stale, and another worker's recovery must not close it as if its
+    owner had died (it did, with a "left RUNNING by a process that died" line)."""
+    import datetime
+    import socket
+
+    from tlsweep.workers import run_may_still_be_closed, worker_id
+
+    def finished(worker: str | None, ended_s_ago: float) -> optuna.trial.FrozenTrial:
+        end = datetime.datetime.now() - datetime.timedelta(seconds=ended_s_ago)
+        return optuna.trial.FrozenTrial(
+            number=0,
+            state=optuna.trial.TrialState.COMPLETE,
+            value=0.5,
+            datetime_start=end - datetime.timedelta(seconds=1),
+            datetime_complete=end,  # naive local time, as RDBStorage returns it
+            params={},
+            distributions={},
+            user_attrs={WORKER_ATTR: worker} if worker else {},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=0,
+        )
+
+    here = socket.gethostname()
+    assert run_may_still_be_closed(finished(worker_id(), 3600), 30)  # this live process
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert not run_may_still_be_closed(finished(f"{here}:{dead.pid}:0", 0), 30)
+    assert run_may_still_be_closed(finished("elsewhere:12:34", 5), 30)  # another host, just now
+    assert not run_may_still_be_closed(finished("elsewhere:12:34", 60), 30)  # long ago: stale
+    assert not run_may_still_be_closed(finished(None, 0), 30)  # no owner recorded

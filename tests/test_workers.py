@@ -13,7 +13,16 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import TWO_MOBILENETS, run_cli, write_sweep
+from conftest import (
+    CATS_DOGS,
+    TINY,
+    TWO_MOBILENETS,
+    create_database,
+    run_cli,
+    server_url,
+    small_copy,
+    write_sweep,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -82,14 +91,9 @@ def test_three_workers_sqlite(cats_dogs_small: Path, tmp_path: Path):
 
 @pytest.mark.postgres
 def test_four_workers_postgres(cats_dogs_small: Path, tmp_path: Path):
-    url = os.environ.get("TLSWEEP_TEST_POSTGRES_URL")
-    if not url:
-        msg = "TLSWEEP_TEST_POSTGRES_URL is not set (.ci/run starts a server and sets it)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg + "; it is required in CI")
-        pytest.skip(msg)
+    url = server_url("postgres")
     study = f"pg-{uuid.uuid4().hex[:10]}"
-    tracking = _create_database(url, f"mlflow_{uuid.uuid4().hex[:10]}")
+    tracking = create_database(url, f"mlflow_{uuid.uuid4().hex[:10]}")
     backbones = TWO_MOBILENETS
     sweep = write_sweep(
         tmp_path / "sweep.yaml",
@@ -123,18 +127,31 @@ def test_four_workers_postgres(cats_dogs_small: Path, tmp_path: Path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def _create_database(url: str, name: str) -> str:
-    """A new, empty database on the server of ``url``; returns its URL."""
-    import sqlalchemy
-    from sqlalchemy.engine import make_url
-
-    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as con:
-            con.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    finally:
-        engine.dispose()
-    return make_url(url).set(database=name).render_as_string(hide_password=False)
+@pytest.mark.mysql
+def test_two_workers_mysql(tmp_path: Path):
+    """Both stores on MySQL/MariaDB (PyMySQL, the [mysql] extra), two workers, the stand-in
+    backbone: every trial and run finished, none closed by the other worker as stale."""
+    url = server_url("mysql")
+    suffix = uuid.uuid4().hex[:10]
+    storage = create_database(url, f"optuna_{suffix}")
+    tracking = create_database(url, f"mlflow_{suffix}")
+    data = tmp_path / "photos"
+    for split, n in (("train", 12), ("validation", 6), ("test", 6)):
+        small_copy(CATS_DOGS / split, data / split, n, None)
+    search = {**_search(8, 4), "space": {**_search(8, 4)["space"], "batch_size": 16}}
+    sweep = write_sweep(tmp_path / "sweep.yaml", data, study="my", backbones=TINY, search=search)
+    r = run_cli(
+        "run", str(sweep), "--workers", "2", "--storage", storage, "--tracking-uri", tracking,
+        timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "Traceback" not in r.stderr
+    assert "left RUNNING" not in r.stderr, r.stderr[-4000:]  # a live worker's run, not stale
+    _check_study(storage, "my", 8)
+    _check_mlflow(tracking, "my", 8)
+    r = run_cli("status", str(sweep), "--storage", storage)
+    assert r.returncode == 0 and "8/8 finished" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 # --- the workers never outlive their parent; SIGHUP is SIGTERM ---------------------------------
@@ -161,10 +178,12 @@ def _alive(pid: int) -> bool:
 
 
 def _start_run(sweep: Path, *extra: str) -> tuple[subprocess.Popen, list[str]]:
+    """Start `tlsweep run` in its own session; its stderr goes to ``stderr.txt`` beside the
+    sweep file (read it with :func:`_stderr` when an assertion fails)."""
     p = subprocess.Popen(
         [sys.executable, "-m", "tlsweep", "run", str(sweep), "-q", *extra],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=(sweep.parent / "stderr.txt").open("w"),
         text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         start_new_session=True,  # a signal to it is not a Ctrl-C of this test's process group
@@ -177,6 +196,10 @@ def _start_run(sweep: Path, *extra: str) -> tuple[subprocess.Popen, list[str]]:
 
     threading.Thread(target=read, daemon=True).start()
     return p, lines
+
+
+def _stderr(sweep: Path) -> str:
+    return (sweep.parent / "stderr.txt").read_text()[-4000:]
 
 
 def _wait_for_trials(p: subprocess.Popen, lines: list[str], n: int, seconds: float = 300) -> None:
@@ -206,10 +229,15 @@ def test_kill_9_of_the_parent_stops_the_workers(cats_dogs_small: Path, tmp_path:
     n = 12
     search = {**_search(n, 60), "heartbeat_interval": 1, "grace_period": 3}
     sweep = write_sweep(tmp_path / "sweep.yaml", cats_dogs_small, study="orphans", search=search)
-    p, lines = _start_run(sweep, "--workers", "2")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"  # as the sweep file says, given as a flag
+    p, lines = _start_run(sweep, "--workers", "2", "--storage", storage)
     _wait_for_trials(p, lines, 1)
     workers = _workers(p.pid)
     assert len(workers) == 2, workers
+    # a URL (it may hold a password) reaches the workers through their environment, which only
+    # this user can read, not through their command line, which `ps` shows to everyone
+    for w in workers:
+        assert storage.encode() not in Path(f"/proc/{w}/cmdline").read_bytes()
     os.kill(p.pid, signal.SIGKILL)  # the parent only: no signal reaches the workers from us
     p.wait(timeout=30)
     deadline = time.monotonic() + 60
@@ -236,7 +264,7 @@ def test_sighup_stops_run_like_sigterm(cats_dogs_small: Path, tmp_path: Path):
     p, lines = _start_run(sweep)
     _wait_for_trials(p, lines, 1)
     os.kill(p.pid, signal.SIGHUP)  # the terminal was closed
-    assert p.wait(timeout=120) == 128 + signal.SIGHUP
+    assert p.wait(timeout=120) == 128 + signal.SIGHUP, _stderr(sweep)
     _no_open_trials_or_runs(tmp_path, "hangup")
 
 

@@ -136,16 +136,22 @@ def _print_finetune(ft: Any) -> None:
 
 # --- commands ----------------------------------------------------------------------------------
 def _stop_on_signals() -> None:
-    """SIGTERM and SIGHUP (a closed terminal) stop the command as Ctrl-C does: the running
-    trial and its runs are closed and a half-written cache entry is removed."""
+    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal) stop the command at a point where the
+    running trial and its runs are closed and a half-written cache entry is removed
+    (:mod:`tlsweep.interrupts`)."""
     import signal
 
-    def _terminate(signum: int, frame: Any) -> None:
-        _exit_code["interrupted"] = 128 + signum  # 143 for SIGTERM, 129 for SIGHUP, as a shell
-        raise KeyboardInterrupt
+    from tlsweep.interrupts import clear, interrupt
 
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    clear()
+
+    def _terminate(signum: int, frame: Any) -> None:
+        # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP, as a shell says it
+        _exit_code["interrupted"] = 128 + signum
+        interrupt()
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -370,6 +376,10 @@ def _print_summary(summary: Any, cfg: Any) -> None:
             )
 
 
+# `run --workers N`: the --storage / --tracking-uri given to the parent, passed to its workers
+_URL_ENV = {"storage": "TLSWEEP_WORKER_STORAGE", "tracking_uri": "TLSWEEP_WORKER_TRACKING_URI"}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from tlsweep.sweep import run_sweep
 
@@ -378,6 +388,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         from tlsweep.workers import die_with_parent
 
         die_with_parent()  # a worker of `--workers N` never outlives its parent, however it died
+    if args.worker_index is not None:  # the URLs its parent was given (see below)
+        for flag, env in _URL_ENV.items():
+            setattr(args, flag, os.environ.pop(env, None) or getattr(args, flag))
     cfg = _load(args)
     n = cfg.search.n_trials
     if args.worker_index is not None:
@@ -400,10 +413,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
 
     argv = ["run", args.sweep, "--workers", "1", "-q"]
-    for flag in ("data", "cache_dir", "study", "storage", "tracking_uri", "n_trials"):
+    for flag in ("data", "cache_dir", "study", "n_trials"):
         v = getattr(args, flag)
         if v is not None:
             argv.append(f"--{flag.replace('_', '-')}={v}")  # a value may start with -
+    # URLs may hold a password: to the workers through their environment, which only this
+    # user can read, not their command line, which `ps` shows everyone
+    worker_env = {e: getattr(args, f) for f, e in _URL_ENV.items() if getattr(args, f)}
     summary = run_sweep(
         cfg,
         on_trial=on_trial,
@@ -411,6 +427,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers,
         worker_index=args.worker_index,
         worker_argv=argv,
+        worker_env=worker_env,
         finetune_progress=_finetune_bar(args.quiet),
     )
     if args.worker_index is None:
@@ -421,14 +438,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from tlsweep.search import open_study, summarize
-    from tlsweep.sweep import preflight
+    from tlsweep.sweep import preflight, recorded_finetune
     from tlsweep.workers import open_storage
 
     cfg = _load(args, check_data_dir=False)
     if not cfg.storage.startswith(("sqlite:///", "journal:")):
         preflight(cfg, tracking=False)  # a database server: reachable, login accepted
     study = open_study(cfg, open_storage(cfg, must_exist=True), create=False)
-    _print_summary(summarize(cfg, study), cfg)
+    summary = summarize(cfg, study)
+    summary.finetune = recorded_finetune(cfg, study, summary)
+    _print_summary(summary, cfg)
     if cfg.data.dir.is_dir():  # status also works where the images are not
         from tlsweep.sweep import check_study_data
 
@@ -568,7 +587,9 @@ def cmd_best(args: argparse.Namespace) -> int:
         _print_test(w, cfg)
         if cfg.finetune is not None:
             _print_finetune(
-                finetune_winner(cfg, w, tracker, _finetune_bar(getattr(args, "quiet", False)))
+                finetune_winner(
+                    cfg, w, tracker, _finetune_bar(getattr(args, "quiet", False)), study
+                )
             )
     finally:
         tracker.close_parent(True)

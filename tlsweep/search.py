@@ -32,6 +32,8 @@ from tlsweep.config import (
     redact_url,
 )
 from tlsweep.errors import StudyError
+from tlsweep.interrupts import deferred
+from tlsweep.interrupts import requested as stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ SPACE_ATTR = "tlsweep.space"
 DATA_ATTR = "tlsweep.data"  # label -> {"key", "parts"}: the feature cache entries of the study
 PARENT_ATTR = "tlsweep.mlflow_parent_run"
 RESOLVED_ATTR = "tlsweep.resolved"  # the resolved sweep of the last `tlsweep run`
+FINETUNE_ATTR = "tlsweep.finetune"  # the fine-tuning stage's last outcome, for `tlsweep status`
 FINISHED = ("COMPLETE", "PRUNED")  # the states that count towards n_trials
 STATES = (*FINISHED, "FAIL", "RUNNING", "WAITING")
 
@@ -461,13 +464,15 @@ def run_trial(
     keep_alive: AbstractContextManager[Any] | None = None,
     alive: Callable[[], None] | None = None,
     requeue: Callable[[], None] | None = None,
+    started: Callable[[], None] | None = None,
 ) -> TrialResult:
     """The objective: sample, train the head on the cached features, report, tell Optuna.
 
     ``keep_alive`` is held while the head trains (the worker's heartbeat); ``alive`` is called
     after every epoch and before the trial is told complete, and raises to stop (fail) the
     trial; ``requeue`` is called when the user interrupts the trial, so its parameters run
-    again on resume.
+    again on resume; ``started`` (a :func:`tlsweep.interrupts.deferred` release) is called
+    once an interrupt would fail the trial here rather than leave it running.
     """
     import optuna
     from optuna.trial import TrialState
@@ -476,29 +481,13 @@ def run_trial(
 
     t0 = time.perf_counter()
     metric = cfg.search.metric
-    params = suggest(trial, cfg)
-    data = features[params["backbone"]]
-    bb = data.backbone
-    logged = {
-        **params,
-        "backbone_name": bb.name,
-        "input_size": bb.input_size,
-        "pooling": bb.pooling,
-        "weights": bb.weights,
-        "backbone_args": dict(bb.args),
-        "cache_key": data.entry.key,
-        "data_dir": str(cfg.data.dir),
-        "train_size": data.sizes["train"],
-        "validation_size": data.sizes["validation"],
-        "test_size": data.sizes["test"],
-        "seed": cfg.search.seed,
-        "trial_number": trial.number,
-        "cv_folds": cfg.search.cv_folds or 0,
-        "repeats": cfg.search.repeats,
-        "class_weight": cfg.search.class_weight,
-    }
-    run_id = tracker.start_trial(trial.number, logged, worker) if tracker else None
+    state, value, error = "FAIL", None, None
+    params: dict[str, Any] = {}
+    run_id: str | None = None
     history: list[dict[str, float]] = []
+    last: dict[str, Any] = {}  # the last epoch's metrics of every head, when there are several
+    groups: Any = None
+    group: Any = None
 
     def on_epoch(m: Any) -> None:
         history.append(m.as_dict())
@@ -509,53 +498,83 @@ def run_trial(
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {m.epoch}")
 
-    state, value, error = "FAIL", None, None
-    hp = HeadParams.from_dict({**params, "seed": cfg.search.seed})
-    names = list(data.entry.class_names)
-    last: dict[str, Any] = {}  # the last epoch's metrics of every head, when there are several
-
     def on_mean_epoch(mean: Any, each: list[Any]) -> None:
         last["each"] = each
         on_epoch(mean)
 
-    with keep_alive or contextlib.nullcontext():
+    # From here on an interrupt fails the trial and queues it again: the caller may hold
+    # interrupts since it asked for the trial and release them with ``started``. From telling
+    # the study the trial's outcome to closing its run, they are held again (``finishing``):
+    # one that arrives then is raised on the way out, once both are recorded.
+    with contextlib.ExitStack() as finishing:  # its end raises an interrupt held meanwhile
         try:
-            if cfg.search.cv_folds or cfg.search.repeats > 1:
-                # Several heads in lock-step; Optuna sees their mean after every epoch, so the
-                # pruner compares the same curves (and epochs) as without folds.
-                tasks, groups, group = _tasks(cfg, data)
-                train_heads(
-                    tasks,
-                    data.n_classes,
-                    # head i is repeat i % repeats of its fold: seeds seed, seed + 1, ...
-                    [
-                        replace(hp, seed=cfg.search.seed + i % cfg.search.repeats)
-                        for i in range(len(tasks))
-                    ],
-                    on_mean_epoch,
-                    class_weights=[
-                        training_options(cfg, t[1], names)["class_weights"] for t in tasks
-                    ],
-                    extra_metrics=extra_metrics(cfg, data.n_classes),
-                )
-            else:
-                train_head(
-                    data.x_train,
-                    data.y_train,
-                    data.x_val,
-                    data.y_val,
-                    data.n_classes,
-                    hp,
-                    on_epoch=on_epoch,
-                    **training_options(cfg, data.y_train, names),
-                )
-            value = history[-1][metric]
-            if alive is not None:
-                alive()
-            study.tell(trial, value)
-            state = "COMPLETE"
+            if started is not None:
+                started()
+            with keep_alive or contextlib.nullcontext():
+                params = suggest(trial, cfg)
+                data = features[params["backbone"]]
+                bb = data.backbone
+                logged = {
+                    **params,
+                    "backbone_name": bb.name,
+                    "input_size": bb.input_size,
+                    "pooling": bb.pooling,
+                    "weights": bb.weights,
+                    "backbone_args": dict(bb.args),
+                    "cache_key": data.entry.key,
+                    "data_dir": str(cfg.data.dir),
+                    "train_size": data.sizes["train"],
+                    "validation_size": data.sizes["validation"],
+                    "test_size": data.sizes["test"],
+                    "seed": cfg.search.seed,
+                    "trial_number": trial.number,
+                    "cv_folds": cfg.search.cv_folds or 0,
+                    "repeats": cfg.search.repeats,
+                    "class_weight": cfg.search.class_weight,
+                }
+                if tracker:
+                    with deferred():  # a run created is a run whose id we hold, to close it
+                        run_id = tracker.start_trial(trial.number, logged, worker)
+                hp = HeadParams.from_dict({**params, "seed": cfg.search.seed})
+                names = list(data.entry.class_names)
+                if cfg.search.cv_folds or cfg.search.repeats > 1:
+                    # Several heads in lock-step; Optuna sees their mean after every epoch, so the
+                    # pruner compares the same curves (and epochs) as without folds.
+                    tasks, groups, group = _tasks(cfg, data)
+                    train_heads(
+                        tasks,
+                        data.n_classes,
+                        # head i is repeat i % repeats of its fold: seeds seed, seed + 1, ...
+                        [
+                            replace(hp, seed=cfg.search.seed + i % cfg.search.repeats)
+                            for i in range(len(tasks))
+                        ],
+                        on_mean_epoch,
+                        class_weights=[
+                            training_options(cfg, t[1], names)["class_weights"] for t in tasks
+                        ],
+                        extra_metrics=extra_metrics(cfg, data.n_classes),
+                    )
+                else:
+                    train_head(
+                        data.x_train,
+                        data.y_train,
+                        data.x_val,
+                        data.y_val,
+                        data.n_classes,
+                        hp,
+                        on_epoch=on_epoch,
+                        **training_options(cfg, data.y_train, names),
+                    )
+                value = history[-1][metric]
+                if alive is not None:
+                    alive()
+                finishing.enter_context(deferred())
+                study.tell(trial, value)
+                state = "COMPLETE"
         except optuna.TrialPruned:
             value = history[-1][metric] if history else None
+            finishing.enter_context(deferred())
             study.tell(trial, state=TrialState.PRUNED)
             state = "PRUNED"
         except BaseException as e:  # noqa: BLE001 - a failed trial lets the study go on
@@ -564,7 +583,8 @@ def run_trial(
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             except storage_errors() as e2:
                 log.warning("trial %d: its failure could not be recorded: %s", trial.number, e2)
-            interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
+            # a library may have turned the user's interrupt into an error of its own
+            interrupted = isinstance(e, (KeyboardInterrupt, SystemExit)) or stop_requested()
             if interrupted and requeue is not None:  # the user stopped us: run these again
                 try:
                     requeue()
@@ -578,17 +598,19 @@ def run_trial(
                         "trial %d: its MLflow run could not be closed: %s", trial.number, e2
                     )
             if interrupted:
-                raise
-    seconds = time.perf_counter() - t0
-    if tracker and run_id and state != "FAIL":
-        # The trial's value is the last point of its per-epoch `metric` curve, which MLflow
-        # already shows as the run's value (the highest step); logging it again at step 0
-        # would add a second point to the curve's first epoch.
-        final = {"epochs_run": len(history), "trial_seconds": seconds}
-        if "each" in last:
-            final.update(_spread(last["each"], groups, group))
-        tracker.end_trial(run_id, state, history, final, value=value)
-    return TrialResult(state, value, params, history, seconds, error)
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+                raise KeyboardInterrupt from e
+        seconds = time.perf_counter() - t0
+        if tracker and run_id and state != "FAIL":
+            # The trial's value is the last point of its per-epoch `metric` curve, which MLflow
+            # already shows as the run's value (the highest step); logging it again at step 0
+            # would add a second point to the curve's first epoch.
+            final = {"epochs_run": len(history), "trial_seconds": seconds}
+            if "each" in last:
+                final.update(_spread(last["each"], groups, group))
+            tracker.end_trial(run_id, state, history, final, value=value)
+        return TrialResult(state, value, params, history, seconds, error)
 
 
 def storage_errors() -> tuple[type[BaseException], ...]:

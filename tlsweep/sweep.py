@@ -120,6 +120,7 @@ def run_sweep(
     workers: int = 1,
     worker_index: int | None = None,
     worker_argv: Sequence[str] | None = None,
+    worker_env: dict[str, str] | None = None,
     evaluate_winner: bool = True,
     finetune_progress: Callable[[int, int, int, int], None] | None = None,
 ) -> StudySummary:
@@ -135,7 +136,7 @@ def run_sweep(
     held: list[Any] = []  # `--workers N`: the workers, started to extract the missing features
 
     def share(ready: Callable[[], bool]) -> None:
-        held.extend(_extract_in_workers(workers, worker_argv or [], ready))
+        held.extend(_extract_in_workers(workers, worker_argv or [], worker_env or {}, ready))
 
     try:
         entries = extract_all(
@@ -153,6 +154,7 @@ def run_sweep(
             workers,
             worker_index,
             worker_argv,
+            worker_env,
             evaluate_winner,
             finetune_progress,
             held,
@@ -168,6 +170,7 @@ def _run_study(
     workers: int,
     worker_index: int | None,
     worker_argv: Sequence[str] | None,
+    worker_env: dict[str, str] | None,
     evaluate_winner: bool,
     finetune_progress: Callable[[int, int, int, int], None] | None,
     held: list[Any],
@@ -191,7 +194,7 @@ def _run_study(
         attach_parent(cfg, study, tracker)
         record_resolved(cfg, study, tracker)
         try:
-            _run_workers(workers, worker_argv or [], held)
+            _run_workers(workers, worker_argv or [], worker_env or {}, held)
         except BaseException:  # close the parent run; what stopped the workers goes on up
             _close_after_error(cfg, study, tracker)
             raise
@@ -312,7 +315,7 @@ def _finish(
         summary.test_note = None if w.test else "no test split (no test/ folder, or test_split: 0)"
         if cfg.finetune is not None:
             try:
-                ft = finetune_winner(cfg, w, tracker, finetune_progress)
+                ft = finetune_winner(cfg, w, tracker, finetune_progress, study)
             except BaseException:  # Ctrl-C or a failure: the checkpoints stay, a rerun resumes
                 with contextlib.suppress(Exception):
                     tracker.close_parent(False)
@@ -323,11 +326,20 @@ def _finish(
     tracker.close_parent(done)
 
 
-def finetune_winner(cfg: SweepConfig, w: Any, tracker: Any, progress: Any = None) -> Any:
-    """Run (or resume, or read back) the fine-tuning stage and put its outcome on the parent."""
+def finetune_winner(
+    cfg: SweepConfig, w: Any, tracker: Any, progress: Any = None, study: Any = None
+) -> Any:
+    """Run (or resume, or read back) the fine-tuning stage and put its outcome on the parent
+    run, and with the study (for ``tlsweep status``)."""
     from tlsweep.finetune import run_finetune
+    from tlsweep.search import FINETUNE_ATTR
 
     ft = run_finetune(cfg, w, tracker, progress)
+    if study is not None:
+        study.set_user_attr(
+            FINETUNE_ATTR,
+            {"trial": w.number, "settings": _finetune_settings(cfg), "result": ft.as_dict()},
+        )
     if tracker is not None and tracker.parent_run_id:
         metrics = {
             f"finetune_baseline_{ft.metric}": ft.baseline,
@@ -339,6 +351,30 @@ def finetune_winner(cfg: SweepConfig, w: Any, tracker: Any, progress: Any = None
         tracker.log_parent_metrics(metrics)
         tracker.set_parent_tag("winner_model", "finetuned" if ft.accepted else "frozen")
     return ft
+
+
+def _finetune_settings(cfg: SweepConfig) -> str:
+    import json
+    from dataclasses import asdict
+
+    return json.dumps(asdict(cfg.finetune) if cfg.finetune else None, sort_keys=True, default=str)
+
+
+def recorded_finetune(cfg: SweepConfig, study: Any, summary: StudySummary) -> Any:
+    """The fine-tuning outcome recorded with the study, if it is of the current best trial
+    with the sweep file's current ``finetune:`` settings (else None: it would be stale)."""
+    from tlsweep.search import FINETUNE_ATTR
+
+    rec = study.user_attrs.get(FINETUNE_ATTR)
+    if cfg.finetune is None or not rec or not summary.best:
+        return None
+    if rec.get("trial") != summary.best[0]["number"] or rec.get("settings") != (
+        _finetune_settings(cfg)
+    ):
+        return None
+    from tlsweep.finetune import FinetuneResult
+
+    return FinetuneResult(**rec["result"])
 
 
 def export_winner(
@@ -362,7 +398,7 @@ def export_winner(
         return w, None, reg
     winner._check_output(output)
     w = winner.evaluate_and_log(cfg, study, tracker)
-    ft = finetune_winner(cfg, w, tracker, progress)
+    ft = finetune_winner(cfg, w, tracker, progress, study)
     info = {"model": "finetuned" if ft.accepted else "frozen", "finetune": ft.as_dict()}
     if ft.accepted:
         model = keras.models.load_model(ft.model_path, safe_mode=True, compile=False)
@@ -374,7 +410,9 @@ def export_winner(
     return w, ft, reg
 
 
-def _start_workers(n: int, argv: Sequence[str], extract_first: bool = False) -> list[Any]:
+def _start_workers(
+    n: int, argv: Sequence[str], extra_env: dict[str, str], extract_first: bool = False
+) -> list[Any]:
     """Start the ``n`` worker processes of `run --workers N` (they stop if this process dies).
 
     With ``extract_first``, each first takes shards of the missing features on its share of the
@@ -384,7 +422,8 @@ def _start_workers(n: int, argv: Sequence[str], extract_first: bool = False) -> 
     """
     from tlsweep.workers import PARENT_PID_ENV
 
-    env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+    # they stop if this process dies; extra_env: what must not show on a command line
+    env = {**os.environ, **extra_env, PARENT_PID_ENV: str(os.getpid())}
     extra = ["--extract-first"] if extract_first else []
     procs: list[Any] = []
     try:
@@ -400,13 +439,15 @@ def _start_workers(n: int, argv: Sequence[str], extract_first: bool = False) -> 
     return procs
 
 
-def _extract_in_workers(n: int, argv: Sequence[str], ready: Callable[[], bool]) -> list[Any]:
+def _extract_in_workers(
+    n: int, argv: Sequence[str], extra_env: dict[str, str], ready: Callable[[], bool]
+) -> list[Any]:
     """Start the workers on the missing features and wait until ``ready()`` (every entry is
     published); returns them, waiting for ``go``. If one stops first, the others are stopped
     and [] returned: this process then extracts what is left itself, and meets (and reports)
     the cause itself."""
     log.info("extracting the missing features with %d workers", n)
-    procs = _start_workers(n, argv, extract_first=True)
+    procs = _start_workers(n, argv, extra_env, extract_first=True)
     try:
         while not ready():
             stopped = [p for p in procs if p.poll() is not None]
@@ -454,7 +495,9 @@ def wait_for_go(cfg: SweepConfig) -> bool:
     return sys.stdin.readline().strip() == "go"
 
 
-def _run_workers(n: int, argv: Sequence[str], procs: list[Any] | None = None) -> None:
+def _run_workers(
+    n: int, argv: Sequence[str], extra_env: dict[str, str], procs: list[Any] | None = None
+) -> None:
     """Run ``n`` worker processes on the study (or let the ``procs`` waiting for ``go`` run)
     and wait for them."""
     try:
@@ -464,7 +507,7 @@ def _run_workers(n: int, argv: Sequence[str], procs: list[Any] | None = None) ->
                     p.stdin.write(b"go\n")
                     p.stdin.close()
         else:
-            procs = _start_workers(n, argv)
+            procs = _start_workers(n, argv, extra_env)
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
         # Ctrl-C reached the workers too (one process group); a SIGTERM only reached us:

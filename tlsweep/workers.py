@@ -37,6 +37,8 @@ from typing import Any
 
 from tlsweep.config import DEFAULT_CONNECT_TIMEOUT, SweepConfig, redact_url
 from tlsweep.errors import ConfigError, ServiceError, StudyError, StudyFailing
+from tlsweep.interrupts import deferred
+from tlsweep.interrupts import requested as stop_requested
 from tlsweep.search import (
     FINISHED,
     FeatureData,
@@ -488,6 +490,19 @@ def _age_seconds(start: datetime.datetime) -> float:
     return (datetime.datetime.now(datetime.timezone.utc) - start).total_seconds()
 
 
+def run_may_still_be_closed(trial: Any, grace_period: float) -> bool:
+    """Whether the worker of a finished trial may still be closing its MLflow run (it tells
+    the study first): yes while that worker lives on this host; for a worker on another host,
+    for ``grace_period`` seconds after the trial ended. Such a run is not stale."""
+    w = trial.user_attrs.get(WORKER_ATTR) or trial.system_attrs.get(WORKER_ATTR)
+    if not w or worker_is_dead(w):
+        return False
+    if w.rsplit(":", 2)[0] == socket.gethostname():
+        return True
+    done = trial.datetime_complete
+    return done is not None and _age_seconds(done) < grace_period
+
+
 def recover(
     study: Any,
     retry: Callable[[Any, Any], None] | None,
@@ -572,8 +587,14 @@ class StudyRunner:
             lock=lambda: storage_lock(self.cfg.storage, self.cfg.study),
         )
         if self.tracker is not None:
-            states = {t.number: t.state.name for t in self.study.get_trials(deepcopy=False)}
-            alive = {n for n, s in states.items() if s == "RUNNING"}
+            trials = self.study.get_trials(deepcopy=False)
+            states = {t.number: t.state.name for t in trials}
+            grace = self.cfg.search.grace_period
+            alive = {
+                t.number
+                for t in trials
+                if t.state.name == "RUNNING" or run_may_still_be_closed(t, grace)
+            }
             self.tracker.close_stale_runs(states, alive)
 
     def _next_trial(self) -> tuple[Any | None, bool]:
@@ -601,16 +622,22 @@ class StudyRunner:
         failing: list[tuple[int, str]] = []  # the trials failed in a row: (number, error)
         last_recover = time.monotonic()
         while time.monotonic() < deadline and not (stop and stop.is_set()):
-            trial, done = self._next_trial()
-            if done:
-                break
-            if trial is None:  # others are running the last trials: wait, and watch for deaths
-                if time.monotonic() - last_recover > 1.0:
-                    self.recover()
-                    last_recover = time.monotonic()
-                time.sleep(0.5)
-                continue
-            result = self._run_trial(trial)
+            if stop_requested():  # an interrupt that a library turned into an error of its own
+                raise KeyboardInterrupt
+            # An interrupt between asking for a trial and the objective's handler that fails
+            # it would leave it RUNNING: held until the objective releases it (``started``).
+            with deferred() as started:
+                trial, done = self._next_trial()
+                if done:
+                    break
+                if trial is None:  # others run the last trials: wait, and watch for deaths
+                    started()
+                    if time.monotonic() - last_recover > 1.0:
+                        self.recover()
+                        last_recover = time.monotonic()
+                    time.sleep(0.5)
+                    continue
+                result = self._run_trial(trial, started)
             ran += 1
             if result.state != "FAIL":
                 failing.clear()
@@ -637,7 +664,7 @@ class StudyRunner:
                 f"{first_number}: {first}; fix the cause and run again (finished trials are kept)"
             )
 
-    def _run_trial(self, trial: Any) -> TrialResult:
+    def _run_trial(self, trial: Any, started: Callable[[], None]) -> TrialResult:
         study, tid = self.study, trial_id(trial)
         s = self.cfg.search
         heartbeat = _Heartbeat(self.storage, tid, s.heartbeat_interval, s.grace_period)
@@ -651,6 +678,7 @@ class StudyRunner:
             keep_alive=heartbeat,
             alive=heartbeat.check,
             requeue=lambda: self.retry(study, study_storage(study).get_trial(tid)),
+            started=started,
         )
         if self.on_trial:
             best_value, best_number = best_of(study)
