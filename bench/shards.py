@@ -16,6 +16,11 @@ Usage (from the repository root)::
 
 Target: the wall time with 2 workers is not above the wall time with 1 (ratio <= 1.0).
 
+``--before DIR`` compares instead the whole ``tlsweep run --workers 2`` (2 trials of one epoch,
+fresh cache) between the code at DIR (put first on PYTHONPATH: a checkout of the code before
+shards, where the parent extracted alone and then started the workers) and this code (the
+workers extract together, then run the trials): wall time and core-seconds of all processes.
+
 ``--postgres URL`` checks instead the whole ``tlsweep run --workers 3`` on a PostgreSQL storage
 (MLflow in a SQLite file): it samples every process of the run (the parent, the 3 workers that
 extract, the 3 that run trials) twice a second and reports each one's peak VmRSS, then extracts
@@ -39,7 +44,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_data_args, mobilenet_v2, setup  # noqa: E402
+from _common import REPO, add_data_args, mobilenet_v2, setup  # noqa: E402
 
 
 def _sweep(folder: Path, data: Path, weights: Path) -> Path:
@@ -173,16 +178,53 @@ def postgres(data: Path, weights: Path, url: str, workers: int = 3) -> int:
     return 0 if identical and p.returncode == 0 else 1
 
 
+def before_after(data: Path, weights: Path, before: Path, repeats: int) -> int:
+    import subprocess
+
+    runs = []
+    for r in range(repeats):
+        for label in ("before", "now") if r % 2 == 0 else ("now", "before"):
+            folder = Path(tempfile.mkdtemp(prefix=f"bench-shards-{label}-"))
+            sweep = _sweep(folder, data, weights)
+            doc = yaml.safe_load(sweep.read_text())
+            doc["search"] = {
+                "n_trials": 2,
+                "sampler": "random",
+                "space": {"units": 8, "learning_rate": 1e-3, "batch_size": 64, "epochs": 1},
+            }
+            sweep.write_text(yaml.safe_dump(doc, sort_keys=False))
+            code = str(before) if label == "before" else str(REPO)
+            env = {**os.environ, "PYTHONPATH": code, "TF_CPP_MIN_LOG_LEVEL": "2"}
+            cpu, t = _children_cpu(), time.perf_counter()
+            cmd = [sys.executable, "-m", "tlsweep", "run", str(sweep), "--workers", "2", "-q"]
+            # cwd: not the checkout, which `python -m` would put first on sys.path
+            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, cwd=folder)
+            wall, cpu = time.perf_counter() - t, _children_cpu() - cpu
+            runs.append({"code": label, "wall_s": round(wall, 1), "core_s": round(cpu, 1)})
+            print(f"repeat {r}: {label}: {wall:.1f} s wall, {cpu:.1f} core-s", flush=True)
+            shutil.rmtree(folder, ignore_errors=True)
+    for label in ("before", "now"):
+        mine = [x for x in runs if x["code"] == label]
+        print(
+            f"{label}: median {statistics.median(x['wall_s'] for x in mine):.1f} s wall, "
+            f"{statistics.median(x['core_s'] for x in mine):.1f} core-s"
+        )
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_args(p, cache=False)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--postgres", metavar="URL", help="check run --workers 3 on this storage")
+    p.add_argument("--before", type=Path, help="compare run --workers 2 with the code at DIR")
     args = p.parse_args()
     data, weights = setup(args)
     if args.postgres:
         return postgres(data, weights, args.postgres)
+    if args.before:
+        return before_after(data, weights, args.before.resolve(), args.repeats)
     import numpy as np
 
     from tlsweep.config import DataConfig

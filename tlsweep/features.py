@@ -388,16 +388,22 @@ class FeatureCache:
         if jobs:
             self._mkdir()
             todo: list[tuple[int, _Job]] = []
-            for k, job in jobs:
-                hit = self._start(job)
-                if hit is not None:
-                    out[k] = (hit, True)
-                else:
-                    todo.append((k, job))
-            if todo:
-                done = self._extract([job for _, job in todo], images)
-                for (k, _), got in zip(todo, done, strict=True):
-                    out[k] = got
+            try:
+                for k, job in jobs:
+                    hit = self._start(job)
+                    if hit is not None:
+                        out[k] = (hit, True)
+                    else:
+                        todo.append((k, job))
+                if todo:
+                    done = self._extract([job for _, job in todo], images)
+                    for (k, _), got in zip(todo, done, strict=True):
+                        out[k] = got
+            except BaseException:
+                for k, job in jobs:
+                    if out[k] is None and job.shards is not None:
+                        self._abandon(job)
+                raise
         for k, j in same:
             out[k] = out[j]
         return out  # type: ignore[return-value]
@@ -439,48 +445,42 @@ class FeatureCache:
         last_log = 0.0
         for job in jobs:
             job.together = len(jobs)
-        try:
-            while len(results) < len(jobs):
-                left = [job for job in jobs if job.name not in results]
-                held: list[tuple[_Job, Span, str]] = []
-                for job in left:
-                    state = self._state(job, spans)
-                    if isinstance(state, Entry):
-                        log.info("cache hit: %s (extracted by another worker)", job.name)
-                        results[job.name] = (state, True)
-                    elif state:
-                        held += [(job, span, owner) for span, owner in state.items()]
-                    elif not any(job.shards.claimable(span) for span in spans):
-                        made = self._assemble(job, images, order, row_of, spans, t0)
-                        if made is not None:
-                            results[job.name] = made
-                left = [job for job in left if job.name not in results]
-                if any(job.shards.claimable(s) for job in left for s in spans):
-                    self._extract_shards(left, paths, spans)
-                    waiting_since = None
-                elif held and len(results) < len(jobs):
-                    # every missing shard is being extracted by a live worker: wait for them,
-                    # and take over the shard of any that dies or stops refreshing its claim
-                    now = time.monotonic()
-                    waiting_since = waiting_since or now
-                    if now - last_log >= WAIT_LOG_EVERY:
-                        last_log = now
-                        owners = sorted({owner for _, _, owner in held})
-                        log.info(
-                            "waiting for %d shard(s) of %s being extracted by %s (%.0fs so "
-                            "far); a claim not refreshed for %gs is taken over",
-                            len(held),
-                            ", ".join(sorted({job.name for job, _, _ in held})),
-                            ", ".join(owners),
-                            now - waiting_since,
-                            CLAIM_STALE_AFTER,
-                        )
-                    time.sleep(WAIT_POLL)
-        except BaseException:
-            for job in jobs:
-                if job.name not in results and job.shards is not None:
-                    self._abandon(job)
-            raise
+        while len(results) < len(jobs):
+            left = [job for job in jobs if job.name not in results]
+            held: list[tuple[_Job, Span, str]] = []
+            for job in left:
+                state = self._state(job, spans)
+                if isinstance(state, Entry):
+                    log.info("cache hit: %s (extracted by another worker)", job.name)
+                    results[job.name] = (state, True)
+                elif state:
+                    held += [(job, span, owner) for span, owner in state.items()]
+                elif not any(job.shards.claimable(span) for span in spans):
+                    made = self._assemble(job, images, order, row_of, spans, t0)
+                    if made is not None:
+                        results[job.name] = made
+            left = [job for job in left if job.name not in results]
+            if any(job.shards.claimable(s) for job in left for s in spans):
+                self._extract_shards(left, paths, spans)
+                waiting_since = None
+            elif held and len(results) < len(jobs):
+                # every missing shard is being extracted by a live worker: wait for them,
+                # and take over the shard of any that dies or stops refreshing its claim
+                now = time.monotonic()
+                waiting_since = waiting_since or now
+                if now - last_log >= WAIT_LOG_EVERY:
+                    last_log = now
+                    owners = sorted({owner for _, _, owner in held})
+                    log.info(
+                        "waiting for %d shard(s) of %s being extracted by %s (%.0fs so "
+                        "far); a claim not refreshed for %gs is taken over",
+                        len(held),
+                        ", ".join(sorted({job.name for job, _, _ in held})),
+                        ", ".join(owners),
+                        now - waiting_since,
+                        CLAIM_STALE_AFTER,
+                    )
+                time.sleep(WAIT_POLL)
         return [results[job.name] for job in jobs]
 
     def _state(self, job: _Job, spans: list[Span]) -> Entry | dict[Span, str] | None:
