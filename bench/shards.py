@@ -1,12 +1,12 @@
 """Benchmark one extraction shared by 1 or 2 local workers (issue 14, item 3).
 
-``tlsweep run --workers N`` first runs N worker processes that extract the missing entries'
-shards together (:func:`tlsweep.sweep._run_workers` with ``extract=True``: each process gets
-``cores // N`` TensorFlow intra-op threads). This bench runs exactly that, with N = 1 and N = 2,
+``tlsweep run --workers N`` starts its N worker processes on the missing entries' shards first
+(:func:`tlsweep.sweep._extract_in_workers`: each pinned to its share of the cores while it
+extracts), then lets them run the trials. This bench runs that first part, with N = 1 and N = 2,
 on every image of the data folder (MobileNetV2 a0.35, 160 px, average pooling), each time into a
 fresh cache folder, interleaved per repeat so that machine noise hits both alike. It reports the
-wall time, the core-seconds of the worker processes (user + system), the ratio 2 / 1 of both,
-and checks that the two entries' features are bit-identical.
+wall time until the entry is published, the core-seconds of the worker processes (user +
+system), the ratio 2 / 1 of both, and checks that the two entries' features are bit-identical.
 
 The page cache is warmed first (every file read once), so the disk is not measured.
 
@@ -77,13 +77,17 @@ def _children_cpu() -> float:
 
 def _one(data: Path, weights: Path, workers: int) -> dict:
     from tlsweep.features import FeatureCache
-    from tlsweep.sweep import _run_workers
+    from tlsweep.sweep import _extract_in_workers, _stop_held
 
     folder = Path(tempfile.mkdtemp(prefix=f"bench-shards-{workers}-"))
     sweep = _sweep(folder, data, weights)
+    cache = FeatureCache(folder / "cache")
     cpu, t = _children_cpu(), time.perf_counter()
-    _run_workers(workers, ["run", str(sweep), "--workers", "1", "-q"], extract=True)
-    wall, cpu = time.perf_counter() - t, _children_cpu() - cpu
+    argv = ["run", str(sweep), "--workers", "1", "-q"]
+    held = _extract_in_workers(workers, argv, {}, lambda: bool(cache.entries()))
+    wall = time.perf_counter() - t
+    _stop_held(held)  # no trials: they stop (their CPU time is counted once they have)
+    cpu = _children_cpu() - cpu
     (entry,) = FeatureCache(folder / "cache").entries()
     return {
         "workers": workers,

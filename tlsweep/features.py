@@ -9,9 +9,11 @@ arguments, image content and labels, library versions). An entry is a folder::
 
 It is written under a temporary name and renamed into place; an entry whose manifest is missing,
 unreadable or does not match its key and arrays is never used. Extraction streams batches to a
-memory-mapped ``.npy`` file, so a dataset larger than memory works. A per-entry file lock makes
-concurrent workers extract each entry once: the others wait, and because the lock dies with its
-process, a worker that died while extracting is taken over.
+memory-mapped ``.npy`` file, so a dataset larger than memory works. A missing entry's rows are
+cut into shards that every process asking for it (``run --workers N``, other machines on the
+same cache folder) claims, extracts and writes (:class:`_Shards`); a shard of a worker that died
+is taken over, and the entry is joined and published under a per-entry file lock once every
+shard is written, bit-identical to one worker's.
 
 Computing a key imports no TensorFlow, and reads only the images whose stat changed: a stat
 index per data folder (``<cache_dir>/stat-index-<hash of the folder's path>.json``) maps each
