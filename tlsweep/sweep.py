@@ -19,6 +19,9 @@ from tlsweep.errors import StudyError, StudyFailing
 from tlsweep.search import StudySummary, summarize
 
 log = logging.getLogger(__name__)
+# Seconds a worker that extracted features first is given to exit by itself once told there
+# are no trials for it (the end of its input), before it is sent SIGTERM.
+STOP_HELD_WAIT = 5.0
 
 
 def preflight(
@@ -469,10 +472,15 @@ def _extract_in_workers(
 def _stop_held(procs: list[Any]) -> None:
     """Stop workers started with ``extract_first`` that will not run trials, extracting or
     waiting for ``go`` (this process is stopping, or extracts what is left itself)."""
-    for p in procs:
+    for p in procs:  # one waiting for `go` reads the end of its input and exits
         with contextlib.suppress(OSError):
             if p.stdin is not None:
                 p.stdin.close()
+    deadline = time.monotonic() + STOP_HELD_WAIT
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:  # still extracting: stop it as a Ctrl-C would
         with contextlib.suppress(ProcessLookupError):
             if p.poll() is None:
                 p.terminate()
