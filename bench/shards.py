@@ -22,8 +22,8 @@ shards, where the parent extracted alone and then started the workers) and this 
 workers extract together, then run the trials): wall time and core-seconds of all processes.
 
 ``--postgres URL`` checks instead the whole ``tlsweep run --workers 3`` on a PostgreSQL storage
-(MLflow in a SQLite file): it samples every process of the run (the parent, the 3 workers that
-extract, the 3 that run trials) twice a second and reports each one's peak VmRSS, then extracts
+(MLflow in a SQLite file): it samples every process of the run (the parent, the 3 workers, which
+extract then run the trials) twice a second and reports each one's peak VmRSS, then extracts
 the same entry in one ``tlsweep extract`` process into another cache folder and checks that the
 features are bit-identical.
 """
@@ -155,8 +155,7 @@ def postgres(data: Path, weights: Path, url: str, workers: int = 3) -> int:
         for pid, line in _tree(p.pid).items():
             rss = _rss_mb(pid)
             if rss is not None and rss > peak.get(pid, ("", 0.0))[1]:
-                role = "extract" if "--extract-only" in line else "trials"
-                role = role if "--worker-index" in line else "parent"
+                role = "worker" if "--worker-index" in line else "parent"  # or its stderr filter
                 peak[pid] = (role, rss)
         time.sleep(0.5)
     wall = time.perf_counter() - t
