@@ -8,6 +8,7 @@ MobileNetV2 are marked slow.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -204,6 +205,20 @@ def test_the_entry_is_published_only_when_every_shard_is_written(
     assert np.array_equal(entry.features(), reference.features())
     assert entry.manifest["files"] == reference.manifest["files"]
     assert [s["path"] for s in entry.manifest["skipped"]] == ["train/cats/broken.jpg"]
+
+
+def test_a_shard_with_no_usable_image_is_written_and_its_files_skipped(
+    tmp_path: Path, data: Path, small_shards: None
+) -> None:
+    bad = Path(shutil.copytree(data, tmp_path / "data"))
+    for i in range(BATCH):  # the first shard: train/cats/0-broken-*.jpg, first in file order
+        (bad / "train" / "cats" / f"0-broken-{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    cfg = load_sweep(_sweep(tmp_path, bad, TINY, tmp_path / "cache"))
+    ((_, entry, cached),) = F.extract_all(cfg)
+    assert not cached
+    skipped = sorted(s["path"] for s in entry.manifest["skipped"])
+    assert skipped[:BATCH] == [f"train/cats/0-broken-{i}.jpg" for i in range(BATCH)]
+    assert np.abs(entry.features()[:BATCH]).sum() == 0  # no image: rows left zero, unused
 
 
 # Several `tlsweep extract` processes on one cache, with shards of 8 images; each waits for the

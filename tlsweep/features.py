@@ -588,8 +588,11 @@ class FeatureCache:
                 finally:
                     ready.set()
                 got = head.result()
-            if got is None:
-                return  # every free shard was claimed by another worker meanwhile
+            if got is None:  # nothing decoded: no free shard left, or none of their images
+                while opened:
+                    self._write_shard(*opened[0], bufs, paths)
+                    opened.pop(0)
+                return
             stream = _forward_all(lambda jx: jx[0].forward(jx[1]), itertools.chain([got], gen))
             with _Refresher(opened):
                 for (span, job, idx), out in stream:
