@@ -128,8 +128,8 @@ def test_an_interrupt_a_library_turned_into_its_own_error_still_stops_the_study(
     tmp_path: Path, stop_signal: None
 ) -> None:
     """A library may turn a KeyboardInterrupt raised inside it into an error of its own (as
-    TensorFlow does inside a tf.py_function): the trial is still an interrupted one (failed, queued again) and the stop goes on up,
-    instead of a failed trial and the next one starting."""
+    TensorFlow does inside a tf.py_function): the trial is still an interrupted one (failed,
+    queued again) and the stop goes on up, instead of a failed trial and the next starting."""
     from tlsweep.search import run_trial
 
     cfg, features = trial_inputs(tmp_path)

@@ -295,6 +295,26 @@ def test_several_workers_give_the_bytes_of_one(
         assert entry.manifest[k] == one.manifest[k]
 
 
+def test_augmented_views_through_shards_give_the_rows_of_one_stream(
+    tmp_path: Path, data: Path, small_shards: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Views of the augmented splits (train, then validation and test with tta) land in their
+    rows whatever the shards: 7 shards of 8 give the bytes of one shard of every file."""
+    tiny = {**TINY, "augment": {"views": 3, "tta": True}}
+    cfg = load_sweep(_sweep(tmp_path, data, tiny, tmp_path / "small"))
+    ((_, small, _),) = F.extract_all(cfg)
+    assert small.manifest["timings"]["shards"] == 7
+    monkeypatch.setattr(F, "SHARD_BATCHES", 1000)
+    cfg = load_sweep(_sweep(tmp_path, data, tiny, tmp_path / "whole"))
+    ((_, whole, _),) = F.extract_all(cfg)
+    assert whole.manifest["timings"]["shards"] == 1
+    assert small.manifest["views"] == whole.manifest["views"]
+    assert whole.manifest["shape"][0] == 49 + 2 * 49  # every split augmented (tta)
+    assert np.array_equal(small.features(), whole.features())
+    x, _ = small.views("train")
+    assert x.shape[0] == 3 and not np.array_equal(x[0], x[1])  # views differ from the image
+
+
 def test_a_worker_killed_mid_shard_leaves_no_entry_and_a_rerun_reuses_its_shards(
     tmp_path: Path, data: Path, small_shards: None
 ) -> None:

@@ -79,6 +79,18 @@ DEFAULT_FINETUNE: dict[str, Any] = {
     "augment": {"flip": True, "rotation": 0.0, "zoom": 0.0, "contrast": 0.0},
 }
 
+# Augmented feature views of a backbone entry (`augment:`), every default once.
+DEFAULT_VIEWS: dict[str, Any] = {
+    "views": 4,  # views of each training image in the cache; view 0 is the plain image
+    "flip": True,  # each augmented view is mirrored left-right with probability 1/2
+    "crop": 0.1,  # each side of an augmented view keeps a random 1 - crop .. 1 of its length
+    "tta": False,  # true: validation/test images get the views too; a score is their mean
+    "train": "one",  # per epoch, each training image as one seeded view (one) or every view (all)
+    "seed": DEFAULT_SEED,  # with each file's path and the view's number: the view's randomness
+}
+VIEW_TRAINING = ("one", "all")
+MAX_VIEWS = 64
+
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc")
 PRUNERS = ("median", "hyperband", "none")
 DIRECTIONS = ("maximize", "minimize")
@@ -249,6 +261,7 @@ class BackboneConfig:
     args: Mapping[str, Any] = field(default_factory=dict)
     weights_tag: str = ""  # set only when two backbones differ by their weights file alone
     members: tuple[BackboneConfig, ...] = ()  # a fused backbone: its members' features, joined
+    augment: ViewsConfig | None = None  # augmented feature views of the training images
 
     @property
     def label(self) -> str:
@@ -262,7 +275,55 @@ class BackboneConfig:
             parts.append("random")
         elif self.weights != "imagenet" and self.weights_tag:
             parts.append(self.weights_tag)
+        if self.augment is not None:
+            parts.append(self.augment.tag)
         return "-".join(parts)
+
+
+@dataclass(frozen=True)
+class ViewsConfig:
+    """``augment:`` of a backbone entry: K seeded, augmented views of each training image in
+    the cache (view 0 the plain image), how the head trains on them, and test-time
+    augmentation (``tta``) of validation and test images."""
+
+    views: int = DEFAULT_VIEWS["views"]
+    flip: bool = DEFAULT_VIEWS["flip"]
+    crop: float = DEFAULT_VIEWS["crop"]
+    tta: bool = DEFAULT_VIEWS["tta"]
+    train: str = DEFAULT_VIEWS["train"]
+    seed: int = DEFAULT_VIEWS["seed"]
+
+    @property
+    def tag(self) -> str:
+        """What the backbone's label says: ``views4``, ``views4-tta``, ``views4-all``.
+
+        The settings that change the features themselves (flip, crop, seed) are in the cache
+        key, so a study resumed with other values is refused by its data check.
+        """
+        return "-".join(
+            [f"views{self.views}"]
+            + (["tta"] if self.tta else [])
+            + ([self.train] * (self.train != "one"))
+        )
+
+    def key(self) -> dict[str, Any]:
+        """What changes the cached views (``train`` does not: the same views either way)."""
+        return {
+            "views": self.views,
+            "flip": self.flip,
+            "crop": self.crop,
+            "seed": self.seed,
+            "splits": list(self.splits),
+            "method": VIEWS_METHOD,
+        }
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits whose images get every view (the others get the plain one)."""
+        return ("train", "validation", "test") if self.tta else ("train",)
+
+
+VIEWS_METHOD = "crop-flip-stateless-1"  # the augmentation's code: a change re-extracts
 
 
 @dataclass(frozen=True)
@@ -396,7 +457,8 @@ _TOP_KEYS = (
 _FINETUNE_KEYS = tuple(DEFAULT_FINETUNE)
 _AUGMENT_KEYS = tuple(DEFAULT_FINETUNE["augment"])
 _DATA_KEYS = ("dir", "validation_split", "test_split", "seed", "verify")
-_BACKBONE_KEYS = ("name", "weights", "input_size", "pooling", "args")
+_BACKBONE_KEYS = ("name", "weights", "input_size", "pooling", "args", "augment")
+_VIEWS_KEYS = tuple(DEFAULT_VIEWS)
 _SEARCHABLE_BACKBONE_KEYS = ("input_size", "pooling")  # may be {choices: [...]}
 FUSED_NAME = "fuse"  # the name (and key) of a fused backbone entry
 _SEARCH_KEYS = (
@@ -580,7 +642,41 @@ def _parse_backbone(where: str, i: int, spec: Any, base: Path) -> BackboneConfig
                 f"{where}: {sec}.args.{reserved}: set by tlsweep; use the backbone's own field"
             )
     return BackboneConfig(
-        name=name, weights=weights, input_size=input_size, pooling=pooling, args=dict(args)
+        name=name,
+        weights=weights,
+        input_size=input_size,
+        pooling=pooling,
+        args=dict(args),
+        augment=parse_views(where, f"{sec}.augment", spec.get("augment")),
+    )
+
+
+def parse_views(where: str, sec: str, raw: Any) -> ViewsConfig | None:
+    """A backbone's ``augment:`` (absent, null or false: None; true or {}: every default)."""
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        raw = {}
+    _check_keys(where, sec, raw, _VIEWS_KEYS)
+    d = {**DEFAULT_VIEWS, **raw}
+    for k in ("flip", "tta"):
+        if not isinstance(d[k], bool):
+            raise _fail(where, f"{sec}.{k}", d[k], "expected true or false")
+    crop = d["crop"]
+    if not _is_num(crop) or not 0 <= crop <= 0.5:
+        raise _fail(where, f"{sec}.crop", crop, "expected a number from 0 to 0.5")
+    if not d["flip"] and crop == 0:
+        raise ConfigError(
+            f"{where}: {sec}: flip: false and crop: 0 make every view the plain image; "
+            "set flip: true or crop > 0, or remove augment"
+        )
+    return ViewsConfig(
+        views=_int(where, f"{sec}.views", d["views"], 2, MAX_VIEWS),
+        flip=d["flip"],
+        crop=float(crop),
+        tta=d["tta"],
+        train=_choice(where, f"{sec}.train", d["train"], VIEW_TRAINING),
+        seed=_int(where, f"{sec}.seed", d["seed"], 0),
     )
 
 
@@ -623,6 +719,11 @@ def _parse_fused(where: str, i: int, spec: dict[str, Any], base: Path) -> Backbo
                 f"{where}: {msec}: a fused member takes one input_size and one pooling, not "
                 "choices; list each fused combination as its own fuse: entry"
             )
+        if isinstance(m, dict) and m.get("augment") not in (None, False):
+            raise ConfigError(
+                f"{where}: {msec}.augment: a fused member takes no augment; augment a "
+                "backbone entry of its own"
+            )
         member = _parse_backbone(where, i, m, base)
         members.append(resolve_backbone(member, f"{where}: {msec}"))
     ids = [_identity(m) for m in members]
@@ -637,7 +738,8 @@ def _identity(b: BackboneConfig) -> str:
     """What makes two backbone entries the same (for the duplicate check)."""
     if b.members:
         return "fuse:" + "|".join(_identity(m) for m in b.members)
-    return json.dumps([b.name, b.weights, b.input_size, b.pooling, sorted(b.args.items())])
+    views = asdict(b.augment) if b.augment else None
+    return json.dumps([b.name, b.weights, b.input_size, b.pooling, sorted(b.args.items()), views])
 
 
 def parse_backbones(where: str, raw: Any, base: Path) -> tuple[BackboneConfig, ...]:
@@ -679,6 +781,14 @@ def parse_backbones(where: str, raw: Any, base: Path) -> tuple[BackboneConfig, .
             else b
             for b in out
         ]
+    labels = [b.label for b in out]
+    for i, label in enumerate(labels):
+        if label in labels[:i]:  # e.g. two entries that differ by augment.crop alone
+            raise ConfigError(
+                f"{where}: backbones[{src[i]}]: {label}: another entry has the same label; "
+                "entries may differ in augment by views, tta or train, not by flip, crop or "
+                "seed alone"
+            )
     return tuple(out)
 
 
@@ -1098,6 +1208,8 @@ def resolved(cfg: SweepConfig) -> dict[str, Any]:
 def _backbone_entry(bb: dict[str, Any]) -> dict[str, Any]:
     """A resolved backbone as a sweep file's entry (a fused one as ``{fuse: [...]}``)."""
     bb.pop("weights_tag", None)  # derived from the weights file's name when two clash
+    if bb.get("augment", 0) is None:
+        bb.pop("augment")  # absent from a sweep file without it, as it was before it existed
     members = bb.pop("members", None)
     if members:
         return {FUSED_NAME: [_backbone_entry(m) for m in members]}

@@ -528,17 +528,76 @@ def _resize(img: Any, size: int) -> Any:
     return tf.image.resize(img, [size, size], method="bilinear")
 
 
+# An augmented variant of the decoded image: (size, views, flip, crop, seed); its batches are
+# [batch, views - 1, size, size, 3]: views 1 .. views - 1 (view 0 is the plain image).
+ViewsVariant = tuple[int, int, bool, float, int]
+Variant = int | ViewsVariant
+
+
+def path_seeds(paths: Sequence[str]) -> np.ndarray:
+    """A seed per image from its path (relative to the data folder): its views do not change
+    when other images are added or removed."""
+    return np.array(
+        [
+            int.from_bytes(hashlib.sha256(p.encode()).digest()[:4], "little") & 0x7FFFFFFF
+            for p in paths
+        ],
+        dtype=np.int64,
+    )
+
+
+def augmented_views(img: Any, file_seed: Any, variant: ViewsVariant) -> Any:
+    """Views 1 .. views - 1 of a decoded uint8 image, ``[views - 1, size, size, 3]`` float32.
+
+    Each view is a crop keeping a random ``1 - crop`` .. 1 of each side at a random place,
+    mirrored left-right with probability 1/2 when ``flip``, then resized as the plain image
+    is. The randomness is stateless, from (``seed``, the file's seed, the view's number): the
+    same image and settings give bit-identical views in any process.
+    """
+    import tensorflow as tf
+
+    size, views, flip, crop, seed = variant
+    h, w = tf.shape(img)[0], tf.shape(img)[1]
+    out = []
+    for v in range(1, views):
+        s = tf.stack([file_seed, tf.constant((seed % 2**40) * 64 + v, tf.int64)])
+        u = tf.random.stateless_uniform([5], seed=s)
+        x = img
+        if crop > 0:
+
+            def keep(n: Any, r: Any) -> Any:
+                kept = tf.round(tf.cast(n, tf.float32) * (1.0 - crop * r))
+                return tf.clip_by_value(tf.cast(kept, tf.int32), 1, n)
+
+            hk, wk = keep(h, u[0]), keep(w, u[1])
+            oy = tf.minimum(tf.cast(u[2] * tf.cast(h - hk + 1, tf.float32), tf.int32), h - hk)
+            ox = tf.minimum(tf.cast(u[3] * tf.cast(w - wk + 1, tf.float32), tf.int32), w - wk)
+            x = tf.slice(x, tf.stack([oy, ox, 0]), tf.stack([hk, wk, 3]))
+        if flip:
+            x = tf.cond(u[4] < 0.5, lambda x=x: tf.reverse(x, [1]), lambda x=x: x)
+        out.append(_resize(x, size))
+    return tf.stack(out)
+
+
+def variant_pixels(v: Variant) -> int:
+    """Pixels per image of a variant's batch (every view counted)."""
+    return v * v if isinstance(v, int) else (v[1] - 1) * v[0] * v[0]
+
+
 def image_batches(
     paths: Sequence[str],
-    size: int | Sequence[int],
+    size: int | Sequence[Variant],
     batch_size: int,
     parallel: int | None = None,
     prefetch: bool = True,
+    seeds: np.ndarray | None = None,
 ) -> Iterator[tuple[np.ndarray, Any]]:
     """Yield ``(indices, images)`` batches, decoding in parallel with whatever consumes them.
 
     With several sizes (a sequence), each image is decoded once and resized to each of them:
-    ``images`` is then a tuple of batches, one per size, in the order given.
+    ``images`` is then a tuple of batches, one per size, in the order given. A size may be an
+    augmented variant (:data:`ViewsVariant`; its batch holds the views, see
+    :func:`augmented_views`), which needs ``seeds`` (:func:`path_seeds`), one per path.
 
     With ``prefetch=False`` decoding runs only while the consumer asks for batches (give or
     take one image per core), so it does not compete with the consumer's own work.
@@ -552,12 +611,18 @@ def image_batches(
     import tensorflow as tf
 
     idx = np.arange(len(paths), dtype=np.int64)
-    ds = tf.data.Dataset.from_tensor_slices((idx, list(paths)))
     sizes = (size,) if isinstance(size, int) else tuple(size)
+    if seeds is None:
+        if any(not isinstance(s, int) for s in sizes):
+            raise ValueError("augmented views need a seed per path")
+        seeds = np.zeros(len(paths), dtype=np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((idx, list(paths), np.asarray(seeds, np.int64)))
 
-    def load(i: Any, p: Any) -> Any:
+    def load(i: Any, p: Any, fs: Any) -> Any:
         img = _decode(_header_guard(tf.io.read_file(p)))
-        resized = tuple(_resize(img, s) for s in sizes)
+        resized = tuple(
+            _resize(img, s) if isinstance(s, int) else augmented_views(img, fs, s) for s in sizes
+        )
         return i, resized[0] if isinstance(size, int) else resized
 
     ds = ds.map(load, num_parallel_calls=parallel or _cores(), deterministic=True)
@@ -582,6 +647,7 @@ def decoded_chunks(
     first_bytes: int | None = None,
     chunk_bytes: int | None = None,
     first_until: threading.Event | None = None,
+    seeds: np.ndarray | None = None,
 ) -> Iterator[list[tuple[np.ndarray, Any]]]:
     """:func:`image_batches` in chunks: each chunk is decoded whole, on every core, then handed
     over, and nothing is decoded while the consumer works on it. Several sizes: see
@@ -595,9 +661,9 @@ def decoded_chunks(
     """
     first_bytes = FIRST_CHUNK_BYTES if first_bytes is None else first_bytes
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    pixels = size * size if isinstance(size, int) else sum(s * s for s in size)
+    pixels = size * size if isinstance(size, int) else sum(variant_pixels(s) for s in size)
     per_batch = batch_size * pixels * 3 * 4
-    batches = image_batches(paths, size, batch_size, prefetch=False)
+    batches = image_batches(paths, size, batch_size, prefetch=False, seeds=seeds)
     first: list[tuple[np.ndarray, Any]] = []
     for item in batches:
         first.append(item)

@@ -7,6 +7,11 @@ arguments, image content and labels, library versions). An entry is a folder::
         manifest.json   # key, shapes, class names, files, skipped files, timings (written last)
         features.npy    # float32 [rows, dim], memory-mappable, never pickled
 
+With augmented views (``augment:``), rows ``0 .. n`` are view 0 (the plain image) of every file
+and views ``1 .. K - 1`` follow, one block each, holding the files of the augmented splits (the
+training split, every split with ``tta``), which come first in the row order; the manifest's
+``views`` says where (:meth:`Entry.views`).
+
 It is written under a temporary name and renamed into place; an entry whose manifest is missing,
 unreadable or does not match its key and arrays is never used. Extraction streams batches to a
 memory-mapped ``.npy`` file, so a dataset larger than memory works. A missing entry's rows are
@@ -40,7 +45,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -53,11 +58,14 @@ from tlsweep.data import (
     CHUNK_BYTES,
     SPLITS,
     ImageSet,
+    ViewsVariant,
     content_digest,
     decoded_chunks,
     file_digest,
     find_images,
+    path_seeds,
     read_failure,
+    variant_pixels,
     why_skipped,
 )
 from tlsweep.errors import DataError, TlsweepError
@@ -72,6 +80,7 @@ EXTRACT_BATCH = 32
 IN_FLIGHT = 2
 # Batches per decoded chunk when several entries are extracted together (see _extract).
 MULTI_CHUNK_BATCHES = 8
+VIEWS_CHUNK_BYTES = 256 << 20  # at most this much decoded image data per chunk with views
 Progress = Callable[[int, int], None]
 
 
@@ -117,8 +126,9 @@ def weights_identity(bb: BackboneConfig, fetch: bool = True) -> str | None:
 
 def key_parts(bb: BackboneConfig, images_digest: str, fetch: bool = True) -> dict[str, Any]:
     """Everything that changes the features, as a JSON-able dict (``weights`` is None when the
-    ImageNet file is not downloaded yet and ``fetch`` is False)."""
-    return {
+    ImageNet file is not downloaded yet and ``fetch`` is False). Augmented views add their
+    settings (``augment``); an entry without them keeps the key it always had."""
+    parts = {
         "format": CACHE_FORMAT,
         "backbone": bb.name,
         "args": {k: bb.args[k] for k in sorted(bb.args)},
@@ -130,6 +140,9 @@ def key_parts(bb: BackboneConfig, images_digest: str, fetch: bool = True) -> dic
         "images": images_digest,
         "versions": {p: _version(p) for p in ("keras", "tensorflow")},
     }
+    if bb.augment is not None:
+        parts["augment"] = bb.augment.key()
+    return parts
 
 
 def cache_key(parts: dict[str, Any]) -> str:
@@ -137,7 +150,8 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 
 def entry_name(bb: BackboneConfig, key: str) -> str:
-    return f"{bb.name}-{bb.input_size}-{bb.pooling}-{key[:16]}"
+    views = f"-views{bb.augment.views}" if bb.augment is not None else ""
+    return f"{bb.name}-{bb.input_size}-{bb.pooling}{views}-{key[:16]}"
 
 
 @dataclass
@@ -184,6 +198,29 @@ class Entry:
             out[f["split"]] += 1
         return out
 
+    def views(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of one split with every view the entry holds of it:
+        ``[views, n, dim]`` (view 0 the plain image, in memory) for a split with augmented views,
+        else what :meth:`split` gives, ``[n, dim]``.
+
+        The rows of view ``v >= 1`` are ``base + (v - 1) * rows + row``: every view's block
+        holds the first ``rows`` rows, the augmented splits (train first, see ``_extract``).
+        """
+        x, y = self.split(name)
+        info = self.manifest.get("views")
+        if not info or name not in info["splits"] or len(y) == 0:
+            return x, y
+        idx = np.array(
+            [f["row"] for f in self.manifest["files"] if f["split"] == name], dtype=np.int64
+        )
+        feats = np.load(self.path / "features.npy", mmap_mode="r", allow_pickle=False)
+        base, rows = info["base"], info["rows"]
+        out = np.empty((info["count"], len(idx), feats.shape[1]), np.float32)
+        out[0] = x
+        for v in range(1, info["count"]):
+            out[v] = feats[base + (v - 1) * rows + idx]
+        return out, y
+
 
 def _read_entry(path: Path, key: str | None = None) -> Entry | None:
     """The entry at ``path`` if complete and consistent, else None (never raises)."""
@@ -199,7 +236,11 @@ def _read_entry(path: Path, key: str | None = None) -> Entry | None:
         if list(arr.shape) != manifest["shape"] or str(arr.dtype) != manifest["dtype"]:
             return None
         rows = [f["row"] for f in manifest["files"]]
-        if rows and (min(rows) < 0 or max(rows) >= arr.shape[0]):
+        views = manifest.get("views")
+        end = arr.shape[0] if not views else views["base"]
+        if views and views["base"] + (views["count"] - 1) * views["rows"] != arr.shape[0]:
+            return None
+        if rows and (min(rows) < 0 or max(rows) >= end):
             return None
         return Entry(path=path, manifest=manifest)
     except (OSError, ValueError, KeyError, TypeError):
@@ -441,7 +482,10 @@ class FeatureCache:
         row_of = np.empty(len(order), dtype=np.int64)
         row_of[order] = np.arange(len(order))
         paths = [images.abspath(images.files[i]) for i in order]
+        seeds = path_seeds([images.files[i].path for i in order])  # of augmented views
         spans = shard_spans(len(paths))
+        for job in jobs:
+            job.plan_views(len(paths), [images.files[i].split for i in order])
         results: dict[str, tuple[Entry, bool]] = {}
         waiting_since: float | None = None
         last_log = 0.0
@@ -463,7 +507,7 @@ class FeatureCache:
                         results[job.name] = made
             left = [job for job in left if job.name not in results]
             if any(job.shards.claimable(s) for job in left for s in spans):
-                self._extract_shards(left, paths, spans)
+                self._extract_shards(left, paths, seeds, spans)
                 waiting_since = None
             elif held and len(results) < len(jobs):
                 # every missing shard is being extracted by a live worker: wait for them,
@@ -501,9 +545,9 @@ class FeatureCache:
                 owner = job.shards.live_owner(span)
                 if owner is not None:
                     held[span] = owner
-        job.done = sum(b - a for a, b in spans if job.shards.is_done((a, b)))
+        job.done = sum(job.span_rows(s) for s in spans if job.shards.is_done(s))
         if job.progress:
-            job.progress(job.done, spans[-1][1] if spans else 0)
+            job.progress(job.done, job.total)
         return held
 
     def _abandon(self, job: _Job) -> None:
@@ -513,18 +557,22 @@ class FeatureCache:
             if job.shards.dir.is_dir() and not job.shards.any_live():
                 shutil.rmtree(job.shards.dir, ignore_errors=True)
 
-    def _extract_shards(self, jobs: list[_Job], paths: list[str], spans: list[Span]) -> None:
+    def _extract_shards(
+        self, jobs: list[_Job], paths: list[str], seeds: np.ndarray, spans: list[Span]
+    ) -> None:
         """One stream of forward passes over every shard this process can claim, in order.
 
         A shard is claimed when the stream reaches it (while the last passes of the previous
-        one run), decoded once for every entry that claimed it, and written when its last
-        batch is through. Batches never cross a shard's boundary, so each batch holds the
-        same images whichever worker extracts the shard and however many there are.
+        one run), decoded once for every entry that claimed it (resized once per input size,
+        augmented once per set of views), and written when its last batch is through. Batches
+        never cross a shard's boundary, so each batch holds the same images whichever worker
+        extracts the shard and however many there are.
         """
         import tensorflow as tf
 
         t0 = time.perf_counter()
         opened: list[tuple[Span, list[tuple[_Job, _Claim]]]] = []
+        # per shard and entry: features [views, shard rows, dim], which rows decoded
         bufs: dict[tuple[Span, str], tuple[np.ndarray, np.ndarray]] = {}
         ready = threading.Event()
         single = len(jobs) == 1
@@ -545,27 +593,46 @@ class FeatureCache:
                     opened.append((span, claimed))
                     yield span, claimed
 
-        def batches() -> Iterator[tuple[tuple[Span, _Job, np.ndarray], tuple[_Job, Any]]]:
+        def batches() -> Iterator[tuple[tuple[Span, _Job, np.ndarray, int], tuple[_Job, Any]]]:
+            import tensorflow as tf
+
             first = True
             for span, claimed in claims():
                 a, b = span
                 sizes = sorted({job.bb.input_size for job, _ in claimed})
-                pixels = sum(size * size for size in sizes)
-                chunk = None if single else MULTI_CHUNK_BATCHES * EXTRACT_BATCH * pixels * 3 * 4
+                augmented = sorted({j.variant for j, _ in claimed if j.variant is not None})
+                variants: list[Any] = [*sizes, *augmented]
+                per_batch = EXTRACT_BATCH * sum(variant_pixels(v) for v in variants) * 3 * 4
+                chunk = None
+                if augmented:
+                    chunk = max(per_batch, min(MULTI_CHUNK_BATCHES * per_batch, VIEWS_CHUNK_BYTES))
+                elif not single:
+                    chunk = MULTI_CHUNK_BATCHES * per_batch
                 chunks = decoded_chunks(
                     paths[a:b],
-                    sizes[0] if len(sizes) == 1 else sizes,
+                    sizes[0] if len(variants) == 1 else variants,
                     EXTRACT_BATCH,
                     first_bytes=None if first else (chunk or CHUNK_BYTES),
                     chunk_bytes=chunk,
                     first_until=ready if first else None,
+                    seeds=seeds[a:b] if augmented else None,
                 )
                 first = False
                 for decoded in chunks:
                     for job, _ in claimed:
-                        k = sizes.index(job.bb.input_size)
+                        k = variants.index(job.bb.input_size)
                         for idx, x in decoded:
-                            yield (span, job, idx + a), (job, x if len(sizes) == 1 else x[k])
+                            yield (span, job, idx + a, 0), (job, x if len(variants) == 1 else x[k])
+                        if job.variant is None:
+                            continue
+                        kv = variants.index(job.variant)
+                        for idx, x in decoded:
+                            keep = np.flatnonzero(idx + a < job.rows)  # the augmented splits
+                            if len(keep) == 0:
+                                continue
+                            xs = x[kv] if len(keep) == len(idx) else tf.gather(x[kv], keep)
+                            for v in range(1, job.views):
+                                yield (span, job, idx[keep] + a, v), (job, xs[:, v - 1])
 
         gen = batches()
         try:
@@ -595,22 +662,20 @@ class FeatureCache:
                 return
             stream = _forward_all(lambda jx: jx[0].forward(jx[1]), itertools.chain([got], gen))
             with _Refresher(opened):
-                for (span, job, idx), out in stream:
+                for (span, job, idx, view), out in stream:
                     while opened[0][0] != span:  # every pass of the shards before is through
                         self._write_shard(*opened[0], bufs, paths)
                         opened.pop(0)
                     key = (span, job.name)
                     if key not in bufs:
-                        bufs[key] = (
-                            np.zeros((span[1] - span[0], job.dim), np.float32),
-                            np.zeros(span[1] - span[0], bool),
-                        )
+                        bufs[key] = _shard_buffers(job, span)
                     feats, rows = bufs[key]
-                    feats[idx - span[0]] = out.reshape(len(idx), job.dim)
-                    rows[idx - span[0]] = True
+                    feats[view, idx - span[0]] = out.reshape(len(idx), job.dim)
+                    if view == 0:
+                        rows[idx - span[0]] = True
                     job.done += len(idx)
                     if job.progress:
-                        job.progress(job.done, len(paths))
+                        job.progress(job.done, job.total)
                 while opened:
                     self._write_shard(*opened[0], bufs, paths)
                     opened.pop(0)
@@ -634,10 +699,7 @@ class FeatureCache:
         """
         a, b = span
         for job, claim in claimed:
-            feats, rows = bufs.pop(
-                (span, job.name),
-                (np.zeros((b - a, job.dim), np.float32), np.zeros(b - a, bool)),
-            )
+            feats, rows = bufs.pop((span, job.name), None) or _shard_buffers(job, span)
             for i in np.flatnonzero(~rows).tolist():
                 failure = read_failure(paths[a + i], job.bb.input_size)
                 if failure is not None:
@@ -688,13 +750,14 @@ class FeatureCache:
             raise TlsweepError(f"{self.dir / job.name}: the new cache entry failed verification")
         t = entry.manifest["timings"]
         log.info(
-            "extracted %s: %d images in %.1fs (%.0f images/s) by %d worker(s), %d skipped",
+            "extracted %s: %d images in %.1fs (%.0f images/s) by %d worker(s), %d skipped%s",
             job.name,
             n - len(entry.manifest["skipped"]),
             t["extract_s"],
             (n - len(entry.manifest["skipped"])) / max(t["extract_s"], 1e-9),
             len(t["workers"]),
             len(entry.manifest["skipped"]),
+            job.cost_note(t.get("forward_passes", 0)),
         )
         return entry, False
 
@@ -717,11 +780,16 @@ class FeatureCache:
         for a, b in spans:
             part, rows, owner = job.shards.read((a, b))
             if feats is None:
-                job.dim = part.shape[1]
+                job.dim = part.shape[-1]
                 feats = np.lib.format.open_memmap(
-                    tmp / "features.npy", mode="w+", dtype=np.float32, shape=(n, job.dim)
+                    tmp / "features.npy", mode="w+", dtype=np.float32, shape=(job.total, job.dim)
                 )
-            feats[a:b] = part
+            feats[a:b] = part[0]
+            for v in range(1, job.views):  # rows of the augmented splits' files, view by view
+                end = min(b, job.rows)
+                if end > a:
+                    start = job.base + (v - 1) * job.rows
+                    feats[start + a : start + end] = part[v, : end - a]
             got[a:b] = rows
             owners.add(owner)
         if feats is not None:
@@ -763,8 +831,9 @@ class FeatureCache:
                 "pooling": job.bb.pooling,
                 "args": dict(job.bb.args),
                 "label": job.bb.label,
+                "augment": asdict(job.bb.augment) if job.bb.augment else None,
             },
-            "shape": [n, job.dim],
+            "shape": [job.total, job.dim],
             "dtype": "float32",
             "data_dir": str(images.root),
             "layout": images.layout,
@@ -787,6 +856,12 @@ class FeatureCache:
             },
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if job.bb.augment is not None:
+            manifest["views"] = job.views_info()
+            # forward passes per usable image: the views' cost, K x on augmented splits
+            manifest["timings"]["forward_passes"] = done + (job.views - 1) * int(
+                got[: job.rows].sum()
+            )
         with open(tmp / "manifest.json", "w") as f:
             json.dump(manifest, f)  # no indent: the C encoder, 10x faster on 4000 files
             f.flush()
@@ -809,6 +884,51 @@ class _Job:
     done: int = 0  # rows written, by any worker
     together: int = 1  # entries extracted together with this one
     t_build: float = 0.0
+    base: int = 0  # rows of view 0 (every file)
+    rows: int = 0  # rows of each further view: the files of the augmented splits
+    total: int = 0  # rows of features.npy
+
+    @property
+    def variant(self) -> ViewsVariant | None:
+        """The augmented variant of the decoded images this entry needs, if any."""
+        a = self.bb.augment
+        if a is None:
+            return None
+        return (int(self.bb.input_size or 0), a.views, a.flip, a.crop, a.seed)
+
+    @property
+    def views(self) -> int:
+        return self.bb.augment.views if self.bb.augment is not None else 1
+
+    def plan_views(self, n: int, splits: list[str]) -> None:
+        """Lay out the rows: view 0 of all ``n`` files, then views 1 .. K - 1 of the files of
+        the augmented splits, which come first in ``splits`` (the files' splits in row order)."""
+        self.base = self.total = n
+        a = self.bb.augment
+        if a is None:
+            return
+        self.rows = sum(1 for s in splits if s in a.splits)
+        if any(s not in a.splits for s in splits[: self.rows]):  # pragma: no cover - row order
+            raise TlsweepError("augmented splits must come first in the rows")
+        self.total = n + (a.views - 1) * self.rows
+
+    def span_rows(self, span: Span) -> int:
+        """The rows of features.npy a shard holds (every view of its files)."""
+        a, b = span
+        return b - a + (self.views - 1) * max(0, min(b, self.rows) - a)
+
+    def views_info(self) -> dict[str, Any]:
+        a = self.bb.augment
+        assert a is not None
+        return {"count": a.views, "base": self.base, "rows": self.rows, "splits": list(a.splits)}
+
+    def cost_note(self, passes: int) -> str:
+        if self.bb.augment is None:
+            return ""
+        return (
+            f"; {self.bb.augment.views} views of {', '.join(self.bb.augment.splits)}: "
+            f"{passes} forward passes, {passes / max(self.base, 1):.2f}x a single view"
+        )
 
     def build(self, tf: Any) -> None:
         extractor = bbs.build_extractor(self.bb)
@@ -845,6 +965,14 @@ def shard_spans(n: int) -> list[Span]:
     """
     size = SHARD_BATCHES * EXTRACT_BATCH
     return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _shard_buffers(job: _Job, span: Span) -> tuple[np.ndarray, np.ndarray]:
+    """Zeroed features ``[views, shard rows, dim]`` and decoded-row flags of one shard."""
+    return (
+        np.zeros((job.views, span[1] - span[0], job.dim), np.float32),
+        np.zeros(span[1] - span[0], bool),
+    )
 
 
 def _owner() -> str:

@@ -68,6 +68,10 @@ class FusedEntry:
             return np.zeros((0, feats.shape[1]), np.float32), np.zeros((0,), np.int64)
         return feats[idx], labels
 
+    def views(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`split`: a fused backbone has no augmented views (its members take none)."""
+        return self.split(name)
+
     def split_sizes(self) -> dict[str, int]:
         out = {"train": 0, "validation": 0, "test": 0}
         for f in self.manifest["files"]:

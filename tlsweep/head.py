@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # Keras's defaults, so results match Model.fit with the same optimizer.
 ADAM_BETA1, ADAM_BETA2, EPSILON = 0.9, 0.999, 1e-7
 SGD_MOMENTUM = 0.9
+VIEW_SEED = 1 << 20  # offsets the per-epoch view choice's seed from the epoch's dropout seed
 RMSPROP_RHO = 0.9
 
 
@@ -127,8 +128,15 @@ class TrainedHead:
         return model
 
     def predict_proba(self, x: np.ndarray, batch: int = 4096) -> np.ndarray:
-        """Class probabilities [n, n_classes] (two columns for binary heads)."""
+        """Class probabilities [n, n_classes] (two columns for binary heads).
+
+        ``x`` of shape ``[views, n, features]`` (augmented views of the same images): the mean
+        of the views' probabilities (test-time augmentation).
+        """
         import tensorflow as tf
+
+        if np.ndim(x) == 3:
+            return np.mean([self.predict_proba(v, batch) for v in x], axis=0)
 
         fn = _forward_fn(len(self.weights) // 2)
         ws = tuple(tf.constant(w) for w in self.weights)
@@ -395,6 +403,7 @@ class _Trainer:
         params: HeadParams,
         class_weights: Sequence[float] | None = None,
         extra_metrics: Sequence[str] = (),
+        train_views: str = "one",
     ) -> None:
         import tensorflow as tf
 
@@ -413,8 +422,20 @@ class _Trainer:
         self.yv = (
             tf.convert_to_tensor(np.asarray(y_val, np.int64)) if not tf.is_tensor(y_val) else y_val
         )
+        # Augmented views ([views, n, features]): training sees one seeded view of each image
+        # per epoch ("one") or every view ("all"); validation the mean of its views' probabilities.
+        self.views = None
+        if len(self.xt.shape) == 3:
+            if train_views == "all":
+                k = int(self.xt.shape[0])
+                self.xt = tf.reshape(self.xt, [-1, int(self.xt.shape[2])])
+                self.yt = tf.tile(self.yt, [k])
+            else:
+                self.views = self.xt
+                self.xt = self.views[0]
+        self.tta = len(self.xv.shape) == 3
         self.extra_metrics = tuple(extra_metrics)
-        self.yv_np = np.asarray(self.yv) if self.extra_metrics else None
+        self.yv_np = np.asarray(self.yv) if self.extra_metrics or self.tta else None
         binary = n_classes == 2
         self.n_features = int(self.xt.shape[1])
         out_units = 1 if binary else n_classes
@@ -457,11 +478,18 @@ class _Trainer:
         import tensorflow as tf
 
         seed = tf.constant([self.params.seed, e], tf.int32)
+        xt = self.xt
+        if self.views is not None:  # this epoch's view of each image: a seeded choice
+            k, n = int(self.views.shape[0]), int(self.views.shape[1])
+            pick = tf.random.stateless_uniform(
+                [n], seed=[self.params.seed, VIEW_SEED + e], minval=0, maxval=k, dtype=tf.int32
+            )
+            xt = tf.gather_nd(self.views, tf.stack([pick, tf.range(n)], axis=1))
         self.step, loss, acc = self.epoch_fn(
             self.handles,
             self.slot_handles,
             self.step,
-            self.xt,
+            xt,
             self.yt,
             seed,
             self.lr,
@@ -471,16 +499,37 @@ class _Trainer:
             self.cw,
         )
         ws = tuple(v.value() for v in self.wvars)
-        val_loss, val_acc = self.evaluate(ws, self.xv, self.yv, self.smoothing)
         extra: dict[str, float] = {}
+        proba = None
+        if self.tta:  # the mean of the views' probabilities
+            fwd = _forward_fn(len(ws) // 2)
+            proba = np.mean(
+                [
+                    _proba(fwd(ws, self.xv[v]).numpy(), self.n_classes)
+                    for v in range(self.xv.shape[0])
+                ],
+                axis=0,
+            )
+            val_loss, val_acc = _proba_loss_acc(proba, self.yv_np, self.params.label_smoothing)
+        else:
+            val_loss, val_acc = self.evaluate(ws, self.xv, self.yv, self.smoothing)
         if self.extra_metrics:  # only when asked for: the default path stays in the graph
             from tlsweep.metrics import scores
 
-            logits = _forward_fn(len(ws) // 2)(ws, self.xv).numpy()
-            proba = _proba(logits, self.n_classes)
+            if proba is None:
+                logits = _forward_fn(len(ws) // 2)(ws, self.xv).numpy()
+                proba = _proba(logits, self.n_classes)
             got = scores(proba, self.yv_np, self.extra_metrics)
             extra = {f"val_{k}": v for k, v in got.items()}
         return EpochMetrics(e, float(loss), float(acc), float(val_loss), float(val_acc), extra)
+
+
+def _proba_loss_acc(proba: np.ndarray, y: np.ndarray, smoothing: float) -> tuple[float, float]:
+    """Cross-entropy (label smoothing as Keras's) and accuracy of class probabilities."""
+    k = proba.shape[1]
+    target = np.eye(k, dtype=np.float64)[y] * (1.0 - smoothing) + smoothing / k
+    loss = -np.sum(target * np.log(np.clip(proba, 1e-7, 1.0)), axis=1).mean()
+    return float(loss), float((proba.argmax(axis=1) == y).mean())
 
 
 def _proba(logits: np.ndarray, n_classes: int) -> np.ndarray:
@@ -524,6 +573,7 @@ def train_head(
     *,
     class_weights: Sequence[float] | None = None,
     extra_metrics: Sequence[str] = (),
+    train_views: str = "one",
 ) -> TrainedHead:
     """Train a head; ``on_epoch`` sees each epoch's metrics and may raise to stop (pruning).
 
@@ -531,9 +581,14 @@ def train_head(
     ``class_weights``: one loss weight per class (see :func:`class_weight_vector`).
     ``extra_metrics``: names from :data:`tlsweep.metrics.SCORES` also computed on the
     validation data each epoch, as ``val_<name>`` in :attr:`EpochMetrics.extra`.
+    Augmented views: ``x_train`` of shape ``[views, n, features]`` trains on one seeded view
+    of each image per epoch (``train_views="one"``) or on all of them (``"all"``); ``x_val`` of
+    that shape is scored on the mean of its views' probabilities.
     """
     t0 = time.perf_counter()
-    t = _Trainer(x_train, y_train, x_val, y_val, n_classes, params, class_weights, extra_metrics)
+    t = _Trainer(
+        x_train, y_train, x_val, y_val, n_classes, params, class_weights, extra_metrics, train_views
+    )
     head = TrainedHead(params, t.n_features, n_classes, [])
     for e in range(params.epochs):
         metrics = t.run_epoch(e)
@@ -561,6 +616,7 @@ def train_heads(
     *,
     class_weights: Sequence[Sequence[float] | None] | None = None,
     extra_metrics: Sequence[str] = (),
+    train_views: str = "one",
 ) -> list[TrainedHead]:
     """Train several heads in lock-step (cross-validation folds, repeated seeds).
 
@@ -576,7 +632,7 @@ def train_heads(
     t0 = time.perf_counter()
     cws = class_weights or [None] * len(tasks)
     trainers = [
-        _Trainer(*task, n_classes, p, cw, extra_metrics)
+        _Trainer(*task, n_classes, p, cw, extra_metrics, train_views)
         for task, p, cw in zip(tasks, params, cws, strict=True)
     ]
     heads = [TrainedHead(t.params, t.n_features, n_classes, []) for t in trainers]

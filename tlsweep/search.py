@@ -297,13 +297,17 @@ class FeatureData:
 
 
 def load_features(backbones: list[tuple[BackboneConfig, Any]]) -> dict[str, FeatureData]:
-    """Memory-map every entry's train and validation split once (never the test split)."""
+    """Memory-map every entry's train and validation split once (never the test split).
+
+    A backbone with augmented views gets ``[views, n, features]`` for its training split (and
+    its validation split with ``tta``), in memory.
+    """
     from tlsweep.head import as_tensor
 
     out = {}
     for bb, entry in backbones:
-        xt, yt = entry.split("train")
-        xv, yv = entry.split("validation")
+        xt, yt = entry.views("train") if bb.augment else entry.split("train")
+        xv, yv = entry.views("validation") if bb.augment else entry.split("validation")
         if len(yt) == 0 or len(yv) == 0:
             which = "training" if len(yt) == 0 else "validation"
             raise StudyError(
@@ -343,6 +347,11 @@ def training_options(cfg: SweepConfig, y_train: Any, class_names: list[str]) -> 
     except ValueError as e:  # a class name the data does not have
         raise StudyError(str(e)) from None
     return {"class_weights": weights, "extra_metrics": extra_metrics(cfg, len(class_names))}
+
+
+def train_views(bb: BackboneConfig) -> str:
+    """How the head trains on ``bb``'s augmented views: one per image per epoch, or all."""
+    return bb.augment.train if bb.augment is not None else "one"
 
 
 def stratified_folds(y: Any, k: int, seed: int) -> list[Any]:
@@ -415,9 +424,13 @@ def _tasks(cfg: SweepConfig, data: FeatureData) -> tuple[list[tuple], list[int],
     y = np.asarray(data.y_train)
     folds = stratified_folds(y, k, cfg.search.seed)
     tasks, groups = [], []
+    x = data.x_train
+    views = len(x.shape) == 3  # augmented views: [views, n, features]
+    tta = views and bool(data.backbone.augment and data.backbone.augment.tta)
     for f, held in enumerate(folds):
         train = np.sort(np.concatenate([folds[j] for j in range(k) if j != f]))
-        task = (tf.gather(data.x_train, train), y[train], tf.gather(data.x_train, held), y[held])
+        x_held = tf.gather(x, held, axis=1) if tta else tf.gather(x[0] if views else x, held)
+        task = (tf.gather(x, train, axis=1 if views else 0), y[train], x_held, y[held])
         tasks += [task] * r
         groups += [f] * r
     return tasks, groups, "fold"
@@ -532,6 +545,10 @@ def run_trial(
                     "repeats": cfg.search.repeats,
                     "class_weight": cfg.search.class_weight,
                 }
+                if bb.augment is not None:
+                    logged.update(
+                        views=bb.augment.views, tta=bb.augment.tta, train_views=bb.augment.train
+                    )
                 if tracker:
                     with deferred():  # a run created is a run whose id we hold, to close it
                         run_id = tracker.start_trial(trial.number, logged, worker)
@@ -554,6 +571,7 @@ def run_trial(
                             training_options(cfg, t[1], names)["class_weights"] for t in tasks
                         ],
                         extra_metrics=extra_metrics(cfg, data.n_classes),
+                        train_views=train_views(bb),
                     )
                 else:
                     train_head(
@@ -564,6 +582,7 @@ def run_trial(
                         data.n_classes,
                         hp,
                         on_epoch=on_epoch,
+                        train_views=train_views(bb),
                         **training_options(cfg, data.y_train, names),
                     )
                 value = history[-1][metric]

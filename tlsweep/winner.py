@@ -41,6 +41,9 @@ class Winner:
     test: dict[str, Any] | None  # None: no test split
     test_proba: Any = None  # [n, classes] probabilities on the test split
     test_labels: Any = None  # [n] true labels of the test split
+    # Augmented views with test-time augmentation: the validation score of the single plain
+    # view, which is what the exported model computes (the trial's value is the views' mean).
+    validation_single_view: float | None = None
 
 
 def best_trial(study: Any) -> Any:
@@ -62,7 +65,7 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
 
     from tlsweep.features import extract_all
     from tlsweep.head import HeadParams, evaluate_head, train_head
-    from tlsweep.search import check_data, suggest, training_options
+    from tlsweep.search import check_data, suggest, train_views, training_options
 
     best = best_trial(study)
     # Never retrain the winner's parameters on features other than the ones it was chosen on.
@@ -75,19 +78,50 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
     if label not in entries:
         raise StudyError(f"the best trial's backbone {label} is not in the sweep file any more")
     bb, entry = entries[label]
-    xt, yt = entry.split("train")
-    xv, yv = entry.split("validation")
+    xt, yt = entry.views("train") if bb.augment else entry.split("train")
+    xv, yv = entry.views("validation") if bb.augment else entry.split("validation")
     hp = HeadParams.from_dict({**full, "seed": cfg.search.seed})
     names = list(entry.class_names)
-    head = train_head(xt, yt, xv, yv, len(names), hp, **training_options(cfg, yt, names))
+    head = train_head(
+        xt,
+        yt,
+        xv,
+        yv,
+        len(names),
+        hp,
+        train_views=train_views(bb),
+        **training_options(cfg, yt, names),
+    )
+    # The test score is the plain view's, as the exported model computes it (one image in, no
+    # test-time augmentation: its views depend on the file, which a model does not see).
     xs, ys = entry.split("test")
     test = evaluate_head(head, xs, ys) if len(ys) else None
     proba = None
+    single = None
+    if np.ndim(xv) == 3:
+        single = _metric(cfg, head, xv[0], yv)
     if test is not None:
         test["class_names"] = entry.class_names
         proba = head.predict_proba(np.asarray(xs, np.float32))
         test.update(score_test(cfg, proba, ys))
-    return Winner(best.number, float(best.value), full, bb, entry, head, test, proba, ys)
+        if bb.augment is not None and bb.augment.tta:
+            xs_views, _ = entry.views("test")
+            test["tta_accuracy"] = evaluate_head(head, xs_views, ys)["accuracy"]
+            test["tta_views"] = bb.augment.views
+    return Winner(best.number, float(best.value), full, bb, entry, head, test, proba, ys, single)
+
+
+def _metric(cfg: SweepConfig, head: Any, x: Any, y: Any) -> float:
+    """The objective's metric of ``head`` on features ``x`` (one view) as a trial scores it."""
+    from tlsweep.head import _proba_loss_acc
+    from tlsweep.metrics import scores
+
+    proba = head.predict_proba(np.asarray(x, np.float32))
+    name = cfg.search.metric.removeprefix("val_")
+    if name in ("loss", "accuracy"):
+        loss, acc = _proba_loss_acc(proba, np.asarray(y), head.params.label_smoothing)
+        return loss if name == "loss" else acc
+    return float(scores(proba, y, [name])[name])
 
 
 def score_test(cfg: SweepConfig, proba: Any, y: Any) -> dict[str, Any]:
@@ -117,8 +151,12 @@ def evaluate_and_log(
         metrics: dict[str, float] = {
             f"rebuilt_{cfg.search.metric}": w.head.history[-1].as_dict()[cfg.search.metric]
         }
+        if w.validation_single_view is not None:  # what the exported model computes
+            metrics[f"rebuilt_{cfg.search.metric}_single_view"] = w.validation_single_view
         if w.test is not None:
             metrics["test_accuracy"] = w.test["accuracy"]
+            if "tta_accuracy" in w.test:  # not what the exported model computes
+                metrics["test_tta_accuracy"] = w.test["tta_accuracy"]
             metrics["test_loss"] = w.test["loss"]
             for name, (lo, hi) in w.test.get("ci", {}).items():
                 metrics[f"test_{name}"] = w.test[name]
@@ -266,7 +304,31 @@ def metadata(cfg: SweepConfig, w: Winner) -> dict[str, Any]:
         "params": w.params,
         f"validation_{cfg.search.metric}": w.value,
         "test": w.test,
+        **_views_note(cfg, w),
     }
+
+
+def _views_note(cfg: SweepConfig, w: Winner) -> dict[str, Any]:
+    """What an exported model trained on augmented views computes, in its metadata."""
+    a = w.backbone.augment
+    if a is None:
+        return {}
+    note = {
+        "augment": {"views": a.views, "flip": a.flip, "crop": a.crop, "tta": a.tta},
+        "test_time_augmentation": False,
+        "scores": "the model sees one image as it is (no test-time augmentation): "
+        "test.accuracy is its score"
+        + (
+            "; the trial's validation value and test.tta_accuracy are the mean over the cached "
+            "views, which the model does not compute"
+            if a.tta
+            else ""
+        ),
+    }
+    if w.validation_single_view is not None:  # the registry ranks on what the model computes
+        note[f"validation_{cfg.search.metric}"] = w.validation_single_view
+        note[f"validation_{cfg.search.metric}_tta"] = w.value
+    return note
 
 
 @dataclass
