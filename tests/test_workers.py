@@ -278,10 +278,11 @@ def test_sighup_during_extraction_leaves_no_partial_entry(cats_dogs_small: Path,
         start_new_session=True,
     )
     deadline = time.monotonic() + 300
-    while not (cache.is_dir() and any(".tmp-" in q.name for q in cache.iterdir())):
+    while not (cache.is_dir() and any(q.name.endswith(".shards") for q in cache.iterdir())):
         assert p.poll() is None, "extraction ended before it could be signalled"
         assert time.monotonic() < deadline
         time.sleep(0.05)
     os.kill(p.pid, signal.SIGHUP)
     assert p.wait(timeout=120) == 128 + signal.SIGHUP
-    assert [q.name for q in cache.iterdir() if q.is_dir()] == []  # no entry, no temporary one
+    # no entry, no temporary one, no shards (nobody else was extracting)
+    assert [q.name for q in cache.iterdir() if q.is_dir()] == []

@@ -417,6 +417,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.worker_index is not None:
         # A worker of `--workers N`: its parent has reported the cache and the skipped files.
         logging.getLogger("tlsweep.features").setLevel(logging.ERROR)
+    if args.extract_first:  # `--workers N`: take shards of the missing features first
+        from tlsweep.sweep import wait_for_go
+
+        if not wait_for_go(cfg):
+            return 0  # the parent stopped before the trials
 
     def on_trial(o: Any) -> None:
         value = f"{cfg.search.metric}={o.value:.4f}" if o.value is not None else "no value"
@@ -754,6 +759,7 @@ def _register_run(sub: Any) -> None:
         help="worker processes on this machine (default 1)",
     )
     r.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    r.add_argument("--extract-first", action="store_true", help=argparse.SUPPRESS)
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
 

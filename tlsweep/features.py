@@ -14,9 +14,11 @@ training split, every split with ``tta``), which come first in the row order; th
 
 It is written under a temporary name and renamed into place; an entry whose manifest is missing,
 unreadable or does not match its key and arrays is never used. Extraction streams batches to a
-memory-mapped ``.npy`` file, so a dataset larger than memory works. A per-entry file lock makes
-concurrent workers extract each entry once: the others wait, and because the lock dies with its
-process, a worker that died while extracting is taken over.
+memory-mapped ``.npy`` file, so a dataset larger than memory works. A missing entry's rows are
+cut into shards that every process asking for it (``run --workers N``, other machines on the
+same cache folder) claims, extracts and writes (:class:`_Shards`); a shard of a worker that died
+is taken over, and the entry is joined and published under a per-entry file lock once every
+shard is written, bit-identical to one worker's.
 
 Computing a key imports no TensorFlow, and reads only the images whose stat changed: a stat
 index per data folder (``<cache_dir>/stat-index-<hash of the folder's path>.json``) maps each
@@ -53,6 +55,7 @@ import numpy as np
 from tlsweep import backbones as bbs
 from tlsweep.config import BackboneConfig, SweepConfig
 from tlsweep.data import (
+    CHUNK_BYTES,
     SPLITS,
     ImageSet,
     ViewsVariant,
@@ -365,11 +368,14 @@ class FeatureCache:
                 continue
             if p.is_dir():
                 lock = self.dir / f"{p.name.split('.tmp-')[0]}.lock"
-                if ".tmp-" in p.name and _in_progress(p, _lock_held(lock)):
+                shards = p.name.endswith(SHARDS_SUFFIX)
+                if (".tmp-" in p.name and _in_progress(p, _lock_held(lock))) or (
+                    shards and _Shards(self.dir, p.name[: -len(SHARDS_SUFFIX)]).any_live()
+                ):
                     log.info("%s: an extraction in progress; left alone", p.name)
                     continue
                 shutil.rmtree(p, ignore_errors=True)
-                if ".tmp-" not in p.name:
+                if ".tmp-" not in p.name and not shards:
                     removed.append(p.name)
             elif (p.suffix == ".lock" and not _lock_held(p)) or (
                 match is None and p.name.lstrip(".").startswith(STAT_INDEX_PREFIX)
@@ -398,7 +404,10 @@ class FeatureCache:
         """The entry of each backbone on ``images``; (entry, was_cached) per backbone, in order.
 
         The missing entries are extracted together: each image is decoded once, resized to
-        every input size they need, and goes through every backbone's forward pass.
+        every input size they need, and goes through every backbone's forward pass. Every
+        process that asks for a missing entry meanwhile (``run --workers N``, other machines on
+        the same cache folder) takes shards of it (see :class:`_Shards`); an entry another
+        process published is returned as cached.
         """
         digest = images_digest or self.images_digest(images)
         out: list[tuple[Entry, bool] | None] = [None] * len(backbones)
@@ -421,40 +430,49 @@ class FeatureCache:
                 jobs.append((k, _Job(bb, parts, key, name, progress[k] if progress else None)))
         if jobs:
             self._mkdir()
-            with contextlib.ExitStack() as locks:
-                for name in sorted({job.name for _, job in jobs}):  # one order: no deadlock
-                    locks.enter_context(_entry_lock(self.dir, name))
-                todo: list[tuple[int, _Job]] = []
+            todo: list[tuple[int, _Job]] = []
+            try:
                 for k, job in jobs:
-                    # another worker may have finished it while we waited
-                    hit = self.lookup(job.bb, job.key)
+                    hit = self._start(job)
                     if hit is not None:
-                        log.info("cache hit: %s (extracted by another worker)", job.name)
                         out[k] = (hit, True)
-                        continue
-                    for stale in self.dir.glob(f"{job.name}.tmp-*"):
-                        if not _in_progress(stale, locked=False):  # we hold the lock; others'
-                            shutil.rmtree(stale, ignore_errors=True)
-                    final = self.dir / job.name
-                    if final.exists():  # a damaged entry: never used, replaced
-                        hit = _read_entry(final, job.key)  # unless another machine published it
-                        if hit is not None:
-                            out[k] = (hit, True)
-                            continue
-                        log.warning("replacing damaged cache entry %s", job.name)
-                        shutil.rmtree(final, ignore_errors=True)
-                    todo.append((k, job))
+                    else:
+                        todo.append((k, job))
                 if todo:
-                    entries = self._extract([job for _, job in todo], images)
-                    for (k, _), entry in zip(todo, entries, strict=True):
-                        out[k] = (entry, False)
+                    done = self._extract([job for _, job in todo], images)
+                    for (k, _), got in zip(todo, done, strict=True):
+                        out[k] = got
+            except BaseException:
+                for k, job in jobs:
+                    if out[k] is None and job.shards is not None:
+                        self._abandon(job)
+                raise
         for k, j in same:
             out[k] = out[j]
         return out  # type: ignore[return-value]
 
-    def _extract(self, jobs: list[_Job], images: ImageSet) -> list[Entry]:
-        import tensorflow as tf
+    def _start(self, job: _Job) -> Entry | None:
+        """Under the entry's lock: the entry if another worker published it meanwhile; else
+        make its shard folder (abandoned temporary folders removed, a damaged entry replaced)."""
+        with _entry_lock(self.dir, job.name):
+            hit = self.lookup(job.bb, job.key)
+            if hit is not None:
+                log.info("cache hit: %s (extracted by another worker)", job.name)
+                return hit
+            for stale in self.dir.glob(f"{job.name}.tmp-*"):
+                if not _in_progress(stale, locked=False):  # we hold the lock; others'
+                    shutil.rmtree(stale, ignore_errors=True)
+            final = self.dir / job.name
+            if final.exists():  # a damaged entry: never used, replaced
+                log.warning("replacing damaged cache entry %s", job.name)
+                shutil.rmtree(final, ignore_errors=True)
+            job.shards = _Shards(self.dir, job.name)
+            job.shards.dir.mkdir(exist_ok=True)
+        return None
 
+    def _extract(self, jobs: list[_Job], images: ImageSet) -> list[tuple[Entry, bool]]:
+        """Take and extract shards of the ``jobs``' entries until every shard is written, then
+        assemble and publish each entry (unless another worker did); (entry, was_cached)."""
         t0 = time.perf_counter()
         # Rows grouped by split (train, validation, test), each in file order: a split is one
         # block of the .npy, which training maps without a copy (Entry.split). Layout A is in
@@ -464,202 +482,396 @@ class FeatureCache:
         row_of = np.empty(len(order), dtype=np.int64)
         row_of[order] = np.arange(len(order))
         paths = [images.abspath(images.files[i]) for i in order]
-        n = len(paths)
+        seeds = path_seeds([images.files[i].path for i in order])  # of augmented views
+        spans = shard_spans(len(paths))
         for job in jobs:
-            job.plan_views(n, [images.files[i].split for i in order])
-        # One decode per image for every entry: resized once per distinct input size, and
-        # augmented once per distinct set of views.
-        sizes = sorted({job.bb.input_size for job in jobs})
-        augmented = sorted({job.variant for job in jobs if job.variant is not None})
-        variants: list[Any] = [*sizes, *augmented]
-        slot = {v: i for i, v in enumerate(variants)}
+            job.plan_views(len(paths), [images.files[i].split for i in order])
+        results: dict[str, tuple[Entry, bool]] = {}
+        waiting_since: float | None = None
+        last_log = 0.0
+        for job in jobs:
+            job.together = len(jobs)
+        while len(results) < len(jobs):
+            left = [job for job in jobs if job.name not in results]
+            held: list[tuple[_Job, Span, str]] = []
+            for job in left:
+                state = self._state(job, spans)
+                if isinstance(state, Entry):
+                    log.info("cache hit: %s (extracted by another worker)", job.name)
+                    results[job.name] = (state, True)
+                elif state:
+                    held += [(job, span, owner) for span, owner in state.items()]
+                elif not any(job.shards.claimable(span) for span in spans):
+                    made = self._assemble(job, images, order, row_of, spans, t0)
+                    if made is not None:
+                        results[job.name] = made
+            left = [job for job in left if job.name not in results]
+            if any(job.shards.claimable(s) for job in left for s in spans):
+                self._extract_shards(left, paths, seeds, spans)
+                waiting_since = None
+            elif held and len(results) < len(jobs):
+                # every missing shard is being extracted by a live worker: wait for them,
+                # and take over the shard of any that dies or stops refreshing its claim
+                now = time.monotonic()
+                waiting_since = waiting_since or now
+                if now - last_log >= WAIT_LOG_EVERY:
+                    last_log = now
+                    owners = sorted({owner for _, _, owner in held})
+                    log.info(
+                        "waiting for %d shard(s) of %s being extracted by %s (%.0fs so "
+                        "far); a claim not refreshed for %gs is taken over",
+                        len(held),
+                        ", ".join(sorted({job.name for job, _, _ in held})),
+                        ", ".join(owners),
+                        now - waiting_since,
+                        CLAIM_STALE_AFTER,
+                    )
+                time.sleep(WAIT_POLL)
+        return [results[job.name] for job in jobs]
+
+    def _state(self, job: _Job, spans: list[Span]) -> Entry | dict[Span, str] | None:
+        """The entry if another worker published it; else the shards claimed by live workers
+        (span -> owner), empty when none is (every shard written, or some free to claim)."""
+        hit = self.lookup(job.bb, job.key)
+        if hit is not None:
+            return hit
+        if not job.shards.dir.is_dir():  # removed by `cache clear`: start again
+            hit = self._start(job)
+            if hit is not None:
+                return hit
+        held = {}
+        for span in spans:
+            if not job.shards.is_done(span):
+                owner = job.shards.live_owner(span)
+                if owner is not None:
+                    held[span] = owner
+        job.done = sum(job.span_rows(s) for s in spans if job.shards.is_done(s))
+        if job.progress:
+            job.progress(job.done, job.total)
+        return held
+
+    def _abandon(self, job: _Job) -> None:
+        """After an error or Ctrl-C: remove the entry's shard folder, unless another worker is
+        extracting shards of it (their claims are live) or will assemble it."""
+        with contextlib.suppress(OSError), _entry_lock(self.dir, job.name):
+            if job.shards.dir.is_dir() and not job.shards.any_live():
+                shutil.rmtree(job.shards.dir, ignore_errors=True)
+
+    def _extract_shards(
+        self, jobs: list[_Job], paths: list[str], seeds: np.ndarray, spans: list[Span]
+    ) -> None:
+        """One stream of forward passes over every shard this process can claim, in order.
+
+        A shard is claimed when the stream reaches it (while the last passes of the previous
+        one run), decoded once for every entry that claimed it (resized once per input size,
+        augmented once per set of views), and written when its last batch is through. Batches
+        never cross a shard's boundary, so each batch holds the same images whichever worker
+        extracts the shard and however many there are.
+        """
+        import tensorflow as tf
+
+        t0 = time.perf_counter()
+        opened: list[tuple[Span, list[tuple[_Job, _Claim]]]] = []
+        # per shard and entry: features [views, shard rows, dim], which rows decoded
+        bufs: dict[tuple[Span, str], tuple[np.ndarray, np.ndarray]] = {}
         ready = threading.Event()
-        if len(jobs) == 1 and not augmented:
-            chunks = decoded_chunks(paths, sizes[0], EXTRACT_BATCH, first_until=ready)
-        else:
-            # Chunks of MULTI_CHUNK_BATCHES batches (fewer when views make them large): each
-            # entry's passes read the images of its size in turn, from memory shared by all.
-            pixels = sum(variant_pixels(v) for v in variants)
-            per_batch = EXTRACT_BATCH * pixels * 3 * 4
-            chunks = decoded_chunks(
-                paths,
-                variants,
-                EXTRACT_BATCH,
-                chunk_bytes=(
-                    max(per_batch, min(MULTI_CHUNK_BATCHES * per_batch, VIEWS_CHUNK_BYTES))
-                    if augmented
-                    else MULTI_CHUNK_BATCHES * per_batch
-                ),
-                first_until=ready,
-                seeds=path_seeds([images.files[i].path for i in order]) if augmented else None,
-            )
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlsweep-decode") as decoder:
-            # The first chunk decodes (on the decoding threads, mostly without the GIL) while
-            # this thread builds the models and traces the forward passes: a second of Python
-            # per model that leaves the other core free. It stops once the models are ready.
-            first = decoder.submit(next, chunks, None)
-            try:
+        single = len(jobs) == 1
+
+        def claims() -> Iterator[tuple[Span, list[tuple[_Job, _Claim]]]]:
+            for span in spans:
+                claimed = []
                 for job in jobs:
-                    job.build(tf)
-                    job.t_build = time.perf_counter() - t0
-                    if weights_identity(job.bb, fetch=False) != job.parts["weights"]:
-                        raise TlsweepError(
-                            f"{job.bb.label}: its weights file changed while the features were "
-                            "being extracted; run again"
-                        )
-            finally:
-                ready.set()
-            chunk = first.result()
+                    if job.shards.is_done(span):
+                        continue
+                    try:
+                        claim = job.shards.claim(span, lambda j=job: _entry_lock(self.dir, j.name))
+                    except FileNotFoundError:  # the folder is gone: published or cleared
+                        continue
+                    if claim is not None:
+                        claimed.append((job, claim))
+                if claimed:
+                    opened.append((span, claimed))
+                    yield span, claimed
 
-        if len(jobs) == 1 and not augmented:
-            # One stream of batches: the next chunk decodes when the forward passes reach the
-            # end of this one, while the last of them is still running (the passes never drain).
-            (job,) = jobs
-            batches = itertools.chain(chunk or [], itertools.chain.from_iterable(chunks))
-            stream: Iterator[tuple[_Job, np.ndarray, int, Any]] = (
-                (job, idx, 0, out) for idx, out in _forward_all(job.forward, batches)
-            )
-        else:
-            stream = _forward_each(jobs, itertools.chain([chunk] if chunk else [], chunks), slot)
-        del chunk
+        def batches() -> Iterator[tuple[tuple[Span, _Job, np.ndarray, int], tuple[_Job, Any]]]:
+            import tensorflow as tf
 
-        try:
-            for job in jobs:
-                job.tmp = self.dir / _tmp_name(job.name)
-                job.tmp.mkdir()
-                job.feats = np.lib.format.open_memmap(
-                    job.tmp / "features.npy",
-                    mode="w+",
-                    dtype=np.float32,
-                    shape=(job.total, job.dim),
+            first = True
+            for span, claimed in claims():
+                a, b = span
+                sizes = sorted({job.bb.input_size for job, _ in claimed})
+                augmented = sorted({j.variant for j, _ in claimed if j.variant is not None})
+                variants: list[Any] = [*sizes, *augmented]
+                per_batch = EXTRACT_BATCH * sum(variant_pixels(v) for v in variants) * 3 * 4
+                chunk = None
+                if augmented:
+                    chunk = max(per_batch, min(MULTI_CHUNK_BATCHES * per_batch, VIEWS_CHUNK_BYTES))
+                elif not single:
+                    chunk = MULTI_CHUNK_BATCHES * per_batch
+                chunks = decoded_chunks(
+                    paths[a:b],
+                    sizes[0] if len(variants) == 1 else variants,
+                    EXTRACT_BATCH,
+                    first_bytes=None if first else (chunk or CHUNK_BYTES),
+                    chunk_bytes=chunk,
+                    first_until=ready if first else None,
+                    seeds=seeds[a:b] if augmented else None,
                 )
-                job.got = np.zeros(n, dtype=bool)
-                if job.progress:
-                    job.progress(0, job.total)
-            for job, idx, view, out in stream:
-                job.feats[job.rows_of(idx, view)] = out.reshape(len(idx), job.dim)
-                if view == 0:
-                    job.got[idx] = True
-                job.done += len(idx)
-                if job.progress:
-                    job.progress(job.done, job.total)
-                job.t_extract = time.perf_counter() - t0
-            for job in jobs:
-                if job.progress and job.done < job.total:
-                    job.progress(job.total, job.total)  # every file handled; skipped reported
-                job.feats.flush()
-                job.feats = None
-            # Rows of skipped files stay zero and no file points at them. A file is skipped
-            # by the decoding, the same for every entry.
-            t_diag = time.perf_counter()
-            got = np.logical_and.reduce([job.got for job in jobs])
-            missing = np.flatnonzero(~got).tolist()
-            for i in missing:  # an I/O error is not a bad image: never a silent skip
-                failure = read_failure(paths[i], sizes[0])
+                first = False
+                for decoded in chunks:
+                    for job, _ in claimed:
+                        k = variants.index(job.bb.input_size)
+                        for idx, x in decoded:
+                            yield (span, job, idx + a, 0), (job, x if len(variants) == 1 else x[k])
+                        if job.variant is None:
+                            continue
+                        kv = variants.index(job.variant)
+                        for idx, x in decoded:
+                            keep = np.flatnonzero(idx + a < job.rows)  # the augmented splits
+                            if len(keep) == 0:
+                                continue
+                            xs = x[kv] if len(keep) == len(idx) else tf.gather(x[kv], keep)
+                            for v in range(1, job.views):
+                                yield (span, job, idx[keep] + a, v), (job, xs[:, v - 1])
+
+        gen = batches()
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlsweep-decode") as dec:
+                # The first chunk decodes (on the decoding threads, mostly without the GIL)
+                # while this thread builds the models and traces the forward passes: a second
+                # of Python per model that leaves the other core free. It stops once the
+                # models are ready.
+                head = dec.submit(next, gen, None)
+                try:
+                    for job in jobs:
+                        if job.forward is None:
+                            job.build(tf)
+                            job.t_build = time.perf_counter() - t0
+                        if weights_identity(job.bb, fetch=False) != job.parts["weights"]:
+                            raise TlsweepError(
+                                f"{job.bb.label}: its weights file changed while the features "
+                                "were being extracted; run again"
+                            )
+                finally:
+                    ready.set()
+                got = head.result()
+            if got is None:  # nothing decoded: no free shard left, or none of their images
+                while opened:
+                    self._write_shard(*opened[0], bufs, paths)
+                    opened.pop(0)
+                return
+            stream = _forward_all(lambda jx: jx[0].forward(jx[1]), itertools.chain([got], gen))
+            with _Refresher(opened):
+                for (span, job, idx, view), out in stream:
+                    while opened[0][0] != span:  # every pass of the shards before is through
+                        self._write_shard(*opened[0], bufs, paths)
+                        opened.pop(0)
+                    key = (span, job.name)
+                    if key not in bufs:
+                        bufs[key] = _shard_buffers(job, span)
+                    feats, rows = bufs[key]
+                    feats[view, idx - span[0]] = out.reshape(len(idx), job.dim)
+                    if view == 0:
+                        rows[idx - span[0]] = True
+                    job.done += len(idx)
+                    if job.progress:
+                        job.progress(job.done, job.total)
+                while opened:
+                    self._write_shard(*opened[0], bufs, paths)
+                    opened.pop(0)
+        finally:
+            gen.close()
+            for _, claimed in opened:  # claimed but not written: free for others to take
+                for _, claim in claimed:
+                    claim.release()
+
+    def _write_shard(
+        self,
+        span: Span,
+        claimed: list[tuple[_Job, _Claim]],
+        bufs: dict[tuple[Span, str], tuple[np.ndarray, np.ndarray]],
+        paths: list[str],
+    ) -> None:
+        """Write the finished shard of each entry that claimed it and release the claims.
+
+        An image the decoding dropped because of an I/O error (not a bad image) fails the
+        extraction: the shard is not written, so nothing is silently skipped.
+        """
+        a, b = span
+        for job, claim in claimed:
+            feats, rows = bufs.pop((span, job.name), None) or _shard_buffers(job, span)
+            for i in np.flatnonzero(~rows).tolist():
+                failure = read_failure(paths[a + i], job.bb.input_size)
                 if failure is not None:
                     raise DataError(
-                        f"{paths[i]}: {failure}; an I/O error, not a bad image: check the disk "
-                        "or network share, then run again"
+                        f"{paths[a + i]}: {failure}; an I/O error, not a bad image: check the "
+                        "disk or network share, then run again"
                     )
-            skipped = dict(zip(missing, why_skipped([paths[i] for i in missing]), strict=True))
-            t_diag = time.perf_counter() - t_diag
-            if not got.any():
-                raise TlsweepError(
-                    f"{images.root}: none of the {n} image files is usable "
-                    f"(first: {images.files[order[0]].path}: {skipped[0]}); check the files"
+            try:
+                job.shards.write(span, feats, rows)
+            except FileNotFoundError:  # published by another worker (who took it over) meanwhile
+                pass
+            claim.release()
+
+    def _assemble(
+        self,
+        job: _Job,
+        images: ImageSet,
+        order: list[int],
+        row_of: np.ndarray,
+        spans: list[Span],
+        t0: float,
+    ) -> tuple[Entry, bool] | None:
+        """Under the entry's lock, join the written shards into the entry and publish it;
+        (entry, False), or (entry, True) when another worker published it first; None if a
+        shard is missing after all (its folder was cleared meanwhile)."""
+        n = len(order)
+        with _entry_lock(self.dir, job.name):
+            hit = self.lookup(job.bb, job.key)
+            if hit is not None:
+                log.info("cache hit: %s (extracted by another worker)", job.name)
+                return hit, True
+            if not all(job.shards.is_done(span) for span in spans):
+                return None
+            tmp = self.dir / _tmp_name(job.name)
+            tmp.mkdir()
+            try:
+                entry = self._join(job, images, order, row_of, spans, tmp, t0)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            finally:
+                shutil.rmtree(job.shards.dir, ignore_errors=True)
+        if entry is not None:
+            log.info("cache hit: %s (published by another machine meanwhile)", job.name)
+            return entry, True
+        entry = _read_entry(self.dir / job.name, job.key)
+        if entry is None:  # pragma: no cover - we just wrote it
+            raise TlsweepError(f"{self.dir / job.name}: the new cache entry failed verification")
+        t = entry.manifest["timings"]
+        log.info(
+            "extracted %s: %d images in %.1fs (%.0f images/s) by %d worker(s), %d skipped%s",
+            job.name,
+            n - len(entry.manifest["skipped"]),
+            t["extract_s"],
+            (n - len(entry.manifest["skipped"])) / max(t["extract_s"], 1e-9),
+            len(t["workers"]),
+            len(entry.manifest["skipped"]),
+            job.cost_note(t.get("forward_passes", 0)),
+        )
+        return entry, False
+
+    def _join(
+        self,
+        job: _Job,
+        images: ImageSet,
+        order: list[int],
+        row_of: np.ndarray,
+        spans: list[Span],
+        tmp: Path,
+        t0: float,
+    ) -> Entry | None:
+        """Write the entry into ``tmp`` from its shards and publish it (None), or return the
+        same entry another machine published first."""
+        n = len(order)
+        got = np.zeros(n, dtype=bool)
+        feats: Any = None
+        owners: set[str] = set()
+        for a, b in spans:
+            part, rows, owner = job.shards.read((a, b))
+            if feats is None:
+                job.dim = part.shape[-1]
+                feats = np.lib.format.open_memmap(
+                    tmp / "features.npy", mode="w+", dtype=np.float32, shape=(job.total, job.dim)
                 )
-            files = [
-                {"path": f.path, "label": f.label, "split": f.split, "row": int(row_of[i])}
-                for i, f in enumerate(images.files)
-                if got[row_of[i]]
-            ]
-            skipped_list = [
-                {"path": images.files[i].path, "reason": skipped[int(row_of[i])]}
-                for i in range(len(images.files))
-                if int(row_of[i]) in skipped
-            ]
-            done = int(got.sum())
-            for job in jobs:
-                manifest = {
-                    "format": CACHE_FORMAT,
-                    "complete": True,
-                    "key": job.key,
-                    "key_parts": job.parts,
-                    "name": job.name,
-                    "backbone": {
-                        "name": job.bb.name,
-                        "weights": job.bb.weights,
-                        "input_size": job.bb.input_size,
-                        "pooling": job.bb.pooling,
-                        "args": dict(job.bb.args),
-                        "label": job.bb.label,
-                        "augment": asdict(job.bb.augment) if job.bb.augment else None,
-                    },
-                    "shape": [job.total, job.dim],
-                    "dtype": "float32",
-                    "data_dir": str(images.root),
-                    "layout": images.layout,
-                    "class_names": images.class_names,
-                    "files": files,
-                    "skipped": skipped_list,
-                    "ignored": [{"path": p, "reason": r} for p, r in images.ignored],
-                    "timings": {
-                        # model build and trace, overlapped with the first decoding
-                        "build_s": round(job.t_build, 3),
-                        # from the start to the last forward pass, build included
-                        "extract_s": round(job.t_extract, 3),
-                        "images_per_s": (
-                            round(done / job.t_extract, 1) if job.t_extract > 0 else None
-                        ),
-                        "diagnose_skipped_s": round(t_diag, 3),
-                        # entries extracted together, from one decoding of each image
-                        "extracted_with": len(jobs),
-                    },
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                }
-                if job.bb.augment is not None:
-                    manifest["views"] = job.views_info()
-                    # forward passes per usable image: the views' cost, K x on augmented splits
-                    manifest["timings"]["forward_passes"] = job.done
-                with open(job.tmp / "manifest.json", "w") as f:
-                    json.dump(manifest, f)  # no indent: the C encoder, 10x faster on 4000 files
-                    f.flush()
-                    os.fsync(f.fileno())
-                job.theirs = _publish(job.tmp, self.dir / job.name, job.key)
-                job.tmp = None
-        except BaseException:
-            for job in jobs:
-                job.feats = None
-                if job.tmp is not None:
-                    shutil.rmtree(job.tmp, ignore_errors=True)
-            raise
-        entries = []
-        for job in jobs:
-            if job.theirs is not None:
-                log.info("cache hit: %s (published by another machine meanwhile)", job.name)
-                entries.append(job.theirs)
-                continue
-            entry = _read_entry(self.dir / job.name, job.key)
-            if entry is None:  # pragma: no cover - we just wrote it
-                raise TlsweepError(
-                    f"{self.dir / job.name}: the new cache entry failed verification"
-                )
-            log.info(
-                "extracted %s: %d images in %.1fs (%.0f images/s), %d skipped%s",
-                job.name,
-                done,
-                job.t_extract,
-                done / max(job.t_extract, 1e-9),
-                len(skipped_list),
-                job.cost_note(),
+            feats[a:b] = part[0]
+            for v in range(1, job.views):  # rows of the augmented splits' files, view by view
+                end = min(b, job.rows)
+                if end > a:
+                    start = job.base + (v - 1) * job.rows
+                    feats[start + a : start + end] = part[v, : end - a]
+            got[a:b] = rows
+            owners.add(owner)
+        if feats is not None:
+            feats.flush()
+        del feats
+        t_extract = time.perf_counter() - t0
+        # Rows of skipped files stay zero and no file points at them.
+        t_diag = time.perf_counter()
+        paths = [images.abspath(images.files[i]) for i in order]
+        missing = np.flatnonzero(~got).tolist()
+        skipped = dict(zip(missing, why_skipped([paths[i] for i in missing]), strict=True))
+        t_diag = time.perf_counter() - t_diag
+        if not got.any():
+            raise TlsweepError(
+                f"{images.root}: none of the {n} image files is usable "
+                f"(first: {images.files[order[0]].path}: {skipped[0]}); check the files"
             )
-            entries.append(entry)
-        return entries
+        files = [
+            {"path": f.path, "label": f.label, "split": f.split, "row": int(row_of[i])}
+            for i, f in enumerate(images.files)
+            if got[row_of[i]]
+        ]
+        skipped_list = [
+            {"path": images.files[i].path, "reason": skipped[int(row_of[i])]}
+            for i in range(len(images.files))
+            if int(row_of[i]) in skipped
+        ]
+        done = int(got.sum())
+        manifest = {
+            "format": CACHE_FORMAT,
+            "complete": True,
+            "key": job.key,
+            "key_parts": job.parts,
+            "name": job.name,
+            "backbone": {
+                "name": job.bb.name,
+                "weights": job.bb.weights,
+                "input_size": job.bb.input_size,
+                "pooling": job.bb.pooling,
+                "args": dict(job.bb.args),
+                "label": job.bb.label,
+                "augment": asdict(job.bb.augment) if job.bb.augment else None,
+            },
+            "shape": [job.total, job.dim],
+            "dtype": "float32",
+            "data_dir": str(images.root),
+            "layout": images.layout,
+            "class_names": images.class_names,
+            "files": files,
+            "skipped": skipped_list,
+            "ignored": [{"path": p, "reason": r} for p, r in images.ignored],
+            "timings": {
+                # this worker's model build and trace, overlapped with the first decoding
+                "build_s": round(job.t_build, 3),
+                # from this worker's start to the last shard written, by any worker
+                "extract_s": round(t_extract, 3),
+                "images_per_s": round(done / t_extract, 1) if t_extract > 0 else None,
+                "diagnose_skipped_s": round(t_diag, 3),
+                # entries this worker extracted together, from one decoding of each image
+                "extracted_with": job.together,
+                # the shards of rows, and the workers (host:pid) that extracted them
+                "shards": len(spans),
+                "workers": sorted(owners),
+            },
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if job.bb.augment is not None:
+            manifest["views"] = job.views_info()
+            # forward passes per usable image: the views' cost, K x on augmented splits
+            manifest["timings"]["forward_passes"] = done + (job.views - 1) * int(
+                got[: job.rows].sum()
+            )
+        with open(tmp / "manifest.json", "w") as f:
+            json.dump(manifest, f)  # no indent: the C encoder, 10x faster on 4000 files
+            f.flush()
+            os.fsync(f.fileno())
+        return _publish(tmp, self.dir / job.name, job.key)
 
 
 @dataclass
 class _Job:
-    """One entry being extracted: what it is, its model, and its rows so far."""
+    """One entry being extracted: what it is, its model, its shard folder and progress."""
 
     bb: BackboneConfig
     parts: dict[str, Any]
@@ -668,13 +880,10 @@ class _Job:
     progress: Progress | None
     forward: Any = None
     dim: int = 0
-    tmp: Path | None = None
-    feats: Any = None  # the memory-mapped features.npy being written
-    got: Any = None  # which rows were written
-    done: int = 0
+    shards: _Shards | None = None
+    done: int = 0  # rows written, by any worker
+    together: int = 1  # entries extracted together with this one
     t_build: float = 0.0
-    t_extract: float = 0.0
-    theirs: Entry | None = None  # the same entry, published by another machine first
     base: int = 0  # rows of view 0 (every file)
     rows: int = 0  # rows of each further view: the files of the augmented splits
     total: int = 0  # rows of features.npy
@@ -686,6 +895,10 @@ class _Job:
         if a is None:
             return None
         return (int(self.bb.input_size or 0), a.views, a.flip, a.crop, a.seed)
+
+    @property
+    def views(self) -> int:
+        return self.bb.augment.views if self.bb.augment is not None else 1
 
     def plan_views(self, n: int, splits: list[str]) -> None:
         """Lay out the rows: view 0 of all ``n`` files, then views 1 .. K - 1 of the files of
@@ -699,20 +912,22 @@ class _Job:
             raise TlsweepError("augmented splits must come first in the rows")
         self.total = n + (a.views - 1) * self.rows
 
-    def rows_of(self, idx: np.ndarray, view: int) -> np.ndarray:
-        return idx if view == 0 else self.base + (view - 1) * self.rows + idx
+    def span_rows(self, span: Span) -> int:
+        """The rows of features.npy a shard holds (every view of its files)."""
+        a, b = span
+        return b - a + (self.views - 1) * max(0, min(b, self.rows) - a)
 
     def views_info(self) -> dict[str, Any]:
         a = self.bb.augment
         assert a is not None
         return {"count": a.views, "base": self.base, "rows": self.rows, "splits": list(a.splits)}
 
-    def cost_note(self) -> str:
+    def cost_note(self, passes: int) -> str:
         if self.bb.augment is None:
             return ""
         return (
             f"; {self.bb.augment.views} views of {', '.join(self.bb.augment.splits)}: "
-            f"{self.done} forward passes, {self.done / max(self.base, 1):.2f}x a single view"
+            f"{passes} forward passes, {passes / max(self.base, 1):.2f}x a single view"
         )
 
     def build(self, tf: Any) -> None:
@@ -728,38 +943,212 @@ class _Job:
         self.forward.get_concrete_function()
 
 
-def _forward_each(
-    jobs: list[_Job], chunks: Iterator[list[tuple[np.ndarray, Any]]], slot: dict[Any, int]
-) -> Iterator[tuple[_Job, np.ndarray, int, Any]]:
-    """Every entry's forward passes over each decoded chunk in turn: ``(job, indices, view,
-    features)``. The chunk's batches hold one tuple of images per input size and augmented
-    variant (``slot``); an entry with views forwards each view of its augmented splits' files.
+# --- shards: one extraction shared by every worker, on every machine ---------------------------
+Span = tuple[int, int]  # rows [start, end) of an entry, in its row order
+SHARDS_SUFFIX = ".shards"
+# Forward batches per shard: a shard is what one worker claims, decodes and writes at a time.
+SHARD_BATCHES = 16
+# A worker refreshes the time stamp of its claims this often; a claim written from another
+# machine (a cache folder on a network share) that was not refreshed for CLAIM_STALE_AFTER
+# seconds is taken as left by a dead or hung worker and taken over. A claim of this machine is
+# taken over as soon as its process is gone (its lock is free).
+CLAIM_REFRESH = 10.0
+CLAIM_STALE_AFTER = 120.0
+WAIT_POLL = 0.5  # seconds between looks at shards other workers are extracting
+WAIT_LOG_EVERY = 30.0  # seconds between two "waiting for shards" lines
 
-    One stream of passes for every entry, so the passes in flight never drain between two
-    entries (only where the next chunk is decoded, as with one entry).
+
+def shard_spans(n: int) -> list[Span]:
+    """The shards of ``n`` rows: SHARD_BATCHES forward batches each, the last one shorter.
+
+    They depend only on ``n``, so every worker (and a single one) cuts the rows the same way.
+    """
+    size = SHARD_BATCHES * EXTRACT_BATCH
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _shard_buffers(job: _Job, span: Span) -> tuple[np.ndarray, np.ndarray]:
+    """Zeroed features ``[views, shard rows, dim]`` and decoded-row flags of one shard."""
+    return (
+        np.zeros((job.views, span[1] - span[0], job.dim), np.float32),
+        np.zeros(span[1] - span[0], bool),
+    )
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Claim:
+    """A shard claimed by this process: a file created exclusively and locked (``flock``)
+    while the shard is extracted, holding ``host:pid``. Its lock dies with the process."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path = path
+        self.fd = fd
+
+    @classmethod
+    def create(cls, path: Path) -> _Claim | None:
+        """Claim ``path``; None if it is claimed already (FileNotFoundError: no folder).
+
+        The file is written and locked under a temporary name, then linked to ``path`` (which
+        fails if it exists): nobody ever sees a claim that is not locked yet.
+        """
+        tmp = path.with_name(f"{path.name}.tmp-{_owner().replace(':', '-')}-{uuid.uuid4().hex[:8]}")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, _owner().encode())
+            os.link(tmp, path)
+        except FileExistsError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        return cls(path, fd)
+
+    def _ours(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+        except OSError:
+            return False
+
+    def refresh(self) -> None:
+        if self._ours():
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        if self._ours():  # not taken over meanwhile (a hung worker's claim can be)
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        os.close(self.fd)  # releases the lock
+        self.fd = -1
+
+
+def _claim_owner(path: Path) -> str | None:
+    """Who holds the claim ``path`` if it is live: locked (its process is alive), or written
+    from another machine and refreshed within CLAIM_STALE_AFTER seconds; else None."""
+    try:
+        owner = path.read_text()
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        return None
+    if _lock_held(path):
+        return owner or "?"
+    host = owner.rpartition(":")[0]
+    if host and host != socket.gethostname() and age < CLAIM_STALE_AFTER:
+        return owner
+    return None
+
+
+class _Shards:
+    """The shard folder of one entry being extracted, by any number of workers::
+
+        <cache_dir>/<entry>.shards/
+            000000000-000000512.claim   # held by the worker extracting those rows
+            000000000-000000512.npz     # the rows, written: features, which rows decoded, who
+
+    Each shard is claimed by one worker, extracted and written atomically (temporary name,
+    then rename); a claim whose worker died is taken over. The worker that finds every shard
+    written joins them into the entry and publishes it under the entry lock, then removes the
+    folder. A folder left by workers that were all killed is reused by the next extraction.
     """
 
-    def batches() -> Iterator[tuple[tuple[_Job, np.ndarray, int], tuple[Any, Any]]]:
-        import tensorflow as tf
+    def __init__(self, cache_dir: Path, name: str):
+        self.dir = cache_dir / f"{name}{SHARDS_SUFFIX}"
 
-        for chunk in chunks:
-            for job in jobs:
-                k = slot[job.bb.input_size]
-                for idx, x in chunk:
-                    yield (job, idx, 0), (job.forward, x[k])
-                if job.variant is None:
-                    continue
-                kv = slot[job.variant]
-                for idx, x in chunk:
-                    keep = np.flatnonzero(idx < job.rows)  # files of the augmented splits
-                    if len(keep) == 0:
-                        continue
-                    xs = x[kv] if len(keep) == len(idx) else tf.gather(x[kv], keep)
-                    for v in range(1, job.variant[1]):
-                        yield (job, idx[keep], v), (job.forward, xs[:, v - 1])
+    def _path(self, span: Span, ext: str) -> Path:
+        return self.dir / f"{span[0]:09d}-{span[1]:09d}.{ext}"
 
-    for (job, idx, view), out in _forward_all(lambda fx: fx[0](fx[1]), batches()):
-        yield job, idx, view, out
+    def is_done(self, span: Span) -> bool:
+        return self._path(span, "npz").is_file()
+
+    def live_owner(self, span: Span) -> str | None:
+        return _claim_owner(self._path(span, "claim"))
+
+    def claimable(self, span: Span) -> bool:
+        return not self.is_done(span) and self.live_owner(span) is None
+
+    def any_live(self) -> bool:
+        return any(_claim_owner(p) is not None for p in self.dir.glob("*.claim"))
+
+    def claim(
+        self, span: Span, lock: Callable[[], contextlib.AbstractContextManager[Any]]
+    ) -> _Claim | None:
+        """Claim the shard, taking over a claim whose worker is dead; None if a live worker
+        holds it. Takeovers happen under ``lock`` (the entry lock), one at a time, so a claim
+        just made by another taker is never removed."""
+        path = self._path(span, "claim")
+        claim = _Claim.create(path)
+        if claim is not None or _claim_owner(path) is not None:
+            return claim
+        with lock():
+            if path.exists() and _claim_owner(path) is None:
+                try:
+                    left_by = path.read_text()
+                except OSError:
+                    left_by = "?"
+                log.info(
+                    "taking over shard %d-%d of %s, left by %s",
+                    span[0],
+                    span[1],
+                    self.dir.name,
+                    left_by,
+                )
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        return _Claim.create(path)
+
+    def write(self, span: Span, feats: np.ndarray, rows: np.ndarray) -> None:
+        final = self._path(span, "npz")
+        tmp = final.with_name(
+            f"{final.name}.tmp-{_owner().replace(':', '-')}-{uuid.uuid4().hex[:8]}"
+        )
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, features=feats, rows=rows, owner=np.array(_owner()))
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    def read(self, span: Span) -> tuple[np.ndarray, np.ndarray, str]:
+        with np.load(self._path(span, "npz"), allow_pickle=False) as z:
+            return z["features"], z["rows"], str(z["owner"])
+
+
+class _Refresher:
+    """Refreshes the time stamp of this process's open claims every CLAIM_REFRESH seconds, so
+    that workers on other machines see they are alive."""
+
+    def __init__(self, opened: list[tuple[Span, list[tuple[_Job, _Claim]]]]):
+        self._opened = opened
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tlsweep-claims")
+
+    def _run(self) -> None:
+        while not self._stop.wait(CLAIM_REFRESH):
+            for _, claimed in list(self._opened):
+                for _, claim in claimed:
+                    claim.refresh()
+
+    def __enter__(self) -> _Refresher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _publish(tmp: Path, final: Path, key: str) -> Entry | None:
@@ -862,13 +1251,18 @@ def extract_all(
     cfg: SweepConfig,
     progress: Callable[[BackboneConfig], Progress | None] | None = None,
     check: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+    share: Callable[[Callable[[], bool]], None] | None = None,
 ) -> list[tuple[BackboneConfig, Entry, bool]]:
     """Find the images once, then make sure every configured backbone's entry exists.
 
     ``check`` is called with :func:`study_keys`' view of the entries (label -> key and key
     parts) before anything is extracted, so a study made on other features is refused before
     minutes of extraction (a missing ImageNet file is downloaded first: its bytes are part of
-    the key). Returns (resolved backbone, entry, was_cached) per backbone, in sweep-file order.
+    the key). ``share`` is called when an entry is missing, before this process extracts
+    anything, with a function that tells whether every entry exists now: ``run --workers N``
+    starts its workers on the shards then and waits for them; this process extracts whatever
+    is still missing after it returns. Returns (resolved backbone, entry, was_cached) per
+    backbone, in sweep-file order.
     """
     resolved = list(cfg.backbones)  # load_sweep resolved them against the registry
     images = find_images(cfg.data)
@@ -883,6 +1277,10 @@ def extract_all(
         for m in bb.members or (bb,):
             if m not in plain:
                 plain.append(m)
+    if share is not None:
+        keys = [(bb, cache_key(key_parts(bb, digest))) for bb in plain]
+        if any(cache.lookup(bb, key) is None for bb, key in keys):
+            share(lambda: all(cache.lookup(bb, key) is not None for bb, key in keys))
     done = cache.ensure_many(
         plain, images, digest, [progress(bb) for bb in plain] if progress else None
     )
