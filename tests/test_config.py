@@ -382,7 +382,7 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
 @pytest.mark.parametrize(
     ("dotted", "value", "field_name"),
     BAD_VALUES,
-    ids=[f"{d}={v!r}"[:60] for d, v, _ in BAD_VALUES],
+    ids=[f"{d}={'<deleted>' if v is DELETE else repr(v)}"[:60] for d, v, _ in BAD_VALUES],
 )
 def test_bad_values_raise_one_line_config_error_naming_the_field(
     tmp_path: Path, base: dict[str, Any], dotted: str, value: Any, field_name: str
