@@ -58,6 +58,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+MAX_TEST_WORKERS = 4  # each test process holds TensorFlow (~0.5 GB)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (pyproject's addopts): the default run spreads over the cores, up to
+    MAX_TEST_WORKERS; the slow run (CI=true, --slow, -m) stays in one process, serial, because
+    its tests time kills and signals against a machine they expect to have to themselves."""
+    if _in_ci() or config.getoption("--slow") or config.getoption("-m"):
+        return 0
+    return max(1, min(MAX_TEST_WORKERS, os.cpu_count() or 1))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Slow real-data tests run in CI (CI=true), with --slow, or when selected with -m."""
     if _in_ci() or config.getoption("--slow") or config.getoption("-m"):
