@@ -344,7 +344,7 @@ def run_worker(entry_dir: Path, trials: int) -> dict:
     import tensorflow as tf  # noqa: F401 - part of the baseline
 
     from tlsweep.config import BackboneConfig
-    from tlsweep.features import Entry
+    from tlsweep.entries import Entry
     from tlsweep.head import HeadParams, train_head
     from tlsweep.search import load_features
 

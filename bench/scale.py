@@ -145,7 +145,8 @@ def phase_hit(sweep: Path) -> dict:
     """The phases of a cache hit, timed inside this process (imports excluded)."""
     from tlsweep.config import load_sweep
     from tlsweep.data import content_digest, find_images
-    from tlsweep.features import FeatureCache, cache_key, check_usable, key_parts
+    from tlsweep.entries import cache_key, check_usable, key_parts
+    from tlsweep.features import FeatureCache
 
     t, c = [time.perf_counter()], [time.process_time()]
 

@@ -27,11 +27,13 @@ from conftest import (
 )
 
 import tlsweep.backbones
+from tlsweep import entries as E
 from tlsweep import features as F
 from tlsweep.config import BackboneConfig, DataConfig, load_sweep
 from tlsweep.data import content_digest, find_images
+from tlsweep.entries import cache_key, key_parts
 from tlsweep.errors import DataError
-from tlsweep.features import FeatureCache, cache_key, key_parts
+from tlsweep.features import FeatureCache
 
 PER_CLASS = 10  # per class and split: 60 images, a fast extraction
 
@@ -60,7 +62,7 @@ def bb(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> BackboneConfig:
 
 
 @pytest.fixture(scope="module")
-def tiny_entry(tmp_path_factory: pytest.TempPathFactory, tiny: Path, bb: BackboneConfig) -> F.Entry:
+def tiny_entry(tmp_path_factory: pytest.TempPathFactory, tiny: Path, bb: BackboneConfig) -> E.Entry:
     """One complete entry for ``tiny``, extracted once for the module."""
     cache = FeatureCache(tmp_path_factory.mktemp("module_cache"))
     entry, cached = cache.ensure(bb, find_images(DataConfig(dir=tiny)))
@@ -95,7 +97,7 @@ def test_miss_extracts_then_hit_does_no_forward_pass(
     assert m["complete"] is True
     assert m["key"] == cache_key(m["key_parts"]) == entry.key
     assert m["key"] == cache_key(key_parts(bb, content_digest(images)))
-    assert m["name"] == entry.path.name == F.entry_name(bb, m["key"])
+    assert m["name"] == entry.path.name == E.entry_name(bb, m["key"])
     assert m["shape"] == [n, 1280] and m["dtype"] == "float32"
     assert m["class_names"] == ["cats", "dogs"]
     assert m["layout"] == "A" and m["data_dir"] == str(tiny)
@@ -305,7 +307,7 @@ def test_interrupted_extraction_leaves_nothing_usable(
     assert cache.lookup(bb, key) is None
 
     # a kill -9 cannot clean up: leave a half-written temporary folder and a manifest-less entry
-    name = F.entry_name(bb, key)
+    name = E.entry_name(bb, key)
     stale = cache.dir / f"{name}.tmp-99999-deadbeef"
     stale.mkdir()
     np.save(stale / "features.npy", np.zeros((3, 1280), np.float32))
@@ -400,7 +402,7 @@ def test_an_io_error_while_decoding_fails_the_extraction(
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_entry_is_never_used(
-    tmp_path: Path, tiny_entry: F.Entry, bb: BackboneConfig, damage: str
+    tmp_path: Path, tiny_entry: E.Entry, bb: BackboneConfig, damage: str
 ) -> None:
     cache = FeatureCache(tmp_path / "cache")
     copy = Path(shutil.copytree(tiny_entry.path, cache.dir / tiny_entry.path.name))
@@ -411,7 +413,7 @@ def test_damaged_entry_is_never_used(
 
 
 def test_damaged_entry_is_replaced(
-    tmp_path: Path, tiny: Path, tiny_entry: F.Entry, bb: BackboneConfig
+    tmp_path: Path, tiny: Path, tiny_entry: E.Entry, bb: BackboneConfig
 ) -> None:
     cache = FeatureCache(tmp_path / "cache")
     copy = Path(shutil.copytree(tiny_entry.path, cache.dir / tiny_entry.path.name))
@@ -611,7 +613,7 @@ def test_cli_imagenet_entry_follows_the_file_under_keras_home(tiny: Path, tmp_pa
         outs.append(r.stdout)
     entries = _dirs(cache)
     assert len(entries) == 2, entries
-    a, b = (F._read_entry(cache / e) for e in entries)
+    a, b = (E._read_entry(cache / e) for e in entries)
     assert a.manifest["key_parts"]["weights"] != b.manifest["key_parts"]["weights"]
     assert all(
         e.manifest["key_parts"]["weights"].startswith(f"imagenet:{MNV2_WEIGHTS.name}:")

@@ -11,7 +11,8 @@ from conftest import FLOWERS, MNV2_WEIGHTS, need_shared, small_copy
 
 from tlsweep.config import BackboneConfig, DataConfig, resolve_backbone
 from tlsweep.data import find_images, image_batches
-from tlsweep.features import Entry, FeatureCache
+from tlsweep.entries import Entry
+from tlsweep.features import FeatureCache
 from tlsweep.head import HeadParams, as_tensor, train_head
 
 SPLIT_OF_ROW = ["train"] * 6 + ["validation"] * 3 + ["test"] * 2

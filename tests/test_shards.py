@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 from conftest import CATS_DOGS, MNV2_WEIGHTS, need_shared, run_cli, small_copy, write_sweep
 
+from tlsweep import entries as E
 from tlsweep import features as F
+from tlsweep import shards as S
 from tlsweep.config import load_sweep
 from tlsweep.data import find_images
 from tlsweep.features import FeatureCache
@@ -64,8 +66,8 @@ def _sweep(d: Path, data: Path, backbone: dict, cache: Path) -> Path:
 
 
 # --- claims ------------------------------------------------------------------------------------
-def _shards(tmp_path: Path) -> F._Shards:
-    s = F._Shards(tmp_path, "E")
+def _shards(tmp_path: Path) -> S._Shards:
+    s = S._Shards(tmp_path, "E")
     s.dir.mkdir()
     return s
 
@@ -79,7 +81,7 @@ def _no_lock():  # noqa: ANN202 - a stand-in for the entry lock
 def test_of_many_simultaneous_claimers_exactly_one_wins(tmp_path: Path) -> None:
     shards = _shards(tmp_path)
     start = threading.Barrier(16)
-    got: list[F._Claim | None] = []
+    got: list[S._Claim | None] = []
 
     def claim() -> None:
         start.wait()
@@ -103,7 +105,7 @@ _HOLD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from tlsweep.features import _Claim
+    from tlsweep.shards import _Claim
     assert _Claim.create(Path(sys.argv[1])) is not None
     print("claimed", flush=True)
     time.sleep(600)
@@ -134,7 +136,7 @@ def test_a_claim_of_a_killed_process_is_taken_over_a_live_one_is_not(tmp_path: P
 def test_a_claim_from_another_machine_is_taken_over_once_stale(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(F, "CLAIM_STALE_AFTER", 60.0)
+    monkeypatch.setattr(S, "CLAIM_STALE_AFTER", 60.0)
     shards = _shards(tmp_path)
     path = shards.dir / "000000000-000000008.claim"
     path.write_text("otherhost:123")  # no lock this machine can see: only its time stamp counts
@@ -154,7 +156,7 @@ def test_a_claim_from_another_machine_is_taken_over_once_stale(
 def test_clear_keeps_a_shard_folder_being_extracted_and_removes_an_abandoned_one(
     tmp_path: Path,
 ) -> None:
-    live, dead = F._Shards(tmp_path, "Live"), F._Shards(tmp_path, "Dead")
+    live, dead = S._Shards(tmp_path, "Live"), S._Shards(tmp_path, "Dead")
     live.dir.mkdir()
     dead.dir.mkdir()
     claim = live.claim((0, 8), _no_lock)
@@ -178,8 +180,8 @@ def test_the_entry_is_published_only_when_every_shard_is_written(
     assert len(spans) == 7 and reference.manifest["timings"]["shards"] == 7
 
     cache = FeatureCache(tmp_path / "cache")
-    key = F.cache_key(F.key_parts(bb, cache.images_digest(images)))
-    shards = F._Shards(cache.dir, F.entry_name(bb, key))
+    key = E.cache_key(E.key_parts(bb, cache.images_digest(images)))
+    shards = S._Shards(cache.dir, E.entry_name(bb, key))
     shards.dir.mkdir(parents=True)
     held = shards.claim(spans[3], _no_lock)  # another worker is busy with the fourth shard
     got: list = []
@@ -229,18 +231,19 @@ _EXTRACT = textwrap.dedent(
     from pathlib import Path
     import tensorflow  # noqa: F401 - the slow part of a start, before the barrier
     from tlsweep import features as F
+    from tlsweep import shards as S
     from tlsweep.cli import main
     F.EXTRACT_BATCH, F.SHARD_BATCHES = {batch}, {shard_batches}
     sweep, ready, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     (ready / str(time.time_ns())).touch()
     while len(list(ready.iterdir())) < n:
         time.sleep(0.05)
-    write = F._Shards.write
+    write = S._Shards.write
     def slow_write(self, *a, **k):
         write(self, *a, **k)
         print("wrote a shard", flush=True)
         time.sleep({pause})
-    F._Shards.write = slow_write
+    S._Shards.write = slow_write
     sys.exit(main(["extract", sweep, "-q"]))
     """
 )
@@ -285,7 +288,7 @@ def test_several_workers_give_the_bytes_of_one(
     d.mkdir()
     outs = _extract_together(d, _sweep(d, data, backbone, d / "cache"), n)
     (name,) = [p.name for p in (d / "cache").iterdir() if p.is_dir()]  # nothing else left
-    entry = F._read_entry(d / "cache" / name)
+    entry = E._read_entry(d / "cache" / name)
     assert entry is not None and name == one.path.name
     workers = entry.manifest["timings"]["workers"]
     assert len(workers) == n, (workers, [o for o, _ in outs])  # every process took shards

@@ -1,24 +1,13 @@
-"""Feature extraction and the on-disk, content-addressed feature cache.
+"""Feature extraction into the on-disk, content-addressed feature cache.
 
-One cache entry per (backbone, weights identity, input size, pooling, preprocessing, constructor
-arguments, image content and labels, library versions). An entry is a folder::
+What an entry is on disk (key, manifest, lock, publication) is :mod:`tlsweep.entries`; the
+shard folder that lets several workers extract one entry together is :mod:`tlsweep.shards`.
 
-    <cache_dir>/<Backbone>-<size>-<pooling>-<key16>/
-        manifest.json   # key, shapes, class names, files, skipped files, timings (written last)
-        features.npy    # float32 [rows, dim], memory-mappable, never pickled
-
-With augmented views (``augment:``), rows ``0 .. n`` are view 0 (the plain image) of every file
-and views ``1 .. K - 1`` follow, one block each, holding the files of the augmented splits (the
-training split, every split with ``tta``), which come first in the row order; the manifest's
-``views`` says where (:meth:`Entry.views`).
-
-It is written under a temporary name and renamed into place; an entry whose manifest is missing,
-unreadable or does not match its key and arrays is never used. Extraction streams batches to a
-memory-mapped ``.npy`` file, so a dataset larger than memory works. A missing entry's rows are
-cut into shards that every process asking for it (``run --workers N``, other machines on the
-same cache folder) claims, extracts and writes (:class:`_Shards`); a shard of a worker that died
-is taken over, and the entry is joined and published under a per-entry file lock once every
-shard is written, bit-identical to one worker's.
+Extraction streams batches to a memory-mapped ``.npy`` file, so a dataset larger than memory
+works. A missing entry's rows are cut into shards (:func:`shard_spans`) that every process
+asking for it (``run --workers N``, other machines on the same cache folder) claims, extracts
+and writes; a shard of a worker that died is taken over, and the entry is joined and published
+under a per-entry file lock once every shard is written, bit-identical to one worker's.
 
 Computing a key imports no TensorFlow, and reads only the images whose stat changed: a stat
 index per data folder (``<cache_dir>/stat-index-<hash of the folder's path>.json``) maps each
@@ -31,22 +20,17 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
-import fcntl
 import hashlib
 import itertools
 import json
 import logging
 import os
 import shutil
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -61,18 +45,40 @@ from tlsweep.data import (
     ViewsVariant,
     content_digest,
     decoded_chunks,
-    file_digest,
     find_images,
     path_seeds,
     read_failure,
     variant_pixels,
     why_skipped,
 )
+from tlsweep.entries import (
+    CACHE_FORMAT,
+    Entry,
+    _entry_lock,
+    _in_progress,
+    _lock_held,
+    _publish,
+    _read_entry,
+    _tmp_name,
+    cache_key,
+    check_usable,
+    entry_name,
+    key_parts,
+    report_skipped,
+    weights_identity,
+)
 from tlsweep.errors import DataError, TlsweepError
+from tlsweep.shards import (
+    CLAIM_STALE_AFTER,
+    SHARDS_SUFFIX,
+    Span,
+    _Claim,
+    _Refresher,
+    _Shards,
+)
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
 STAT_INDEX_PREFIX = "stat-index-"  # a file in the cache folder per data folder
 # Images per forward pass, two passes in flight (see _forward_all). Measured on 2 cores with
 # MobileNetV2 a0.35 at 160 px: 32 with two in flight beats 64, 128 or 256 with one.
@@ -83,238 +89,10 @@ MULTI_CHUNK_BATCHES = 8
 VIEWS_CHUNK_BYTES = 256 << 20  # at most this much decoded image data per chunk with views
 Progress = Callable[[int, int], None]
 
-
-def _version(pkg: str) -> str:
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return "absent"
-
-
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def _weights_digest(path: Path) -> str:
-    """The digest of a weights file, remembered per (path, size, mtime) within a process."""
-    st = path.stat()
-    memo = (str(path), st.st_size, st.st_mtime_ns)
-    if memo not in _DIGESTS:
-        _DIGESTS[memo] = file_digest(str(path))
-    return _DIGESTS[memo]
-
-
-def weights_identity(bb: BackboneConfig, fetch: bool = True) -> str | None:
-    """What identifies the weights: the bytes of the file Keras loads for ``imagenet``, the
-    seeded random init for ``none``, or the bytes of a weights file.
-
-    The ImageNet file is the one Keras loads from ``$KERAS_HOME/models`` (found without
-    importing TensorFlow, so a cache hit stays fast). When it is not there yet (first run,
-    online), ``fetch`` builds the model once so Keras downloads it, and the identity is known
-    from then on; without ``fetch`` the identity is unknown (None).
-    """
-    if bb.weights == "imagenet":
-        path = bbs.imagenet_weights_path(bb)
-        if not path.is_file():
-            if not fetch:
-                return None
-            path = bbs.fetch_imagenet_weights(bb)
-        return f"imagenet:{path.name}:{_weights_digest(path)}"
-    if bb.weights == "none":
-        return f"random-seed-{bbs.RANDOM_WEIGHTS_SEED}"
-    return f"file:{_weights_digest(Path(bb.weights))}"
-
-
-def key_parts(bb: BackboneConfig, images_digest: str, fetch: bool = True) -> dict[str, Any]:
-    """Everything that changes the features, as a JSON-able dict (``weights`` is None when the
-    ImageNet file is not downloaded yet and ``fetch`` is False). Augmented views add their
-    settings (``augment``); an entry without them keeps the key it always had."""
-    parts = {
-        "format": CACHE_FORMAT,
-        "backbone": bb.name,
-        "args": {k: bb.args[k] for k in sorted(bb.args)},
-        "weights": weights_identity(bb, fetch),
-        "input_size": bb.input_size,
-        "pooling": bb.pooling,
-        "preprocessing": bbs.preprocessing_name(bb),
-        "resize": "bilinear-squash",
-        "images": images_digest,
-        "versions": {p: _version(p) for p in ("keras", "tensorflow")},
-    }
-    if bb.augment is not None:
-        parts["augment"] = bb.augment.key()
-    return parts
-
-
-def cache_key(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def entry_name(bb: BackboneConfig, key: str) -> str:
-    views = f"-views{bb.augment.views}" if bb.augment is not None else ""
-    return f"{bb.name}-{bb.input_size}-{bb.pooling}{views}-{key[:16]}"
-
-
-@dataclass
-class Entry:
-    """A complete, verified cache entry."""
-
-    path: Path
-    manifest: dict[str, Any]
-
-    @property
-    def key(self) -> str:
-        return self.manifest["key"]
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.manifest["class_names"]
-
-    def features(self) -> np.ndarray:
-        """All rows, memory-mapped read-only."""
-        return np.load(self.path / "features.npy", mmap_mode="r", allow_pickle=False)
-
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """(features, labels) of one split, in file order; empty arrays if the split is empty.
-
-        The features of a split stored in one block of rows (every entry extracted since rows
-        are grouped by split) are a slice of the file's memory map, copy-on-write: writes would
-        stay in this process and never reach the file. Writable, so that TensorFlow can read
-        the mapped pages in place (:func:`tlsweep.head.as_tensor`); the page cache holding them
-        is shared by every process on the machine. Other entries give an in-memory copy.
-        """
-        rows = [(f["row"], f["label"]) for f in self.manifest["files"] if f["split"] == name]
-        feats = np.load(self.path / "features.npy", mmap_mode="c", allow_pickle=False)
-        if not rows:
-            return np.zeros((0, feats.shape[1]), np.float32), np.zeros((0,), np.int64)
-        idx = np.array([r for r, _ in rows], dtype=np.int64)
-        labels = np.array([lab for _, lab in rows], dtype=np.int64)
-        if np.all(np.diff(idx) == 1):
-            return feats[idx[0] : idx[-1] + 1], labels
-        return np.asarray(feats[idx]), labels
-
-    def split_sizes(self) -> dict[str, int]:
-        out = {"train": 0, "validation": 0, "test": 0}
-        for f in self.manifest["files"]:
-            out[f["split"]] += 1
-        return out
-
-    def views(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """(features, labels) of one split with every view the entry holds of it:
-        ``[views, n, dim]`` (view 0 the plain image, in memory) for a split with augmented views,
-        else what :meth:`split` gives, ``[n, dim]``.
-
-        The rows of view ``v >= 1`` are ``base + (v - 1) * rows + row``: every view's block
-        holds the first ``rows`` rows, the augmented splits (train first, see ``_extract``).
-        """
-        x, y = self.split(name)
-        info = self.manifest.get("views")
-        if not info or name not in info["splits"] or len(y) == 0:
-            return x, y
-        idx = np.array(
-            [f["row"] for f in self.manifest["files"] if f["split"] == name], dtype=np.int64
-        )
-        feats = np.load(self.path / "features.npy", mmap_mode="r", allow_pickle=False)
-        base, rows = info["base"], info["rows"]
-        out = np.empty((info["count"], len(idx), feats.shape[1]), np.float32)
-        out[0] = x
-        for v in range(1, info["count"]):
-            out[v] = feats[base + (v - 1) * rows + idx]
-        return out, y
-
-
-def _read_entry(path: Path, key: str | None = None) -> Entry | None:
-    """The entry at ``path`` if complete and consistent, else None (never raises)."""
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-        if manifest.get("format") != CACHE_FORMAT or not manifest.get("complete"):
-            return None
-        if key is not None and manifest.get("key") != key:
-            return None
-        if cache_key(manifest["key_parts"]) != manifest["key"]:
-            return None
-        arr = np.load(path / "features.npy", mmap_mode="r", allow_pickle=False)
-        if list(arr.shape) != manifest["shape"] or str(arr.dtype) != manifest["dtype"]:
-            return None
-        rows = [f["row"] for f in manifest["files"]]
-        views = manifest.get("views")
-        end = arr.shape[0] if not views else views["base"]
-        if views and views["base"] + (views["count"] - 1) * views["rows"] != arr.shape[0]:
-            return None
-        if rows and (min(rows) < 0 or max(rows) >= end):
-            return None
-        return Entry(path=path, manifest=manifest)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-@contextlib.contextmanager
-def _entry_lock(cache_dir: Path, name: str) -> Iterator[None]:
-    """An exclusive lock per entry; the OS releases it if the holder dies.
-
-    ``cache clear`` may delete a lock file nobody holds; a process that opened it just before
-    would then lock a deleted file while a newcomer locks a new one, so the lock is taken
-    again until the file locked is the one at the path.
-    """
-    lock_path = cache_dir / f"{name}.lock"
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another process extracting %s", name)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                current = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                current = False
-            if not current:
-                continue  # finally: unlock and close, then lock the file now at the path
-            yield
-            return
-        finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
-
-def _tmp_name(name: str) -> str:
-    """A temporary entry folder's name: which host and process are writing it."""
-    return f"{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-# A temporary folder written from another machine (a cache on a network share), whose lock this
-# machine cannot see, is taken as abandoned once it has not changed for this long.
-ABANDONED_AFTER = 24 * 3600
-
-
-def _in_progress(tmp: Path, locked: bool) -> bool:
-    """Whether a temporary entry folder may belong to an extraction still running: its entry
-    lock is held (``locked``), or it was written from another machine not long ago."""
-    if locked:
-        return True
-    parts = tmp.name.split(".tmp-", 1)[1].rsplit("-", 2) if ".tmp-" in tmp.name else []
-    if len(parts) < 3 or parts[0] == socket.gethostname():  # this machine (or an old name)
-        return False  # its lock is free: the process that wrote it is gone
-    try:
-        return time.time() - tmp.stat().st_mtime < ABANDONED_AFTER
-    except FileNotFoundError:
-        return False
-
-
-def _lock_held(path: Path) -> bool:
-    """Whether another process holds the entry lock ``path`` (an extraction in progress)."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing releases our lock, if we got it
-    return False
+# Forward batches per shard: a shard is what one worker claims, decodes and writes at a time.
+SHARD_BATCHES = 16
+WAIT_POLL = 0.5  # seconds between looks at shards other workers are extracting
+WAIT_LOG_EVERY = 30.0  # seconds between two "waiting for shards" lines
 
 
 class FeatureCache:
@@ -943,21 +721,6 @@ class _Job:
         self.forward.get_concrete_function()
 
 
-# --- shards: one extraction shared by every worker, on every machine ---------------------------
-Span = tuple[int, int]  # rows [start, end) of an entry, in its row order
-SHARDS_SUFFIX = ".shards"
-# Forward batches per shard: a shard is what one worker claims, decodes and writes at a time.
-SHARD_BATCHES = 16
-# A worker refreshes the time stamp of its claims this often; a claim written from another
-# machine (a cache folder on a network share) that was not refreshed for CLAIM_STALE_AFTER
-# seconds is taken as left by a dead or hung worker and taken over. A claim of this machine is
-# taken over as soon as its process is gone (its lock is free).
-CLAIM_REFRESH = 10.0
-CLAIM_STALE_AFTER = 120.0
-WAIT_POLL = 0.5  # seconds between looks at shards other workers are extracting
-WAIT_LOG_EVERY = 30.0  # seconds between two "waiting for shards" lines
-
-
 def shard_spans(n: int) -> list[Span]:
     """The shards of ``n`` rows: SHARD_BATCHES forward batches each, the last one shorter.
 
@@ -973,206 +736,6 @@ def _shard_buffers(job: _Job, span: Span) -> tuple[np.ndarray, np.ndarray]:
         np.zeros((job.views, span[1] - span[0], job.dim), np.float32),
         np.zeros(span[1] - span[0], bool),
     )
-
-
-def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-class _Claim:
-    """A shard claimed by this process: a file created exclusively and locked (``flock``)
-    while the shard is extracted, holding ``host:pid``. Its lock dies with the process."""
-
-    def __init__(self, path: Path, fd: int):
-        self.path = path
-        self.fd = fd
-
-    @classmethod
-    def create(cls, path: Path) -> _Claim | None:
-        """Claim ``path``; None if it is claimed already (FileNotFoundError: no folder).
-
-        The file is written and locked under a temporary name, then linked to ``path`` (which
-        fails if it exists): nobody ever sees a claim that is not locked yet.
-        """
-        tmp = path.with_name(f"{path.name}.tmp-{_owner().replace(':', '-')}-{uuid.uuid4().hex[:8]}")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.write(fd, _owner().encode())
-            os.link(tmp, path)
-        except FileExistsError:
-            os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        return cls(path, fd)
-
-    def _ours(self) -> bool:
-        try:
-            return os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
-        except OSError:
-            return False
-
-    def refresh(self) -> None:
-        if self._ours():
-            with contextlib.suppress(OSError):
-                os.utime(self.path)
-
-    def release(self) -> None:
-        if self.fd < 0:
-            return
-        if self._ours():  # not taken over meanwhile (a hung worker's claim can be)
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-        os.close(self.fd)  # releases the lock
-        self.fd = -1
-
-
-def _claim_owner(path: Path) -> str | None:
-    """Who holds the claim ``path`` if it is live: locked (its process is alive), or written
-    from another machine and refreshed within CLAIM_STALE_AFTER seconds; else None."""
-    try:
-        owner = path.read_text()
-        age = time.time() - path.stat().st_mtime
-    except OSError:
-        return None
-    if _lock_held(path):
-        return owner or "?"
-    host = owner.rpartition(":")[0]
-    if host and host != socket.gethostname() and age < CLAIM_STALE_AFTER:
-        return owner
-    return None
-
-
-class _Shards:
-    """The shard folder of one entry being extracted, by any number of workers::
-
-        <cache_dir>/<entry>.shards/
-            000000000-000000512.claim   # held by the worker extracting those rows
-            000000000-000000512.npz     # the rows, written: features, which rows decoded, who
-
-    Each shard is claimed by one worker, extracted and written atomically (temporary name,
-    then rename); a claim whose worker died is taken over. The worker that finds every shard
-    written joins them into the entry and publishes it under the entry lock, then removes the
-    folder. A folder left by workers that were all killed is reused by the next extraction.
-    """
-
-    def __init__(self, cache_dir: Path, name: str):
-        self.dir = cache_dir / f"{name}{SHARDS_SUFFIX}"
-
-    def _path(self, span: Span, ext: str) -> Path:
-        return self.dir / f"{span[0]:09d}-{span[1]:09d}.{ext}"
-
-    def is_done(self, span: Span) -> bool:
-        return self._path(span, "npz").is_file()
-
-    def live_owner(self, span: Span) -> str | None:
-        return _claim_owner(self._path(span, "claim"))
-
-    def claimable(self, span: Span) -> bool:
-        return not self.is_done(span) and self.live_owner(span) is None
-
-    def any_live(self) -> bool:
-        return any(_claim_owner(p) is not None for p in self.dir.glob("*.claim"))
-
-    def claim(
-        self, span: Span, lock: Callable[[], contextlib.AbstractContextManager[Any]]
-    ) -> _Claim | None:
-        """Claim the shard, taking over a claim whose worker is dead; None if a live worker
-        holds it. Takeovers happen under ``lock`` (the entry lock), one at a time, so a claim
-        just made by another taker is never removed."""
-        path = self._path(span, "claim")
-        claim = _Claim.create(path)
-        if claim is not None or _claim_owner(path) is not None:
-            return claim
-        with lock():
-            if path.exists() and _claim_owner(path) is None:
-                try:
-                    left_by = path.read_text()
-                except OSError:
-                    left_by = "?"
-                log.info(
-                    "taking over shard %d-%d of %s, left by %s",
-                    span[0],
-                    span[1],
-                    self.dir.name,
-                    left_by,
-                )
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-        return _Claim.create(path)
-
-    def write(self, span: Span, feats: np.ndarray, rows: np.ndarray) -> None:
-        final = self._path(span, "npz")
-        tmp = final.with_name(
-            f"{final.name}.tmp-{_owner().replace(':', '-')}-{uuid.uuid4().hex[:8]}"
-        )
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, features=feats, rows=rows, owner=np.array(_owner()))
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-
-    def read(self, span: Span) -> tuple[np.ndarray, np.ndarray, str]:
-        with np.load(self._path(span, "npz"), allow_pickle=False) as z:
-            return z["features"], z["rows"], str(z["owner"])
-
-
-class _Refresher:
-    """Refreshes the time stamp of this process's open claims every CLAIM_REFRESH seconds, so
-    that workers on other machines see they are alive."""
-
-    def __init__(self, opened: list[tuple[Span, list[tuple[_Job, _Claim]]]]):
-        self._opened = opened
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="tlsweep-claims")
-
-    def _run(self) -> None:
-        while not self._stop.wait(CLAIM_REFRESH):
-            for _, claimed in list(self._opened):
-                for _, claim in claimed:
-                    claim.refresh()
-
-    def __enter__(self) -> _Refresher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def _publish(tmp: Path, final: Path, key: str) -> Entry | None:
-    """Rename the finished ``tmp`` folder to ``final``; None when it is in place.
-
-    Where the entry lock does not hold (``flock`` on some network filesystems), another machine
-    may have published the same entry first: the rename then fails because ``final`` exists.
-    Its entry is as good as ours (same key, same bytes in), so it is used and ours dropped;
-    nobody deletes an entry that verifies.
-    """
-    try:
-        os.rename(tmp, final)
-        return None
-    except OSError as e:
-        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-            raise
-    theirs = _read_entry(final, key)
-    if theirs is None:
-        raise TlsweepError(
-            f"{final}: another process published this cache entry at the same time and it does "
-            "not verify; run again (the entry will be replaced)"
-        )
-    shutil.rmtree(tmp, ignore_errors=True)
-    return theirs
 
 
 def _forward_all(
@@ -1201,50 +764,6 @@ def _forward_all(
         finally:
             for _, fut in pending:
                 fut.cancel()
-
-
-def report_skipped(entry: Entry, limit: int = 3) -> None:
-    """Warn about files the entry skipped or ignored: the count and the first few paths."""
-    for kind, items in (
-        ("skipped", entry.manifest["skipped"]),
-        ("ignored", entry.manifest["ignored"]),
-    ):
-        if items:
-            first = "; ".join(f"{s['path']} ({s['reason']})" for s in items[:limit])
-            more = f" and {len(items) - limit} more" if len(items) > limit else ""
-            log.warning(
-                "%s: %d file(s) %s: %s%s (full list in %s)",
-                entry.manifest["backbone"]["label"],
-                len(items),
-                kind,
-                first,
-                more,
-                entry.path / "manifest.json",
-            )
-
-
-def check_usable(entry: Entry) -> None:
-    """Refuse an entry the head cannot learn from: a class with no usable training image, or
-    no usable validation image at all (every file of them was skipped).
-
-    Raised after the entry is cached, so fixing the files costs one new extraction and nothing
-    that was computed is lost.
-    """
-    m = entry.manifest
-    per_class = collections.Counter(f["label"] for f in m["files"] if f["split"] == "train")
-    where = f"{m['data_dir']}: {m['backbone']['label']}"
-    for label, name in enumerate(m["class_names"]):
-        if per_class[label] == 0:
-            raise TlsweepError(
-                f"{where}: class '{name}' has no usable training image "
-                f"({len(m['skipped'])} file(s) skipped, listed in {entry.path / 'manifest.json'})"
-                "; replace the broken files or remove the class folder"
-            )
-    if not any(f["split"] == "validation" for f in m["files"]):
-        raise TlsweepError(
-            f"{where}: no usable validation image ({len(m['skipped'])} file(s) skipped, listed "
-            f"in {entry.path / 'manifest.json'}); replace the broken files"
-        )
 
 
 def extract_all(

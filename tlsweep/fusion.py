@@ -26,7 +26,7 @@ from tlsweep.errors import TlsweepError
 
 @dataclass
 class FusedEntry:
-    """A read-only view with the interface of :class:`tlsweep.features.Entry`."""
+    """A read-only view with the interface of :class:`tlsweep.entries.Entry`."""
 
     backbone: BackboneConfig
     members: list[Any]  # the members' Entry objects, in the fuse: order

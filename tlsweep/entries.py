@@ -1,0 +1,352 @@
+"""What a feature cache entry is on disk: its key, its folder, how it is read, locked and
+published.
+
+One cache entry per (backbone, weights identity, input size, pooling, preprocessing, constructor
+arguments, image content and labels, library versions). An entry is a folder::
+
+    <cache_dir>/<Backbone>-<size>-<pooling>-<key16>/
+        manifest.json   # key, shapes, class names, files, skipped files, timings (written last)
+        features.npy    # float32 [rows, dim], memory-mappable, never pickled
+
+With augmented views (``augment:``), rows ``0 .. n`` are view 0 (the plain image) of every file
+and views ``1 .. K - 1`` follow, one block each, holding the files of the augmented splits (the
+training split, every split with ``tta``), which come first in the row order; the manifest's
+``views`` says where (:meth:`Entry.views`).
+
+It is written under a temporary name and renamed into place (:func:`_publish`) under a
+per-entry file lock (:func:`_entry_lock`); an entry whose manifest is missing, unreadable or
+does not match its key and arrays is never used (:func:`_read_entry`). Computing a key imports
+no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlsweep import backbones as bbs
+from tlsweep.config import BackboneConfig
+from tlsweep.data import file_digest
+from tlsweep.errors import TlsweepError
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _weights_digest(path: Path) -> str:
+    """The digest of a weights file, remembered per (path, size, mtime) within a process."""
+    st = path.stat()
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    if memo not in _DIGESTS:
+        _DIGESTS[memo] = file_digest(str(path))
+    return _DIGESTS[memo]
+
+
+def weights_identity(bb: BackboneConfig, fetch: bool = True) -> str | None:
+    """What identifies the weights: the bytes of the file Keras loads for ``imagenet``, the
+    seeded random init for ``none``, or the bytes of a weights file.
+
+    The ImageNet file is the one Keras loads from ``$KERAS_HOME/models`` (found without
+    importing TensorFlow, so a cache hit stays fast). When it is not there yet (first run,
+    online), ``fetch`` builds the model once so Keras downloads it, and the identity is known
+    from then on; without ``fetch`` the identity is unknown (None).
+    """
+    if bb.weights == "imagenet":
+        path = bbs.imagenet_weights_path(bb)
+        if not path.is_file():
+            if not fetch:
+                return None
+            path = bbs.fetch_imagenet_weights(bb)
+        return f"imagenet:{path.name}:{_weights_digest(path)}"
+    if bb.weights == "none":
+        return f"random-seed-{bbs.RANDOM_WEIGHTS_SEED}"
+    return f"file:{_weights_digest(Path(bb.weights))}"
+
+
+def key_parts(bb: BackboneConfig, images_digest: str, fetch: bool = True) -> dict[str, Any]:
+    """Everything that changes the features, as a JSON-able dict (``weights`` is None when the
+    ImageNet file is not downloaded yet and ``fetch`` is False). Augmented views add their
+    settings (``augment``); an entry without them keeps the key it always had."""
+    parts = {
+        "format": CACHE_FORMAT,
+        "backbone": bb.name,
+        "args": {k: bb.args[k] for k in sorted(bb.args)},
+        "weights": weights_identity(bb, fetch),
+        "input_size": bb.input_size,
+        "pooling": bb.pooling,
+        "preprocessing": bbs.preprocessing_name(bb),
+        "resize": "bilinear-squash",
+        "images": images_digest,
+        "versions": {p: _version(p) for p in ("keras", "tensorflow")},
+    }
+    if bb.augment is not None:
+        parts["augment"] = bb.augment.key()
+    return parts
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def entry_name(bb: BackboneConfig, key: str) -> str:
+    views = f"-views{bb.augment.views}" if bb.augment is not None else ""
+    return f"{bb.name}-{bb.input_size}-{bb.pooling}{views}-{key[:16]}"
+
+
+@dataclass
+class Entry:
+    """A complete, verified cache entry."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.manifest["class_names"]
+
+    def features(self) -> np.ndarray:
+        """All rows, memory-mapped read-only."""
+        return np.load(self.path / "features.npy", mmap_mode="r", allow_pickle=False)
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of one split, in file order; empty arrays if the split is empty.
+
+        The features of a split stored in one block of rows (every entry extracted since rows
+        are grouped by split) are a slice of the file's memory map, copy-on-write: writes would
+        stay in this process and never reach the file. Writable, so that TensorFlow can read
+        the mapped pages in place (:func:`tlsweep.head.as_tensor`); the page cache holding them
+        is shared by every process on the machine. Other entries give an in-memory copy.
+        """
+        rows = [(f["row"], f["label"]) for f in self.manifest["files"] if f["split"] == name]
+        feats = np.load(self.path / "features.npy", mmap_mode="c", allow_pickle=False)
+        if not rows:
+            return np.zeros((0, feats.shape[1]), np.float32), np.zeros((0,), np.int64)
+        idx = np.array([r for r, _ in rows], dtype=np.int64)
+        labels = np.array([lab for _, lab in rows], dtype=np.int64)
+        if np.all(np.diff(idx) == 1):
+            return feats[idx[0] : idx[-1] + 1], labels
+        return np.asarray(feats[idx]), labels
+
+    def split_sizes(self) -> dict[str, int]:
+        out = {"train": 0, "validation": 0, "test": 0}
+        for f in self.manifest["files"]:
+            out[f["split"]] += 1
+        return out
+
+    def views(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of one split with every view the entry holds of it:
+        ``[views, n, dim]`` (view 0 the plain image, in memory) for a split with augmented views,
+        else what :meth:`split` gives, ``[n, dim]``.
+
+        The rows of view ``v >= 1`` are ``base + (v - 1) * rows + row``: every view's block
+        holds the first ``rows`` rows, the augmented splits (train first, see ``_extract``).
+        """
+        x, y = self.split(name)
+        info = self.manifest.get("views")
+        if not info or name not in info["splits"] or len(y) == 0:
+            return x, y
+        idx = np.array(
+            [f["row"] for f in self.manifest["files"] if f["split"] == name], dtype=np.int64
+        )
+        feats = np.load(self.path / "features.npy", mmap_mode="r", allow_pickle=False)
+        base, rows = info["base"], info["rows"]
+        out = np.empty((info["count"], len(idx), feats.shape[1]), np.float32)
+        out[0] = x
+        for v in range(1, info["count"]):
+            out[v] = feats[base + (v - 1) * rows + idx]
+        return out, y
+
+
+def _read_entry(path: Path, key: str | None = None) -> Entry | None:
+    """The entry at ``path`` if complete and consistent, else None (never raises)."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        if manifest.get("format") != CACHE_FORMAT or not manifest.get("complete"):
+            return None
+        if key is not None and manifest.get("key") != key:
+            return None
+        if cache_key(manifest["key_parts"]) != manifest["key"]:
+            return None
+        arr = np.load(path / "features.npy", mmap_mode="r", allow_pickle=False)
+        if list(arr.shape) != manifest["shape"] or str(arr.dtype) != manifest["dtype"]:
+            return None
+        rows = [f["row"] for f in manifest["files"]]
+        views = manifest.get("views")
+        end = arr.shape[0] if not views else views["base"]
+        if views and views["base"] + (views["count"] - 1) * views["rows"] != arr.shape[0]:
+            return None
+        if rows and (min(rows) < 0 or max(rows) >= end):
+            return None
+        return Entry(path=path, manifest=manifest)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@contextlib.contextmanager
+def _entry_lock(cache_dir: Path, name: str) -> Iterator[None]:
+    """An exclusive lock per entry; the OS releases it if the holder dies.
+
+    ``cache clear`` may delete a lock file nobody holds; a process that opened it just before
+    would then lock a deleted file while a newcomer locks a new one, so the lock is taken
+    again until the file locked is the one at the path.
+    """
+    lock_path = cache_dir / f"{name}.lock"
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process extracting %s", name)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:
+                continue  # finally: unlock and close, then lock the file now at the path
+            yield
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def _tmp_name(name: str) -> str:
+    """A temporary entry folder's name: which host and process are writing it."""
+    return f"{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+# A temporary folder written from another machine (a cache on a network share), whose lock this
+# machine cannot see, is taken as abandoned once it has not changed for this long.
+ABANDONED_AFTER = 24 * 3600
+
+
+def _in_progress(tmp: Path, locked: bool) -> bool:
+    """Whether a temporary entry folder may belong to an extraction still running: its entry
+    lock is held (``locked``), or it was written from another machine not long ago."""
+    if locked:
+        return True
+    parts = tmp.name.split(".tmp-", 1)[1].rsplit("-", 2) if ".tmp-" in tmp.name else []
+    if len(parts) < 3 or parts[0] == socket.gethostname():  # this machine (or an old name)
+        return False  # its lock is free: the process that wrote it is gone
+    try:
+        return time.time() - tmp.stat().st_mtime < ABANDONED_AFTER
+    except FileNotFoundError:
+        return False
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether another process holds the entry lock ``path`` (an extraction in progress)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases our lock, if we got it
+    return False
+
+
+def _publish(tmp: Path, final: Path, key: str) -> Entry | None:
+    """Rename the finished ``tmp`` folder to ``final``; None when it is in place.
+
+    Where the entry lock does not hold (``flock`` on some network filesystems), another machine
+    may have published the same entry first: the rename then fails because ``final`` exists.
+    Its entry is as good as ours (same key, same bytes in), so it is used and ours dropped;
+    nobody deletes an entry that verifies.
+    """
+    try:
+        os.rename(tmp, final)
+        return None
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+    theirs = _read_entry(final, key)
+    if theirs is None:
+        raise TlsweepError(
+            f"{final}: another process published this cache entry at the same time and it does "
+            "not verify; run again (the entry will be replaced)"
+        )
+    shutil.rmtree(tmp, ignore_errors=True)
+    return theirs
+
+
+def report_skipped(entry: Entry, limit: int = 3) -> None:
+    """Warn about files the entry skipped or ignored: the count and the first few paths."""
+    for kind, items in (
+        ("skipped", entry.manifest["skipped"]),
+        ("ignored", entry.manifest["ignored"]),
+    ):
+        if items:
+            first = "; ".join(f"{s['path']} ({s['reason']})" for s in items[:limit])
+            more = f" and {len(items) - limit} more" if len(items) > limit else ""
+            log.warning(
+                "%s: %d file(s) %s: %s%s (full list in %s)",
+                entry.manifest["backbone"]["label"],
+                len(items),
+                kind,
+                first,
+                more,
+                entry.path / "manifest.json",
+            )
+
+
+def check_usable(entry: Entry) -> None:
+    """Refuse an entry the head cannot learn from: a class with no usable training image, or
+    no usable validation image at all (every file of them was skipped).
+
+    Raised after the entry is cached, so fixing the files costs one new extraction and nothing
+    that was computed is lost.
+    """
+    m = entry.manifest
+    per_class = collections.Counter(f["label"] for f in m["files"] if f["split"] == "train")
+    where = f"{m['data_dir']}: {m['backbone']['label']}"
+    for label, name in enumerate(m["class_names"]):
+        if per_class[label] == 0:
+            raise TlsweepError(
+                f"{where}: class '{name}' has no usable training image "
+                f"({len(m['skipped'])} file(s) skipped, listed in {entry.path / 'manifest.json'})"
+                "; replace the broken files or remove the class folder"
+            )
+    if not any(f["split"] == "validation" for f in m["files"]):
+        raise TlsweepError(
+            f"{where}: no usable validation image ({len(m['skipped'])} file(s) skipped, listed "
+            f"in {entry.path / 'manifest.json'}); replace the broken files"
+        )
