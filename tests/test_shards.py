@@ -225,9 +225,11 @@ def test_a_shard_with_no_usable_image_is_written_and_its_files_skipped(
 
 # Several `tlsweep extract` processes on one cache, with shards of 8 images; each waits for the
 # others to be started (TensorFlow imported) and writes its shards slowly, so all take part.
+# With a 4th argument, a process takes it as its machine's name: processes of several machines
+# on one shared cache folder (each machine extracts; on one machine, one process does).
 _EXTRACT = textwrap.dedent(
     """
-    import sys, time
+    import socket, sys, time
     from pathlib import Path
     import tensorflow  # noqa: F401 - the slow part of a start, before the barrier
     from tlsweep import features as F
@@ -235,6 +237,8 @@ _EXTRACT = textwrap.dedent(
     from tlsweep.cli import main
     F.EXTRACT_BATCH, F.SHARD_BATCHES = {batch}, {shard_batches}
     sweep, ready, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    if len(sys.argv) > 4:
+        socket.gethostname = lambda: sys.argv[4]
     (ready / str(time.time_ns())).touch()
     while len(list(ready.iterdir())) < n:
         time.sleep(0.05)
@@ -249,20 +253,23 @@ _EXTRACT = textwrap.dedent(
 )
 
 
-def _extract_together(d: Path, sweep: Path, n: int, pause: float = 0.5) -> list:
+def _extract_together(
+    d: Path, sweep: Path, n: int, pause: float = 0.5, machines: bool = True
+) -> list:
     ready = d / f"ready-{n}"
     ready.mkdir()
     code = _EXTRACT.format(batch=BATCH, shard_batches=SHARD_BATCHES, pause=pause)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", code, str(sweep), str(ready), str(n)],
+            [sys.executable, "-c", code, str(sweep), str(ready), str(n)]
+            + ([f"machine-{i}"] if machines else []),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=env,
         )
-        for _ in range(n)
+        for i in range(n)
     ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0] * n, [e[-1500:] for _, e in outs]
@@ -278,7 +285,7 @@ def _extract_together(d: Path, sweep: Path, n: int, pause: float = 0.5) -> list:
         pytest.param(MNV2, 3, id="mnv2-3", marks=pytest.mark.slow),
     ],
 )
-def test_several_workers_give_the_bytes_of_one(
+def test_several_machines_give_the_bytes_of_one(
     tmp_path: Path, data: Path, backbone: dict, n: int, small_shards: None
 ) -> None:
     cfg = load_sweep(_sweep(tmp_path, data, backbone, tmp_path / "alone"))
@@ -291,11 +298,75 @@ def test_several_workers_give_the_bytes_of_one(
     entry = E._read_entry(d / "cache" / name)
     assert entry is not None and name == one.path.name
     workers = entry.manifest["timings"]["workers"]
-    assert len(workers) == n, (workers, [o for o, _ in outs])  # every process took shards
+    assert len(workers) == n, (workers, [o for o, _ in outs])  # every machine took shards
+    assert sorted(w.partition(":")[0] for w in workers) == [f"machine-{i}" for i in range(n)]
     assert sum("extracted:" in o for o, _ in outs) == 1  # one of them published it
     assert np.array_equal(entry.features(), one.features())
     for k in ("files", "skipped", "shape", "key"):
         assert entry.manifest[k] == one.manifest[k]
+
+
+def test_on_one_machine_one_process_extracts_and_the_others_wait(
+    tmp_path: Path, data: Path, small_shards: None
+) -> None:
+    """Local processes do not split an entry (each would pay its own start and split the
+    cores the forward passes use already): one extracts every shard, the others wait for it
+    and use its entry."""
+    cfg = load_sweep(_sweep(tmp_path, data, TINY, tmp_path / "alone"))
+    ((_, one, _),) = F.extract_all(cfg)
+    d = tmp_path / "together"
+    d.mkdir()
+    outs = _extract_together(d, _sweep(d, data, TINY, d / "cache"), 3, pause=0.2, machines=False)
+    (name,) = [p.name for p in (d / "cache").iterdir() if p.is_dir()]
+    entry = E._read_entry(d / "cache" / name)
+    assert entry is not None and entry.manifest["timings"]["shards"] == 7
+    assert len(entry.manifest["timings"]["workers"]) == 1, [o for o, _ in outs]
+    assert np.array_equal(entry.features(), one.features())
+
+
+def test_a_local_extractor_that_dies_is_taken_over_by_a_waiting_process(
+    tmp_path: Path, data: Path, small_shards: None
+) -> None:
+    sweep = _sweep(tmp_path, data, TINY, tmp_path / "cache")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+    def start(name: str, pause: float) -> subprocess.Popen:
+        ready = tmp_path / f"ready-{name}"
+        ready.mkdir()
+        code = _EXTRACT.format(batch=BATCH, shard_batches=SHARD_BATCHES, pause=pause)
+        return subprocess.Popen(
+            [sys.executable, "-c", code, str(sweep), str(ready), "1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    first = start("first", 30)
+    second = None
+    try:
+        assert first.stdout.readline().strip() == "wrote a shard"  # then it sleeps 30 s
+        folder = next((tmp_path / "cache").glob("*.shards"))
+        second = start("second", 0)
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "ready-second").iterdir()):  # started: TF imported
+            assert second.poll() is None and time.monotonic() < deadline, second.stderr.read()
+            time.sleep(0.05)
+        time.sleep(2.0)  # free shards all the while, but this machine's extractor is alive
+        assert second.poll() is None
+        assert len(list(folder.glob("*.npz"))) == 1
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    _, err = second.communicate(timeout=300)  # it takes over the dead one's claim
+    assert second.returncode == 0, err[-2000:]
+    (entry,) = FeatureCache(tmp_path / "cache").entries()
+    assert entry.manifest["timings"]["workers"] == sorted(
+        [f"{socket.gethostname()}:{first.pid}", f"{socket.gethostname()}:{second.pid}"]
+    )
+    cfg = load_sweep(sweep)
+    alone, _ = FeatureCache(tmp_path / "alone").ensure(cfg.backbones[0], find_images(cfg.data))
+    assert np.array_equal(entry.features(), alone.features())
 
 
 def test_augmented_views_through_shards_give_the_rows_of_one_stream(

@@ -218,6 +218,8 @@ class FeatureCache:
                         todo.append((k, job))
                 if todo:
                     done = self._extract([job for _, job in todo], images)
+                    for _, job in todo:
+                        job.shards.release_machine()
                     for (k, _), got in zip(todo, done, strict=True):
                         out[k] = got
             except BaseException:
@@ -284,8 +286,16 @@ class FeatureCache:
                     if made is not None:
                         results[job.name] = made
             left = [job for job in left if job.name not in results]
-            if any(job.shards.claimable(s) for job in left for s in spans):
-                self._extract_shards(left, paths, seeds, spans)
+            # One extractor per machine and entry: another process of this machine extracting
+            # it (with every core) is waited for, and taken over as soon as it is gone.
+            mine = [job for job in left if job.shards.take_machine()]
+            held += [
+                (job, (0, 0), job.shards.machine_extractor() or "?")
+                for job in left
+                if job not in mine
+            ]
+            if any(job.shards.claimable(s) for job in mine for s in spans):
+                self._extract_shards(mine, paths, seeds, spans)
                 waiting_since = None
             elif held and len(results) < len(jobs):
                 # every missing shard is being extracted by a live worker: wait for them,
@@ -296,9 +306,8 @@ class FeatureCache:
                     last_log = now
                     owners = sorted({owner for _, _, owner in held})
                     log.info(
-                        "waiting for %d shard(s) of %s being extracted by %s (%.0fs so "
-                        "far); a claim not refreshed for %gs is taken over",
-                        len(held),
+                        "waiting for %s, being extracted by %s (%.0fs so far); a claim of "
+                        "another machine not refreshed for %gs is taken over",
                         ", ".join(sorted({job.name for job, _, _ in held})),
                         ", ".join(owners),
                         now - waiting_since,
@@ -331,6 +340,7 @@ class FeatureCache:
     def _abandon(self, job: _Job) -> None:
         """After an error or Ctrl-C: remove the entry's shard folder, unless another worker is
         extracting shards of it (their claims are live) or will assemble it."""
+        job.shards.release_machine()
         with contextlib.suppress(OSError), _entry_lock(self.dir, job.name):
             if job.shards.dir.is_dir() and not job.shards.any_live():
                 shutil.rmtree(job.shards.dir, ignore_errors=True)

@@ -1,10 +1,13 @@
 """The shard folder of an entry being extracted: one extraction shared by every worker, on
 every machine.
 
-A missing entry's rows are cut into shards that every process asking for it (``run --workers
-N``, other machines on the same cache folder) claims, extracts and writes (:class:`_Shards`); a
-shard of a worker that died is taken over (:class:`_Claim`, refreshed by :class:`_Refresher`).
-How rows are cut into shards and extracted is :mod:`tlsweep.features`'.
+A missing entry's rows are cut into shards that the machines asking for it (several machines on
+one cache folder) claim, extract and write (:class:`_Shards`); a shard of a worker that died is
+taken over (:class:`_Claim`, refreshed by :class:`_Refresher`). On one machine, one process at a
+time extracts an entry, with every core (its machine lock, :meth:`_Shards.take_machine`): the
+forward passes already use every core, and a second process would only add its own start and
+split the cores (measured in ``bench/shards.py``); the other local workers wait for it and take
+over if it dies. How rows are cut into shards and extracted is :mod:`tlsweep.features`'.
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ class _Shards:
         <cache_dir>/<entry>.shards/
             000000000-000000512.claim   # held by the worker extracting those rows
             000000000-000000512.npz     # the rows, written: features, which rows decoded, who
+            <host>.extracting           # locked by the one process of <host> extracting
 
     Each shard is claimed by one worker, extracted and written atomically (temporary name,
     then rename); a claim whose worker died is taken over. The worker that finds every shard
@@ -125,6 +129,44 @@ class _Shards:
 
     def __init__(self, cache_dir: Path, name: str):
         self.dir = cache_dir / f"{name}{SHARDS_SUFFIX}"
+        self._machine_fd = -1  # this process's machine lock on the entry, while held
+
+    @property
+    def _machine_path(self) -> Path:
+        return self.dir / f"{socket.gethostname()}.extracting"
+
+    def take_machine(self) -> bool:
+        """Become this machine's extractor of the entry (a ``flock`` held until
+        :meth:`release_machine` or the process's end); False while another local process is."""
+        if self._machine_fd >= 0:
+            return True
+        try:
+            fd = os.open(self._machine_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the folder is gone: published or cleared
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, _owner().encode())
+        self._machine_fd = fd
+        return True
+
+    def machine_extractor(self) -> str | None:
+        """``host:pid`` of the other process of this machine extracting the entry, if any."""
+        if self._machine_fd >= 0 or not _lock_held(self._machine_path):
+            return None
+        try:
+            return self._machine_path.read_text() or "?"
+        except OSError:
+            return "?"
+
+    def release_machine(self) -> None:
+        if self._machine_fd >= 0:
+            os.close(self._machine_fd)  # releases the lock; the file stays for the next one
+            self._machine_fd = -1
 
     def _path(self, span: Span, ext: str) -> Path:
         return self.dir / f"{span[0]:09d}-{span[1]:09d}.{ext}"
@@ -139,7 +181,10 @@ class _Shards:
         return not self.is_done(span) and self.live_owner(span) is None
 
     def any_live(self) -> bool:
-        return any(_claim_owner(p) is not None for p in self.dir.glob("*.claim"))
+        """Whether a live worker claims a shard, or is this machine's extractor."""
+        return any(_claim_owner(p) is not None for p in self.dir.glob("*.claim")) or any(
+            _lock_held(p) for p in self.dir.glob("*.extracting")
+        )
 
     def claim(
         self, span: Span, lock: Callable[[], contextlib.AbstractContextManager[Any]]

@@ -418,10 +418,11 @@ def _start_workers(
 ) -> list[Any]:
     """Start the ``n`` worker processes of `run --workers N` (they stop if this process dies).
 
-    With ``extract_first``, each first takes shards of the missing features on its share of the
-    cores (:func:`_give_cores`), then waits for a line on its stdin: ``go`` once the study is
-    ready (:func:`_run_workers`), anything else or the end of input to stop (:func:`_stop_held`).
-    Starting the workers that will run the trials, not other processes, costs no extra start.
+    With ``extract_first``, each first extracts the missing features (one of them per entry, with
+    every core; the others wait, and take over if it dies: :mod:`tlsweep.shards`), then waits for
+    a line on its stdin: ``go`` once the study is ready (:func:`_run_workers`), anything else or
+    the end of input to stop (:func:`_stop_held`). Starting the workers that will run the
+    trials, not other processes, costs no extra start.
     """
     from tlsweep.workers import PARENT_PID_ENV
 
@@ -434,8 +435,6 @@ def _start_workers(
             cmd = [sys.executable, "-m", "tlsweep", *argv, *extra, "--worker-index", str(i)]
             stdin = subprocess.PIPE if extract_first else None
             procs.append(subprocess.Popen(cmd, env=env, stdin=stdin))
-            if extract_first:
-                _give_cores(procs[-1].pid, i, n)
     except BaseException:
         _stop_held(procs)
         raise
@@ -498,8 +497,6 @@ def wait_for_go(cfg: SweepConfig) -> bool:
     from tlsweep.features import extract_all
 
     extract_all(cfg)
-    with contextlib.suppress(AttributeError, OSError):  # back on every core of the parent
-        os.sched_setaffinity(0, os.sched_getaffinity(os.getppid()))
     return sys.stdin.readline().strip() == "go"
 
 
@@ -536,19 +533,3 @@ def _run_workers(
         raise StudyFailing(
             f"{len(bad)} of {n} workers exited with an error (codes {bad}); see above"
         )
-
-
-def _give_cores(pid: int, i: int, n: int) -> None:
-    """Pin worker ``i`` of ``n`` extracting features to its share of this process's cores.
-
-    Set within microseconds of its start, long before it starts TensorFlow, whose thread pools
-    and the decoding's parallelism are then sized to that share: N workers on N shares run
-    side by side instead of each running a pool per core and all of them fighting for the
-    cores. Where this is not possible (not Linux), they share every core.
-    """
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-        share = cpus[i * len(cpus) // n : (i + 1) * len(cpus) // n] or [cpus[i % len(cpus)]]
-        os.sched_setaffinity(pid, share)
-    except (AttributeError, OSError) as e:  # not Linux, or the worker is gone already
-        log.debug("worker %d keeps every core: %s", i, e)
