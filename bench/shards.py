@@ -1,8 +1,8 @@
 """Benchmark one extraction shared by 1 or 2 local workers (issue 14, item 3).
 
-``tlsweep run --workers N`` starts its N worker processes on the missing entries' shards first
-(:func:`tlsweep.sweep._extract_in_workers`: each pinned to its share of the cores while it
-extracts), then lets them run the trials. This bench runs that first part, with N = 1 and N = 2,
+``tlsweep run --workers N`` starts its N worker processes on the missing entries first
+(:func:`tlsweep.sweep._extract_in_workers`: on one machine one of them extracts an entry with
+every core while the others wait), then lets them run the trials. This bench runs that first part, with N = 1 and N = 2,
 on every image of the data folder (MobileNetV2 a0.35, 160 px, average pooling), each time into a
 fresh cache folder, interleaved per repeat so that machine noise hits both alike. It reports the
 wall time until the entry is published, the core-seconds of the worker processes (user +
