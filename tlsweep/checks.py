@@ -19,6 +19,7 @@ from tlsweep.errors import ConfigError, ServiceError
 
 
 def fail(where: str, field_name: str, value: Any, allowed: str) -> ConfigError:
+    """The one-line error: ``WHERE: FIELD: got VALUE; ALLOWED`` (the value cut to 80 characters)."""
     shown = repr(value)
     if len(shown) > 80:
         shown = shown[:77] + "..."
@@ -26,6 +27,7 @@ def fail(where: str, field_name: str, value: Any, allowed: str) -> ConfigError:
 
 
 def check_keys(where: str, section: str, mapping: Any, allowed: tuple[str, ...]) -> None:
+    """Refuse a ``section`` that is not a mapping, or has a key not in ``allowed`` (with a hint)."""
     if not isinstance(mapping, dict):
         what = section or "the sweep file"
         raise fail(where, what, mapping, "expected a mapping of keys to values")
@@ -50,14 +52,17 @@ def field_value(raw: Mapping[str, Any], schema: type, key: str) -> Any:
 
 
 def is_int(v: Any) -> bool:
+    """An integer, and not a bool (YAML's ``true`` is no number here)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def is_num(v: Any) -> bool:
+    """A finite int or float, and not a bool."""
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
 def integer(where: str, name: str, v: Any, lo: int, hi: int | None = None) -> int:
+    """``v`` if it is an integer from ``lo`` (to ``hi``), else the error naming ``name``."""
     if not is_int(v) or v < lo or (hi is not None and v > hi):
         rng = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
         raise fail(where, name, v, f"expected {rng}")
@@ -65,18 +70,21 @@ def integer(where: str, name: str, v: Any, lo: int, hi: int | None = None) -> in
 
 
 def fraction(where: str, name: str, v: Any) -> float:
+    """``v`` if it is a number in [0, 1), as a float."""
     if not is_num(v) or not 0.0 <= v < 1.0:
         raise fail(where, name, v, "expected a number from 0 (inclusive) to 1 (exclusive)")
     return float(v)
 
 
 def choice(where: str, name: str, v: Any, allowed: tuple[str, ...]) -> str:
+    """``v`` lower-cased if it is one of ``allowed`` (case-insensitive)."""
     if not isinstance(v, str) or v.lower() not in allowed:
         raise fail(where, name, v, f"allowed: {' | '.join(allowed)}")
     return v.lower()
 
 
 def resolve_path(base: Path, p: str) -> Path:
+    """``p`` with ``~`` expanded, relative to ``base`` unless absolute."""
     path = Path(p).expanduser()
     return path if path.is_absolute() else (base / path).resolve()
 

@@ -70,7 +70,6 @@ def check_tracking_uri(where: str, uri: Any, field_name: str) -> str:
     raise fail(where, field_name, redact_url(uri), _TRACKING_ALLOWED)
 
 
-# The SQLAlchemy dialects Optuna's RDBStorage can use (sqlite is handled above).
 # The SQLAlchemy dialects whose worker lock tlsweep implements (workers.storage_lock:
 # pg_advisory_lock, GET_LOCK); other databases Optuna could use (oracle, mssql, cockroachdb) are
 # refused, since N workers there could not agree on who runs the last trials.
