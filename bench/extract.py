@@ -257,7 +257,8 @@ MOBILENET_V1 = "mobilenet_2_5_224_tf_no_top.h5"  # MobileNet alpha=0.25, next to
 
 
 def together_backbones(weights: Path) -> list:
-    from tlsweep.config import BackboneConfig, resolve_backbone
+    from tlsweep.backbone_config import resolve_backbone
+    from tlsweep.config import BackboneConfig
 
     v1 = weights.parent / MOBILENET_V1
     if not v1.is_file():
@@ -396,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_together(args, data, weights)
 
     from tlsweep import features
-    from tlsweep.config import DataConfig, resolve_backbone
+    from tlsweep.backbone_config import resolve_backbone
+    from tlsweep.config import DataConfig
     from tlsweep.data import find_images
 
     bb = resolve_backbone(mobilenet_v2(weights))

@@ -73,7 +73,8 @@ def load_features(data: Path, weights: Path, cache_dir: Path, pooling: str):
     """(x_train, y_train, x_val, y_val) as in-memory numpy arrays, via FeatureCache.ensure."""
     import numpy as np
 
-    from tlsweep.config import DataConfig, resolve_backbone
+    from tlsweep.backbone_config import resolve_backbone
+    from tlsweep.config import DataConfig
     from tlsweep.data import find_images
     from tlsweep.features import FeatureCache
 

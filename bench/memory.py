@@ -12,7 +12,7 @@ Two modes:
   figure covers TensorFlow, Optuna and MLflow together.
 * ``--mode head``: ``train_head`` alone, parameters drawn with numpy (same ranges).
 
-Sampled per trial from the default search space (``tlsweep.config.DEFAULT_SPACE``: units,
+Sampled per trial from the default search space (``tlsweep.params.DEFAULT_SPACE``: units,
 dropout, learning rate, batch size); ``--epochs`` epochs (default 3). The random sampler is the
 default because it spreads trials over the most distinct shapes (the hard case for per-shape
 caches); ``--sampler tpe`` is what a default study uses. No pruner, so every trial trains all
@@ -204,7 +204,7 @@ class Recorder:
 
 # --- features ------------------------------------------------------------------------------------
 def backbone(weights: Path):
-    from tlsweep.config import resolve_backbone
+    from tlsweep.backbone_config import resolve_backbone
 
     return resolve_backbone(mobilenet_v2(weights))
 
@@ -222,8 +222,8 @@ search:
 
 
 def run_study(args: argparse.Namespace, rec: Recorder, tmp: Path) -> dict:
-    from tlsweep.config import load_sweep
     from tlsweep.sweep import run_sweep
+    from tlsweep.sweepfile import load_sweep
 
     sweep = tmp / "sweep.yaml"
     sweep.write_text(
@@ -256,10 +256,11 @@ def run_study(args: argparse.Namespace, rec: Recorder, tmp: Path) -> dict:
 def run_head(args: argparse.Namespace, rec: Recorder) -> dict:
     import numpy as np
 
-    from tlsweep.config import DEFAULT_SPACE, DataConfig
+    from tlsweep.config import DataConfig
     from tlsweep.data import find_images
     from tlsweep.features import FeatureCache
     from tlsweep.head import HeadParams, as_tensor, train_head
+    from tlsweep.params import DEFAULT_SPACE
 
     entry, _ = FeatureCache(args.cache_dir.resolve()).ensure(
         backbone(args.weights), find_images(DataConfig(dir=args.data))

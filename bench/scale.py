@@ -143,10 +143,10 @@ def _run(cmd: list[str], cwd: Path) -> dict:
 
 def phase_hit(sweep: Path) -> dict:
     """The phases of a cache hit, timed inside this process (imports excluded)."""
-    from tlsweep.config import load_sweep
     from tlsweep.data import content_digest, find_images
     from tlsweep.entries import cache_key, check_usable, key_parts
     from tlsweep.features import FeatureCache
+    from tlsweep.sweepfile import load_sweep
 
     t, c = [time.perf_counter()], [time.process_time()]
 
@@ -185,11 +185,11 @@ def phase_trials(sweep: Path, trials: int) -> dict:
 
     import tensorflow as tf  # noqa: F401 - imported before the clock starts
 
-    from tlsweep.config import load_sweep
     from tlsweep.data import find_images
     from tlsweep.features import FeatureCache
     from tlsweep.head import HeadParams, train_head
     from tlsweep.search import load_features
+    from tlsweep.sweepfile import load_sweep
 
     cfg = load_sweep(sweep)
     (bb,) = cfg.backbones

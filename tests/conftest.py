@@ -320,8 +320,8 @@ def cd_features(
     Extracted in this process into ``shared_cache`` with exactly the backbone of ``write_sweep``,
     so a sweep written with ``write_sweep(..., cats_dogs_small, cache_dir=shared_cache)`` hits it.
     """
-    from tlsweep.config import load_sweep
     from tlsweep.features import extract_all
+    from tlsweep.sweepfile import load_sweep
 
     sweep = write_sweep(
         tmp_path_factory.mktemp("cd_sweep") / "sweep.yaml", cats_dogs_small, cache_dir=shared_cache
@@ -335,8 +335,8 @@ def flowers_features(
     flowers_small: Path, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Any:
     """The cache entry of MobileNetV2 a0.35 96 px avg features of ``flowers_small`` (layout B)."""
-    from tlsweep.config import load_sweep
     from tlsweep.features import extract_all
+    from tlsweep.sweepfile import load_sweep
 
     sweep = write_sweep(
         tmp_path_factory.mktemp("fl_sweep") / "sweep.yaml", flowers_small, cache_dir=shared_cache
@@ -374,8 +374,8 @@ def trial_inputs(tmp_path: Path) -> tuple[Any, dict[str, Any]]:
 
     import numpy as np
 
-    from tlsweep.config import load_sweep
     from tlsweep.search import FeatureData
+    from tlsweep.sweepfile import load_sweep
 
     bb = {"name": "MobileNetV2", "weights": "none", "input_size": 96, "pooling": "avg"}
     sweep = write_sweep(tmp_path / "s.yaml", tmp_path / "no_data", backbones=[bb])

@@ -16,7 +16,9 @@ import pytest
 import yaml
 from conftest import CATS_DOGS, need_shared, run_cli, small_copy, write_sweep
 
-from tlsweep.config import ConfigError, load_sweep, resolved
+from tlsweep.errors import ConfigError
+from tlsweep.resolved import resolved
+from tlsweep.sweepfile import load_sweep
 
 TINY = {"name": "TinyConvNet", "weights": "none", "input_size": 48, "pooling": "avg"}
 SEARCH = {

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import MNV2_WEIGHTS, SHARED, keras_asks_for, need_shared
 
+from tlsweep.backbone_config import resolve_backbone as resolve
 from tlsweep.backbones import (
     REGISTRY,
     BackboneSpec,
@@ -26,7 +27,6 @@ from tlsweep.backbones import (
     preprocess_affine,
 )
 from tlsweep.config import BackboneConfig
-from tlsweep.config import resolve_backbone as resolve
 from tlsweep.errors import BackboneError
 
 SPECS = list_backbones()

@@ -14,7 +14,11 @@ import yaml
 from conftest import write_sweep
 
 from tlsweep import config as C
-from tlsweep.config import ConfigError, load_sweep
+from tlsweep import params as P
+from tlsweep import resolved as R
+from tlsweep import sweepfile as S
+from tlsweep.errors import ConfigError
+from tlsweep.sweepfile import load_sweep
 
 DELETE = object()
 
@@ -89,15 +93,15 @@ def test_valid_sweep_resolves(tmp_path: Path, base: dict[str, Any]) -> None:
     s = cfg.search
     assert (s.n_trials, s.sampler, s.pruner) == (base["search"]["n_trials"], "random", "none")
     assert (s.direction, s.metric, s.seed) == ("maximize", C.DEFAULT_METRIC, C.DEFAULT_SEED)
-    assert set(s.space) == set(C.HEAD_PARAMS)  # the defaults fill in what the file leaves out
+    assert set(s.space) == set(P.HEAD_PARAMS)  # the defaults fill in what the file leaves out
     assert s.space["units"].kind == "int" and s.space["units"].log
     assert (s.space["units"].low, s.space["units"].high) == (16, 128)
     assert s.space["dropout"].kind == "float" and not s.space["dropout"].log
     assert s.space["batch_size"].kind == "categorical"
     assert s.space["batch_size"].choices == (32, 64)
     assert s.space["epochs"].kind == "fixed" and s.space["epochs"].value == 5
-    assert s.space["optimizer"].value == C.DEFAULT_SPACE["optimizer"]
-    assert s.space["hidden_layers"].value == C.DEFAULT_SPACE["hidden_layers"]
+    assert s.space["optimizer"].value == P.DEFAULT_SPACE["optimizer"]
+    assert s.space["hidden_layers"].value == P.DEFAULT_SPACE["hidden_layers"]
     assert cfg.storage == base["storage"]
     assert cfg.tracking_uri == base["tracking_uri"]
     assert "MobileNetV2" in cfg.text
@@ -569,10 +573,10 @@ def _readme_sweep() -> dict[str, Any]:
 
 def test_readme_space_block_is_generated_from_the_declaration() -> None:
     text = README.read_text(encoding="utf-8")
-    assert C.space_yaml() in text, (
-        "README's search.space block is stale; paste this in:\n" + C.space_yaml()
+    assert P.space_yaml() in text, (
+        "README's search.space block is stale; paste this in:\n" + P.space_yaml()
     )
-    assert _readme_sweep()["search"]["space"] == C.DEFAULT_SPACE
+    assert _readme_sweep()["search"]["space"] == P.DEFAULT_SPACE
 
 
 def test_readme_shows_every_default_of_the_schema() -> None:
@@ -586,7 +590,7 @@ def test_readme_shows_every_default_of_the_schema() -> None:
     for key, value in doc["search"].items():
         if key != "space":
             assert value == C.SearchConfig.__dataclass_fields__[key].default, f"search.{key}"
-    assert set(doc["search"]) == set(C._SEARCH_KEYS)
+    assert set(doc["search"]) == set(S._SEARCH_KEYS)
     assert doc["cache_dir"] == C.DEFAULT_CACHE_DIR
     assert doc["storage"] == C.DEFAULT_STORAGE
 
@@ -598,7 +602,7 @@ def test_a_sweep_without_search_gets_the_schema_defaults(
     cfg = load_sweep(_write(tmp_path, doc))
     assert cfg.data == C.DataConfig(dir=cfg.data.dir)
     assert cfg.search == C.SearchConfig(space=cfg.search.space)
-    for p in C.HEAD_PARAMETERS:
+    for p in P.HEAD_PARAMETERS:
         got = cfg.search.space[p.name]
         if isinstance(p.default, dict) and "choices" in p.default:
             assert list(got.choices) == p.default["choices"]
@@ -619,13 +623,13 @@ def test_head_params_fields_are_the_declaration() -> None:
     from tlsweep.head import SLOTS, HeadParams
 
     fields = dataclasses.fields(HeadParams)
-    assert [f.name for f in fields] == [p.name for p in C.HEAD_PARAMETERS] + ["seed"]
-    for f, p in zip(fields, C.HEAD_PARAMETERS, strict=False):
+    assert [f.name for f in fields] == [p.name for p in P.HEAD_PARAMETERS] + ["seed"]
+    for f, p in zip(fields, P.HEAD_PARAMETERS, strict=False):
         assert f.type is p.type
         fixed = not isinstance(p.default, dict)
         assert f.default == (p.default if fixed else dataclasses.MISSING), p.name
     assert fields[-1].default == C.SearchConfig().seed == C.DEFAULT_SEED
-    assert set(SLOTS) == set(C.HEAD_PARAM["optimizer"].choices)  # the trainer knows every choice
+    assert set(SLOTS) == set(P.HEAD_PARAM["optimizer"].choices)  # the trainer knows every choice
 
 
 def test_a_new_head_parameter_is_one_declaration(
@@ -637,9 +641,9 @@ def test_a_new_head_parameter_is_one_declaration(
 
     from tlsweep import head
 
-    new = C.HeadParam("momentum", float, 0.9, "SGD momentum", bounds=(0.0, 0.999))
-    declared = (*C.HEAD_PARAMETERS, new)
-    monkeypatch.setattr(C, "HEAD_PARAMETERS", declared)
+    new = P.HeadParam("momentum", float, 0.9, "SGD momentum", bounds=(0.0, 0.999))
+    declared = (*P.HEAD_PARAMETERS, new)
+    monkeypatch.setattr(P, "HEAD_PARAMETERS", declared)
     assert load_sweep(_write(tmp_path, base)).search.space["momentum"].value == 0.9
     ok = load_sweep(_write(tmp_path, _set(base, f"{_SP}.momentum", {"low": 0.5, "high": 0.99})))
     assert ok.search.space["momentum"].kind == "float"
@@ -648,7 +652,7 @@ def test_a_new_head_parameter_is_one_declaration(
     cls = head._head_params_class(declared)
     assert "momentum" in {f.name for f in dataclasses.fields(cls)}
     assert cls(units=8, dropout=0.0, learning_rate=0.1, batch_size=4).momentum == 0.9
-    assert "momentum:" in C.space_yaml() and "SGD momentum" in C.space_yaml()
+    assert "momentum:" in P.space_yaml() and "SGD momentum" in P.space_yaml()
 
 
 # --- the resolved sweep ---------------------------------------------------------------------------
@@ -661,37 +665,37 @@ def test_resolved_sweep_is_a_sweep_file_that_loads_back_the_same(
 
     doc = _set(base, "storage", "postgresql://me:secret@db.example/optuna")
     cfg = load_sweep(_write(tmp_path, doc), n_trials=7, data_dir=tmp_path / "images")
-    record = C.resolved_record(cfg)
+    record = R.resolved_record(cfg)
     assert record["versions"]["tlsweep"] == tlsweep.__version__
-    text = C.resolved_yaml(record)
+    text = R.resolved_yaml(record)
     assert text.startswith(
         f"# the resolved sweep, every default filled in (tlsweep {tlsweep.__version__}"
     )
     assert "secret" not in text and "me:***@db.example" in text
     resolved = yaml.safe_load(text)
     assert resolved["search"]["n_trials"] == 7  # the override, applied
-    assert set(resolved["search"]) == set(C._SEARCH_KEYS)  # every default, filled in
-    assert set(resolved["search"]["space"]) == {p.name for p in C.HEAD_PARAMETERS}
-    assert set(resolved["data"]) == set(C._DATA_KEYS)
+    assert set(resolved["search"]) == set(S._SEARCH_KEYS)  # every default, filled in
+    assert set(resolved["search"]["space"]) == {p.name for p in P.HEAD_PARAMETERS}
+    assert set(resolved["data"]) == set(S._DATA_KEYS)
     again = load_sweep(_write(tmp_path, {**resolved, "storage": base["storage"]}, "again.yaml"))
     ours = dataclasses.replace(cfg, storage=base["storage"], path=again.path, text="")
     assert dataclasses.replace(again, text="") == ours
 
 
 def test_changes_name_each_changed_key_once(tmp_path: Path, base: dict[str, Any]) -> None:
-    old = C.resolved_record(load_sweep(_write(tmp_path, base)))
+    old = R.resolved_record(load_sweep(_write(tmp_path, base)))
     (tmp_path / "other").mkdir()
-    new = C.resolved_record(
+    new = R.resolved_record(
         load_sweep(_write(tmp_path, base), n_trials=9, data_dir=tmp_path / "other")
     )
-    assert C.changes(old, old) == []
-    lines = C.changes(old, new)
+    assert R.changes(old, old) == []
+    lines = R.changes(old, new)
     assert lines == [
         f"data.dir: {str(tmp_path / 'images')!r} -> {str(tmp_path / 'other')!r}",
         f"search.n_trials: {base['search']['n_trials']!r} -> 9",
     ]
     newer = {**new, "versions": {**new["versions"], "optuna": "99.0"}}
-    assert C.changes(new, newer) == [f"versions.optuna: {new['versions']['optuna']!r} -> '99.0'"]
+    assert R.changes(new, newer) == [f"versions.optuna: {new['versions']['optuna']!r} -> '99.0'"]
 
 
 def test_resolved_sweep_with_fused_and_expanded_backbones_loads_back(
@@ -710,7 +714,7 @@ def test_resolved_sweep_with_fused_and_expanded_backbones_loads_back(
         ],
     )
     cfg = load_sweep(_write(tmp_path, doc))
-    resolved = yaml.safe_load(C.resolved_yaml(C.resolved_record(cfg)))
+    resolved = yaml.safe_load(R.resolved_yaml(R.resolved_record(cfg)))
     assert [set(b) for b in resolved["backbones"]][-1] == {"fuse"}
     again = load_sweep(_write(tmp_path, {**resolved, "storage": base["storage"]}, "again.yaml"))
     assert [b.label for b in again.backbones] == [b.label for b in cfg.backbones]

@@ -128,7 +128,8 @@ def test_resume_finishes_the_study_and_says_what_changed(sweep: dict[str, Any]) 
 
 def test_the_resolved_sweep_is_on_the_parent_run_and_in_the_study(sweep: dict[str, Any]) -> None:
     from tlsweep import __version__
-    from tlsweep.config import load_sweep, resolved
+    from tlsweep.resolved import resolved
+    from tlsweep.sweepfile import load_sweep
 
     client, parent, _ = _parent(sweep["tracking"])
     d = sweep["dir"]

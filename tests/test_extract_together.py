@@ -10,7 +10,8 @@ import pytest
 from conftest import CATS_DOGS, need_shared, small_copy
 
 from tlsweep import features as F
-from tlsweep.config import BackboneConfig, DataConfig, resolve_backbone
+from tlsweep.backbone_config import resolve_backbone
+from tlsweep.config import BackboneConfig, DataConfig
 from tlsweep.data import find_images
 from tlsweep.features import FeatureCache
 

@@ -29,11 +29,12 @@ from conftest import (
 import tlsweep.backbones
 from tlsweep import entries as E
 from tlsweep import features as F
-from tlsweep.config import BackboneConfig, DataConfig, load_sweep
+from tlsweep.config import BackboneConfig, DataConfig
 from tlsweep.data import content_digest, find_images
 from tlsweep.entries import cache_key, key_parts
 from tlsweep.errors import DataError
 from tlsweep.features import FeatureCache
+from tlsweep.sweepfile import load_sweep
 
 PER_CLASS = 10  # per class and split: 60 images, a fast extraction
 

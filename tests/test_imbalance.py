@@ -13,9 +13,9 @@ import pytest
 import yaml
 from conftest import CATS_DOGS, need_shared, write_sweep
 
-from tlsweep.config import load_sweep
 from tlsweep.errors import ConfigError, StudyError
 from tlsweep.head import HeadParams, class_weight_vector, train_head
+from tlsweep.sweepfile import load_sweep
 
 # A head that is not trained to the point of memorising the twenty dogs: where class weights
 # matter. Four seeds, so one lucky head does not decide.

@@ -18,8 +18,8 @@ import pytest
 from tlsweep import entries as E
 from tlsweep import features as F
 from tlsweep import workers as W
-from tlsweep.config import load_sweep
 from tlsweep.errors import ConfigError, StudyFailing, TlsweepError
+from tlsweep.sweepfile import load_sweep
 
 MOUNTS = """\
 /dev/sda1 / ext4 rw,relatime 0 0

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import FLOWERS, MNV2_WEIGHTS, need_shared, small_copy
 
-from tlsweep.config import BackboneConfig, DataConfig, resolve_backbone
+from tlsweep.backbone_config import resolve_backbone
+from tlsweep.config import BackboneConfig, DataConfig
 from tlsweep.data import find_images, image_batches
 from tlsweep.entries import Entry
 from tlsweep.features import FeatureCache

@@ -164,8 +164,8 @@ def test_champion_loads_in_a_fresh_python_and_predicts_raw_photos(
 
 
 def test_bad_model_names_are_refused_before_any_work(cats_dogs_small: Path, tmp_path: Path) -> None:
-    from tlsweep.config import load_sweep
     from tlsweep.errors import ConfigError
+    from tlsweep.sweepfile import load_sweep
 
     sweep = write_sweep(tmp_path / "s.yaml", cats_dogs_small, register="champ/1")
     with pytest.raises(ConfigError, match=r"s\.yaml: register: got 'champ/1'; expected a model"):

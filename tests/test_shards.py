@@ -25,9 +25,9 @@ from conftest import CATS_DOGS, MNV2_WEIGHTS, need_shared, run_cli, small_copy, 
 from tlsweep import entries as E
 from tlsweep import features as F
 from tlsweep import shards as S
-from tlsweep.config import load_sweep
 from tlsweep.data import find_images
 from tlsweep.features import FeatureCache
+from tlsweep.sweepfile import load_sweep
 
 BATCH, SHARD_BATCHES = 8, 1  # shards of 8 images: the 49 files below make 7 shards
 TINY = {"name": "TinyConvNet", "weights": "none", "input_size": 64, "pooling": "avg"}

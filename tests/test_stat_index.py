@@ -16,8 +16,10 @@ import pytest
 
 from tlsweep import data as D
 from tlsweep.cli import build_parser
-from tlsweep.config import DEFAULT_VERIFY, ConfigError, DataConfig, load_sweep
+from tlsweep.config import DEFAULT_VERIFY, DataConfig
+from tlsweep.errors import ConfigError
 from tlsweep.features import FeatureCache
+from tlsweep.sweepfile import load_sweep
 
 N_PER_CLASS = 6
 HOUR_NS = 3600 * 10**9

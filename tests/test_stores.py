@@ -397,9 +397,9 @@ def test_a_refused_run_leaves_no_new_store_behind(
 ) -> None:
     """A storage that cannot be opened leaves no mlflow.db (MLflow's default, in the current
     folder); a tracking store that is refused leaves no optuna.db."""
-    from tlsweep.config import load_sweep
     from tlsweep.errors import TlsweepError
     from tlsweep.sweep import run_sweep
+    from tlsweep.sweepfile import load_sweep
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

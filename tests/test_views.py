@@ -15,9 +15,9 @@ import pytest
 import yaml
 from conftest import TWO_MOBILENETS, run_cli, write_sweep
 
-from tlsweep.config import ConfigError, load_sweep
-from tlsweep.errors import TlsweepError
+from tlsweep.errors import ConfigError, TlsweepError
 from tlsweep.fusion import fuse_entries
+from tlsweep.sweepfile import load_sweep
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The ``tlsweep`` command line: parses flags, shows progress, maps errors to exit codes.
 
 It holds no logic and no defaults of its own: it turns flags into a
-:class:`~tlsweep.config.SweepConfig` via :func:`~tlsweep.config.load_sweep` and calls the
+:class:`~tlsweep.config.SweepConfig` via :func:`~tlsweep.sweepfile.load_sweep` and calls the
 library. A :class:`~tlsweep.errors.TlsweepError` becomes one line on stderr and its exit code (2);
 Ctrl-C exits with 130 after the library has closed its trial and runs.
 """
@@ -15,8 +15,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tlsweep.config import MAX_WORKERS, redact_url
+from tlsweep.config import MAX_WORKERS
 from tlsweep.errors import ServiceError, TlsweepError
+from tlsweep.urls import redact_url
 
 log = logging.getLogger("tlsweep")
 _exit_code = {"interrupted": 130}  # Ctrl-C; the SIGTERM / SIGHUP handler sets 143 / 129
@@ -53,7 +54,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _load(args: argparse.Namespace, **extra: Any) -> Any:
-    from tlsweep.config import load_sweep
+    from tlsweep.sweepfile import load_sweep
 
     return load_sweep(
         args.sweep,
@@ -199,7 +200,8 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from tlsweep.config import DEFAULT_CACHE_DIR, check_can_write
+    from tlsweep.checks import check_can_write
+    from tlsweep.config import DEFAULT_CACHE_DIR
     from tlsweep.features import FeatureCache
 
     cache_dir = args.cache_dir
@@ -631,13 +633,13 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tlsweep.config import check_can_write
+    from tlsweep.checks import check_can_write
     from tlsweep.sweep import export_winner
 
     if not args.output.endswith(".keras"):
         raise TlsweepError(f"--output: got '{args.output}'; the file name must end in .keras")
     if args.register is not None:
-        from tlsweep.config import model_name
+        from tlsweep.sweepfile import model_name
 
         args.register = model_name("", "--register", args.register)
     cfg = _load(args)
@@ -679,7 +681,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import csv
     import zipfile
 
-    from tlsweep.config import check_can_write
+    from tlsweep.checks import check_can_write
 
     # every check before TensorFlow is imported and before a single image is read
     if not os.path.isfile(args.model):

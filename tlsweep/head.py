@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from tlsweep.config import DEFAULT_SEED, HEAD_PARAMETERS, HeadParam
+from tlsweep.config import DEFAULT_SEED
+from tlsweep.params import HEAD_PARAMETERS, HeadParam
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ RMSPROP_RHO = 0.9
 def _head_params_class(declared: tuple[HeadParam, ...] = HEAD_PARAMETERS) -> type:
     """``HeadParams``: one field per declared head parameter, plus the training seed.
 
-    Built from :data:`tlsweep.config.HEAD_PARAMETERS`, so a new parameter is declared there and
+    Built from :data:`tlsweep.params.HEAD_PARAMETERS`, so a new parameter is declared there and
     only used here. A parameter whose default is a fixed value keeps it as the field default; one
     searched over a range by default has no sensible single value and must be given.
     """

@@ -24,16 +24,12 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tlsweep.config import (
-    MIN_VALIDATION_PER_CLASS,
-    BackboneConfig,
-    Param,
-    SweepConfig,
-    redact_url,
-)
+from tlsweep.config import MIN_VALIDATION_PER_CLASS, BackboneConfig, SweepConfig
 from tlsweep.errors import StudyError
 from tlsweep.interrupts import deferred
 from tlsweep.interrupts import requested as stop_requested
+from tlsweep.params import Param
+from tlsweep.urls import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tlsweep.config import SweepConfig, changes, resolved_record, resolved_yaml
+from tlsweep.config import SweepConfig
 from tlsweep.errors import StudyError, StudyFailing
+from tlsweep.resolved import changes, resolved_record, resolved_yaml
 from tlsweep.search import StudySummary, summarize
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def preflight(
     written: one :class:`~tlsweep.errors.TlsweepError` line within seconds, and nothing created
     (no database file, no MLflow experiment, no cache entry).
     """
-    from tlsweep.config import check_can_write
+    from tlsweep.checks import check_can_write
 
     if cache:
         check_can_write(cfg.cache_dir, "cache_dir", "dir")
@@ -55,7 +56,8 @@ def preflight(
 def _check_tracking(uri: str) -> None:
     from urllib.parse import urlsplit
 
-    from tlsweep.config import TRACKING_DATABASES, check_can_write
+    from tlsweep.checks import check_can_write
+    from tlsweep.urls import TRACKING_DATABASES
 
     scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
     if scheme in ("http", "https"):

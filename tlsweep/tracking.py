@@ -31,11 +31,11 @@ from tlsweep.config import (
     CHECK_HTTP_TIMEOUT,
     DEFAULT_HTTP_MAX_RETRIES,
     DEFAULT_HTTP_TIMEOUT,
-    redact_url,
 )
 from tlsweep.errors import ServiceError, TlsweepError
 from tlsweep.search import FINISHED
 from tlsweep.stores import prepare_mlflow
+from tlsweep.urls import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tlsweep.config import DEFAULT_CONNECT_TIMEOUT, SweepConfig, redact_url
+from tlsweep.config import DEFAULT_CONNECT_TIMEOUT, SweepConfig
 from tlsweep.errors import ConfigError, ServiceError, StudyError, StudyFailing
 from tlsweep.interrupts import deferred
 from tlsweep.interrupts import requested as stop_requested
@@ -53,6 +53,7 @@ from tlsweep.search import (
     trial_id,
 )
 from tlsweep.stores import prepare_optuna
+from tlsweep.urls import redact_url
 
 log = logging.getLogger(__name__)
 

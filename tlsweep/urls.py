@@ -1,0 +1,107 @@
+"""The storage and tracking URLs of a sweep: their forms checked, relative paths resolved, and
+:func:`redact_url`, the one place a URL is made safe to print.
+
+Reaching a server is checked when a command starts (:mod:`tlsweep.stores`,
+:mod:`tlsweep.tracking`), not here. This module imports neither TensorFlow, Optuna nor MLflow.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from tlsweep.checks import fail
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: the one place URLs are made safe to print."""
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+
+
+# The tracking URIs MLflow 3.17 builds a store for (mlflow/tracking/_tracking_service/utils.py):
+# a local path or file:, a database through SQLAlchemy, a tracking server, or Databricks.
+TRACKING_DATABASES = ("postgresql", "mysql", "sqlite", "mssql")
+TRACKING_SCHEMES = ("file", "http", "https", "databricks", "databricks-uc", "uc")
+_TRACKING_ALLOWED = (
+    "expected a folder path, file:///DIR, sqlite:///FILE, postgresql://, mysql://, mssql://, "
+    "http(s)://HOST:PORT or databricks"
+)
+
+
+def check_tracking_uri(where: str, uri: Any, field_name: str) -> str:
+    """Check an MLflow tracking URI's form (reaching it is checked when a command starts)."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(uri, str) or not uri.strip():
+        raise fail(where, field_name, uri, _TRACKING_ALLOWED)
+    uri = uri.strip()
+    if uri.startswith("postgres://"):  # neither MLflow nor SQLAlchemy 2 take this alias
+        uri = "postgresql://" + uri[len("postgres://") :]
+    if uri in ("databricks", "databricks-uc", "uc"):
+        return uri
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        raise fail(where, field_name, redact_url(uri), _TRACKING_ALLOWED) from None
+    scheme = parts.scheme.lower()
+    if "://" not in uri and ":" in uri.split("/", 1)[0]:
+        scheme = uri.split(":", 1)[0].lower()  # e.g. "bogus:x"
+    elif "://" not in uri:
+        scheme = ""  # a plain folder path
+    if scheme in ("", "file"):
+        return uri
+    if scheme in ("http", "https"):
+        if not parts.hostname:
+            raise fail(where, field_name, redact_url(uri), "expected http(s)://HOST[:PORT]")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise fail(where, field_name, redact_url(uri), "the port must be a number") from None
+        return uri
+    if scheme.partition("+")[0] in TRACKING_DATABASES:
+        if scheme.startswith("sqlite") and parts.path.lstrip("/") in ("", ":memory:"):
+            raise fail(where, field_name, uri, "use a file: sqlite:///mlflow.db")
+        if not scheme.startswith("sqlite") and not parts.hostname and "host=" not in parts.query:
+            raise fail(where, field_name, redact_url(uri), "expected DIALECT://USER@HOST/DB")
+        return uri
+    if scheme in TRACKING_SCHEMES:
+        return uri
+    raise fail(where, field_name, redact_url(uri), _TRACKING_ALLOWED)
+
+
+# The SQLAlchemy dialects whose worker lock tlsweep implements (workers.storage_lock:
+# pg_advisory_lock, GET_LOCK); other databases Optuna could use (oracle, mssql, cockroachdb) are
+# refused, since N workers there could not agree on who runs the last trials.
+_DATABASES = ("postgresql", "postgres", "mysql", "mariadb")
+
+
+def check_storage_url(where: str, url: Any, base: Path, field_name: str) -> str:
+    """Resolve a storage URL: a relative SQLite or journal path is made absolute against base."""
+    if not isinstance(url, str) or not url:
+        raise fail(where, field_name, url, "expected an Optuna storage URL like sqlite:///x.db")
+    if url.startswith("sqlite:///"):
+        rest = url[len("sqlite:///") :]
+        if rest in ("", ":memory:"):
+            raise fail(where, field_name, url, "use a file: sqlite:///tlsweep.db")
+        p = Path(rest).expanduser()
+        if not p.is_absolute():
+            p = (base / p).resolve()
+        return f"sqlite:///{p}"
+    if url.startswith("journal:"):
+        p = Path(url[len("journal:") :]).expanduser()
+        if not p.is_absolute():
+            p = (base / p).resolve()
+        return f"journal:{p}"
+    if url.startswith("postgres://"):  # SQLAlchemy 2 dropped this alias of postgresql://
+        url = "postgresql://" + url[len("postgres://") :]
+    scheme = url.partition("://")[0].partition("+")[0] if "://" in url else None
+    if scheme not in _DATABASES:
+        raise fail(
+            where,
+            field_name,
+            redact_url(url),  # no password in the message
+            "expected sqlite:///FILE, journal:FILE, postgresql://... or mysql://... (the "
+            "storages whose worker lock tlsweep implements)",
+        )
+    return url
