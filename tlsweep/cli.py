@@ -406,7 +406,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _stop_on_signals()
     if args.worker_index is not None:
-        from tlsweep.workers import die_with_parent
+        from tlsweep.launch import die_with_parent
 
         die_with_parent()  # a worker of `--workers N` never outlives its parent, however it died
     if args.worker_index is not None:  # the URLs its parent was given (see below)
@@ -460,8 +460,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from tlsweep.search import open_study, summarize
+    from tlsweep.storage import open_storage
     from tlsweep.sweep import preflight, recorded_finetune
-    from tlsweep.workers import open_storage
 
     cfg = _load(args, check_data_dir=False)
     if not cfg.storage.startswith(("sqlite:///", "journal:")):
@@ -568,9 +568,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def _study_and_tracker(args: argparse.Namespace, cfg: Any = None) -> tuple[Any, Any, Any]:
     from tlsweep.search import open_study
+    from tlsweep.storage import open_storage
     from tlsweep.sweep import attach_parent, preflight
     from tlsweep.tracking import Tracker
-    from tlsweep.workers import open_storage
 
     cfg = cfg or _load(args)
     if cfg.storage.startswith(("sqlite:///", "journal:")):

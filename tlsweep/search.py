@@ -1,13 +1,13 @@
 """The Optuna study: search space, sampler, pruner, the objective, and the study's summary.
 
-A study lives in an Optuna storage (opened by :mod:`tlsweep.workers`) and is shared by every
+A study lives in an Optuna storage (opened by :mod:`tlsweep.storage`) and is shared by every
 worker and every invocation: running the same sweep again continues it until ``n_trials``
 trials have *finished* (COMPLETE or PRUNED). Finished trials are never redone. A study is tied to
 its search space: a changed space is refused with the way to start a new study.
 
 This module owns what a trial *is* (its parameters, how it is trained and scored, how it is
-reported to Optuna); the machinery that decides which worker runs which trial, keeps trials
-alive and recovers them from dead processes is :mod:`tlsweep.workers`. MLflow is reached only
+reported to Optuna); which worker runs which trial is :mod:`tlsweep.runner`, and keeping trials
+alive and recovering them from dead processes :mod:`tlsweep.recovery`. MLflow is reached only
 through the :class:`~tlsweep.tracking.Tracker` the caller hands in.
 """
 
@@ -34,6 +34,7 @@ from tlsweep.config import (
 from tlsweep.errors import StudyError
 from tlsweep.interrupts import deferred
 from tlsweep.interrupts import requested as stop_requested
+from tlsweep.storage import storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -266,20 +267,6 @@ def _space_json(cfg: SweepConfig) -> dict[str, Any]:
 
 
 # --- running trials ----------------------------------------------------------------------------
-@dataclass
-class TrialOutcome:
-    """What the CLI shows for one finished trial."""
-
-    number: int
-    state: str
-    value: float | None
-    params: dict[str, Any]
-    seconds: float
-    finished: int
-    n_trials: int
-    best_value: float | None
-    best_number: int | None
-    error: str | None = None
 
 
 @dataclass
@@ -630,22 +617,6 @@ def run_trial(
                 final.update(_spread(last["each"], groups, group))
             tracker.end_trial(run_id, state, history, final, value=value)
         return TrialResult(state, value, params, history, seconds, error)
-
-
-def storage_errors() -> tuple[type[BaseException], ...]:
-    """What a failing Optuna storage raises: Optuna wraps SQLAlchemy's errors in
-    StorageInternalError; journal files and SQLite raise OSError and sqlite3.Error."""
-    import sqlite3
-
-    import optuna
-    import sqlalchemy.exc
-
-    return (
-        optuna.exceptions.StorageInternalError,
-        sqlalchemy.exc.SQLAlchemyError,
-        sqlite3.Error,
-        OSError,
-    )
 
 
 def describe(e: BaseException) -> str:

@@ -44,7 +44,7 @@ def preflight(
         elif url.startswith("journal:"):
             check_can_write(url[len("journal:") :], "storage")
         else:
-            from tlsweep.workers import check_database
+            from tlsweep.storage import check_database
 
             check_database(url, "storage")
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -65,7 +65,7 @@ def _check_tracking(uri: str) -> None:
     elif scheme.startswith("sqlite"):
         check_can_write(uri.partition(":///")[2].partition("?")[0] or uri, "tracking_uri")
     elif scheme.partition("+")[0] in TRACKING_DATABASES:
-        from tlsweep.workers import check_database
+        from tlsweep.storage import check_database
 
         check_database(uri, "tracking_uri")
     elif scheme == "file" or (not scheme and not uri.startswith(("file:", "databricks", "uc"))):
@@ -180,10 +180,11 @@ def _run_study(
 ) -> StudySummary:
     """:func:`run_sweep` once the features exist (``held``: workers waiting for ``go``)."""
     from tlsweep.features import study_keys
+    from tlsweep.runner import StudyRunner
     from tlsweep.search import load_features, open_study
+    from tlsweep.storage import open_storage
     from tlsweep.stores import prepare_mlflow
     from tlsweep.tracking import Tracker, resolve_uri
-    from tlsweep.workers import StudyRunner, open_storage
 
     # A command refused here leaves no new store behind: a broken tracking store is refused
     # before the storage is created, and a storage that cannot be opened before mlflow.db is;
@@ -264,7 +265,7 @@ def _finish_or_fail(
 
 def _close_after_error(cfg: SweepConfig, study: Any, tracker: Any) -> None:
     """Record the best trial and close the parent run after the run stopped on an error."""
-    from tlsweep.search import storage_errors
+    from tlsweep.storage import storage_errors
     from tlsweep.tracking import tracking_errors
 
     try:
@@ -276,7 +277,7 @@ def _close_after_error(cfg: SweepConfig, study: Any, tracker: Any) -> None:
 def _check_existing(cfg: SweepConfig, keys: dict[str, dict[str, Any]]) -> None:
     """Refuse, before extracting, to resume a study that was scored on other features."""
     from tlsweep.search import check_data, existing_study
-    from tlsweep.workers import open_storage
+    from tlsweep.storage import open_storage
 
     try:
         storage = open_storage(cfg, must_exist=True)
@@ -423,7 +424,7 @@ def _start_workers(
     ready (:func:`_run_workers`), anything else or the end of input to stop (:func:`_stop_held`).
     Starting the workers that will run the trials, not other processes, costs no extra start.
     """
-    from tlsweep.workers import PARENT_PID_ENV
+    from tlsweep.launch import PARENT_PID_ENV
 
     # they stop if this process dies; extra_env: what must not show on a command line
     env = {**os.environ, **extra_env, PARENT_PID_ENV: str(os.getpid())}
