@@ -375,7 +375,7 @@ def trial_inputs(tmp_path: Path) -> tuple[Any, dict[str, Any]]:
     import numpy as np
 
     from tlsweep.config import load_sweep
-    from tlsweep.search import FeatureData
+    from tlsweep.objective import FeatureData
 
     bb = {"name": "MobileNetV2", "weights": "none", "input_size": 96, "pooling": "avg"}
     sweep = write_sweep(tmp_path / "s.yaml", tmp_path / "no_data", backbones=[bb])

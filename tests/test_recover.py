@@ -166,8 +166,8 @@ def test_a_trial_whose_heartbeat_is_lost_fails_between_epochs(tmp_path):
     (with the reason), not COMPLETE, so its retried parameters do not run beside it."""
     from conftest import trial_inputs
 
+    from tlsweep.objective import run_trial
     from tlsweep.recovery import HeartbeatLost
-    from tlsweep.search import run_trial
 
     cfg, features = trial_inputs(tmp_path)
     study = optuna.create_study(direction="maximize")

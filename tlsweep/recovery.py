@@ -8,7 +8,7 @@ Crash safety, using Optuna's own machinery:
 * a trial whose worker ran on this host and is gone (``kill -9``) is failed and retried at once,
   without waiting for the grace period;
 * Ctrl-C and SIGTERM fail the running trial and queue its parameters again
-  (:func:`tlsweep.search.run_trial`).
+  (:func:`tlsweep.objective.run_trial`).
 
 A worker is ``host:pid:start-time`` (:func:`worker_id`), recorded on every trial it asks for, so
 a trial whose worker ran on this host and is gone is told from one that still runs.

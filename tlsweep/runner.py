@@ -4,9 +4,9 @@
 (:mod:`tlsweep.recovery`), then asks for the next trial under the storage lock
 (:func:`tlsweep.storage.storage_lock`) only while fewer than ``n_trials`` are finished or
 running, so N workers end with exactly ``n_trials`` finished trials. Each trial runs in
-:func:`tlsweep.search.run_trial` with its heartbeat; ``search.max_failures`` trials failed in a
-row stop the study. What a trial *is* lives in :mod:`tlsweep.search`; this module only decides
-who runs which trial.
+:func:`tlsweep.objective.run_trial` with its heartbeat; ``search.max_failures`` trials failed
+in a row stop the study. What a trial *is* lives in :mod:`tlsweep.search` and
+:mod:`tlsweep.objective`; this module only decides who runs which trial.
 """
 
 from __future__ import annotations
@@ -23,18 +23,9 @@ from tlsweep.config import SweepConfig
 from tlsweep.errors import StudyFailing
 from tlsweep.interrupts import deferred
 from tlsweep.interrupts import requested as stop_requested
+from tlsweep.objective import FeatureData, TrialResult, run_trial
 from tlsweep.recovery import WORKER_ATTR, Heartbeat, recover, run_may_still_be_closed, worker_id
-from tlsweep.search import (
-    FINISHED,
-    FeatureData,
-    TrialResult,
-    best_of,
-    counts,
-    open_study,
-    run_trial,
-    study_storage,
-    trial_id,
-)
+from tlsweep.search import FINISHED, best_of, counts, open_study, study_storage, trial_id
 from tlsweep.storage import open_storage, storage_lock
 
 log = logging.getLogger(__name__)

@@ -133,7 +133,7 @@ def run_sweep(
     starts ``workers`` worker processes (``worker_argv``) on the same study, then waits.
     """
     from tlsweep.features import extract_all
-    from tlsweep.search import check_setup
+    from tlsweep.objective import check_setup
 
     preflight(cfg, cache=True)
     held: list[Any] = []  # `--workers N`: the workers, started to extract the missing features
@@ -180,8 +180,9 @@ def _run_study(
 ) -> StudySummary:
     """:func:`run_sweep` once the features exist (``held``: workers waiting for ``go``)."""
     from tlsweep.features import study_keys
+    from tlsweep.objective import load_features
     from tlsweep.runner import StudyRunner
-    from tlsweep.search import load_features, open_study
+    from tlsweep.search import open_study
     from tlsweep.storage import open_storage
     from tlsweep.stores import prepare_mlflow
     from tlsweep.tracking import Tracker, resolve_uri
@@ -251,7 +252,7 @@ def _finish_or_fail(
     try:
         _finish(cfg, study, tracker, summary, evaluate, done, extracted, finetune_progress)
     except Exception as e:  # noqa: BLE001 - re-raised as a one-line runtime failure
-        from tlsweep.search import describe
+        from tlsweep.objective import describe
         from tlsweep.tracking import tracking_errors
 
         log.debug("scoring the winner failed", exc_info=True)
