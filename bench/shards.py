@@ -1,7 +1,7 @@
 """Benchmark one extraction shared by 1 or 2 local workers (issue 14, item 3).
 
 ``tlsweep run --workers N`` starts its N worker processes on the missing entries' shards first
-(:func:`tlsweep.sweep._extract_in_workers`: each pinned to its share of the cores while it
+(:func:`tlsweep.launch._extract_in_workers`: each pinned to its share of the cores while it
 extracts), then lets them run the trials. This bench runs that first part, with N = 1 and N = 2,
 on every image of the data folder (MobileNetV2 a0.35, 160 px, average pooling), each time into a
 fresh cache folder, interleaved per repeat so that machine noise hits both alike. It reports the
@@ -77,7 +77,7 @@ def _children_cpu() -> float:
 
 def _one(data: Path, weights: Path, workers: int) -> dict:
     from tlsweep.features import FeatureCache
-    from tlsweep.sweep import _extract_in_workers, _stop_held
+    from tlsweep.launch import _extract_in_workers, _stop_held
 
     folder = Path(tempfile.mkdtemp(prefix=f"bench-shards-{workers}-"))
     sweep = _sweep(folder, data, weights)
