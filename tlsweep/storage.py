@@ -3,8 +3,8 @@
 A storage is a SQLite file (WAL, a busy timeout; refused on a network filesystem, where
 SQLite's locks do not hold), a ``journal:FILE``, or a database server (PostgreSQL, MySQL),
 checked once before any work so that a server that is down or refuses the login is one line
-within seconds. Its trials record heartbeats and stale ones are retried (``search.
-heartbeat_interval``, ``grace_period``, ``max_retry``; see :mod:`tlsweep.recovery`).
+within seconds. Its trials record heartbeats and stale ones are retried
+(``search.heartbeat_interval``, ``grace_period``, ``max_retry``; see :mod:`tlsweep.recovery`).
 
 Workers decide whether to start a trial under a lock held in the storage itself (a file lock
 next to a SQLite/journal file, ``pg_advisory_lock`` on PostgreSQL, ``GET_LOCK`` on MySQL), so N
@@ -308,8 +308,6 @@ def _lock_engine(url: str) -> Any:
 def storage_errors() -> tuple[type[BaseException], ...]:
     """What a failing Optuna storage raises: Optuna wraps SQLAlchemy's errors in
     StorageInternalError; journal files and SQLite raise OSError and sqlite3.Error."""
-    import sqlite3
-
     import optuna
     import sqlalchemy.exc
 
