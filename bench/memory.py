@@ -31,7 +31,7 @@ Target: RSS after the last trial minus RSS after trial 10 <= 100 MB.
 once on one cache entry, as the workers of a study do: a synthetic entry of ``--rows`` x 1280
 float32 features (90 % train, 10 % validation; 100 000 rows = 512 MB) is written to a temporary
 folder, then for each worker count that many processes start together; each imports
-TensorFlow, loads the features with ``tlsweep.search.load_features`` (what a study's worker
+TensorFlow, loads the features with ``tlsweep.objective.load_features`` (what a study's worker
 does) and trains ``--trials`` heads at fixed parameters. Each reports, against its own
 baseline before loading the features: VmRSS, RssAnon (its private memory), RssFile (mapped
 file pages, shared through the page cache by every process mapping them) and Pss (its fair
@@ -347,7 +347,7 @@ def run_worker(entry_dir: Path, trials: int) -> dict:
     from tlsweep.config import BackboneConfig
     from tlsweep.entries import Entry
     from tlsweep.head import HeadParams, train_head
-    from tlsweep.search import load_features
+    from tlsweep.objective import load_features
 
     manifest = json.loads((entry_dir / "manifest.json").read_text())
     entry = Entry(path=entry_dir, manifest=manifest)

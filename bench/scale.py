@@ -11,7 +11,7 @@ validation; nothing is stored in the repository), writes a sweep file on MobileN
   listing the folder, the key through the stat index, the key by re-reading every byte
   (``--verify``: what every command paid before the index), the entry lookup;
 * **trials**: ``train_head`` at fixed head parameters on the cached features loaded as a study
-  loads them (``search.load_features``): seconds per trial and peak RSS.
+  loads them (``objective.load_features``): seconds per trial and peak RSS.
 
 Usage (from the repository root)::
 
@@ -188,7 +188,7 @@ def phase_trials(sweep: Path, trials: int) -> dict:
     from tlsweep.data import find_images
     from tlsweep.features import FeatureCache
     from tlsweep.head import HeadParams, train_head
-    from tlsweep.search import load_features
+    from tlsweep.objective import load_features
     from tlsweep.sweepfile import load_sweep
 
     cfg = load_sweep(sweep)

@@ -1,12 +1,13 @@
 """Benchmark one extraction shared by 1 or 2 local workers (issue 14, item 3).
 
 ``tlsweep run --workers N`` starts its N worker processes on the missing entries first
-(:func:`tlsweep.sweep._extract_in_workers`: on one machine one of them extracts an entry with
-every core while the others wait), then lets them run the trials. This bench runs that first part, with N = 1 and N = 2,
-on every image of the data folder (MobileNetV2 a0.35, 160 px, average pooling), each time into a
-fresh cache folder, interleaved per repeat so that machine noise hits both alike. It reports the
-wall time until the entry is published, the core-seconds of the worker processes (user +
-system), the ratio 2 / 1 of both, and checks that the two entries' features are bit-identical.
+(:func:`tlsweep.launch._extract_in_workers`: on one machine one of them extracts an entry with
+every core while the others wait), then lets them run the trials. This bench runs that first
+part, with N = 1 and N = 2, on every image of the data folder (MobileNetV2 a0.35, 160 px,
+average pooling), each time into a fresh cache folder, interleaved per repeat so that machine
+noise hits both alike. It reports the wall time until the entry is published, the core-seconds
+of the worker processes (user + system), the ratio 2 / 1 of both, and checks that the two
+entries' features are bit-identical.
 
 The page cache is warmed first (every file read once), so the disk is not measured.
 
@@ -77,7 +78,7 @@ def _children_cpu() -> float:
 
 def _one(data: Path, weights: Path, workers: int) -> dict:
     from tlsweep.features import FeatureCache
-    from tlsweep.sweep import _extract_in_workers, _stop_held
+    from tlsweep.launch import _extract_in_workers, _stop_held
 
     folder = Path(tempfile.mkdtemp(prefix=f"bench-shards-{workers}-"))
     sweep = _sweep(folder, data, weights)

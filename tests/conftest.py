@@ -374,7 +374,7 @@ def trial_inputs(tmp_path: Path) -> tuple[Any, dict[str, Any]]:
 
     import numpy as np
 
-    from tlsweep.search import FeatureData
+    from tlsweep.objective import FeatureData
     from tlsweep.sweepfile import load_sweep
 
     bb = {"name": "MobileNetV2", "weights": "none", "input_size": 96, "pooling": "avg"}

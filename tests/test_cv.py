@@ -12,7 +12,7 @@ from conftest import write_sweep
 
 from tlsweep.errors import ConfigError
 from tlsweep.head import HeadParams, train_head, train_heads
-from tlsweep.search import stratified_folds
+from tlsweep.objective import stratified_folds
 from tlsweep.sweepfile import load_sweep
 
 BASE = HeadParams(units=16, dropout=0.2, learning_rate=1e-3, batch_size=16, epochs=4)

@@ -134,14 +134,14 @@ def test_metric_directions_are_checked(
 def test_setup_refuses_unknown_classes_and_warns_about_tiny_folds(
     entry: Any, tmp_path: Path, imbalanced: Path, shared_cache: Path, caplog: Any
 ) -> None:
-    from tlsweep.search import check_setup
+    from tlsweep.objective import check_setup
     from tlsweep.sweep import run_sweep
 
     pairs = [(None, entry)]
-    with caplog.at_level(logging.WARNING, logger="tlsweep.search"):
+    with caplog.at_level(logging.WARNING, logger="tlsweep.objective"):
         check_setup(load_sweep(_sweep(tmp_path, imbalanced, shared_cache)), pairs)
     assert not caplog.records  # 10 validation dogs: enough
-    with caplog.at_level(logging.WARNING, logger="tlsweep.search"):
+    with caplog.at_level(logging.WARNING, logger="tlsweep.objective"):
         check_setup(load_sweep(_sweep(tmp_path, imbalanced, shared_cache, cv_folds=5)), pairs)
     (rec,) = caplog.records  # 20 training dogs in 5 folds: 4 to score each fold on
     assert "fewer than 5 images of dogs (4) in the held-out fold" in rec.getMessage()
@@ -155,7 +155,7 @@ def test_setup_refuses_unknown_classes_and_warns_about_tiny_folds(
 def test_roc_auc_needs_two_classes(
     flowers_features: Any, flowers_small: Path, shared_cache: Path, tmp_path: Path
 ) -> None:
-    from tlsweep.search import check_setup
+    from tlsweep.objective import check_setup
 
     cfg = load_sweep(_sweep(tmp_path, flowers_small, shared_cache, metric="val_roc_auc"))
     with pytest.raises(StudyError, match="search.metric: got 'val_roc_auc'; it needs two classes"):

@@ -17,8 +17,9 @@ import pytest
 
 from tlsweep import entries as E
 from tlsweep import features as F
-from tlsweep import workers as W
+from tlsweep import storage as ST
 from tlsweep.errors import ConfigError, StudyFailing, TlsweepError
+from tlsweep.recovery import recover
 from tlsweep.sweepfile import load_sweep
 
 MOUNTS = """\
@@ -33,7 +34,7 @@ tmpfs /mnt/share/local tmpfs rw 0 0
 def test_network_filesystem_is_read_from_the_longest_mount(tmp_path: Path) -> None:
     mounts = tmp_path / "mounts"
     mounts.write_text(MOUNTS)
-    nfs = W.network_filesystem
+    nfs = ST.network_filesystem
     assert nfs(Path("/mnt/share/x/optuna.db"), str(mounts)) == "nfs4"
     assert nfs(Path("/mnt/share"), str(mounts)) == "nfs4"
     assert nfs(Path("/mnt/share/smb/a.db"), str(mounts)) == "cifs"
@@ -54,9 +55,9 @@ def test_sqlite_storage_on_a_network_filesystem_is_refused_and_nothing_made(
         write_sweep(tmp_path / "s.yaml", tmp_path, backbones=[bb], storage=f"sqlite:///{db}"),
         check_data_dir=False,
     )
-    monkeypatch.setattr(W, "network_filesystem", lambda path, mounts="": "nfs4")
+    monkeypatch.setattr(ST, "network_filesystem", lambda path, mounts="": "nfs4")
     with pytest.raises(ConfigError) as e:
-        W.open_storage(cfg)
+        ST.open_storage(cfg)
     msg = str(e.value)
     assert msg.startswith(f"storage: {db} is on a network filesystem (nfs4)")
     assert "postgresql://" in msg and "journal:" in msg
@@ -89,17 +90,17 @@ def test_journal_lock_on_a_network_share_is_a_symlink_lock(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = f"journal:{tmp_path / 'optuna.log'}"
-    monkeypatch.setattr(W, "network_filesystem", lambda path, mounts="": "nfs4")
-    assert _max_inside(lambda: W.storage_lock(url, "s")) == 1
+    monkeypatch.setattr(ST, "network_filesystem", lambda path, mounts="": "nfs4")
+    assert _max_inside(lambda: ST.storage_lock(url, "s")) == 1
     assert not (tmp_path / "optuna.log.lock").exists()  # not the flock file
     assert not (tmp_path / "optuna.log.tlsweep.lock").exists()  # released: the link is gone
-    with W.storage_lock(url, "s"):
+    with ST.storage_lock(url, "s"):
         assert (tmp_path / "optuna.log.tlsweep.lock").is_symlink()
 
 
 def test_journal_and_sqlite_locks_on_a_local_disk_are_flocks(tmp_path: Path) -> None:
     for url in (f"journal:{tmp_path / 'optuna.log'}", f"sqlite:///{tmp_path / 'o.db'}"):
-        assert _max_inside(lambda u=url: W.storage_lock(u, "s")) == 1
+        assert _max_inside(lambda u=url: ST.storage_lock(u, "s")) == 1
     assert (tmp_path / "optuna.log.lock").exists() and (tmp_path / "o.db.lock").exists()
 
 
@@ -120,14 +121,14 @@ def test_mysql_get_lock_waits_on_a_timeout_and_fails_on_null(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     con = _MySQL([0, 0, 1])  # timed out twice (another worker holds it), then got it
-    W._mysql_get_lock(con, "tlsweep1")
+    ST._mysql_get_lock(con, "tlsweep1")
     assert len(con.calls) == 3 and all("GET_LOCK" in c for c in con.calls)
     assert sum("waiting for the study's lock" in r.getMessage() for r in caplog.records) == 2
     with pytest.raises(StudyFailing, match="returned NULL"):
-        W._mysql_get_lock(_MySQL([None]), "tlsweep1")
-    monkeypatch.setattr(W, "LOCK_GIVE_UP", 3 * W.LOCK_WAIT)
+        ST._mysql_get_lock(_MySQL([None]), "tlsweep1")
+    monkeypatch.setattr(ST, "LOCK_GIVE_UP", 3 * ST.LOCK_WAIT)
     with pytest.raises(StudyFailing, match="held the study's lock"):
-        W._mysql_get_lock(_MySQL([0, 0, 0]), "tlsweep1")
+        ST._mysql_get_lock(_MySQL([0, 0, 0]), "tlsweep1")
 
 
 # --- the feature cache on a shared folder ---------------------------------------------------
@@ -272,13 +273,13 @@ def test_server_lock_excludes_and_recover_finds_orphans_under_it(kind: str) -> N
 
     url = server_url(kind)
     name = f"locks-{os.getpid()}-{time.time_ns()}"
-    assert _max_inside(lambda: W.storage_lock(url, name)) == 1
+    assert _max_inside(lambda: ST.storage_lock(url, name)) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         storage = RDBStorage(url, heartbeat_interval=1, grace_period=60)
         study = optuna.create_study(study_name=name, storage=storage)
         study.ask().suggest_float("x", 0, 1)
         retry = RetryHeartbeatStaleTrialCallback(3)
-        assert W.recover(study, retry, 3600, lock=lambda: W.storage_lock(url, name)) == [0]
+        assert recover(study, retry, 3600, lock=lambda: ST.storage_lock(url, name)) == [0]
     assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
     optuna.delete_study(study_name=name, storage=storage)

@@ -1,4 +1,4 @@
-"""workers.recover: trials left RUNNING by dead workers are failed and their parameters retried."""
+"""recovery.recover: trials left RUNNING by dead workers are failed and their parameters retried."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import warnings
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-from tlsweep.workers import WORKER_ATTR, recover
+from tlsweep.recovery import WORKER_ATTR, recover
 
 warnings.filterwarnings("ignore")
 
@@ -50,7 +50,7 @@ def test_trial_of_a_dead_local_worker_is_retried_at_once(tmp_path):
 
 
 def test_trial_of_a_live_worker_is_left_alone(tmp_path):
-    from tlsweep.workers import worker_id
+    from tlsweep.recovery import worker_id
 
     study = _study(tmp_path)
     t = study.ask()
@@ -92,7 +92,7 @@ def test_orphan_age_is_measured_in_utc_so_a_start_ahead_of_this_clock_is_left_al
     a machine whose clock runs ahead is not failed (it is young), nor does the check crash."""
     import datetime
 
-    from tlsweep.workers import _age_seconds
+    from tlsweep.recovery import _age_seconds
 
     now_local = datetime.datetime.now()
     assert abs(_age_seconds(now_local)) < 5
@@ -124,11 +124,11 @@ class _FlakyStorage:
 def test_heartbeat_failure_is_logged_once_retried_and_recovers(caplog):
     import logging
 
-    from tlsweep.workers import _Heartbeat
+    from tlsweep.recovery import Heartbeat
 
     storage = _FlakyStorage(failures=3)
-    with caplog.at_level(logging.INFO, logger="tlsweep.workers"):
-        with _Heartbeat(storage, 7, interval=0.02, grace_period=5) as hb:
+    with caplog.at_level(logging.INFO, logger="tlsweep.recovery"):
+        with Heartbeat(storage, 7, interval=0.02, grace_period=5) as hb:
             deadline = time.monotonic() + 5
             while storage.recorded < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -145,11 +145,11 @@ def test_heartbeat_lost_for_the_grace_period_stops_the_trial(caplog):
 
     import pytest
 
-    from tlsweep.workers import HeartbeatLost, _Heartbeat
+    from tlsweep.recovery import Heartbeat, HeartbeatLost
 
     storage = _FlakyStorage(failures=None)
-    with caplog.at_level(logging.INFO, logger="tlsweep.workers"):
-        with _Heartbeat(storage, 7, interval=0.02, grace_period=0.3) as hb:
+    with caplog.at_level(logging.INFO, logger="tlsweep.recovery"):
+        with Heartbeat(storage, 7, interval=0.02, grace_period=0.3) as hb:
             hb.check()  # not yet
             deadline = time.monotonic() + 10
             while hb.lost is None and time.monotonic() < deadline:
@@ -166,8 +166,8 @@ def test_a_trial_whose_heartbeat_is_lost_fails_between_epochs(tmp_path):
     (with the reason), not COMPLETE, so its retried parameters do not run beside it."""
     from conftest import trial_inputs
 
-    from tlsweep.search import run_trial
-    from tlsweep.workers import HeartbeatLost
+    from tlsweep.objective import run_trial
+    from tlsweep.recovery import HeartbeatLost
 
     cfg, features = trial_inputs(tmp_path)
     study = optuna.create_study(direction="maximize")
@@ -191,7 +191,7 @@ def test_a_finished_trials_run_is_left_to_its_worker_while_it_may_still_close_it
     import datetime
     import socket
 
-    from tlsweep.workers import run_may_still_be_closed, worker_id
+    from tlsweep.recovery import run_may_still_be_closed, worker_id
 
     def finished(worker: str | None, ended_s_ago: float) -> optuna.trial.FrozenTrial:
         end = datetime.datetime.now() - datetime.timedelta(seconds=ended_s_ago)

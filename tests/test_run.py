@@ -642,7 +642,7 @@ def test_trials_that_always_fail_stop_the_run_with_exit_1(
         "space": {"units": {"low": 16, "high": 128}, "epochs": 2},
     }
     sweep = _sweep(tmp_path, cats_dogs_small, shared_cache, tracking_uri, "failing", search=search)
-    # in this process (tlsweep.search takes train_head from tlsweep.head when a trial runs); the
+    # in this process (tlsweep.objective takes train_head from tlsweep.head when a trial runs); the
     # same head in real worker processes: test_workers_whose_trials_always_fail_stop_... (slow)
     monkeypatch.setattr("tlsweep.head.train_head", _broken_head)
     r = cli("run", str(sweep), cwd=tmp_path)

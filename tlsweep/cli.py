@@ -158,7 +158,7 @@ def _stop_on_signals() -> None:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from tlsweep.features import extract_all
-    from tlsweep.sweep import preflight
+    from tlsweep.preflight import preflight
 
     _stop_on_signals()
     cfg = _load(args)
@@ -408,7 +408,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _stop_on_signals()
     if args.worker_index is not None:
-        from tlsweep.workers import die_with_parent
+        from tlsweep.launch import die_with_parent
 
         die_with_parent()  # a worker of `--workers N` never outlives its parent, however it died
     if args.worker_index is not None:  # the URLs its parent was given (see below)
@@ -421,7 +421,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for name in ("tlsweep.features", "tlsweep.entries", "tlsweep.shards"):
             logging.getLogger(name).setLevel(logging.ERROR)
     if args.extract_first:  # `--workers N`: take shards of the missing features first
-        from tlsweep.sweep import wait_for_go
+        from tlsweep.launch import wait_for_go
 
         if not wait_for_go(cfg):
             return 0  # the parent stopped before the trials
@@ -461,9 +461,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from tlsweep.preflight import preflight
     from tlsweep.search import open_study, summarize
-    from tlsweep.sweep import preflight, recorded_finetune
-    from tlsweep.workers import open_storage
+    from tlsweep.storage import open_storage
+    from tlsweep.sweep import recorded_finetune
 
     cfg = _load(args, check_data_dir=False)
     if not cfg.storage.startswith(("sqlite:///", "journal:")):
@@ -569,10 +570,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _study_and_tracker(args: argparse.Namespace, cfg: Any = None) -> tuple[Any, Any, Any]:
+    from tlsweep.preflight import preflight
     from tlsweep.search import open_study
-    from tlsweep.sweep import attach_parent, preflight
+    from tlsweep.storage import open_storage
+    from tlsweep.sweep import attach_parent
     from tlsweep.tracking import Tracker
-    from tlsweep.workers import open_storage
 
     cfg = cfg or _load(args)
     if cfg.storage.startswith(("sqlite:///", "journal:")):

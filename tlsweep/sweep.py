@@ -1,77 +1,25 @@
 """One sweep end to end: features (cached) -> study (Optuna) -> runs (MLflow) -> summary.
 
-This is the only module that wires the steps together; each step lives in its own module.
+This is the only module that wires the steps together; each step lives in its own module. The
+checks before any work are :mod:`tlsweep.preflight`'s, the worker processes of ``--workers N``
+:mod:`tlsweep.launch`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from tlsweep.config import SweepConfig
 from tlsweep.errors import StudyError, StudyFailing
+from tlsweep.launch import _extract_in_workers, _run_workers, _stop_held
+from tlsweep.preflight import preflight
 from tlsweep.resolved import changes, resolved_record, resolved_yaml
 from tlsweep.search import StudySummary, summarize
 
 log = logging.getLogger(__name__)
-# Seconds a worker that extracted features first is given to exit by itself once told there
-# are no trials for it (the end of its input), before it is sent SIGTERM.
-STOP_HELD_WAIT = 5.0
-
-
-def preflight(
-    cfg: SweepConfig, *, storage: bool = True, tracking: bool = True, cache: bool = False
-) -> None:
-    """Before any work: every store the command writes to can be reached and written.
-
-    A database or tracking server that is down or refuses the login, a folder that cannot be
-    written: one :class:`~tlsweep.errors.TlsweepError` line within seconds, and nothing created
-    (no database file, no MLflow experiment, no cache entry).
-    """
-    from tlsweep.checks import check_can_write
-
-    if cache:
-        check_can_write(cfg.cache_dir, "cache_dir", "dir")
-    if storage:
-        url = cfg.storage
-        if url.startswith("sqlite:///"):
-            check_can_write(url[len("sqlite:///") :].partition("?")[0], "storage")
-        elif url.startswith("journal:"):
-            check_can_write(url[len("journal:") :], "storage")
-        else:
-            from tlsweep.workers import check_database
-
-            check_database(url, "storage")
-    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if tracking and uri:
-        _check_tracking(uri)
-
-
-def _check_tracking(uri: str) -> None:
-    from urllib.parse import urlsplit
-
-    from tlsweep.checks import check_can_write
-    from tlsweep.urls import TRACKING_DATABASES
-
-    scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
-    if scheme in ("http", "https"):
-        from tlsweep.tracking import check_server
-
-        check_server(uri)
-    elif scheme.startswith("sqlite"):
-        check_can_write(uri.partition(":///")[2].partition("?")[0] or uri, "tracking_uri")
-    elif scheme.partition("+")[0] in TRACKING_DATABASES:
-        from tlsweep.workers import check_database
-
-        check_database(uri, "tracking_uri")
-    elif scheme == "file" or (not scheme and not uri.startswith(("file:", "databricks", "uc"))):
-        check_can_write(urlsplit(uri).path if scheme else uri, "tracking_uri", "dir")
 
 
 def _parent_params(cfg: SweepConfig) -> dict[str, Any]:
@@ -135,7 +83,7 @@ def run_sweep(
     starts ``workers`` worker processes (``worker_argv``) on the same study, then waits.
     """
     from tlsweep.features import extract_all
-    from tlsweep.search import check_setup
+    from tlsweep.objective import check_setup
 
     preflight(cfg, cache=True)
     held: list[Any] = []  # `--workers N`: the workers, started to extract the missing features
@@ -182,10 +130,12 @@ def _run_study(
 ) -> StudySummary:
     """:func:`run_sweep` once the features exist (``held``: workers waiting for ``go``)."""
     from tlsweep.features import study_keys
-    from tlsweep.search import load_features, open_study
+    from tlsweep.objective import load_features
+    from tlsweep.runner import StudyRunner
+    from tlsweep.search import open_study
+    from tlsweep.storage import open_storage
     from tlsweep.stores import prepare_mlflow
     from tlsweep.tracking import Tracker, resolve_uri
-    from tlsweep.workers import StudyRunner, open_storage
 
     # A command refused here leaves no new store behind: a broken tracking store is refused
     # before the storage is created, and a storage that cannot be opened before mlflow.db is;
@@ -252,7 +202,7 @@ def _finish_or_fail(
     try:
         _finish(cfg, study, tracker, summary, evaluate, done, extracted, finetune_progress)
     except Exception as e:  # noqa: BLE001 - re-raised as a one-line runtime failure
-        from tlsweep.search import describe
+        from tlsweep.objective import describe
         from tlsweep.tracking import tracking_errors
 
         log.debug("scoring the winner failed", exc_info=True)
@@ -266,7 +216,7 @@ def _finish_or_fail(
 
 def _close_after_error(cfg: SweepConfig, study: Any, tracker: Any) -> None:
     """Record the best trial and close the parent run after the run stopped on an error."""
-    from tlsweep.search import storage_errors
+    from tlsweep.storage import storage_errors
     from tlsweep.tracking import tracking_errors
 
     try:
@@ -278,7 +228,7 @@ def _close_after_error(cfg: SweepConfig, study: Any, tracker: Any) -> None:
 def _check_existing(cfg: SweepConfig, keys: dict[str, dict[str, Any]]) -> None:
     """Refuse, before extracting, to resume a study that was scored on other features."""
     from tlsweep.search import check_data, existing_study
-    from tlsweep.workers import open_storage
+    from tlsweep.storage import open_storage
 
     try:
         storage = open_storage(cfg, must_exist=True)
@@ -413,125 +363,3 @@ def export_winner(
         model = winner.build_export_model(w)
     reg = winner.save_model(cfg, w, model, output, tracker, info, register=register)
     return w, ft, reg
-
-
-def _start_workers(
-    n: int, argv: Sequence[str], extra_env: dict[str, str], extract_first: bool = False
-) -> list[Any]:
-    """Start the ``n`` worker processes of `run --workers N` (they stop if this process dies).
-
-    With ``extract_first``, each first extracts the missing features (one of them per entry, with
-    every core; the others wait, and take over if it dies: :mod:`tlsweep.shards`), then waits for
-    a line on its stdin: ``go`` once the study is ready (:func:`_run_workers`), anything else or
-    the end of input to stop (:func:`_stop_held`). Starting the workers that will run the
-    trials, not other processes, costs no extra start.
-    """
-    from tlsweep.workers import PARENT_PID_ENV
-
-    # they stop if this process dies; extra_env: what must not show on a command line
-    env = {**os.environ, **extra_env, PARENT_PID_ENV: str(os.getpid())}
-    extra = ["--extract-first"] if extract_first else []
-    procs: list[Any] = []
-    try:
-        for i in range(n):
-            cmd = [sys.executable, "-m", "tlsweep", *argv, *extra, "--worker-index", str(i)]
-            stdin = subprocess.PIPE if extract_first else None
-            procs.append(subprocess.Popen(cmd, env=env, stdin=stdin))
-    except BaseException:
-        _stop_held(procs)
-        raise
-    return procs
-
-
-def _extract_in_workers(
-    n: int, argv: Sequence[str], extra_env: dict[str, str], ready: Callable[[], bool]
-) -> list[Any]:
-    """Start the workers on the missing features and wait until ``ready()`` (every entry is
-    published); returns them, waiting for ``go``. If one stops first, the others are stopped
-    and [] returned: this process then extracts what is left itself, and meets (and reports)
-    the cause itself."""
-    log.info("extracting the missing features with %d workers", n)
-    procs = _start_workers(n, argv, extra_env, extract_first=True)
-    try:
-        while not ready():
-            stopped = [p for p in procs if p.poll() is not None]
-            if stopped:
-                log.warning(
-                    "a worker stopped while extracting features (exit code %s); extracting in "
-                    "this process instead",
-                    stopped[0].returncode,
-                )
-                _stop_held(procs)
-                return []
-            time.sleep(0.5)
-    except BaseException:
-        _stop_held(procs)
-        raise
-    return procs
-
-
-def _stop_held(procs: list[Any]) -> None:
-    """Stop workers started with ``extract_first`` that will not run trials, extracting or
-    waiting for ``go`` (this process is stopping, or extracts what is left itself)."""
-    for p in procs:  # one waiting for `go` reads the end of its input and exits
-        with contextlib.suppress(OSError):
-            if p.stdin is not None:
-                p.stdin.close()
-    deadline = time.monotonic() + STOP_HELD_WAIT
-    for p in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-    for p in procs:  # still extracting: stop it as a Ctrl-C would
-        with contextlib.suppress(ProcessLookupError):
-            if p.poll() is None:
-                p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def wait_for_go(cfg: SweepConfig) -> bool:
-    """A worker started with ``--extract-first``: take shards of the missing features, then
-    wait for the parent; True to go on with the trials, False to stop."""
-    from tlsweep.features import extract_all
-
-    extract_all(cfg)
-    return sys.stdin.readline().strip() == "go"
-
-
-def _run_workers(
-    n: int, argv: Sequence[str], extra_env: dict[str, str], procs: list[Any] | None = None
-) -> None:
-    """Run ``n`` worker processes on the study (or let the ``procs`` waiting for ``go`` run)
-    and wait for them."""
-    try:
-        if procs:
-            for p in procs:
-                with contextlib.suppress(OSError):  # one that died is counted below
-                    p.stdin.write(b"go\n")
-                    p.stdin.close()
-        else:
-            procs = _start_workers(n, argv, extra_env)
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        # Ctrl-C reached the workers too (one process group); a SIGTERM only reached us:
-        # pass it on, so each worker closes its trial and runs and stops.
-        for p in procs or []:
-            with contextlib.suppress(ProcessLookupError):
-                if p.poll() is None:
-                    p.terminate()
-        for p in procs or []:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                log.warning("worker %d did not stop within 60s of SIGTERM: killed", p.pid)
-                p.kill()
-        raise
-    bad = [c for c in codes if c != 0]
-    if bad:
-        raise StudyFailing(
-            f"{len(bad)} of {n} workers exited with an error (codes {bad}); see above"
-        )

@@ -65,7 +65,8 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
 
     from tlsweep.features import extract_all
     from tlsweep.head import HeadParams, evaluate_head, train_head
-    from tlsweep.search import check_data, suggest, train_views, training_options
+    from tlsweep.objective import train_views, training_options
+    from tlsweep.search import check_data, suggest
 
     best = best_trial(study)
     # Never retrain the winner's parameters on features other than the ones it was chosen on.
