@@ -59,7 +59,7 @@ def _check_tracking(uri: str) -> None:
 
     scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
     if scheme in ("http", "https"):
-        from tlsweep.tracking import check_server
+        from tlsweep.tracking_store import check_server
 
         check_server(uri)
     elif scheme.startswith("sqlite"):
@@ -182,7 +182,8 @@ def _run_study(
     from tlsweep.features import study_keys
     from tlsweep.search import load_features, open_study
     from tlsweep.stores import prepare_mlflow
-    from tlsweep.tracking import Tracker, resolve_uri
+    from tlsweep.tracking import Tracker
+    from tlsweep.tracking_store import resolve_uri
     from tlsweep.workers import StudyRunner, open_storage
 
     # A command refused here leaves no new store behind: a broken tracking store is refused
@@ -251,7 +252,7 @@ def _finish_or_fail(
         _finish(cfg, study, tracker, summary, evaluate, done, extracted, finetune_progress)
     except Exception as e:  # noqa: BLE001 - re-raised as a one-line runtime failure
         from tlsweep.search import describe
-        from tlsweep.tracking import tracking_errors
+        from tlsweep.tracking_store import tracking_errors
 
         log.debug("scoring the winner failed", exc_info=True)
         with contextlib.suppress(*tracking_errors()):
@@ -265,7 +266,7 @@ def _finish_or_fail(
 def _close_after_error(cfg: SweepConfig, study: Any, tracker: Any) -> None:
     """Record the best trial and close the parent run after the run stopped on an error."""
     from tlsweep.search import storage_errors
-    from tlsweep.tracking import tracking_errors
+    from tlsweep.tracking_store import tracking_errors
 
     try:
         _finish(cfg, study, tracker, summarize(cfg, study), False, False)
