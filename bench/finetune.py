@@ -56,10 +56,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from tlsweep.config import DataConfig, FinetuneConfig
     from tlsweep.data import find_images
+    from tlsweep.export import build_export_model
     from tlsweep.features import FeatureCache
     from tlsweep.finetune import _dataset, augmentation, compile_model, image_cache, set_trainable
     from tlsweep.head import HeadParams, train_head
-    from tlsweep.winner import Winner, build_export_model
+    from tlsweep.winner import Winner
 
     bb = dataclasses.replace(mobilenet_v2(weights), input_size=args.size)
     entry, _ = FeatureCache(args.cache_dir).ensure(bb, find_images(DataConfig(dir=data)))

@@ -128,7 +128,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.csv:
         check_can_write(args.csv, "--csv")
 
-    from tlsweep.winner import find_files, predict
+    from tlsweep.predict import find_files, predict
 
     if not find_files(args.paths)[0]:
         from tlsweep.data import IMAGE_EXTENSIONS

@@ -305,7 +305,7 @@ def run_finetune(
     finished result; choose it over the frozen winner only on validation."""
     import keras
 
-    from tlsweep.winner import build_export_model
+    from tlsweep.export import build_export_model
 
     ft = cfg.finetune
     if ft is None:

@@ -395,12 +395,12 @@ def export_winner(
     """
     import keras
 
-    from tlsweep import winner
+    from tlsweep import export, winner
 
     if cfg.finetune is None:
-        w, reg = winner.export(cfg, study, output, tracker, register)
+        w, reg = export.export(cfg, study, output, tracker, register)
         return w, None, reg
-    winner._check_output(output)
+    export.check_output(output)
     w = winner.evaluate_and_log(cfg, study, tracker)
     ft = finetune_winner(cfg, w, tracker, progress, study)
     info = {"model": "finetuned" if ft.accepted else "frozen", "finetune": ft.as_dict()}
@@ -409,8 +409,8 @@ def export_winner(
         info["test"] = ft.test
         info[f"validation_{cfg.search.metric}"] = ft.best
     else:
-        model = winner.build_export_model(w)
-    reg = winner.save_model(cfg, w, model, output, tracker, info, register=register)
+        model = export.build_export_model(w)
+    reg = export.save_model(cfg, w, model, output, tracker, info, register=register)
     return w, ft, reg
 
 
