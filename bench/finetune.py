@@ -56,10 +56,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from tlsweep.config import DataConfig, FinetuneConfig
     from tlsweep.data import find_images
+    from tlsweep.export import build_export_model
     from tlsweep.features import FeatureCache
-    from tlsweep.finetune import _dataset, augmentation, compile_model, image_cache, set_trainable
+    from tlsweep.finetune import compile_model, set_trainable
+    from tlsweep.finetune_data import augmentation, dataset, image_cache
     from tlsweep.head import HeadParams, train_head
-    from tlsweep.winner import Winner, build_export_model
+    from tlsweep.winner import Winner
 
     bb = dataclasses.replace(mobilenet_v2(weights), input_size=args.size)
     entry, _ = FeatureCache(args.cache_dir).ensure(bb, find_images(DataConfig(dir=data)))
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     # (t) tlsweep: one dataset per epoch, as the stage builds it (seeded shuffle per epoch)
     m, timer = model(), Timer()
     for e in range(args.epochs):
-        ds = _dataset(images, labels, rows, args.batch, shuffle_seed=e, augment=aug)
+        ds = dataset(images, labels, rows, args.batch, shuffle_seed=e, augment=aug)
         m.fit(ds, epochs=1, verbose=0, callbacks=[timer], shuffle=False)
     t_times = timer.times
 

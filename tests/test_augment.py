@@ -260,7 +260,8 @@ def _ok(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_export_of_a_tta_winner_computes_its_reported_test_score(
     tmp_path: Path, photos: Path
 ) -> None:
-    from tlsweep.winner import predict, read_metadata
+    from tlsweep.export import read_metadata
+    from tlsweep.predict import predict
 
     path = _sweep(tmp_path, photos, _with(views=3, tta=True), study="aug")
     run = _ok("run", str(path), "-q", cwd=tmp_path)
@@ -314,9 +315,10 @@ def test_real_backbone_export_computes_the_plain_view_not_the_views_mean(
     import tensorflow as tf
     from conftest import TWO_MOBILENETS
 
+    from tlsweep.export import build_export_model
     from tlsweep.features import extract_all
     from tlsweep.head import HeadParams, train_head
-    from tlsweep.winner import Winner, build_export_model
+    from tlsweep.winner import Winner
 
     bb = {**TWO_MOBILENETS[0], "augment": {"views": 3, "crop": 0.2, "tta": True}}
     sweep = write_sweep(

@@ -30,9 +30,10 @@ def test_trainable_layers(cd_features: Any) -> None:
     """The top `unfreeze` layers of the backbone train; BatchNorm and preprocessing never do."""
     import keras
 
+    from tlsweep.export import build_export_model
     from tlsweep.finetune import _bases, set_trainable
     from tlsweep.head import HeadParams, train_head
-    from tlsweep.winner import Winner, build_export_model
+    from tlsweep.winner import Winner
 
     xt, yt = cd_features.split("train")
     xv, yv = cd_features.split("validation")

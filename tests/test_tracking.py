@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tlsweep.errors import ServiceError
-from tlsweep.tracking import Tracker, check_server
+from tlsweep.tracking import Tracker
+from tlsweep.tracking_store import check_server
 
 NAMES = ["it's", 'say "hi"', "both ' and \"", "team/exp 1 été"]
 

@@ -259,9 +259,10 @@ def test_fused_export_computes_what_was_scored(
 ) -> None:
     """The exported fused model, on raw images, gives the probabilities the head gave on the
     fused cached features."""
+    from tlsweep.export import build_export_model
     from tlsweep.features import extract_all
     from tlsweep.head import HeadParams, train_head
-    from tlsweep.winner import Winner, build_export_model
+    from tlsweep.winner import Winner
 
     sweep = write_sweep(
         tmp_path / "fused.yaml",

@@ -6,11 +6,8 @@ backbone), starting from the winning head's trained weights (never a fresh head)
 ``unfreeze`` layers of each backbone become trainable, BatchNorm layers stay frozen and the
 backbone runs in inference mode (``training=False``), as the guide does. Training uses a small
 learning rate, the configured augmentation (Keras preprocessing layers), and early stopping on
-the validation split with the best weights restored.
-
-Speed: every usable image is decoded and resized once, at the model's input size, into a
-``uint8`` memory-mapped array in the cache folder (:func:`image_cache`); epochs read batches
-from it and never decode a JPEG again.
+the validation split with the best weights restored. What it trains on (images decoded once,
+batches, augmentation) comes from :mod:`tlsweep.finetune_data`.
 
 Resume: after every epoch the model (with its optimizer state) is saved under a new name, then a
 small JSON state is replaced atomically; a rerun after ``kill -9`` continues from the last
@@ -29,9 +26,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,13 +36,13 @@ import numpy as np
 
 from tlsweep.config import FinetuneConfig, SweepConfig
 from tlsweep.errors import TlsweepError
+from tlsweep.finetune_data import augmentation, dataset, image_cache, image_size
 
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
 FINAL = "final.keras"  # the best fine-tuned model, written when the stage is complete
 BEST = "best-weights.npz"  # the model's weights at its best validation score so far
-IMAGE_FORMAT = 1
 # (epoch, epochs, images done in this epoch, images per epoch)
 FinetuneProgress = Callable[[int, int, int, int], None]
 
@@ -73,74 +68,6 @@ class FinetuneResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# --- the decoded-image cache -------------------------------------------------------------------
-def _image_size(bb: Any) -> int:
-    return max(m.input_size for m in bb.members) if bb.members else bb.input_size
-
-
-def _images_digest(entry: Any) -> str:
-    members = getattr(entry, "members", None) or [entry]
-    return members[0].manifest["key_parts"]["images"]
-
-
-def image_cache(cache_dir: Path, entry: Any, size: int) -> tuple[np.ndarray, list[dict]]:
-    """Every usable file of ``entry`` decoded and resized to ``size`` once, uint8, memory-mapped.
-
-    Returns (images [files, size, size, 3], the entry's file records, in the same order).
-    """
-    from tlsweep.data import image_batches
-
-    files = entry.manifest["files"]
-    root = Path(entry.manifest["data_dir"])
-    parts = {
-        "format": IMAGE_FORMAT,
-        "images": _images_digest(entry),
-        "files": [(f["path"], f["label"], f["split"]) for f in files],
-        "size": size,
-        "resize": "bilinear-squash",
-    }
-    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-    folder = Path(cache_dir) / "images" / f"{size}px-{key[:16]}"
-    done = folder / "manifest.json"
-    if done.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(done.read_text()).get("key") == key:
-                arr = np.load(folder / "images.npy", mmap_mode="r", allow_pickle=False)
-                if arr.shape == (len(files), size, size, 3):
-                    return arr, files
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        t0 = time.perf_counter()
-        paths = [str(root / f["path"]) for f in files]
-        arr = np.lib.format.open_memmap(
-            tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3)
-        )
-        got = np.zeros(len(files), dtype=bool)
-        for idx, batch in image_batches(paths, size, 64):
-            arr[idx] = np.clip(np.rint(batch.numpy()), 0, 255).astype(np.uint8)
-            got[idx] = True
-        if not got.all():
-            bad = paths[int(np.flatnonzero(~got)[0])]
-            raise TlsweepError(f"{bad}: no longer decodable; it was usable when features were made")
-        arr.flush()
-        del arr
-        (tmp / "manifest.json").write_text(
-            json.dumps(
-                {"key": key, "size": size, "n": len(files), "seconds": time.perf_counter() - t0}
-            )
-        )
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("decoded %d images once at %d px into %s", len(files), size, folder)
-    return np.load(folder / "images.npy", mmap_mode="r", allow_pickle=False), files
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -196,64 +123,6 @@ def compile_model(model: Any, ft: FinetuneConfig) -> None:
     )
 
 
-def augmentation(ft: FinetuneConfig, seed: int) -> Any | None:
-    """The configured Keras preprocessing layers, or None when there are none."""
-    import keras
-
-    a = ft.augment
-    layers = []
-    if a.flip:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
-    if a.rotation:
-        layers.append(keras.layers.RandomRotation(a.rotation, seed=seed + 1))
-    if a.zoom:
-        layers.append(keras.layers.RandomZoom(a.zoom, seed=seed + 2))
-    if a.contrast:
-        layers.append(keras.layers.RandomContrast(a.contrast, value_range=(0, 255), seed=seed + 3))
-    return keras.Sequential(layers, name="augment") if layers else None
-
-
-def _dataset(
-    images: np.ndarray,
-    labels: np.ndarray,
-    rows: np.ndarray,
-    batch_size: int,
-    *,
-    shuffle_seed: int | None = None,
-    augment: Any | None = None,
-) -> Any:
-    """Batches read from the memory-mapped uint8 images (shuffled per epoch by a seed)."""
-    import tensorflow as tf
-
-    order = rows.copy()
-    if shuffle_seed is not None:
-        np.random.default_rng(shuffle_seed).shuffle(order)
-    starts = np.arange(0, len(order), batch_size, dtype=np.int64)
-    size = images.shape[1]
-
-    def gather(start: np.int64) -> tuple[np.ndarray, np.ndarray]:
-        idx = order[int(start) : int(start) + batch_size]
-        sort = np.argsort(idx)  # memory-map reads in file order, then back to batch order
-        x = np.empty((len(idx), size, size, 3), np.uint8)
-        x[sort] = images[idx[sort]]
-        return x, labels[idx]
-
-    ds = tf.data.Dataset.from_tensor_slices(starts)
-    ds = ds.map(
-        lambda s: tf.numpy_function(gather, [s], (tf.uint8, tf.int64)),
-        num_parallel_calls=2,
-        deterministic=True,
-    )
-
-    def cast(x: Any, y: Any) -> tuple[Any, Any]:
-        x = tf.cast(tf.ensure_shape(x, [None, size, size, 3]), tf.float32)
-        if augment is not None:
-            x = augment(x, training=True)
-        return x, tf.ensure_shape(y, [None])
-
-    return ds.map(cast).prefetch(2)
-
-
 # --- the stage -----------------------------------------------------------------------------------
 def stage_key(cfg: SweepConfig, w: Any) -> str:
     """What the fine-tuning depends on: the winner, its features, the settings and the seed."""
@@ -305,7 +174,7 @@ def run_finetune(
     finished result; choose it over the frozen winner only on validation."""
     import keras
 
-    from tlsweep.winner import build_export_model
+    from tlsweep.export import build_export_model
 
     ft = cfg.finetune
     if ft is None:
@@ -324,7 +193,7 @@ def run_finetune(
         return FinetuneResult(**state["result"])
 
     t0 = time.perf_counter()
-    size = _image_size(w.backbone)
+    size = image_size(w.backbone)
     images, files = image_cache(cfg.cache_dir, w.entry, size)
     labels = np.array([f["label"] for f in files], dtype=np.int64)
     rows = {
@@ -332,7 +201,7 @@ def run_finetune(
         for s in ("train", "validation", "test")
     }
     n_train = len(rows["train"])
-    val_ds = _dataset(images, labels, rows["validation"], max(ft.batch_size, 64))
+    val_ds = dataset(images, labels, rows["validation"], max(ft.batch_size, 64))
     params = {
         **{f"finetune.{k}": v for k, v in asdict(ft).items()},
         "winner_trial": w.number,
@@ -371,7 +240,7 @@ def run_finetune(
         while epoch < ft.epochs and state["since_best"] < ft.patience:
             epoch += 1
             e0 = time.perf_counter()
-            train_ds = _dataset(
+            train_ds = dataset(
                 images,
                 labels,
                 rows["train"],
@@ -488,7 +357,7 @@ def _score(
     class_names: list[str],
 ) -> dict[str, Any]:
     """The model's accuracy, loss, per-class precision/recall and confusion matrix on ``rows``."""
-    ds = _dataset(images, labels, rows, 64)
+    ds = dataset(images, labels, rows, 64)
     proba = np.concatenate([np.asarray(model(x, training=False)) for x, _ in ds])
     y = labels[rows]
     k = len(class_names)

@@ -7,7 +7,7 @@ must describe the same images (same folder, class names, and for every file the 
 split); a file one member skipped is left out of the fused view (the intersection of the rows).
 
 The exported model of a fused winner runs every member on the same image
-(:func:`tlsweep.winner.build_export_model`).
+(:func:`tlsweep.export.build_export_model`).
 """
 
 from __future__ import annotations

@@ -135,7 +135,8 @@ def _run_study(
     from tlsweep.search import open_study
     from tlsweep.storage import open_storage
     from tlsweep.stores import prepare_mlflow
-    from tlsweep.tracking import Tracker, resolve_uri
+    from tlsweep.tracking import Tracker
+    from tlsweep.tracking_store import resolve_uri
 
     # A command refused here leaves no new store behind: a broken tracking store is refused
     # before the storage is created, and a storage that cannot be opened before mlflow.db is;
@@ -203,7 +204,7 @@ def _finish_or_fail(
         _finish(cfg, study, tracker, summary, evaluate, done, extracted, finetune_progress)
     except Exception as e:  # noqa: BLE001 - re-raised as a one-line runtime failure
         from tlsweep.objective import describe
-        from tlsweep.tracking import tracking_errors
+        from tlsweep.tracking_store import tracking_errors
 
         log.debug("scoring the winner failed", exc_info=True)
         with contextlib.suppress(*tracking_errors()):
@@ -217,7 +218,7 @@ def _finish_or_fail(
 def _close_after_error(cfg: SweepConfig, study: Any, tracker: Any) -> None:
     """Record the best trial and close the parent run after the run stopped on an error."""
     from tlsweep.storage import storage_errors
-    from tlsweep.tracking import tracking_errors
+    from tlsweep.tracking_store import tracking_errors
 
     try:
         _finish(cfg, study, tracker, summarize(cfg, study), False, False)
@@ -346,12 +347,12 @@ def export_winner(
     """
     import keras
 
-    from tlsweep import winner
+    from tlsweep import export, winner
 
     if cfg.finetune is None:
-        w, reg = winner.export(cfg, study, output, tracker, register)
+        w, reg = export.export(cfg, study, output, tracker, register)
         return w, None, reg
-    winner._check_output(output)
+    export.check_output(output)
     w = winner.evaluate_and_log(cfg, study, tracker)
     ft = finetune_winner(cfg, w, tracker, progress, study)
     info = {"model": "finetuned" if ft.accepted else "frozen", "finetune": ft.as_dict()}
@@ -360,6 +361,6 @@ def export_winner(
         info["test"] = ft.test
         info[f"validation_{cfg.search.metric}"] = ft.best
     else:
-        model = winner.build_export_model(w)
-    reg = winner.save_model(cfg, w, model, output, tracker, info, register=register)
+        model = export.build_export_model(w)
+    reg = export.save_model(cfg, w, model, output, tracker, info, register=register)
     return w, ft, reg

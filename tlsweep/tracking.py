@@ -11,7 +11,8 @@ What a user sees in the MLflow UI is decided here too: the experiment is tagged 
 training (so MLflow 3's UI opens its runs table, not its GenAI pages), the parent run is named
 after the study, and a child run's name says what a user scans for:
 ``trial 12 · MobileNetV2-alpha0.35-160-avg · 0.9730`` (``pruned`` / ``failed`` instead of the
-value). :func:`find_study_experiment` and :func:`runs_page_url` serve ``tlsweep ui``.
+value). The store's URI, retries and tags are :mod:`tlsweep.tracking_store`'s; the exported
+model, its evaluation and the registry are :mod:`tlsweep.tracking_models`'s.
 
 This module knows nothing about Optuna's internals: it is handed numbers, states and params.
 """
@@ -19,34 +20,30 @@ This module knows nothing about Optuna's internals: it is handed numbers, states
 from __future__ import annotations
 
 import logging
-import os
-import re
 import time
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from tlsweep.config import (
-    CHECK_HTTP_MAX_RETRIES,
-    CHECK_HTTP_TIMEOUT,
-    DEFAULT_HTTP_MAX_RETRIES,
-    DEFAULT_HTTP_TIMEOUT,
-)
-from tlsweep.errors import ServiceError, TlsweepError
+from tlsweep.errors import ServiceError
 from tlsweep.search import FINISHED
 from tlsweep.stores import prepare_mlflow
+from tlsweep.tracking_models import TrackerModels
+from tlsweep.tracking_store import (
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING_KIND,
+    ROLE_TAG,
+    STATE_TAG,
+    STUDY_TAG,
+    TRIAL_TAG,
+    bound_http_retries,
+    first_line,
+    mlflow_value,
+    resolve_uri,
+    tracking_errors,
+)
 from tlsweep.urls import redact_url
 
 log = logging.getLogger(__name__)
-
-ROLE_TAG = "tlsweep.role"
-STUDY_TAG = "tlsweep.study"
-TRIAL_TAG = "optuna.trial_number"
-STATE_TAG = "optuna.state"
-# The experiment tag MLflow 3's UI reads to choose between its GenAI pages and its training-runs
-# table, and the value its own "Model training" choice writes (mlflow/server/js: ExperimentKind).
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-MODEL_TRAINING_KIND = "custom_model_development"
 # What a run's name shows instead of a value, by state.
 _STATE_WORDS = {"RUNNING": "running", "PRUNED": "pruned", "FAIL": "failed", "COMPLETE": "complete"}
 
@@ -60,167 +57,7 @@ def trial_run_name(number: int, backbone: str, state: str, value: float | None =
     return f"trial {number} · {backbone} · {outcome}"
 
 
-def resolve_uri(tracking_uri: str | None) -> str:
-    """The sweep's tracking URI, or MLflow's own default when it sets none."""
-    if tracking_uri:
-        return tracking_uri
-    import mlflow
-
-    return mlflow.get_tracking_uri()
-
-
-def _local_store_path(tracking_uri: str) -> str | None:
-    """The file or folder a local tracking store lives in (SQLite file, file store), else None."""
-    if tracking_uri.startswith("sqlite:///"):
-        path = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
-        return None if path in ("", ":memory:") else path
-    if tracking_uri.startswith("file:"):
-        from urllib.parse import urlparse
-        from urllib.request import url2pathname
-
-        return url2pathname(urlparse(tracking_uri).path)
-    if "://" not in tracking_uri:
-        return tracking_uri
-    return None
-
-
-class TrackingStoreUnavailable(TlsweepError):
-    """The tracking store cannot be read (a server that is down, a database that refuses)."""
-
-
-def find_study_experiment(
-    tracking_uri: str, study: str
-) -> tuple[str | None, str | None, list[str]]:
-    """The study's experiment and parent run, without creating anything, and the studies there.
-
-    Returns ``(experiment_id or None, parent run id or None, names of the tlsweep studies in
-    the store)``. A local
-    store that does not exist yet is not opened (MLflow would create it): ``(None, [])``.
-    A tracking server is asked once, without MLflow's minutes of retries.
-    """
-    local = _local_store_path(tracking_uri)
-    if local is not None and not os.path.exists(local):
-        return None, None, []
-    if tracking_uri.startswith(("http://", "https://")):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-    from mlflow import MlflowClient
-    from mlflow.entities import ViewType
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client = MlflowClient(tracking_uri=tracking_uri)
-        exp = client.get_experiment_by_name(study)
-        experiments = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000)
-        found = exp.experiment_id if exp is not None and exp.lifecycle_stage == "active" else None
-        parents = (
-            client.search_runs(
-                [found],
-                filter_string=f"tags.`{ROLE_TAG}` = 'study'",
-                order_by=["attributes.start_time ASC"],
-            )
-            if found
-            else []
-        )
-    except MlflowException as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TrackingStoreUnavailable(
-            f"cannot read the tracking store {redact_url(tracking_uri)}: "
-            f"{redact_url(first)[:300]}; check that it is up and reachable, then try again"
-        ) from None
-    parent = next((r.info.run_id for r in parents if r.data.tags.get(STUDY_TAG) == study), None)
-    studies = sorted(e.name for e in experiments if STUDY_TAG in e.tags)
-    return found, parent, studies
-
-
-def runs_page_url(server_url: str, experiment_id: str, run_id: str | None = None) -> str:
-    """The MLflow 3 UI's training-runs table of one experiment, or one run's page, in the
-    model-training view (a fresh browser would otherwise show MLflow's GenAI pages)."""
-    run = f"/{run_id}" if run_id else ""
-    return (
-        f"{server_url.rstrip('/')}/#/experiments/{experiment_id}/runs{run}"
-        "?workflowType=machine_learning"
-    )
-
-
-CHAMPION = "champion"  # the registry alias of the best registered version
-SCORE_TAG = "tlsweep.validation_score"  # registered versions: the score that ranks them
-METRIC_TAG = "tlsweep.validation_metric"
-DIRECTION_TAG = "tlsweep.direction"
-
-
-def _mlflow_value(v: Any) -> str:
-    s = str(v)
-    return s if len(s) <= 6000 else s[:5997] + "..."
-
-
-def bound_http_retries() -> None:
-    """Bound MLflow's HTTP retries and timeouts unless the user set them."""
-    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(DEFAULT_HTTP_MAX_RETRIES))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(DEFAULT_HTTP_TIMEOUT))
-
-
-def _first_line(e: BaseException) -> str:
-    """The gist of an MLflow, SQLAlchemy or connection error, short and without a password."""
-
-    e = getattr(e, "orig", None) or e  # SQLAlchemy wraps the driver's error
-    msg = str(getattr(e, "message", None) or e)
-    # urllib3 buries the reason ("[Errno 111] Connection refused") deep in a long sentence
-    reason = re.search(
-        r"(\[Errno -?\d+\][^'\")\]]*|Read timed out|timed out|\d{3} [A-Z][^,;]*)", msg
-    )
-    lines = [x.strip() for x in msg.strip().splitlines() if x.strip()]
-    text = reason.group(1).strip() if reason else (lines[0] if lines else type(e).__name__)
-    return redact_url(text[:200])
-
-
-def check_server(tracking_uri: str) -> None:
-    """Reach an MLflow tracking server (http/https) once, quickly, before any work starts.
-
-    A server that is down, unknown or refuses the login is a :class:`ServiceError` (exit 1)
-    within about ``CHECK_HTTP_TIMEOUT * (CHECK_HTTP_MAX_RETRIES + 1)`` seconds, whatever the retry
-    settings of the rest of the command.
-    """
-    from mlflow import MlflowClient
-    from mlflow.environment_variables import (
-        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
-        MLFLOW_HTTP_REQUEST_TIMEOUT,
-    )
-    from mlflow.exceptions import MlflowException
-
-    bound_http_retries()
-    saved = {
-        v.name: os.environ.get(v.name)
-        for v in (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT)
-    }
-    os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = str(CHECK_HTTP_MAX_RETRIES)
-    os.environ[MLFLOW_HTTP_REQUEST_TIMEOUT.name] = str(CHECK_HTTP_TIMEOUT)
-    try:
-        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
-    except (MlflowException, OSError) as e:
-        raise ServiceError(
-            f"tracking server {redact_url(tracking_uri)}: not reachable or refused the request "
-            f"({_first_line(e)}); start the server or fix --tracking-uri / tracking_uri (and "
-            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD), then run the command again"
-        ) from None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def tracking_errors() -> tuple[type[BaseException], ...]:
-    """What a failing tracking store or server raises: MLflow's own errors, and OSError (the
-    HTTP client's errors are OSErrors)."""
-    from mlflow.exceptions import MlflowException
-
-    return (MlflowException, OSError)
-
-
-class Tracker:
+class Tracker(TrackerModels):
     """The MLflow side of one study."""
 
     errors = staticmethod(tracking_errors)  # for callers that must not import MLflow
@@ -240,7 +77,7 @@ class Tracker:
         except (MlflowException, SQLAlchemyError, OSError) as e:  # e.g. no right to make tables
             raise ServiceError(
                 f"tracking store {redact_url(self.tracking_uri)}: cannot open the experiment "
-                f"'{study}' ({_first_line(e)}); check the tracking URI and the server, then run "
+                f"'{study}' ({first_line(e)}); check the tracking URI and the server, then run "
                 "the command again"
             ) from None
         self.parent_run_id = parent_run_id
@@ -338,7 +175,7 @@ class Tracker:
             self.parent_run_id,
             metrics=[Metric(f"best_{metric}", float(value), now, 0)],
             tags=[RunTag("best_trial", str(number))]
-            + [RunTag(f"best.{k}", _mlflow_value(v)) for k, v in sorted(params.items())],
+            + [RunTag(f"best.{k}", mlflow_value(v)) for k, v in sorted(params.items())],
         )
 
     # --- child runs ----------------------------------------------------------------------------
@@ -432,7 +269,7 @@ class Tracker:
     def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, _mlflow_value(v)) for k, v in sorted(params.items())]
+        items = [Param(k, mlflow_value(v)) for k, v in sorted(params.items())]
         for i in range(0, len(items), 90):
             self.client.log_batch(run_id, params=items[i : i + 90])
 
@@ -471,139 +308,6 @@ class Tracker:
         if self.parent_run_id:
             self.client.set_tag(self.parent_run_id, key, value)
 
-    def log_parent_model(self, model: Any, meta: Mapping[str, Any], path: Any) -> str | None:
-        """The exported Keras model as an MLflow model on the parent run, with its file.
-
-        Returns the logged model's URI (``models:/m-...``), what :meth:`register` takes.
-        """
-        import mlflow
-
-        if not self.parent_run_id:
-            return None
-        mlflow.set_tracking_uri(self.tracking_uri)
-        with mlflow.start_run(run_id=self.parent_run_id):
-            info = mlflow.keras.log_model(
-                model,
-                name="model",
-                pip_requirements=["keras", "tensorflow"],
-                metadata={"class_names": meta["class_names"]},
-            )
-            mlflow.log_dict(dict(meta), "model_metadata.json")
-            mlflow.log_artifact(str(path), "export")
-        return str(info.model_uri)
-
-    # --- MLflow's own evaluation of the winner ------------------------------------------------
-    def log_evaluation(self, proba: Any, labels: Any, class_names: list[str]) -> dict[str, float]:
-        """MLflow's default classifier evaluator on the winner's test predictions.
-
-        The parent run gets MLflow's standard metrics (prefixed ``test_eval_``) and artifacts:
-        confusion matrix, ROC, precision-recall, calibration (and lift for two classes) plots,
-        the per-class table for more classes. The evaluator draws its curves from a model's
-        ``predict_proba``; a static dataset gives it only the predicted labels (no curves). So it
-        is handed a lookup "model": row ``i`` of the dataset answers with the winner's stored
-        probabilities of test image ``i``, computed once by the exported head; nothing is
-        re-predicted. SHAP explanations are off (they would explain the lookup, not the head).
-        """
-        import mlflow
-        import numpy as np
-        import pandas as pd
-        from mlflow.models import Model
-        from mlflow.pyfunc import PyFuncModel
-
-        if not self.parent_run_id:
-            return {}
-        proba = np.asarray(proba, dtype=np.float64)
-        proba = proba / proba.sum(axis=1, keepdims=True)  # float32 rows sum to 1 +- 1e-7
-        names = np.asarray(class_names, dtype=object)
-
-        class _Predictions:  # what the evaluator reads from a scikit-learn classifier
-            def predict(self, x: Any) -> Any:
-                return names[proba[np.asarray(x["row"], np.int64)].argmax(axis=1)]
-
-            def predict_proba(self, x: Any) -> Any:
-                return proba[np.asarray(x["row"], np.int64)]
-
-            def score(self, x: Any, y: Any, sample_weight: Any = None) -> float:
-                return float(np.average(self.predict(x) == np.asarray(y), weights=sample_weight))
-
-        lookup = PyFuncModel(
-            model_meta=Model(flavors={"python_function": {"loader_module": "mlflow.sklearn"}}),
-            model_impl=_Predictions(),
-        )
-        df = pd.DataFrame({"row": np.arange(len(proba)), "label": names[np.asarray(labels)]})
-        mlflow.set_tracking_uri(self.tracking_uri)
-        with mlflow.start_run(run_id=self.parent_run_id), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # schema hints about the integer row column
-            result = mlflow.models.evaluate(
-                lookup,
-                data=df,
-                targets="label",
-                model_type="classifier",
-                evaluators="default",
-                evaluator_config={
-                    "log_explainer": False,
-                    "log_model_explainability": False,
-                    "label_list": list(class_names),
-                    "metric_prefix": "test_eval_",
-                },
-            )
-        return dict(result.metrics)
-
-    # --- the model registry --------------------------------------------------------------------
-    def register(
-        self,
-        model_uri: str,
-        name: str,
-        score: float,
-        metric: str,
-        direction: str,
-        tags: Mapping[str, Any] | None = None,
-    ) -> tuple[int, bool, float | None]:
-        """Register ``model_uri`` as a new version of ``name``; move the ``champion`` alias to it
-        when its validation ``score`` beats the score of the version the alias holds.
-
-        The score and its metric are stored as version tags, so later exports compare against
-        them; the test score never takes part. A champion scored on another metric is left in
-        place (the two numbers are not comparable). Returns (version, promoted, champion's
-        score before).
-        """
-        import mlflow
-        from mlflow.exceptions import MlflowException
-
-        mlflow.set_tracking_uri(self.tracking_uri)
-        version_tags = {
-            SCORE_TAG: repr(float(score)),
-            METRIC_TAG: metric,
-            DIRECTION_TAG: direction,
-            STUDY_TAG: self.study,
-            **{k: _mlflow_value(v) for k, v in (tags or {}).items()},
-        }
-        mv = mlflow.register_model(model_uri, name, tags=version_tags)
-        version = int(mv.version)
-        before: float | None = None
-        try:
-            champ = self.client.get_model_version_by_alias(name, CHAMPION)
-        except MlflowException:  # no champion yet
-            champ = None
-        promote = champ is None
-        if champ is not None:
-            if champ.tags.get(METRIC_TAG) != metric or SCORE_TAG not in champ.tags:
-                log.warning(
-                    "%s@%s (version %s) was scored on %s, not %s: the alias stays where it is",
-                    name,
-                    CHAMPION,
-                    champ.version,
-                    champ.tags.get(METRIC_TAG, "no recorded metric"),
-                    metric,
-                )
-            else:
-                before = float(champ.tags[SCORE_TAG])
-                better = score > before if direction == "maximize" else score < before
-                promote = better
-        if promote:
-            self.client.set_registered_model_alias(name, CHAMPION, str(version))
-        return version, promote, before
-
     def log_parent_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         if self.parent_run_id:
             self.client.log_artifact(self.parent_run_id, local_path, artifact_path)
@@ -640,7 +344,7 @@ class Tracker:
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, _mlflow_value(v)) for k, v in tags.items()])
+        self.client.log_batch(run_id, tags=[RunTag(k, mlflow_value(v)) for k, v in tags.items()])
 
     def end_stage(self, run_id: str, status: str = "FINISHED") -> None:
         """``status``: FINISHED, FAILED or KILLED (interrupted; a rerun resumes it)."""

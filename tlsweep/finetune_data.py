@@ -1,0 +1,155 @@
+"""What the fine-tuning stage (:mod:`tlsweep.finetune`) trains on: images decoded once, batches.
+
+Speed: every usable image is decoded and resized once, at the model's input size, into a
+``uint8`` memory-mapped array in the cache folder (:func:`image_cache`); epochs read batches
+from it (:func:`dataset`) and never decode a JPEG again. The configured augmentation is Keras
+preprocessing layers applied to the training batches (:func:`augmentation`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlsweep.config import FinetuneConfig
+from tlsweep.errors import TlsweepError
+
+log = logging.getLogger(__name__)
+
+IMAGE_FORMAT = 1
+
+
+def image_size(bb: Any) -> int:
+    """The size images are decoded at: the input size (a fused backbone's largest)."""
+    return max(m.input_size for m in bb.members) if bb.members else bb.input_size
+
+
+def _images_digest(entry: Any) -> str:
+    members = getattr(entry, "members", None) or [entry]
+    return members[0].manifest["key_parts"]["images"]
+
+
+def image_cache(cache_dir: Path, entry: Any, size: int) -> tuple[np.ndarray, list[dict]]:
+    """Every usable file of ``entry`` decoded and resized to ``size`` once, uint8, memory-mapped.
+
+    Returns (images [files, size, size, 3], the entry's file records, in the same order).
+    """
+    from tlsweep.data import image_batches
+
+    files = entry.manifest["files"]
+    root = Path(entry.manifest["data_dir"])
+    parts = {
+        "format": IMAGE_FORMAT,
+        "images": _images_digest(entry),
+        "files": [(f["path"], f["label"], f["split"]) for f in files],
+        "size": size,
+        "resize": "bilinear-squash",
+    }
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    folder = Path(cache_dir) / "images" / f"{size}px-{key[:16]}"
+    done = folder / "manifest.json"
+    if done.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(done.read_text()).get("key") == key:
+                arr = np.load(folder / "images.npy", mmap_mode="r", allow_pickle=False)
+                if arr.shape == (len(files), size, size, 3):
+                    return arr, files
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        t0 = time.perf_counter()
+        paths = [str(root / f["path"]) for f in files]
+        arr = np.lib.format.open_memmap(
+            tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3)
+        )
+        got = np.zeros(len(files), dtype=bool)
+        for idx, batch in image_batches(paths, size, 64):
+            arr[idx] = np.clip(np.rint(batch.numpy()), 0, 255).astype(np.uint8)
+            got[idx] = True
+        if not got.all():
+            bad = paths[int(np.flatnonzero(~got)[0])]
+            raise TlsweepError(f"{bad}: no longer decodable; it was usable when features were made")
+        arr.flush()
+        del arr
+        (tmp / "manifest.json").write_text(
+            json.dumps(
+                {"key": key, "size": size, "n": len(files), "seconds": time.perf_counter() - t0}
+            )
+        )
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("decoded %d images once at %d px into %s", len(files), size, folder)
+    return np.load(folder / "images.npy", mmap_mode="r", allow_pickle=False), files
+
+
+def augmentation(ft: FinetuneConfig, seed: int) -> Any | None:
+    """The configured Keras preprocessing layers, or None when there are none."""
+    import keras
+
+    a = ft.augment
+    layers = []
+    if a.flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if a.rotation:
+        layers.append(keras.layers.RandomRotation(a.rotation, seed=seed + 1))
+    if a.zoom:
+        layers.append(keras.layers.RandomZoom(a.zoom, seed=seed + 2))
+    if a.contrast:
+        layers.append(keras.layers.RandomContrast(a.contrast, value_range=(0, 255), seed=seed + 3))
+    return keras.Sequential(layers, name="augment") if layers else None
+
+
+def dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    rows: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle_seed: int | None = None,
+    augment: Any | None = None,
+) -> Any:
+    """Batches read from the memory-mapped uint8 images (shuffled per epoch by a seed)."""
+    import tensorflow as tf
+
+    order = rows.copy()
+    if shuffle_seed is not None:
+        np.random.default_rng(shuffle_seed).shuffle(order)
+    starts = np.arange(0, len(order), batch_size, dtype=np.int64)
+    size = images.shape[1]
+
+    def gather(start: np.int64) -> tuple[np.ndarray, np.ndarray]:
+        idx = order[int(start) : int(start) + batch_size]
+        sort = np.argsort(idx)  # memory-map reads in file order, then back to batch order
+        x = np.empty((len(idx), size, size, 3), np.uint8)
+        x[sort] = images[idx[sort]]
+        return x, labels[idx]
+
+    ds = tf.data.Dataset.from_tensor_slices(starts)
+    ds = ds.map(
+        lambda s: tf.numpy_function(gather, [s], (tf.uint8, tf.int64)),
+        num_parallel_calls=2,
+        deterministic=True,
+    )
+
+    def cast(x: Any, y: Any) -> tuple[Any, Any]:
+        x = tf.cast(tf.ensure_shape(x, [None, size, size, 3]), tf.float32)
+        if augment is not None:
+            x = augment(x, training=True)
+        return x, tf.ensure_shape(y, [None])
+
+    return ds.map(cast).prefetch(2)
