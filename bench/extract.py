@@ -115,7 +115,9 @@ def other_work(bb, data: Path) -> dict[str, float]:
     """Core-seconds of each part of (a) that is not a forward pass, measured alone."""
     from tlsweep import features
     from tlsweep.config import DataConfig
-    from tlsweep.data import content_digest, find_images, image_batches
+    from tlsweep.data import find_images
+    from tlsweep.decode import image_batches
+    from tlsweep.digests import content_digest
 
     out = {}
     c = cpu_s()
@@ -136,7 +138,8 @@ def other_work(bb, data: Path) -> dict[str, float]:
 # --- (a) tlsweep end to end ---------------------------------------------------------------------
 def run_tlsweep(bb, data: Path) -> tuple[float, int, dict]:
     from tlsweep.config import DataConfig
-    from tlsweep.data import content_digest, find_images
+    from tlsweep.data import find_images
+    from tlsweep.digests import content_digest
     from tlsweep.features import FeatureCache
 
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
@@ -156,7 +159,7 @@ def decode_all(paths: list[str], batch: int):
     """Every image decoded and resized exactly like tlsweep does, as float32 batches in memory."""
     import tensorflow as tf
 
-    from tlsweep.data import decode_and_resize
+    from tlsweep.decode import decode_and_resize
 
     ds = tf.data.Dataset.from_tensor_slices(list(paths))
     ds = ds.map(
@@ -274,7 +277,8 @@ def run_together(args: argparse.Namespace, data: Path, weights: Path) -> int:
 
     from tlsweep import features
     from tlsweep.config import DataConfig
-    from tlsweep.data import decode_and_resize, find_images, image_batches
+    from tlsweep.data import find_images
+    from tlsweep.decode import decode_and_resize, image_batches
     from tlsweep.features import FeatureCache, _forward_all, _Job
 
     wanted = together_backbones(weights)

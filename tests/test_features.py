@@ -30,7 +30,8 @@ import tlsweep.backbones
 from tlsweep import entries as E
 from tlsweep import features as F
 from tlsweep.config import BackboneConfig, DataConfig, load_sweep
-from tlsweep.data import content_digest, find_images
+from tlsweep.data import find_images
+from tlsweep.digests import content_digest
 from tlsweep.entries import cache_key, key_parts
 from tlsweep.errors import DataError
 from tlsweep.features import FeatureCache
@@ -122,7 +123,7 @@ def test_miss_extracts_then_hit_does_no_forward_pass(
     assert len({row.tobytes() for row in feats}) == n  # every row is its own image
 
     # rows belong to their files: recompute two images on their own
-    from tlsweep.data import image_batches
+    from tlsweep.decode import image_batches
 
     model = tlsweep.backbones.build_extractor(bb)
     probe = [m["files"][0], m["files"][-1]]

@@ -10,7 +10,8 @@ import pytest
 from conftest import FLOWERS, MNV2_WEIGHTS, need_shared, small_copy
 
 from tlsweep.config import BackboneConfig, DataConfig, resolve_backbone
-from tlsweep.data import find_images, image_batches
+from tlsweep.data import find_images
+from tlsweep.decode import image_batches
 from tlsweep.entries import Entry
 from tlsweep.features import FeatureCache
 from tlsweep.head import HeadParams, as_tensor, train_head

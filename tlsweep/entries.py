@@ -43,7 +43,7 @@ import numpy as np
 
 from tlsweep import backbones as bbs
 from tlsweep.config import BackboneConfig
-from tlsweep.data import file_digest
+from tlsweep.digests import file_digest
 from tlsweep.errors import TlsweepError
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ under a per-entry file lock once every shard is written, bit-identical to one wo
 Computing a key imports no TensorFlow, and reads only the images whose stat changed: a stat
 index per data folder (``<cache_dir>/stat-index-<hash of the folder's path>.json``) maps each
 file's (size, mtime, ctime, inode, device) to its content digest (see
-:func:`tlsweep.data.file_digests`), so a cache hit costs one ``stat`` per image, whatever
+:func:`tlsweep.digests.file_digests`), so a cache hit costs one ``stat`` per image, whatever
 their size. ``verify`` (``--verify``, ``data.verify``) reads every image.
 """
 
@@ -38,19 +38,17 @@ import numpy as np
 
 from tlsweep import backbones as bbs
 from tlsweep.config import BackboneConfig, SweepConfig
-from tlsweep.data import (
+from tlsweep.data import SPLITS, ImageSet, find_images
+from tlsweep.decode import (
     CHUNK_BYTES,
-    SPLITS,
-    ImageSet,
     ViewsVariant,
-    content_digest,
     decoded_chunks,
-    find_images,
     path_seeds,
     read_failure,
     variant_pixels,
     why_skipped,
 )
+from tlsweep.digests import content_digest
 from tlsweep.entries import (
     CACHE_FORMAT,
     Entry,
@@ -116,7 +114,7 @@ class FeatureCache:
         return self.dir / f"{STAT_INDEX_PREFIX}{folder}.json"
 
     def images_digest(self, images: ImageSet, verify: bool = False) -> str:
-        """:func:`~tlsweep.data.content_digest` through this cache's stat index of the folder."""
+        """:func:`~tlsweep.digests.content_digest` through this cache's stat index of the folder."""
         self._mkdir()
         return content_digest(images, index=self.stat_index(images.root), verify=verify)
 
