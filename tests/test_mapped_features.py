@@ -14,7 +14,8 @@ from tlsweep.data import find_images
 from tlsweep.decode import image_batches
 from tlsweep.entries import Entry
 from tlsweep.features import FeatureCache
-from tlsweep.head import HeadParams, as_tensor, train_head
+from tlsweep.head import HeadParams, train_head
+from tlsweep.head_graph import as_tensor
 
 SPLIT_OF_ROW = ["train"] * 6 + ["validation"] * 3 + ["test"] * 2
 

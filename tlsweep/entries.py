@@ -146,8 +146,9 @@ class Entry:
         The features of a split stored in one block of rows (every entry extracted since rows
         are grouped by split) are a slice of the file's memory map, copy-on-write: writes would
         stay in this process and never reach the file. Writable, so that TensorFlow can read
-        the mapped pages in place (:func:`tlsweep.head.as_tensor`); the page cache holding them
-        is shared by every process on the machine. Other entries give an in-memory copy.
+        the mapped pages in place (:func:`tlsweep.head_graph.as_tensor`); the page cache
+        holding them is shared by every process on the machine. Other entries give an
+        in-memory copy.
         """
         rows = [(f["row"], f["label"]) for f in self.manifest["files"] if f["split"] == name]
         feats = np.load(self.path / "features.npy", mmap_mode="c", allow_pickle=False)
