@@ -416,7 +416,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     n = cfg.search.n_trials
     if args.worker_index is not None:
         # A worker of `--workers N`: its parent has reported the cache and the skipped files.
-        for name in ("tlsweep.features", "tlsweep.entries", "tlsweep.shards"):
+        for name in ("tlsweep.features", "tlsweep.assemble", "tlsweep.entries", "tlsweep.shards"):
             logging.getLogger(name).setLevel(logging.ERROR)
     if args.extract_first:  # `--workers N`: take shards of the missing features first
         from tlsweep.sweep import wait_for_go
