@@ -121,11 +121,10 @@ def entry_name(bb: BackboneConfig, key: str) -> str:
     return f"{bb.name}-{bb.input_size}-{bb.pooling}{views}-{key[:16]}"
 
 
-@dataclass
-class Entry:
-    """A complete, verified cache entry."""
+class ManifestFields:
+    """An entry's key and class names, read from its manifest: one implementation for
+    :class:`Entry` and the fused view (:class:`tlsweep.fusion.FusedEntry`)."""
 
-    path: Path
     manifest: dict[str, Any]
 
     @property
@@ -135,6 +134,14 @@ class Entry:
     @property
     def class_names(self) -> list[str]:
         return self.manifest["class_names"]
+
+
+@dataclass
+class Entry(ManifestFields):
+    """A complete, verified cache entry."""
+
+    path: Path
+    manifest: dict[str, Any]
 
     def features(self) -> np.ndarray:
         """All rows, memory-mapped read-only."""
