@@ -113,9 +113,11 @@ def cores() -> int:
 
 def other_work(bb, data: Path) -> dict[str, float]:
     """Core-seconds of each part of (a) that is not a forward pass, measured alone."""
-    from tlsweep import features
+    from tlsweep import extraction
     from tlsweep.config import DataConfig
-    from tlsweep.data import content_digest, find_images, image_batches
+    from tlsweep.data import find_images
+    from tlsweep.decode import image_batches
+    from tlsweep.digests import content_digest
 
     out = {}
     c = cpu_s()
@@ -124,7 +126,7 @@ def other_work(bb, data: Path) -> dict[str, float]:
     out["list_hash"] = cpu_s() - c
     paths = [images.abspath(f) for f in images.files]
     c = cpu_s()
-    for _ in image_batches(paths, SIZE, features.EXTRACT_BATCH, prefetch=False):
+    for _ in image_batches(paths, SIZE, extraction.EXTRACT_BATCH, prefetch=False):
         pass
     out["decode"] = cpu_s() - c
     c = cpu_s()
@@ -136,7 +138,8 @@ def other_work(bb, data: Path) -> dict[str, float]:
 # --- (a) tlsweep end to end ---------------------------------------------------------------------
 def run_tlsweep(bb, data: Path) -> tuple[float, int, dict]:
     from tlsweep.config import DataConfig
-    from tlsweep.data import content_digest, find_images
+    from tlsweep.data import find_images
+    from tlsweep.digests import content_digest
     from tlsweep.features import FeatureCache
 
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
@@ -156,7 +159,7 @@ def decode_all(paths: list[str], batch: int):
     """Every image decoded and resized exactly like tlsweep does, as float32 batches in memory."""
     import tensorflow as tf
 
-    from tlsweep.data import decode_and_resize
+    from tlsweep.decode import decode_and_resize
 
     ds = tf.data.Dataset.from_tensor_slices(list(paths))
     ds = ds.map(
@@ -198,7 +201,7 @@ class Forward:
         return speed
 
     def run(self, batches, in_flight: int) -> tuple[float, int]:
-        from tlsweep.features import _forward_all
+        from tlsweep.extraction import _forward_all
 
         n = 0
         t0 = time.perf_counter()
@@ -273,10 +276,12 @@ def together_backbones(weights: Path) -> list:
 def run_together(args: argparse.Namespace, data: Path, weights: Path) -> int:
     import tensorflow as tf
 
-    from tlsweep import features
+    from tlsweep import extraction
     from tlsweep.config import DataConfig
-    from tlsweep.data import decode_and_resize, find_images, image_batches
-    from tlsweep.features import FeatureCache, _forward_all, _Job
+    from tlsweep.data import find_images
+    from tlsweep.decode import decode_and_resize, image_batches
+    from tlsweep.extraction import _forward_all, _Job
+    from tlsweep.features import FeatureCache
 
     wanted = together_backbones(weights)
     images = find_images(DataConfig(dir=data))
@@ -295,7 +300,7 @@ def run_together(args: argparse.Namespace, data: Path, weights: Path) -> int:
             num_parallel_calls=cores(),
             deterministic=True,
         )
-        batches = [tf.identity(x) for x in ds.batch(features.EXTRACT_BATCH)]
+        batches = [tf.identity(x) for x in ds.batch(extraction.EXTRACT_BATCH)]
         for bb in (b for b in wanted if b.input_size == size):
             job = _Job(bb, {}, "", "", None)
             c = cpu_s()
@@ -317,7 +322,7 @@ def run_together(args: argparse.Namespace, data: Path, weights: Path) -> int:
 
     # (D) one decode of every image, resized to both sizes
     c, t0 = cpu_s(), time.perf_counter()
-    for _ in image_batches(paths, list(TOGETHER_SIZES), features.EXTRACT_BATCH, prefetch=False):
+    for _ in image_batches(paths, list(TOGETHER_SIZES), extraction.EXTRACT_BATCH, prefetch=False):
         pass
     decode = time.perf_counter() - t0
     decode_cpu = cpu_s() - c
@@ -396,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.together:
         return run_together(args, data, weights)
 
-    from tlsweep import features
+    from tlsweep import extraction
     from tlsweep.backbone_config import resolve_backbone
     from tlsweep.config import DataConfig
     from tlsweep.data import find_images
@@ -503,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"MobileNetV2(alpha={ALPHA}) {SIZE}px avg pooling, {len(paths)} images, "
         f"{args.repeats} repeat(s), {os.cpu_count()} CPU(s), TF {tf.__version__}, "
-        f"tlsweep batch {features.EXTRACT_BATCH} x {features.IN_FLIGHT} in flight"
+        f"tlsweep batch {extraction.EXTRACT_BATCH} x {extraction.IN_FLIGHT} in flight"
     )
     print(f"{'':4}{'measurement':58}{'median img/s':>14}{'runs':>26}")
     for k in "abc":
@@ -566,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
             "forward_b": {"batch": forward_cfg[0], "in_flight": forward_cfg[1]}
             if forward_cfg
             else None,
-            "a": {"batch": features.EXTRACT_BATCH, "in_flight": features.IN_FLIGHT},
+            "a": {"batch": extraction.EXTRACT_BATCH, "in_flight": extraction.IN_FLIGHT},
             "median_images_per_s": med,
             "runs_images_per_s": res,
             "images_counted": counts,

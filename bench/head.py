@@ -10,7 +10,7 @@ Measured in one process, interleaved per repeat so machine noise hits every comp
 
   (t1) tlsweep ``train_head`` the first time its compiled functions are used (includes tracing;
        what the first trial of a study pays). For the second pooling the compiled functions
-       would already exist, so they are dropped first (``tlsweep.head._FUNCS.clear()``) to
+       would already exist, so they are dropped first (``tlsweep.head_graph._FUNCS.clear()``) to
        show the tracing cost again;
   (tw) tlsweep ``train_head`` warm (a second call: what every later trial pays);
   (tm) the same, warm, on tensors over the cache file's memory map (``as_tensor`` of
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     import keras
     import tensorflow as tf
 
-    from tlsweep import head as tlhead
+    from tlsweep import head_graph
 
     feats, tensors, mapped, info = {}, {}, {}, {}
     for p in poolings:
@@ -192,18 +192,18 @@ def main(argv: list[str] | None = None) -> int:
         feats[p] = (xt, yt, xv, yv)
         t0 = time.perf_counter()
         tensors[p] = (
-            tlhead.as_tensor(xt),
+            head_graph.as_tensor(xt),
             tf.constant(yt, tf.int64),
-            tlhead.as_tensor(xv),
+            head_graph.as_tensor(xv),
             tf.constant(yv, tf.int64),
         )
         meta["as_tensor_seconds"] = time.perf_counter() - t0
         (mxt, _), (mxv, _) = meta["split"]("train"), meta["split"]("validation")
         del meta["split"]
         mapped[p] = (
-            tlhead.as_tensor(mxt),
+            head_graph.as_tensor(mxt),
             tensors[p][1],
-            tlhead.as_tensor(mxv),
+            head_graph.as_tensor(mxv),
             tensors[p][3],
         )
         meta.update(n_train=len(yt), n_val=len(yv), n_features=int(xt.shape[1]))
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             d = res[p]
             seed = r
             if r == 0:  # cold: the compiled functions do not exist yet
-                tlhead._FUNCS.clear()
+                head_graph._FUNCS.clear()
                 dt, acc = run_tlsweep(tensors[p], args.epochs, seed)
                 d["tlsweep_first"].append(dt)
                 d["acc_tlsweep_first"].append(acc)

@@ -158,10 +158,10 @@ def malloc_mb() -> dict[str, float]:
 
 def traces() -> dict[str, int]:
     """How often each of tlsweep's compiled head functions has been traced."""
-    from tlsweep import head
+    from tlsweep import head_graph
 
     out = {}
-    for key, fn in head._FUNCS.items():
+    for key, fn in head_graph._FUNCS.items():
         with_count = getattr(fn, "experimental_get_tracing_count", None)
         out["/".join(map(str, key))] = with_count() if with_count else -1
     return out
@@ -259,7 +259,8 @@ def run_head(args: argparse.Namespace, rec: Recorder) -> dict:
     from tlsweep.config import DataConfig
     from tlsweep.data import find_images
     from tlsweep.features import FeatureCache
-    from tlsweep.head import HeadParams, as_tensor, train_head
+    from tlsweep.head import HeadParams, train_head
+    from tlsweep.head_graph import as_tensor
     from tlsweep.params import DEFAULT_SPACE
 
     entry, _ = FeatureCache(args.cache_dir.resolve()).ensure(

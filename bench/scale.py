@@ -143,7 +143,8 @@ def _run(cmd: list[str], cwd: Path) -> dict:
 
 def phase_hit(sweep: Path) -> dict:
     """The phases of a cache hit, timed inside this process (imports excluded)."""
-    from tlsweep.data import content_digest, find_images
+    from tlsweep.data import find_images
+    from tlsweep.digests import content_digest
     from tlsweep.entries import cache_key, check_usable, key_parts
     from tlsweep.features import FeatureCache
     from tlsweep.sweepfile import load_sweep
@@ -234,7 +235,7 @@ def measure(args: argparse.Namespace, n: int, work: Path) -> dict:
     py = sys.executable
     # The stat index trusts only files changed more than RACY_NS before the hashing: wait so
     # that the extraction's hashing indexes them all, as it would on a folder not just written.
-    from tlsweep.data import RACY_NS
+    from tlsweep.digests import RACY_NS
 
     time.sleep(RACY_NS / 1e9)
     ext = _run([py, "-m", "tlsweep", "extract", str(sweep), "-q"], tmp)

@@ -17,17 +17,10 @@ import pytest
 from conftest import MNV2_WEIGHTS, SHARED, keras_asks_for, need_shared
 
 from tlsweep.backbone_config import resolve_backbone as resolve
-from tlsweep.backbones import (
-    REGISTRY,
-    BackboneSpec,
-    build_extractor,
-    get_spec,
-    list_backbones,
-    output_shape,
-    preprocess_affine,
-)
+from tlsweep.backbones import build_extractor, output_shape, preprocess_affine
 from tlsweep.config import BackboneConfig
 from tlsweep.errors import BackboneError
+from tlsweep.registry import REGISTRY, BackboneSpec, get_spec, list_backbones
 
 SPECS = list_backbones()
 

@@ -620,7 +620,8 @@ def test_a_sweep_without_search_gets_the_schema_defaults(
 def test_head_params_fields_are_the_declaration() -> None:
     import dataclasses
 
-    from tlsweep.head import SLOTS, HeadParams
+    from tlsweep.head import HeadParams
+    from tlsweep.head_graph import SLOTS
 
     fields = dataclasses.fields(HeadParams)
     assert [f.name for f in fields] == [p.name for p in P.HEAD_PARAMETERS] + ["seed"]

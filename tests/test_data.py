@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from tlsweep.config import DataConfig
-from tlsweep.data import SPLITS, DataError, ImageSet, check_header, find_images, image_batches
+from tlsweep.data import SPLITS, ImageSet, find_images
+from tlsweep.decode import check_header, image_batches
+from tlsweep.errors import DataError
 
 
 def _jpeg(
@@ -335,7 +337,7 @@ def _with_size(fmt: str, path: Path, width: int, height: int) -> bytes:
 def test_pipeline_header_guard_stops_what_check_header_stops(tmp_path: Path, fmt: str) -> None:
     import tensorflow as tf
 
-    from tlsweep.data import MAX_PIXELS, _header_guard
+    from tlsweep.decode import MAX_PIXELS, _header_guard
 
     def passes(data: bytes) -> bool:
         try:
@@ -360,7 +362,7 @@ def test_pipeline_header_guard_stops_what_check_header_stops(tmp_path: Path, fmt
 def test_pipeline_header_guard_rejects_other_content(tmp_path: Path) -> None:
     import tensorflow as tf
 
-    from tlsweep.data import _header_guard
+    from tlsweep.decode import _header_guard
 
     tiff = tmp_path / "x.tiff"
     Image.new("RGB", (4, 4)).save(tiff, "TIFF")
@@ -372,7 +374,7 @@ def test_pipeline_header_guard_rejects_other_content(tmp_path: Path) -> None:
 
 
 def test_image_batches_skip_a_real_bomb_and_why_skipped_says_why(tmp_path: Path) -> None:
-    from tlsweep.data import why_skipped
+    from tlsweep.decode import why_skipped
 
     bomb = tmp_path / "bomb.png"
     Image.new("1", (9000, 9000)).save(bomb)  # a 9000x9000 image that would decode for real
@@ -389,7 +391,7 @@ def test_image_batches_skip_a_real_bomb_and_why_skipped_says_why(tmp_path: Path)
 
 
 def test_decoded_chunks_first_chunk_is_bigger_and_all_images_come_once(tmp_path: Path) -> None:
-    from tlsweep.data import decoded_chunks
+    from tlsweep.decode import decoded_chunks
 
     paths = [str(_noise_jpeg(tmp_path / f"{i}.jpg", size=20, seed=i)) for i in range(11)]
     paths.insert(5, str(tmp_path / "missing.jpg"))
@@ -406,7 +408,7 @@ def test_decoded_chunks_first_chunk_is_bigger_and_all_images_come_once(tmp_path:
 def test_decoded_chunks_first_chunk_stops_once_the_consumer_is_ready(tmp_path: Path) -> None:
     import threading
 
-    from tlsweep.data import decoded_chunks
+    from tlsweep.decode import decoded_chunks
 
     paths = [str(_noise_jpeg(tmp_path / f"{i}.jpg", size=20, seed=i)) for i in range(9)]
     ready = threading.Event()
@@ -421,7 +423,7 @@ def test_decoded_chunks_first_chunk_stops_once_the_consumer_is_ready(tmp_path: P
 def test_read_failure_tells_io_errors_from_bad_images(tmp_path: Path) -> None:
     """What the pipeline dropped: a bad image is skipped (None); a file that cannot be read, or
     that reads and decodes now, is an I/O error with its reason."""
-    from tlsweep.data import read_failure
+    from tlsweep.decode import read_failure
 
     text = tmp_path / "text.jpg"
     text.write_text("not an image")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import CATS_DOGS, need_shared, small_copy
 
-from tlsweep import features as F
+from tlsweep import extraction as X
 from tlsweep.backbone_config import resolve_backbone
 from tlsweep.config import BackboneConfig, DataConfig
 from tlsweep.data import find_images
@@ -40,13 +40,13 @@ def test_missing_entries_share_one_decode_and_match_separate_extraction(
     images = find_images(DataConfig(dir=tiny))
     wanted = [_bb(96), _bb(128)]
     calls: list[object] = []
-    real = F.decoded_chunks
+    real = X.decoded_chunks
 
     def counting(paths, size, *a, **k):  # noqa: ANN001, ANN202
         calls.append(size)
         return real(paths, size, *a, **k)
 
-    monkeypatch.setattr(F, "decoded_chunks", counting)
+    monkeypatch.setattr(X, "decoded_chunks", counting)
     together = FeatureCache(tmp_path / "together")
     done = together.ensure_many(wanted, images)
     assert [cached for _, cached in done] == [False, False]

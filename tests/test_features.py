@@ -28,9 +28,10 @@ from conftest import (
 
 import tlsweep.backbones
 from tlsweep import entries as E
-from tlsweep import features as F
+from tlsweep import extraction as X
 from tlsweep.config import BackboneConfig, DataConfig
-from tlsweep.data import content_digest, find_images
+from tlsweep.data import find_images
+from tlsweep.digests import content_digest
 from tlsweep.entries import cache_key, key_parts
 from tlsweep.errors import DataError
 from tlsweep.features import FeatureCache
@@ -123,7 +124,7 @@ def test_miss_extracts_then_hit_does_no_forward_pass(
     assert len({row.tobytes() for row in feats}) == n  # every row is its own image
 
     # rows belong to their files: recompute two images on their own
-    from tlsweep.data import image_batches
+    from tlsweep.decode import image_batches
 
     model = tlsweep.backbones.build_extractor(bb)
     probe = [m["files"][0], m["files"][-1]]
@@ -139,7 +140,7 @@ def test_miss_extracts_then_hit_does_no_forward_pass(
         raise AssertionError("a cache hit must not build the model or decode images")
 
     monkeypatch.setattr(tlsweep.backbones, "build_extractor", boom)
-    monkeypatch.setattr(F, "decoded_chunks", boom)
+    monkeypatch.setattr(X, "decoded_chunks", boom)
     for c in (cache, FeatureCache(tmp_path / "cache")):
         again, cached = c.ensure(bb, images)
         assert cached
@@ -286,7 +287,7 @@ def test_interrupted_extraction_leaves_nothing_usable(
 ) -> None:
     images = find_images(DataConfig(dir=tiny))
     cache = FeatureCache(tmp_path / "cache")
-    real_chunks = F.decoded_chunks
+    real_chunks = X.decoded_chunks
     delivered: list[int] = []
 
     def interrupted(*args: object, **kwargs: object):  # noqa: ANN202
@@ -297,8 +298,8 @@ def test_interrupted_extraction_leaves_nothing_usable(
             delivered.append(sum(len(idx) for idx, _ in chunk))
             yield chunk
 
-    monkeypatch.setattr(F, "EXTRACT_BATCH", 16)
-    monkeypatch.setattr(F, "decoded_chunks", interrupted)
+    monkeypatch.setattr(X, "EXTRACT_BATCH", 16)
+    monkeypatch.setattr(X, "decoded_chunks", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cache.ensure(bb, images)
     assert delivered == [16, 16]
@@ -314,7 +315,7 @@ def test_interrupted_extraction_leaves_nothing_usable(
     np.save(stale / "features.npy", np.zeros((3, 1280), np.float32))
     assert cache.entries() == [] and cache.lookup(bb, key) is None
 
-    monkeypatch.setattr(F, "decoded_chunks", real_chunks)
+    monkeypatch.setattr(X, "decoded_chunks", real_chunks)
     entry, cached = cache.ensure(bb, images)
     assert not cached
     assert _dirs(cache.dir) == [name]  # the stale temporary folder is gone
@@ -381,7 +382,7 @@ def test_an_io_error_while_decoding_fails_the_extraction(
 ) -> None:
     """A good image the pipeline lost (its read failed) is not a 'skipped image': one error
     naming the file, and no entry, temporary folder or partial file left behind."""
-    real = F.decoded_chunks
+    real = X.decoded_chunks
     lost = sorted(find_images(DataConfig(dir=tiny)).files, key=lambda f: f.path)[3]
 
     def losing_one(paths, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
@@ -393,7 +394,7 @@ def test_an_io_error_while_decoding_fails_the_extraction(
                 out.append((idx[keep], x.numpy()[keep]))
             yield out
 
-    monkeypatch.setattr(F, "decoded_chunks", losing_one)
+    monkeypatch.setattr(X, "decoded_chunks", losing_one)
     cache = FeatureCache(tmp_path / "cache")
     with pytest.raises(DataError, match=r"cannot|reads now") as e:
         cache.ensure(bb, find_images(DataConfig(dir=tiny)))
@@ -555,7 +556,7 @@ def test_forward_all_keeps_order_and_every_batch_with_passes_in_flight() -> None
         return tf.reduce_sum(x, axis=1, keepdims=True)
 
     batches = [(np.arange(i, i + 3), tf.fill([3, 4], float(i))) for i in range(0, 30, 3)]
-    out = list(F._forward_all(forward, iter(batches)))
+    out = list(X._forward_all(forward, iter(batches)))
     assert [idx.tolist() for idx, _ in out] == [b[0].tolist() for b in batches]
     for (_, res), (_, x) in zip(out, batches, strict=True):
         np.testing.assert_array_equal(res, x.numpy().sum(axis=1, keepdims=True))
@@ -572,7 +573,7 @@ def test_forward_all_raises_what_a_pass_raises() -> None:
 
     batches = [(np.arange(i, i + 3), tf.fill([3, 4], float(i))) for i in range(0, 30, 3)]
     with pytest.raises(ValueError, match="boom"):
-        list(F._forward_all(forward, iter(batches)))
+        list(X._forward_all(forward, iter(batches)))
 
 
 @pytest.mark.slow  # two real extractions at 224 px under a private KERAS_HOME

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tlsweep import head as H
+from tlsweep import head_graph
 from tlsweep.head import HeadParams, evaluate_head, train_head
 
 BASE = HeadParams(units=32, dropout=0.3, learning_rate=1e-3, batch_size=16, epochs=15, l2=1e-3)
@@ -172,8 +173,8 @@ def test_needs_two_classes(cd) -> None:  # noqa: ANN001
 def test_many_trials_do_not_retrace(cd) -> None:  # noqa: ANN001
     """Thirty heads of different sizes reuse the same compiled functions: memory stays flat."""
     _train(cd, replace(BASE, units=8, epochs=1)).predict_proba(cd[2][:5])
-    keys = set(H._FUNCS)
-    traces = {k: f.experimental_get_tracing_count() for k, f in H._FUNCS.items()}
+    keys = set(head_graph._FUNCS)
+    traces = {k: f.experimental_get_tracing_count() for k, f in head_graph._FUNCS.items()}
     for i in range(30):
         p = replace(
             BASE,
@@ -185,8 +186,8 @@ def test_many_trials_do_not_retrace(cd) -> None:  # noqa: ANN001
         )
         h = _train(cd, p)
         h.predict_proba(cd[2][:5])
-    assert set(H._FUNCS) == keys
-    for k, f in H._FUNCS.items():
+    assert set(head_graph._FUNCS) == keys
+    for k, f in head_graph._FUNCS.items():
         assert f.experimental_get_tracing_count() <= max(1, traces.get(k, 0)), k
 
 

@@ -11,10 +11,12 @@ from conftest import FLOWERS, MNV2_WEIGHTS, need_shared, small_copy
 
 from tlsweep.backbone_config import resolve_backbone
 from tlsweep.config import BackboneConfig, DataConfig
-from tlsweep.data import find_images, image_batches
+from tlsweep.data import find_images
+from tlsweep.decode import image_batches
 from tlsweep.entries import Entry
 from tlsweep.features import FeatureCache
-from tlsweep.head import HeadParams, as_tensor, train_head
+from tlsweep.head import HeadParams, train_head
+from tlsweep.head_graph import as_tensor
 
 SPLIT_OF_ROW = ["train"] * 6 + ["validation"] * 3 + ["test"] * 2
 

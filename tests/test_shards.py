@@ -23,6 +23,7 @@ import pytest
 from conftest import CATS_DOGS, MNV2_WEIGHTS, need_shared, run_cli, small_copy, write_sweep
 
 from tlsweep import entries as E
+from tlsweep import extraction as X
 from tlsweep import features as F
 from tlsweep import shards as S
 from tlsweep.data import find_images
@@ -56,8 +57,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def small_shards(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(F, "EXTRACT_BATCH", BATCH)
-    monkeypatch.setattr(F, "SHARD_BATCHES", SHARD_BATCHES)
+    monkeypatch.setattr(X, "EXTRACT_BATCH", BATCH)
+    monkeypatch.setattr(X, "SHARD_BATCHES", SHARD_BATCHES)
     monkeypatch.setattr(F, "WAIT_POLL", 0.05)
 
 
@@ -176,7 +177,7 @@ def test_the_entry_is_published_only_when_every_shard_is_written(
     images = find_images(cfg.data)
     reference, _ = FeatureCache(tmp_path / "alone").ensure(bb, images)
     n = len(images.files)
-    spans = F.shard_spans(n)
+    spans = X.shard_spans(n)
     assert len(spans) == 7 and reference.manifest["timings"]["shards"] == 7
 
     cache = FeatureCache(tmp_path / "cache")
@@ -232,10 +233,10 @@ _EXTRACT = textwrap.dedent(
     import socket, sys, time
     from pathlib import Path
     import tensorflow  # noqa: F401 - the slow part of a start, before the barrier
-    from tlsweep import features as F
+    from tlsweep import extraction as X
     from tlsweep import shards as S
     from tlsweep.cli import main
-    F.EXTRACT_BATCH, F.SHARD_BATCHES = {batch}, {shard_batches}
+    X.EXTRACT_BATCH, X.SHARD_BATCHES = {batch}, {shard_batches}
     sweep, ready, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     if len(sys.argv) > 4:
         socket.gethostname = lambda: sys.argv[4]
@@ -378,7 +379,7 @@ def test_augmented_views_through_shards_give_the_rows_of_one_stream(
     cfg = load_sweep(_sweep(tmp_path, data, tiny, tmp_path / "small"))
     ((_, small, _),) = F.extract_all(cfg)
     assert small.manifest["timings"]["shards"] == 7
-    monkeypatch.setattr(F, "SHARD_BATCHES", 1000)
+    monkeypatch.setattr(X, "SHARD_BATCHES", 1000)
     cfg = load_sweep(_sweep(tmp_path, data, tiny, tmp_path / "whole"))
     ((_, whole, _),) = F.extract_all(cfg)
     assert whole.manifest["timings"]["shards"] == 1

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlsweep import data as D
+from tlsweep import digests as D
 from tlsweep.cli import build_parser
 from tlsweep.config import DEFAULT_VERIFY, DataConfig
+from tlsweep.data import find_images
 from tlsweep.errors import ConfigError
 from tlsweep.features import FeatureCache
 from tlsweep.sweepfile import load_sweep
@@ -75,7 +76,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Counter:
 
 
 def _digest(root: Path, index: Path | None, verify: bool = False) -> str:
-    return D.content_digest(D.find_images(DataConfig(dir=root)), index=index, verify=verify)
+    return D.content_digest(find_images(DataConfig(dir=root)), index=index, verify=verify)
 
 
 def _first(root: Path) -> Path:
@@ -245,7 +246,7 @@ def test_recent_and_vanished_files_stay_out_of_the_index(
     fresh.write_bytes(b"just written")
     gone = folder / "train" / "dogs" / "gone.jpg"
     gone.write_bytes(b"x")
-    images = D.find_images(DataConfig(dir=folder))
+    images = find_images(DataConfig(dir=folder))
     gone.unlink()  # listed, then gone before it could be hashed
     D.content_digest(images, index=index)
     files = json.loads(index.read_text())["files"]
@@ -259,12 +260,12 @@ def test_cache_stores_one_index_per_folder_and_clear_removes_it(
     folder: Path, tmp_path: Path, reads: Counter
 ) -> None:
     cache = FeatureCache(tmp_path / "cache")
-    images = D.find_images(DataConfig(dir=folder))
+    images = find_images(DataConfig(dir=folder))
     first = cache.images_digest(images)
     assert cache.images_digest(images) == first and len(reads.take()) == 4 * N_PER_CLASS
     other = shutil.copytree(folder, tmp_path / "copy")
     assert cache.stat_index(other) != cache.stat_index(folder)
-    assert cache.images_digest(D.find_images(DataConfig(dir=other))) == first  # same content
+    assert cache.images_digest(find_images(DataConfig(dir=other))) == first  # same content
     assert len(reads.take()) == 4 * N_PER_CLASS  # a new folder: its own index, read once
     assert sorted(p.name for p in cache.dir.iterdir()) == sorted(
         [cache.stat_index(folder).name, cache.stat_index(other).name]

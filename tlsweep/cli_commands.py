@@ -67,7 +67,7 @@ def _stop_on_signals() -> None:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from tlsweep.features import extract_all
-    from tlsweep.sweep import preflight
+    from tlsweep.preflight import preflight
 
     _stop_on_signals()
     cfg = load(args)
@@ -84,7 +84,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from tlsweep.backbones import list_backbones
+    from tlsweep.registry import list_backbones
 
     print(f"{'backbone':<20} {'size':>5} {'min':>4} {'avg/max':>8} {'flatten':>8}  preprocess")
     for s in list_backbones():
@@ -151,7 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     n = cfg.search.n_trials
     if args.worker_index is not None:
         # A worker of `--workers N`: its parent has reported the cache and the skipped files.
-        for name in ("tlsweep.features", "tlsweep.entries", "tlsweep.shards"):
+        for name in ("tlsweep.features", "tlsweep.assemble", "tlsweep.entries", "tlsweep.shards"):
             logging.getLogger(name).setLevel(logging.ERROR)
     if args.extract_first:  # `--workers N`: take shards of the missing features first
         from tlsweep.launch import wait_for_go
@@ -194,9 +194,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from tlsweep.preflight import preflight
     from tlsweep.search import open_study, summarize
     from tlsweep.storage import open_storage
-    from tlsweep.sweep import preflight, recorded_finetune
+    from tlsweep.sweep import recorded_finetune
 
     cfg = load(args, check_data_dir=False)
     if not cfg.storage.startswith(("sqlite:///", "journal:")):

@@ -21,9 +21,10 @@ log = logging.getLogger("tlsweep")
 
 
 def _study_and_tracker(args: argparse.Namespace, cfg: Any = None) -> tuple[Any, Any, Any]:
+    from tlsweep.preflight import preflight
     from tlsweep.search import open_study
     from tlsweep.storage import open_storage
-    from tlsweep.sweep import attach_parent, preflight
+    from tlsweep.sweep import attach_parent
     from tlsweep.tracking import Tracker
 
     cfg = cfg or load(args)

@@ -43,7 +43,7 @@ import numpy as np
 
 from tlsweep import backbones as bbs
 from tlsweep.config import BackboneConfig
-from tlsweep.data import file_digest
+from tlsweep.digests import file_digest
 from tlsweep.errors import TlsweepError
 
 log = logging.getLogger(__name__)
@@ -121,11 +121,10 @@ def entry_name(bb: BackboneConfig, key: str) -> str:
     return f"{bb.name}-{bb.input_size}-{bb.pooling}{views}-{key[:16]}"
 
 
-@dataclass
-class Entry:
-    """A complete, verified cache entry."""
+class ManifestFields:
+    """An entry's key and class names, read from its manifest: one implementation for
+    :class:`Entry` and the fused view (:class:`tlsweep.fusion.FusedEntry`)."""
 
-    path: Path
     manifest: dict[str, Any]
 
     @property
@@ -135,6 +134,14 @@ class Entry:
     @property
     def class_names(self) -> list[str]:
         return self.manifest["class_names"]
+
+
+@dataclass
+class Entry(ManifestFields):
+    """A complete, verified cache entry."""
+
+    path: Path
+    manifest: dict[str, Any]
 
     def features(self) -> np.ndarray:
         """All rows, memory-mapped read-only."""
@@ -146,8 +153,9 @@ class Entry:
         The features of a split stored in one block of rows (every entry extracted since rows
         are grouped by split) are a slice of the file's memory map, copy-on-write: writes would
         stay in this process and never reach the file. Writable, so that TensorFlow can read
-        the mapped pages in place (:func:`tlsweep.head.as_tensor`); the page cache holding them
-        is shared by every process on the machine. Other entries give an in-memory copy.
+        the mapped pages in place (:func:`tlsweep.head_graph.as_tensor`); the page cache
+        holding them is shared by every process on the machine. Other entries give an
+        in-memory copy.
         """
         rows = [(f["row"], f["label"]) for f in self.manifest["files"] if f["split"] == name]
         feats = np.load(self.path / "features.npy", mmap_mode="c", allow_pickle=False)

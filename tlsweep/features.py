@@ -1,96 +1,63 @@
-"""Feature extraction into the on-disk, content-addressed feature cache.
+"""The on-disk, content-addressed feature cache: lookup, listing, clearing, and extraction of
+the entries that are missing.
 
 What an entry is on disk (key, manifest, lock, publication) is :mod:`tlsweep.entries`; the
 shard folder that lets several workers extract one entry together is :mod:`tlsweep.shards`.
 
-Extraction streams batches to a memory-mapped ``.npy`` file, so a dataset larger than memory
-works. A missing entry's rows are cut into shards (:func:`shard_spans`) that every process
-asking for it (``run --workers N``, other machines on the same cache folder) claims, extracts
-and writes; a shard of a worker that died is taken over, and the entry is joined and published
-under a per-entry file lock once every shard is written, bit-identical to one worker's.
+A missing entry's rows are cut into shards that every process asking for it (``run --workers
+N``, other machines on the same cache folder) claims, extracts and writes
+(:mod:`tlsweep.extraction`: streamed to memory-mapped files, so a dataset larger than memory
+works); a shard of a worker that died is taken over, and the entry is joined and published
+under a per-entry file lock once every shard is written, bit-identical to one worker's
+(:mod:`tlsweep.assemble`). :meth:`FeatureCache.ensure_many` runs that loop; :func:`extract_all`
+makes sure every entry of a sweep exists.
 
 Computing a key imports no TensorFlow, and reads only the images whose stat changed: a stat
 index per data folder (``<cache_dir>/stat-index-<hash of the folder's path>.json``) maps each
 file's (size, mtime, ctime, inode, device) to its content digest (see
-:func:`tlsweep.data.file_digests`), so a cache hit costs one ``stat`` per image, whatever
+:func:`tlsweep.digests.file_digests`), so a cache hit costs one ``stat`` per image, whatever
 their size. ``verify`` (``--verify``, ``data.verify``) reads every image.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
 import os
 import shutil
-import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tlsweep import backbones as bbs
+from tlsweep.assemble import assemble
 from tlsweep.config import BackboneConfig, SweepConfig
-from tlsweep.data import (
-    CHUNK_BYTES,
-    SPLITS,
-    ImageSet,
-    ViewsVariant,
-    content_digest,
-    decoded_chunks,
-    find_images,
-    path_seeds,
-    read_failure,
-    variant_pixels,
-    why_skipped,
-)
+from tlsweep.data import SPLITS, ImageSet, find_images
+from tlsweep.decode import path_seeds
+from tlsweep.digests import content_digest
 from tlsweep.entries import (
-    CACHE_FORMAT,
     Entry,
     _entry_lock,
     _in_progress,
     _lock_held,
-    _publish,
     _read_entry,
-    _tmp_name,
     cache_key,
     check_usable,
     entry_name,
     key_parts,
     report_skipped,
-    weights_identity,
 )
-from tlsweep.errors import DataError, TlsweepError
-from tlsweep.shards import (
-    CLAIM_STALE_AFTER,
-    SHARDS_SUFFIX,
-    Span,
-    _Claim,
-    _Refresher,
-    _Shards,
-)
+from tlsweep.errors import TlsweepError
+from tlsweep.extraction import Progress, _Job, extract_shards, shard_spans
+from tlsweep.shards import CLAIM_STALE_AFTER, SHARDS_SUFFIX, Span, _Shards
 
 log = logging.getLogger(__name__)
 
 STAT_INDEX_PREFIX = "stat-index-"  # a file in the cache folder per data folder
-# Images per forward pass, two passes in flight (see _forward_all). Measured on 2 cores with
-# MobileNetV2 a0.35 at 160 px: 32 with two in flight beats 64, 128 or 256 with one.
-EXTRACT_BATCH = 32
-IN_FLIGHT = 2
-# Batches per decoded chunk when several entries are extracted together (see _extract).
-MULTI_CHUNK_BATCHES = 8
-VIEWS_CHUNK_BYTES = 256 << 20  # at most this much decoded image data per chunk with views
-Progress = Callable[[int, int], None]
-
-# Forward batches per shard: a shard is what one worker claims, decodes and writes at a time.
-SHARD_BATCHES = 16
 WAIT_POLL = 0.5  # seconds between looks at shards other workers are extracting
 WAIT_LOG_EVERY = 30.0  # seconds between two "waiting for shards" lines
 
@@ -116,7 +83,7 @@ class FeatureCache:
         return self.dir / f"{STAT_INDEX_PREFIX}{folder}.json"
 
     def images_digest(self, images: ImageSet, verify: bool = False) -> str:
-        """:func:`~tlsweep.data.content_digest` through this cache's stat index of the folder."""
+        """:func:`~tlsweep.digests.content_digest` through this cache's stat index of the folder."""
         self._mkdir()
         return content_digest(images, index=self.stat_index(images.root), verify=verify)
 
@@ -282,7 +249,7 @@ class FeatureCache:
                 elif state:
                     held += [(job, span, owner) for span, owner in state.items()]
                 elif not any(job.shards.claimable(span) for span in spans):
-                    made = self._assemble(job, images, order, row_of, spans, t0)
+                    made = assemble(self.dir, job, images, order, row_of, spans, t0)
                     if made is not None:
                         results[job.name] = made
             left = [job for job in left if job.name not in results]
@@ -295,7 +262,7 @@ class FeatureCache:
                 if job not in mine
             ]
             if any(job.shards.claimable(s) for job in mine for s in spans):
-                self._extract_shards(mine, paths, seeds, spans)
+                extract_shards(self.dir, mine, paths, seeds, spans)
                 waiting_since = None
             elif held and len(results) < len(jobs):
                 # every missing shard is being extracted by a live worker: wait for them,
@@ -344,436 +311,6 @@ class FeatureCache:
         with contextlib.suppress(OSError), _entry_lock(self.dir, job.name):
             if job.shards.dir.is_dir() and not job.shards.any_live():
                 shutil.rmtree(job.shards.dir, ignore_errors=True)
-
-    def _extract_shards(
-        self, jobs: list[_Job], paths: list[str], seeds: np.ndarray, spans: list[Span]
-    ) -> None:
-        """One stream of forward passes over every shard this process can claim, in order.
-
-        A shard is claimed when the stream reaches it (while the last passes of the previous
-        one run), decoded once for every entry that claimed it (resized once per input size,
-        augmented once per set of views), and written when its last batch is through. Batches
-        never cross a shard's boundary, so each batch holds the same images whichever worker
-        extracts the shard and however many there are.
-        """
-        import tensorflow as tf
-
-        t0 = time.perf_counter()
-        opened: list[tuple[Span, list[tuple[_Job, _Claim]]]] = []
-        # per shard and entry: features [views, shard rows, dim], which rows decoded
-        bufs: dict[tuple[Span, str], tuple[np.ndarray, np.ndarray]] = {}
-        ready = threading.Event()
-        single = len(jobs) == 1
-
-        def claims() -> Iterator[tuple[Span, list[tuple[_Job, _Claim]]]]:
-            for span in spans:
-                claimed = []
-                for job in jobs:
-                    if job.shards.is_done(span):
-                        continue
-                    try:
-                        claim = job.shards.claim(span, lambda j=job: _entry_lock(self.dir, j.name))
-                    except FileNotFoundError:  # the folder is gone: published or cleared
-                        continue
-                    if claim is not None:
-                        claimed.append((job, claim))
-                if claimed:
-                    opened.append((span, claimed))
-                    yield span, claimed
-
-        def batches() -> Iterator[tuple[tuple[Span, _Job, np.ndarray, int], tuple[_Job, Any]]]:
-            import tensorflow as tf
-
-            first = True
-            for span, claimed in claims():
-                a, b = span
-                sizes = sorted({job.bb.input_size for job, _ in claimed})
-                augmented = sorted({j.variant for j, _ in claimed if j.variant is not None})
-                variants: list[Any] = [*sizes, *augmented]
-                per_batch = EXTRACT_BATCH * sum(variant_pixels(v) for v in variants) * 3 * 4
-                chunk = None
-                if augmented:
-                    chunk = max(per_batch, min(MULTI_CHUNK_BATCHES * per_batch, VIEWS_CHUNK_BYTES))
-                elif not single:
-                    chunk = MULTI_CHUNK_BATCHES * per_batch
-                chunks = decoded_chunks(
-                    paths[a:b],
-                    sizes[0] if len(variants) == 1 else variants,
-                    EXTRACT_BATCH,
-                    first_bytes=None if first else (chunk or CHUNK_BYTES),
-                    chunk_bytes=chunk,
-                    first_until=ready if first else None,
-                    seeds=seeds[a:b] if augmented else None,
-                )
-                first = False
-                for decoded in chunks:
-                    for job, _ in claimed:
-                        k = variants.index(job.bb.input_size)
-                        for idx, x in decoded:
-                            yield (span, job, idx + a, 0), (job, x if len(variants) == 1 else x[k])
-                        if job.variant is None:
-                            continue
-                        kv = variants.index(job.variant)
-                        for idx, x in decoded:
-                            keep = np.flatnonzero(idx + a < job.rows)  # the augmented splits
-                            if len(keep) == 0:
-                                continue
-                            xs = x[kv] if len(keep) == len(idx) else tf.gather(x[kv], keep)
-                            for v in range(1, job.views):
-                                yield (span, job, idx[keep] + a, v), (job, xs[:, v - 1])
-
-        gen = batches()
-        try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlsweep-decode") as dec:
-                # The first chunk decodes (on the decoding threads, mostly without the GIL)
-                # while this thread builds the models and traces the forward passes: a second
-                # of Python per model that leaves the other core free. It stops once the
-                # models are ready.
-                head = dec.submit(next, gen, None)
-                try:
-                    for job in jobs:
-                        if job.forward is None:
-                            job.build(tf)
-                            job.t_build = time.perf_counter() - t0
-                        if weights_identity(job.bb, fetch=False) != job.parts["weights"]:
-                            raise TlsweepError(
-                                f"{job.bb.label}: its weights file changed while the features "
-                                "were being extracted; run again"
-                            )
-                finally:
-                    ready.set()
-                got = head.result()
-            if got is None:  # nothing decoded: no free shard left, or none of their images
-                while opened:
-                    self._write_shard(*opened[0], bufs, paths)
-                    opened.pop(0)
-                return
-            stream = _forward_all(lambda jx: jx[0].forward(jx[1]), itertools.chain([got], gen))
-            with _Refresher(opened):
-                for (span, job, idx, view), out in stream:
-                    while opened[0][0] != span:  # every pass of the shards before is through
-                        self._write_shard(*opened[0], bufs, paths)
-                        opened.pop(0)
-                    key = (span, job.name)
-                    if key not in bufs:
-                        bufs[key] = _shard_buffers(job, span)
-                    feats, rows = bufs[key]
-                    feats[view, idx - span[0]] = out.reshape(len(idx), job.dim)
-                    if view == 0:
-                        rows[idx - span[0]] = True
-                    job.done += len(idx)
-                    if job.progress:
-                        job.progress(job.done, job.total)
-                while opened:
-                    self._write_shard(*opened[0], bufs, paths)
-                    opened.pop(0)
-        finally:
-            gen.close()
-            for _, claimed in opened:  # claimed but not written: free for others to take
-                for _, claim in claimed:
-                    claim.release()
-
-    def _write_shard(
-        self,
-        span: Span,
-        claimed: list[tuple[_Job, _Claim]],
-        bufs: dict[tuple[Span, str], tuple[np.ndarray, np.ndarray]],
-        paths: list[str],
-    ) -> None:
-        """Write the finished shard of each entry that claimed it and release the claims.
-
-        An image the decoding dropped because of an I/O error (not a bad image) fails the
-        extraction: the shard is not written, so nothing is silently skipped.
-        """
-        a, b = span
-        for job, claim in claimed:
-            feats, rows = bufs.pop((span, job.name), None) or _shard_buffers(job, span)
-            for i in np.flatnonzero(~rows).tolist():
-                failure = read_failure(paths[a + i], job.bb.input_size)
-                if failure is not None:
-                    raise DataError(
-                        f"{paths[a + i]}: {failure}; an I/O error, not a bad image: check the "
-                        "disk or network share, then run again"
-                    )
-            try:
-                job.shards.write(span, feats, rows)
-            except FileNotFoundError:  # published by another worker (who took it over) meanwhile
-                pass
-            claim.release()
-
-    def _assemble(
-        self,
-        job: _Job,
-        images: ImageSet,
-        order: list[int],
-        row_of: np.ndarray,
-        spans: list[Span],
-        t0: float,
-    ) -> tuple[Entry, bool] | None:
-        """Under the entry's lock, join the written shards into the entry and publish it;
-        (entry, False), or (entry, True) when another worker published it first; None if a
-        shard is missing after all (its folder was cleared meanwhile)."""
-        n = len(order)
-        with _entry_lock(self.dir, job.name):
-            hit = self.lookup(job.bb, job.key)
-            if hit is not None:
-                log.info("cache hit: %s (extracted by another worker)", job.name)
-                return hit, True
-            if not all(job.shards.is_done(span) for span in spans):
-                return None
-            tmp = self.dir / _tmp_name(job.name)
-            tmp.mkdir()
-            try:
-                entry = self._join(job, images, order, row_of, spans, tmp, t0)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            finally:
-                shutil.rmtree(job.shards.dir, ignore_errors=True)
-        if entry is not None:
-            log.info("cache hit: %s (published by another machine meanwhile)", job.name)
-            return entry, True
-        entry = _read_entry(self.dir / job.name, job.key)
-        if entry is None:  # pragma: no cover - we just wrote it
-            raise TlsweepError(f"{self.dir / job.name}: the new cache entry failed verification")
-        t = entry.manifest["timings"]
-        log.info(
-            "extracted %s: %d images in %.1fs (%.0f images/s) by %d worker(s), %d skipped%s",
-            job.name,
-            n - len(entry.manifest["skipped"]),
-            t["extract_s"],
-            (n - len(entry.manifest["skipped"])) / max(t["extract_s"], 1e-9),
-            len(t["workers"]),
-            len(entry.manifest["skipped"]),
-            job.cost_note(t.get("forward_passes", 0)),
-        )
-        return entry, False
-
-    def _join(
-        self,
-        job: _Job,
-        images: ImageSet,
-        order: list[int],
-        row_of: np.ndarray,
-        spans: list[Span],
-        tmp: Path,
-        t0: float,
-    ) -> Entry | None:
-        """Write the entry into ``tmp`` from its shards and publish it (None), or return the
-        same entry another machine published first."""
-        n = len(order)
-        got = np.zeros(n, dtype=bool)
-        feats: Any = None
-        owners: set[str] = set()
-        for a, b in spans:
-            part, rows, owner = job.shards.read((a, b))
-            if feats is None:
-                job.dim = part.shape[-1]
-                feats = np.lib.format.open_memmap(
-                    tmp / "features.npy", mode="w+", dtype=np.float32, shape=(job.total, job.dim)
-                )
-            feats[a:b] = part[0]
-            for v in range(1, job.views):  # rows of the augmented splits' files, view by view
-                end = min(b, job.rows)
-                if end > a:
-                    start = job.base + (v - 1) * job.rows
-                    feats[start + a : start + end] = part[v, : end - a]
-            got[a:b] = rows
-            owners.add(owner)
-        if feats is not None:
-            feats.flush()
-        del feats
-        t_extract = time.perf_counter() - t0
-        # Rows of skipped files stay zero and no file points at them.
-        t_diag = time.perf_counter()
-        paths = [images.abspath(images.files[i]) for i in order]
-        missing = np.flatnonzero(~got).tolist()
-        skipped = dict(zip(missing, why_skipped([paths[i] for i in missing]), strict=True))
-        t_diag = time.perf_counter() - t_diag
-        if not got.any():
-            raise TlsweepError(
-                f"{images.root}: none of the {n} image files is usable "
-                f"(first: {images.files[order[0]].path}: {skipped[0]}); check the files"
-            )
-        files = [
-            {"path": f.path, "label": f.label, "split": f.split, "row": int(row_of[i])}
-            for i, f in enumerate(images.files)
-            if got[row_of[i]]
-        ]
-        skipped_list = [
-            {"path": images.files[i].path, "reason": skipped[int(row_of[i])]}
-            for i in range(len(images.files))
-            if int(row_of[i]) in skipped
-        ]
-        done = int(got.sum())
-        manifest = {
-            "format": CACHE_FORMAT,
-            "complete": True,
-            "key": job.key,
-            "key_parts": job.parts,
-            "name": job.name,
-            "backbone": {
-                "name": job.bb.name,
-                "weights": job.bb.weights,
-                "input_size": job.bb.input_size,
-                "pooling": job.bb.pooling,
-                "args": dict(job.bb.args),
-                "label": job.bb.label,
-                "augment": asdict(job.bb.augment) if job.bb.augment else None,
-            },
-            "shape": [job.total, job.dim],
-            "dtype": "float32",
-            "data_dir": str(images.root),
-            "layout": images.layout,
-            "class_names": images.class_names,
-            "files": files,
-            "skipped": skipped_list,
-            "ignored": [{"path": p, "reason": r} for p, r in images.ignored],
-            "timings": {
-                # this worker's model build and trace, overlapped with the first decoding
-                "build_s": round(job.t_build, 3),
-                # from this worker's start to the last shard written, by any worker
-                "extract_s": round(t_extract, 3),
-                "images_per_s": round(done / t_extract, 1) if t_extract > 0 else None,
-                "diagnose_skipped_s": round(t_diag, 3),
-                # entries this worker extracted together, from one decoding of each image
-                "extracted_with": job.together,
-                # the shards of rows, and the workers (host:pid) that extracted them
-                "shards": len(spans),
-                "workers": sorted(owners),
-            },
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        if job.bb.augment is not None:
-            manifest["views"] = job.views_info()
-            # forward passes per usable image: the views' cost, K x on augmented splits
-            manifest["timings"]["forward_passes"] = done + (job.views - 1) * int(
-                got[: job.rows].sum()
-            )
-        with open(tmp / "manifest.json", "w") as f:
-            json.dump(manifest, f)  # no indent: the C encoder, 10x faster on 4000 files
-            f.flush()
-            os.fsync(f.fileno())
-        return _publish(tmp, self.dir / job.name, job.key)
-
-
-@dataclass
-class _Job:
-    """One entry being extracted: what it is, its model, its shard folder and progress."""
-
-    bb: BackboneConfig
-    parts: dict[str, Any]
-    key: str
-    name: str
-    progress: Progress | None
-    forward: Any = None
-    dim: int = 0
-    shards: _Shards | None = None
-    done: int = 0  # rows written, by any worker
-    together: int = 1  # entries extracted together with this one
-    t_build: float = 0.0
-    base: int = 0  # rows of view 0 (every file)
-    rows: int = 0  # rows of each further view: the files of the augmented splits
-    total: int = 0  # rows of features.npy
-
-    @property
-    def variant(self) -> ViewsVariant | None:
-        """The augmented variant of the decoded images this entry needs, if any."""
-        a = self.bb.augment
-        if a is None:
-            return None
-        return (int(self.bb.input_size or 0), a.views, a.flip, a.crop, a.seed)
-
-    @property
-    def views(self) -> int:
-        return self.bb.augment.views if self.bb.augment is not None else 1
-
-    def plan_views(self, n: int, splits: list[str]) -> None:
-        """Lay out the rows: view 0 of all ``n`` files, then views 1 .. K - 1 of the files of
-        the augmented splits, which come first in ``splits`` (the files' splits in row order)."""
-        self.base = self.total = n
-        a = self.bb.augment
-        if a is None:
-            return
-        self.rows = sum(1 for s in splits if s in a.splits)
-        if any(s not in a.splits for s in splits[: self.rows]):  # pragma: no cover - row order
-            raise TlsweepError("augmented splits must come first in the rows")
-        self.total = n + (a.views - 1) * self.rows
-
-    def span_rows(self, span: Span) -> int:
-        """The rows of features.npy a shard holds (every view of its files)."""
-        a, b = span
-        return b - a + (self.views - 1) * max(0, min(b, self.rows) - a)
-
-    def views_info(self) -> dict[str, Any]:
-        a = self.bb.augment
-        assert a is not None
-        return {"count": a.views, "base": self.base, "rows": self.rows, "splits": list(a.splits)}
-
-    def cost_note(self, passes: int) -> str:
-        if self.bb.augment is None:
-            return ""
-        return (
-            f"; {self.bb.augment.views} views of {', '.join(self.bb.augment.splits)}: "
-            f"{passes} forward passes, {passes / max(self.base, 1):.2f}x a single view"
-        )
-
-    def build(self, tf: Any) -> None:
-        extractor = bbs.build_extractor(self.bb)
-        self.dim = int(np.prod(extractor.output_shape[1:]))
-        # One trace for every batch size (the last batch is smaller), traced here, before two
-        # threads call it.
-        size = self.bb.input_size
-        spec = tf.TensorSpec([None, size, size, 3], tf.float32)
-        self.forward = tf.function(
-            lambda x: extractor(x, training=False), input_signature=[spec], autograph=False
-        )
-        self.forward.get_concrete_function()
-
-
-def shard_spans(n: int) -> list[Span]:
-    """The shards of ``n`` rows: SHARD_BATCHES forward batches each, the last one shorter.
-
-    They depend only on ``n``, so every worker (and a single one) cuts the rows the same way.
-    """
-    size = SHARD_BATCHES * EXTRACT_BATCH
-    return [(a, min(a + size, n)) for a in range(0, n, size)]
-
-
-def _shard_buffers(job: _Job, span: Span) -> tuple[np.ndarray, np.ndarray]:
-    """Zeroed features ``[views, shard rows, dim]`` and decoded-row flags of one shard."""
-    return (
-        np.zeros((job.views, span[1] - span[0], job.dim), np.float32),
-        np.zeros(span[1] - span[0], bool),
-    )
-
-
-def _forward_all(
-    forward: Callable[[Any], Any],
-    batches: Iterator[tuple[np.ndarray, Any]],
-    in_flight: int | None = None,
-):
-    """Yield ``(indices, features)`` of every batch, with ``in_flight`` forward passes running.
-
-    One pass at a time leaves a core partly idle between and inside small ops; a second pass
-    in flight fills the gaps (TensorFlow runs concurrent calls of one function in parallel and
-    releases the GIL while it does). Results come back in order.
-    """
-    in_flight = in_flight or IN_FLIGHT
-    pending: collections.deque = collections.deque()
-    with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="tlsweep-forward") as pool:
-        try:
-            for idx, batch in batches:
-                pending.append((idx, pool.submit(lambda b: forward(b).numpy(), batch)))
-                if len(pending) >= in_flight:
-                    i, fut = pending.popleft()
-                    yield i, fut.result()
-            while pending:
-                i, fut = pending.popleft()
-                yield i, fut.result()
-        finally:
-            for _, fut in pending:
-                fut.cancel()
 
 
 def extract_all(

@@ -44,7 +44,7 @@ def image_cache(cache_dir: Path, entry: Any, size: int) -> tuple[np.ndarray, lis
 
     Returns (images [files, size, size, 3], the entry's file records, in the same order).
     """
-    from tlsweep.data import image_batches
+    from tlsweep.decode import image_batches
 
     files = entry.manifest["files"]
     root = Path(entry.manifest["data_dir"])

@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 
 from tlsweep.config import BackboneConfig
+from tlsweep.entries import ManifestFields
 from tlsweep.errors import TlsweepError
 
 
 @dataclass
-class FusedEntry:
+class FusedEntry(ManifestFields):
     """A read-only view with the interface of :class:`tlsweep.entries.Entry`."""
 
     backbone: BackboneConfig
@@ -37,14 +38,6 @@ class FusedEntry:
     @property
     def path(self) -> Path:
         return self.members[0].path  # where messages point (the first member's entry)
-
-    @property
-    def key(self) -> str:
-        return self.manifest["key"]
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.manifest["class_names"]
 
     def features(self) -> np.ndarray:
         """All fused rows, [files, sum of the members' feature sizes], float32 (in memory)."""

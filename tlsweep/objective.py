@@ -53,7 +53,7 @@ def load_features(backbones: list[tuple[BackboneConfig, Any]]) -> dict[str, Feat
     A backbone with augmented views gets ``[views, n, features]`` for its training split (and
     its validation split with ``tta``), in memory.
     """
-    from tlsweep.head import as_tensor
+    from tlsweep.head_graph import as_tensor
 
     out = {}
     for bb, entry in backbones:

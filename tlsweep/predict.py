@@ -50,7 +50,7 @@ def predict(
     """(rows of file/class/probability, unusable files with reasons, class names)."""
     import keras
 
-    from tlsweep.data import image_batches, why_skipped
+    from tlsweep.decode import image_batches, why_skipped
 
     model_path = Path(model_path)
     if not model_path.is_file():

@@ -107,13 +107,13 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
 
 def _metric(cfg: SweepConfig, head: Any, x: Any, y: Any) -> float:
     """The objective's metric of ``head`` on features ``x`` (one view) as a trial scores it."""
-    from tlsweep.head import _proba_loss_acc
+    from tlsweep.head_graph import proba_loss_acc
     from tlsweep.metrics import scores
 
     proba = head.predict_proba(np.asarray(x, np.float32))
     name = cfg.search.metric.removeprefix("val_")
     if name in ("loss", "accuracy"):
-        loss, acc = _proba_loss_acc(proba, np.asarray(y), head.params.label_smoothing)
+        loss, acc = proba_loss_acc(proba, np.asarray(y), head.params.label_smoothing)
         return loss if name == "loss" else acc
     return float(scores(proba, y, [name])[name])
 
