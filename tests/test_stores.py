@@ -23,14 +23,14 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, write_sweep
 
-from tlsweep import stores
+from tlsweep import storage, stores, tracking_store
 from tlsweep.errors import StoreError
 
 FORK = multiprocessing.get_context("fork")
-KINDS = {"mlflow": stores.MLFLOW, "optuna": stores.OPTUNA}
+KINDS = {"mlflow": tracking_store.MLFLOW_STORE, "optuna": storage.OPTUNA_STORE}
 PREPARE: dict[str, Callable[[str], None]] = {
-    "mlflow": stores.prepare_mlflow,
-    "optuna": stores.prepare_optuna,
+    "mlflow": tracking_store.prepare_mlflow,
+    "optuna": storage.prepare_optuna,
 }
 
 
@@ -197,7 +197,7 @@ def test_a_wal_left_by_a_deleted_store_is_not_replayed_into_the_new_one(
     path = tmp_path / "store.db"
     shutil.copy(f"{old}-wal", f"{path}-wal")  # as a kill -9 leaves it
     con.close()
-    stores.prepare_optuna(_url(path))
+    storage.prepare_optuna(_url(path))
     assert not Path(f"{path}-wal").exists()
     with sqlite3.connect(path) as c:
         assert c.execute("SELECT COUNT(*) FROM studies").fetchone()[0] == 0
@@ -259,11 +259,11 @@ def test_a_store_cut_by_a_kill_inside_mlflow_is_rebuilt(
         time.sleep(built["mlflow"][1] * fraction)
         os.kill(p.pid, signal.SIGKILL)
         p.join()
-        problem = stores.diagnose(path, stores.MLFLOW)
+        problem = stores.diagnose(path, tracking_store.MLFLOW_STORE)
         if problem is not None:
             break
     assert problem is not None and problem.data == 0
-    stores.prepare_mlflow(_url(path))
+    tracking_store.prepare_mlflow(_url(path))
     _usable("mlflow", path)
 
 
@@ -376,7 +376,7 @@ def test_cli_killed_at_steps_while_building_a_store_then_reruns(
         assert parents == 1
         assert _tmp_files(folder) == []
         for db in ("mlflow.db", "optuna.db"):
-            kind = stores.MLFLOW if db == "mlflow.db" else stores.OPTUNA
+            kind = tracking_store.MLFLOW_STORE if db == "mlflow.db" else storage.OPTUNA_STORE
             assert stores.diagnose(folder / db, kind) is None
         if built_already:
             break

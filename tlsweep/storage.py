@@ -21,12 +21,13 @@ import sqlite3
 import warnings
 import zlib
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from tlsweep.config import DEFAULT_CONNECT_TIMEOUT, SweepConfig
 from tlsweep.errors import ConfigError, ServiceError, StudyError, StudyFailing
-from tlsweep.stores import prepare_optuna
+from tlsweep.stores import StoreKind, count_rows, prepare
 from tlsweep.urls import redact_url
 
 log = logging.getLogger(__name__)
@@ -318,3 +319,49 @@ def storage_errors() -> tuple[type[BaseException], ...]:
         sqlite3.Error,
         OSError,
     )
+
+
+# --- the local SQLite storage, built and checked by tlsweep.stores ---------------------------
+def _build_sqlite_storage(url: str) -> None:
+    from optuna.storages import RDBStorage
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        storage = RDBStorage(url)  # creates the tables, version_info and alembic_version
+    storage.remove_session()
+    storage.engine.dispose()
+
+
+@cache
+def _schema_head() -> str:
+    import optuna.storages._rdb as rdb
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory(os.path.join(os.path.dirname(rdb.__file__), "alembic"))
+    return str(script.get_current_head())  # what Optuna's check_table_schema_compatibility uses
+
+
+def _rows_with_data(con: sqlite3.Connection, tables: set[str]) -> int:
+    return sum(
+        count_rows(con, t)
+        for t in sorted(tables)
+        if t.removeprefix("_alembic_tmp_") not in ("alembic_version", "version_info")
+    )
+
+
+OPTUNA_STORE = StoreKind(
+    "storage",
+    "Optuna storage",
+    "Optuna",
+    "trials",
+    _build_sqlite_storage,
+    _schema_head,
+    _rows_with_data,
+    lambda url: f"optuna storage upgrade --storage {url}",
+)
+
+
+def prepare_optuna(url: str, create: bool = True) -> None:
+    """Make the Optuna storage at ``url`` safe to open, if it is a local SQLite file
+    (:func:`tlsweep.stores.prepare`)."""
+    prepare(url, OPTUNA_STORE, create)

@@ -39,7 +39,6 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 from tlsweep.errors import StoreError, TlsweepError
@@ -51,9 +50,12 @@ STALE_SECONDS = 600.0  # a temporary store untouched this long is a leftover, wh
 _SIDE_FILES = ("-journal", "-wal", "-shm")
 
 
-# --- what differs between MLflow and Optuna ----------------------------------------------------
+# --- what differs between MLflow and Optuna (tracking_store.py and storage.py give it) ------
 @dataclass(frozen=True)
-class _Kind:
+class StoreKind:
+    """One library's store: what this module needs of it, given by the library's owner
+    (``tracking_store.MLFLOW_STORE``, ``storage.OPTUNA_STORE``), so that only they import it."""
+
     field: str  # the sweep file's key that names it: "tracking_uri"
     what: str  # "MLflow tracking store"
     lib: str  # "MLflow"
@@ -64,90 +66,9 @@ class _Kind:
     repair: Callable[[str], str]  # the command that upgrades the store at this URL
 
 
-def _build_mlflow(url: str) -> None:
-    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    # The artifact root MLflow's own store factory would use (it only names the default
-    # experiment's artifact folder, ./mlruns/0); nothing is created there.
-    root = os.environ.get("_MLFLOW_SERVER_ARTIFACT_ROOT", DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
-    store = SqlAlchemyStore(url, root)  # runs MLflow's migrations, creates experiment 0
-    store.engine.dispose()
-    SqlAlchemyStore._engine_map.pop(url, None)
-
-
-def _build_optuna(url: str) -> None:
-    import warnings
-
-    from optuna.storages import RDBStorage
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        storage = RDBStorage(url)  # creates the tables, version_info and alembic_version
-    storage.remove_session()
-    storage.engine.dispose()
-
-
-@cache
-def _mlflow_head() -> str:
-    from mlflow.store.db.utils import _get_latest_schema_revision
-
-    return _get_latest_schema_revision()  # what MLflow's own _verify_schema compares with
-
-
-@cache
-def _optuna_head() -> str:
-    import optuna.storages._rdb as rdb
-    from alembic.script import ScriptDirectory
-
-    script = ScriptDirectory(os.path.join(os.path.dirname(rdb.__file__), "alembic"))
-    return str(script.get_current_head())  # what Optuna's check_table_schema_compatibility uses
-
-
-def _count(con: sqlite3.Connection, table: str, where: str = "") -> int:
+def count_rows(con: sqlite3.Connection, table: str, where: str = "") -> int:
+    """Rows of ``table`` (``where``: a SQL clause), for a kind's ``count_data``."""
     return int(con.execute(f'SELECT COUNT(*) FROM "{table}" {where}').fetchone()[0])
-
-
-def _mlflow_data(con: sqlite3.Connection, tables: set[str]) -> int:
-    """Rows a new store does not have: anything but experiment 0, the default workspace and
-    alembic's bookkeeping (a table being rebuilt by a migration counts, as ``_alembic_tmp_X``)."""
-    n = 0
-    for t in sorted(tables):
-        base = t.removeprefix("_alembic_tmp_")
-        if base in ("alembic_version", "workspaces"):
-            continue
-        n += _count(con, t, "WHERE experiment_id != 0" if base == "experiments" else "")
-    return n
-
-
-def _optuna_data(con: sqlite3.Connection, tables: set[str]) -> int:
-    return sum(
-        _count(con, t)
-        for t in sorted(tables)
-        if t.removeprefix("_alembic_tmp_") not in ("alembic_version", "version_info")
-    )
-
-
-MLFLOW = _Kind(
-    "tracking_uri",
-    "MLflow tracking store",
-    "MLflow",
-    "runs",
-    _build_mlflow,
-    _mlflow_head,
-    _mlflow_data,
-    lambda url: f"mlflow db upgrade {url}",
-)
-OPTUNA = _Kind(
-    "storage",
-    "Optuna storage",
-    "Optuna",
-    "trials",
-    _build_optuna,
-    _optuna_head,
-    _optuna_data,
-    lambda url: f"optuna storage upgrade --storage {url}",
-)
 
 
 # --- entry points ------------------------------------------------------------------------------
@@ -167,25 +88,18 @@ def sqlite_file(url: str) -> Path | None:
     return Path(db)
 
 
-def prepare_mlflow(uri: str, create: bool = True) -> None:
-    """Make the MLflow tracking store at ``uri`` safe to open, if it is a local SQLite file.
+def prepare(url: str, kind: StoreKind, create: bool = True) -> None:
+    """Make the store of ``kind`` at ``url`` safe to open, if it is a local SQLite file.
 
     A missing store is built atomically (``create``), a half-built empty one rebuilt, a
-    half-built one with runs refused with :class:`StoreError`.
+    half-built one with data refused with :class:`StoreError`.
     """
-    path = sqlite_file(uri)
-    if path is not None:
-        _prepare(path, uri, MLFLOW, create)
-
-
-def prepare_optuna(url: str, create: bool = True) -> None:
-    """The same as :func:`prepare_mlflow`, for an Optuna ``sqlite:///`` storage."""
     path = sqlite_file(url)
     if path is not None:
-        _prepare(path, url, OPTUNA, create)
+        _prepare(path, url, kind, create)
 
 
-def _prepare(path: Path, url: str, kind: _Kind, create: bool) -> None:
+def _prepare(path: Path, url: str, kind: StoreKind, create: bool) -> None:
     _remove_stale(path)
     for _ in range(5):  # each turn ends, or sees a store another process put in place
         try:
@@ -223,7 +137,7 @@ class Problem:
     data: int  # rows a new store does not have
 
 
-def diagnose(path: Path, kind: _Kind) -> Problem | None:
+def diagnose(path: Path, kind: StoreKind) -> Problem | None:
     """What is wrong with the existing store at ``path``, or None when it is complete.
 
     A file SQLite cannot read at all is left to MLflow/Optuna, which report it.
@@ -262,7 +176,7 @@ def diagnose(path: Path, kind: _Kind) -> Problem | None:
         return None  # not a database: MLflow/Optuna say so
 
 
-def _refuse_if_data(path: Path, url: str, kind: _Kind, problem: Problem | None) -> None:
+def _refuse_if_data(path: Path, url: str, kind: StoreKind, problem: Problem | None) -> None:
     if problem is not None and problem.data:
         raise StoreError(
             f"{path}: the {kind.what} is half-built or half-upgraded ({problem.what}) and holds "
@@ -278,7 +192,7 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}.{host:08x}.{secrets.token_hex(4)}")
 
 
-def _build(path: Path, kind: _Kind) -> Path:
+def _build(path: Path, kind: StoreKind) -> Path:
     """A complete new store in a temporary file beside ``path``, every connection closed."""
     from sqlalchemy.engine import URL
 

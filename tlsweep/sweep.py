@@ -134,9 +134,8 @@ def _run_study(
     from tlsweep.runner import StudyRunner
     from tlsweep.search import open_study
     from tlsweep.storage import open_storage
-    from tlsweep.stores import prepare_mlflow
     from tlsweep.tracking import Tracker
-    from tlsweep.tracking_store import resolve_uri
+    from tlsweep.tracking_store import prepare_mlflow, resolve_uri
 
     # A command refused here leaves no new store behind: a broken tracking store is refused
     # before the storage is created, and a storage that cannot be opened before mlflow.db is;

@@ -26,7 +26,6 @@ from typing import Any
 
 from tlsweep.errors import ServiceError
 from tlsweep.search import FINISHED
-from tlsweep.stores import prepare_mlflow
 from tlsweep.tracking_models import TrackerModels
 from tlsweep.tracking_store import (
     EXPERIMENT_KIND_TAG,
@@ -38,6 +37,7 @@ from tlsweep.tracking_store import (
     bound_http_retries,
     first_line,
     mlflow_value,
+    prepare_mlflow,
     resolve_uri,
     tracking_errors,
 )

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
+from functools import cache
 from typing import Any
 
 from tlsweep.config import (
@@ -22,6 +24,7 @@ from tlsweep.config import (
     DEFAULT_HTTP_TIMEOUT,
 )
 from tlsweep.errors import ServiceError, TlsweepError
+from tlsweep.stores import StoreKind, count_rows, prepare
 from tlsweep.urls import redact_url
 
 # How tlsweep marks its experiments and runs (a study's parent run, its trials' child runs).
@@ -187,3 +190,53 @@ def tracking_errors() -> tuple[type[BaseException], ...]:
     from mlflow.exceptions import MlflowException
 
     return (MlflowException, OSError)
+
+
+# --- the local SQLite store, built and checked by tlsweep.stores -----------------------------
+def _build_sqlite_store(url: str) -> None:
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    # The artifact root MLflow's own store factory would use (it only names the default
+    # experiment's artifact folder, ./mlruns/0); nothing is created there.
+    root = os.environ.get("_MLFLOW_SERVER_ARTIFACT_ROOT", DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
+    store = SqlAlchemyStore(url, root)  # runs MLflow's migrations, creates experiment 0
+    store.engine.dispose()
+    SqlAlchemyStore._engine_map.pop(url, None)
+
+
+@cache
+def _schema_head() -> str:
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    return _get_latest_schema_revision()  # what MLflow's own _verify_schema compares with
+
+
+def _rows_with_data(con: sqlite3.Connection, tables: set[str]) -> int:
+    """Rows a new store does not have: anything but experiment 0, the default workspace and
+    alembic's bookkeeping (a table being rebuilt by a migration counts, as ``_alembic_tmp_X``)."""
+    n = 0
+    for t in sorted(tables):
+        base = t.removeprefix("_alembic_tmp_")
+        if base in ("alembic_version", "workspaces"):
+            continue
+        n += count_rows(con, t, "WHERE experiment_id != 0" if base == "experiments" else "")
+    return n
+
+
+MLFLOW_STORE = StoreKind(
+    "tracking_uri",
+    "MLflow tracking store",
+    "MLflow",
+    "runs",
+    _build_sqlite_store,
+    _schema_head,
+    _rows_with_data,
+    lambda url: f"mlflow db upgrade {url}",
+)
+
+
+def prepare_mlflow(uri: str, create: bool = True) -> None:
+    """Make the MLflow tracking store at ``uri`` safe to open, if it is a local SQLite file
+    (:func:`tlsweep.stores.prepare`)."""
+    prepare(uri, MLFLOW_STORE, create)
