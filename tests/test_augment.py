@@ -257,6 +257,7 @@ def _ok(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return r
 
 
+@pytest.mark.slow  # an export and a Keras-only process (~25 s): CI runs it
 def test_export_of_a_tta_winner_computes_its_reported_test_score(
     tmp_path: Path, photos: Path
 ) -> None:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from conftest import (
     CATS_DOGS,
+    TINY,
     CliInProcess,
     need_shared,
     run_cli,
@@ -86,6 +87,7 @@ def test_extract_odd_corpus(tmp_path: Path):
         data,
         study="odd",
         data={"dir": str(data), "validation_split": 0.2, "test_split": 0.2},
+        backbones=TINY,  # the files are the point, not the backbone
     )
     unreadable.chmod(0)
     locked_dir.chmod(0)

@@ -71,7 +71,8 @@ def test_optunas_private_api_is_reached_through_one_adapter() -> None:
         m
         for m in MODULES
         for node in ast.walk(_tree(m))
-        if isinstance(node, ast.Attribute) and node.attr in ("_storage", "_trial_id")
+        if isinstance(node, ast.Attribute)
+        and node.attr in ("_storage", "_trial_id")
         and not (isinstance(node.value, ast.Name) and node.value.id == "self")
     }
     assert len(where) == 1, sorted(where)

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from tlsweep.data import ImageSet
 from tlsweep.decode import why_skipped
 from tlsweep.entries import (
     CACHE_FORMAT,
@@ -31,36 +30,27 @@ from tlsweep.entries import (
     entry_name,
 )
 from tlsweep.errors import TlsweepError
-from tlsweep.extraction import _Job
-from tlsweep.shards import Span
+from tlsweep.extraction import RowPlan, _Job
 
 log = logging.getLogger(__name__)
 
 
-def assemble(
-    cache_dir: Path,
-    job: _Job,
-    images: ImageSet,
-    order: list[int],
-    row_of: np.ndarray,
-    spans: list[Span],
-    t0: float,
-) -> tuple[Entry, bool] | None:
+def assemble(cache_dir: Path, job: _Job, plan: RowPlan) -> tuple[Entry, bool] | None:
     """Under the entry's lock, join the written shards into the entry and publish it;
     (entry, False), or (entry, True) when another worker published it first; None if a
     shard is missing after all (its folder was cleared meanwhile)."""
-    n = len(order)
+    n = len(plan.order)
     with _entry_lock(cache_dir, job.name):
         hit = _read_entry(cache_dir / entry_name(job.bb, job.key), job.key)
         if hit is not None:
             log.info("cache hit: %s (extracted by another worker)", job.name)
             return hit, True
-        if not all(job.shards.is_done(span) for span in spans):
+        if not all(job.shards.is_done(span) for span in plan.spans):
             return None
         tmp = cache_dir / _tmp_name(job.name)
         tmp.mkdir()
         try:
-            entry = _join(cache_dir, job, images, order, row_of, spans, tmp, t0)
+            entry = _join(cache_dir, job, plan, tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -86,18 +76,10 @@ def assemble(
     return entry, False
 
 
-def _join(
-    cache_dir: Path,
-    job: _Job,
-    images: ImageSet,
-    order: list[int],
-    row_of: np.ndarray,
-    spans: list[Span],
-    tmp: Path,
-    t0: float,
-) -> Entry | None:
+def _join(cache_dir: Path, job: _Job, plan: RowPlan, tmp: Path) -> Entry | None:
     """Write the entry into ``tmp`` from its shards and publish it (None), or return the
     same entry another machine published first."""
+    images, order, row_of, spans = plan.images, plan.order, plan.row_of, plan.spans
     n = len(order)
     got = np.zeros(n, dtype=bool)
     feats: Any = None
@@ -120,10 +102,10 @@ def _join(
     if feats is not None:
         feats.flush()
     del feats
-    t_extract = time.perf_counter() - t0
+    t_extract = time.perf_counter() - plan.t0
     # Rows of skipped files stay zero and no file points at them.
     t_diag = time.perf_counter()
-    paths = [images.abspath(images.files[i]) for i in order]
+    paths = plan.paths
     missing = np.flatnonzero(~got).tolist()
     skipped = dict(zip(missing, why_skipped([paths[i] for i in missing]), strict=True))
     t_diag = time.perf_counter() - t_diag

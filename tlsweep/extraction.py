@@ -26,7 +26,15 @@ import numpy as np
 
 from tlsweep import backbones as bbs
 from tlsweep.config import BackboneConfig
-from tlsweep.decode import CHUNK_BYTES, ViewsVariant, decoded_chunks, read_failure, variant_pixels
+from tlsweep.data import SPLITS, ImageSet
+from tlsweep.decode import (
+    CHUNK_BYTES,
+    ViewsVariant,
+    decoded_chunks,
+    path_seeds,
+    read_failure,
+    variant_pixels,
+)
 from tlsweep.entries import _entry_lock, weights_identity
 from tlsweep.errors import DataError, TlsweepError
 from tlsweep.shards import Span, _Claim, _Refresher, _Shards
@@ -163,9 +171,37 @@ def _forward_all(
                 fut.cancel()
 
 
-def extract_shards(
-    cache_dir: Path, jobs: list[_Job], paths: list[str], seeds: np.ndarray, spans: list[Span]
-) -> None:
+@dataclass(frozen=True)
+class RowPlan:
+    """How one extraction lays out the rows of an image set's entries.
+
+    Rows are grouped by split (train, validation, test), each in file order: a split is one
+    block of the .npy, which training maps without a copy (``Entry.split``). Layout A is in that
+    order already; layout B's files are in path order, their splits interleaved. The rows are
+    cut into shards (``spans``) that never change with the number of workers.
+    """
+
+    images: ImageSet
+    order: list[int]  # the file index of each row
+    row_of: np.ndarray  # the row of each file index
+    paths: list[str]  # the file of each row
+    seeds: np.ndarray  # of each row's augmented views
+    spans: list[Span]
+    t0: float  # when the extraction started (perf_counter)
+
+    @classmethod
+    def of(cls, images: ImageSet) -> RowPlan:
+        t0 = time.perf_counter()
+        rank = {s: i for i, s in enumerate(SPLITS)}
+        order = sorted(range(len(images.files)), key=lambda i: rank[images.files[i].split])
+        row_of = np.empty(len(order), dtype=np.int64)
+        row_of[order] = np.arange(len(order))
+        paths = [images.abspath(images.files[i]) for i in order]
+        seeds = path_seeds([images.files[i].path for i in order])
+        return cls(images, order, row_of, paths, seeds, shard_spans(len(paths)), t0)
+
+
+def extract_shards(cache_dir: Path, jobs: list[_Job], plan: RowPlan) -> None:
     """One stream of forward passes over every shard this process can claim, in order.
 
     A shard is claimed when the stream reaches it (while the last passes of the previous
@@ -176,6 +212,7 @@ def extract_shards(
     """
     import tensorflow as tf
 
+    paths, seeds, spans = plan.paths, plan.seeds, plan.spans
     t0 = time.perf_counter()
     opened: list[tuple[Span, list[tuple[_Job, _Claim]]]] = []
     # per shard and entry: features [views, shard rows, dim], which rows decoded

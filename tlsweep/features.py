@@ -32,12 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tlsweep.assemble import assemble
 from tlsweep.config import BackboneConfig, SweepConfig
-from tlsweep.data import SPLITS, ImageSet, find_images
-from tlsweep.decode import path_seeds
+from tlsweep.data import ImageSet, find_images
 from tlsweep.digests import content_digest
 from tlsweep.entries import (
     Entry,
@@ -52,7 +49,7 @@ from tlsweep.entries import (
     report_skipped,
 )
 from tlsweep.errors import TlsweepError
-from tlsweep.extraction import Progress, _Job, extract_shards, shard_spans
+from tlsweep.extraction import Progress, RowPlan, _Job, extract_shards
 from tlsweep.shards import CLAIM_STALE_AFTER, SHARDS_SUFFIX, Span, _Shards
 
 log = logging.getLogger(__name__)
@@ -220,19 +217,10 @@ class FeatureCache:
     def _extract(self, jobs: list[_Job], images: ImageSet) -> list[tuple[Entry, bool]]:
         """Take and extract shards of the ``jobs``' entries until every shard is written, then
         assemble and publish each entry (unless another worker did); (entry, was_cached)."""
-        t0 = time.perf_counter()
-        # Rows grouped by split (train, validation, test), each in file order: a split is one
-        # block of the .npy, which training maps without a copy (Entry.split). Layout A is in
-        # that order already; layout B's files are in path order, their splits interleaved.
-        rank = {s: i for i, s in enumerate(SPLITS)}
-        order = sorted(range(len(images.files)), key=lambda i: rank[images.files[i].split])
-        row_of = np.empty(len(order), dtype=np.int64)
-        row_of[order] = np.arange(len(order))
-        paths = [images.abspath(images.files[i]) for i in order]
-        seeds = path_seeds([images.files[i].path for i in order])  # of augmented views
-        spans = shard_spans(len(paths))
+        plan = RowPlan.of(images)
+        spans = plan.spans
         for job in jobs:
-            job.plan_views(len(paths), [images.files[i].split for i in order])
+            job.plan_views(len(plan.paths), [images.files[i].split for i in plan.order])
         results: dict[str, tuple[Entry, bool]] = {}
         waiting_since: float | None = None
         last_log = 0.0
@@ -249,7 +237,7 @@ class FeatureCache:
                 elif state:
                     held += [(job, span, owner) for span, owner in state.items()]
                 elif not any(job.shards.claimable(span) for span in spans):
-                    made = assemble(self.dir, job, images, order, row_of, spans, t0)
+                    made = assemble(self.dir, job, plan)
                     if made is not None:
                         results[job.name] = made
             left = [job for job in left if job.name not in results]
@@ -262,7 +250,7 @@ class FeatureCache:
                 if job not in mine
             ]
             if any(job.shards.claimable(s) for job in mine for s in spans):
-                extract_shards(self.dir, mine, paths, seeds, spans)
+                extract_shards(self.dir, mine, plan)
                 waiting_since = None
             elif held and len(results) < len(jobs):
                 # every missing shard is being extracted by a live worker: wait for them,
