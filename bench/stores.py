@@ -5,7 +5,7 @@ and SQLAlchemy imported beforehand (a first run imports them anyway):
 
   (in place)  ``SqlAlchemyStore(sqlite:///mlflow.db, ./mlruns)`` (what ``MlflowClient`` builds on
               a first call) and ``RDBStorage(sqlite:///optuna.db)``, each on a missing file;
-  (atomic)    :func:`~tlsweep.tracking_store.prepare_mlflow`, `storage.prepare_optuna`
+  (atomic)    :func:`~tlsweep.tracking.prepare_mlflow`, `storage.prepare_optuna`
               (build in a temporary file, link into place) followed by the same open;
   (check)     the ``prepare`` call on the existing store: what every later run pays.
 
@@ -45,7 +45,7 @@ def _optuna_open(url: str) -> None:
 
 
 def main() -> int:
-    from tlsweep import storage, tracking_store
+    from tlsweep import storage, tracking
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
@@ -57,7 +57,7 @@ def main() -> int:
     import optuna  # noqa: F401
 
     opens = {"mlflow": _mlflow_open, "optuna": _optuna_open}
-    prepare = {"mlflow": tracking_store.prepare_mlflow, "optuna": storage.prepare_optuna}
+    prepare = {"mlflow": tracking.prepare_mlflow, "optuna": storage.prepare_optuna}
     times: dict[str, list[float]] = {
         f"{k} {w}": [] for k in opens for w in ("in place", "atomic", "check")
     }

@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, write_sweep
 
-from tlsweep import storage, stores, tracking_store
+from tlsweep import storage, stores, tracking
 from tlsweep.errors import StoreError
 
 FORK = multiprocessing.get_context("fork")
-KINDS = {"mlflow": tracking_store.MLFLOW_STORE, "optuna": storage.OPTUNA_STORE}
+KINDS = {"mlflow": tracking.MLFLOW_STORE, "optuna": storage.OPTUNA_STORE}
 PREPARE: dict[str, Callable[[str], None]] = {
-    "mlflow": tracking_store.prepare_mlflow,
+    "mlflow": tracking.prepare_mlflow,
     "optuna": storage.prepare_optuna,
 }
 
@@ -259,11 +259,11 @@ def test_a_store_cut_by_a_kill_inside_mlflow_is_rebuilt(
         time.sleep(built["mlflow"][1] * fraction)
         os.kill(p.pid, signal.SIGKILL)
         p.join()
-        problem = stores.diagnose(path, tracking_store.MLFLOW_STORE)
+        problem = stores.diagnose(path, tracking.MLFLOW_STORE)
         if problem is not None:
             break
     assert problem is not None and problem.data == 0
-    tracking_store.prepare_mlflow(_url(path))
+    tracking.prepare_mlflow(_url(path))
     _usable("mlflow", path)
 
 
@@ -376,7 +376,7 @@ def test_cli_killed_at_steps_while_building_a_store_then_reruns(
         assert parents == 1
         assert _tmp_files(folder) == []
         for db in ("mlflow.db", "optuna.db"):
-            kind = tracking_store.MLFLOW_STORE if db == "mlflow.db" else storage.OPTUNA_STORE
+            kind = tracking.MLFLOW_STORE if db == "mlflow.db" else storage.OPTUNA_STORE
             assert stores.diagnose(folder / db, kind) is None
         if built_already:
             break

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from tlsweep.errors import ServiceError
-from tlsweep.tracking import Tracker
-from tlsweep.tracking_store import check_server
+from tlsweep.tracking import Tracker, check_server
 
 NAMES = ["it's", 'say "hi"', "both ' and \"", "team/exp 1 été"]
 

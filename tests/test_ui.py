@@ -25,8 +25,13 @@ import pytest
 import yaml
 from conftest import CliInProcess, _in_ci, run_cli, write_sweep
 
-from tlsweep.tracking import Tracker, trial_run_name
-from tlsweep.tracking_store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, runs_page_url
+from tlsweep.tracking import (
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING_KIND,
+    Tracker,
+    runs_page_url,
+    trial_run_name,
+)
 from tlsweep.ui import group_members
 
 CHROMIUM = os.environ.get("TLSWEEP_CHROMIUM", "/usr/bin/chromium")

@@ -227,17 +227,17 @@ class _Stop(Exception):
 def cmd_ui(args: argparse.Namespace) -> int:
     import signal
 
-    from tlsweep import tracking_store, ui
+    from tlsweep import tracking, ui
 
     if not 1 <= args.port <= 65535:
         raise TlsweepError(f"--port: got {args.port}; expected a port number from 1 to 65535")
     if not args.start_timeout > 0:
         raise TlsweepError(f"--start-timeout: got {args.start_timeout}; expected seconds > 0")
     cfg = load(args, check_data_dir=False)
-    uri = tracking_store.resolve_uri(cfg.tracking_uri)
+    uri = tracking.resolve_uri(cfg.tracking_uri)
     try:
-        experiment_id, parent, studies = tracking_store.find_study_experiment(uri, cfg.study)
-    except tracking_store.TrackingStoreUnavailable as e:
+        experiment_id, parent, studies = tracking.find_study_experiment(uri, cfg.study)
+    except tracking.TrackingStoreUnavailable as e:
         print(f"tlsweep: error: {e}", file=sys.stderr)
         return 1
     if experiment_id is None:

@@ -191,7 +191,7 @@ def print_test(w: Any, cfg: Any) -> None:
 
 
 def print_ui_pages(server_url: str, experiment_id: str, parent: str | None) -> None:
-    from tlsweep.tracking_store import runs_page_url
+    from tlsweep.tracking import runs_page_url
 
     print(runs_page_url(server_url, experiment_id))
     if parent:

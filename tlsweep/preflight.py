@@ -50,7 +50,7 @@ def _check_tracking(uri: str) -> None:
 
     scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
     if scheme in ("http", "https"):
-        from tlsweep.tracking_store import check_server
+        from tlsweep.tracking import check_server
 
         check_server(uri)
     elif scheme.startswith("sqlite"):

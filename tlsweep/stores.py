@@ -50,11 +50,11 @@ STALE_SECONDS = 600.0  # a temporary store untouched this long is a leftover, wh
 _SIDE_FILES = ("-journal", "-wal", "-shm")
 
 
-# --- what differs between MLflow and Optuna (tracking_store.py and storage.py give it) ------
+# --- what differs between MLflow and Optuna (the tracking package and storage.py give it)
 @dataclass(frozen=True)
 class StoreKind:
     """One library's store: what this module needs of it, given by the library's owner
-    (``tracking_store.MLFLOW_STORE``, ``storage.OPTUNA_STORE``), so that only they import it."""
+    (``tracking.MLFLOW_STORE``, ``storage.OPTUNA_STORE``), so that only they import it."""
 
     field: str  # the sweep file's key that names it: "tracking_uri"
     what: str  # "MLflow tracking store"

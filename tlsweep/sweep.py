@@ -134,8 +134,7 @@ def _run_study(
     from tlsweep.runner import StudyRunner
     from tlsweep.search import open_study
     from tlsweep.storage import open_storage
-    from tlsweep.tracking import Tracker
-    from tlsweep.tracking_store import prepare_mlflow, resolve_uri
+    from tlsweep.tracking import Tracker, prepare_mlflow, resolve_uri
 
     # A command refused here leaves no new store behind: a broken tracking store is refused
     # before the storage is created, and a storage that cannot be opened before mlflow.db is;
@@ -203,7 +202,7 @@ def _finish_or_fail(
         _finish(cfg, study, tracker, summary, evaluate, done, extracted, finetune_progress)
     except Exception as e:  # noqa: BLE001 - re-raised as a one-line runtime failure
         from tlsweep.objective import describe
-        from tlsweep.tracking_store import tracking_errors
+        from tlsweep.tracking import tracking_errors
 
         log.debug("scoring the winner failed", exc_info=True)
         with contextlib.suppress(*tracking_errors()):
@@ -217,7 +216,7 @@ def _finish_or_fail(
 def _close_after_error(cfg: SweepConfig, study: Any, tracker: Any) -> None:
     """Record the best trial and close the parent run after the run stopped on an error."""
     from tlsweep.storage import storage_errors
-    from tlsweep.tracking_store import tracking_errors
+    from tlsweep.tracking import tracking_errors
 
     try:
         _finish(cfg, study, tracker, summarize(cfg, study), False, False)

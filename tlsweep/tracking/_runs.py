@@ -11,8 +11,8 @@ What a user sees in the MLflow UI is decided here too: the experiment is tagged 
 training (so MLflow 3's UI opens its runs table, not its GenAI pages), the parent run is named
 after the study, and a child run's name says what a user scans for:
 ``trial 12 · MobileNetV2-alpha0.35-160-avg · 0.9730`` (``pruned`` / ``failed`` instead of the
-value). The store's URI, retries and tags are :mod:`tlsweep.tracking_store`'s; the exported
-model, its evaluation and the registry are :mod:`tlsweep.tracking_models`'s.
+value). The store's URI, retries and tags are :mod:`tlsweep.tracking._store`'s; the exported
+model, its evaluation and the registry are :mod:`tlsweep.tracking._models`'s.
 
 This module knows nothing about Optuna's internals: it is handed numbers, states and params.
 """
@@ -26,8 +26,8 @@ from typing import Any
 
 from tlsweep.errors import ServiceError
 from tlsweep.search import FINISHED
-from tlsweep.tracking_models import TrackerModels
-from tlsweep.tracking_store import (
+from tlsweep.tracking._models import TrackerModels
+from tlsweep.tracking._store import (
     EXPERIMENT_KIND_TAG,
     MODEL_TRAINING_KIND,
     ROLE_TAG,

@@ -1,0 +1,44 @@
+"""MLflow, all of it: the only package of tlsweep that imports ``mlflow``.
+
+Its public API is this file (as Optuna's packages are laid out); the machinery lives in private
+modules, each readable alone:
+
+* :mod:`tlsweep.tracking._runs`: :class:`Tracker`, one experiment per study, one parent run per
+  study, one nested child run per trial, their params, curves and outcomes, stage runs;
+* :mod:`tlsweep.tracking._models`: the exported model logged on the parent run, MLflow's
+  evaluation of the winner, the model registry and its ``champion`` alias (mixed into
+  :class:`Tracker`);
+* :mod:`tlsweep.tracking._store`: the tracking store itself: its URI, bounded HTTP retries, the
+  quick server check, its errors, the tags that mark tlsweep's runs, finding a study read-only
+  (``tlsweep ui``), and the local SQLite store's schema (built and checked by
+  :mod:`tlsweep.stores`).
+"""
+
+from tlsweep.tracking._runs import Tracker, trial_run_name
+from tlsweep.tracking._store import (
+    EXPERIMENT_KIND_TAG,
+    MLFLOW_STORE,
+    MODEL_TRAINING_KIND,
+    TrackingStoreUnavailable,
+    check_server,
+    find_study_experiment,
+    prepare_mlflow,
+    resolve_uri,
+    runs_page_url,
+    tracking_errors,
+)
+
+__all__ = [
+    "EXPERIMENT_KIND_TAG",
+    "MLFLOW_STORE",
+    "MODEL_TRAINING_KIND",
+    "Tracker",
+    "TrackingStoreUnavailable",
+    "check_server",
+    "find_study_experiment",
+    "prepare_mlflow",
+    "resolve_uri",
+    "runs_page_url",
+    "tracking_errors",
+    "trial_run_name",
+]
