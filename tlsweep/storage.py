@@ -350,14 +350,14 @@ def _rows_with_data(con: sqlite3.Connection, tables: set[str]) -> int:
 
 
 OPTUNA_STORE = StoreKind(
-    "storage",
-    "Optuna storage",
-    "Optuna",
-    "trials",
-    _build_sqlite_storage,
-    _schema_head,
-    _rows_with_data,
-    lambda url: f"optuna storage upgrade --storage {url}",
+    field="storage",
+    what="Optuna storage",
+    lib="Optuna",
+    holds="trials",
+    build=_build_sqlite_storage,
+    head=_schema_head,
+    count_data=_rows_with_data,
+    repair=lambda url: f"optuna storage upgrade --storage {url}",
 )
 
 

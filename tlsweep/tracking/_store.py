@@ -225,14 +225,14 @@ def _rows_with_data(con: sqlite3.Connection, tables: set[str]) -> int:
 
 
 MLFLOW_STORE = StoreKind(
-    "tracking_uri",
-    "MLflow tracking store",
-    "MLflow",
-    "runs",
-    _build_sqlite_store,
-    _schema_head,
-    _rows_with_data,
-    lambda url: f"mlflow db upgrade {url}",
+    field="tracking_uri",
+    what="MLflow tracking store",
+    lib="MLflow",
+    holds="runs",
+    build=_build_sqlite_store,
+    head=_schema_head,
+    count_data=_rows_with_data,
+    repair=lambda url: f"mlflow db upgrade {url}",
 )
 
 
