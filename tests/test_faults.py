@@ -87,16 +87,22 @@ def test_sigkill_during_extraction_and_trials(cats_dogs_small: Path, tmp_path: P
     cache = tmp_path / "cache"
     complete_before: set[int] = set()
 
-    # 1. during extraction: as soon as a temporary entry shows up (or after a random 2-6 s)
+    # 1. during extraction: soon after its shard folder (or a temporary entry) shows up, at a
+    # random moment (or after a random 2-6 s); on an idle machine the whole run can take
+    # seconds, so waiting for the temporary entry alone (made only to assemble) can miss it
     p, _ = _start(sweep)
     deadline = time.monotonic() + rng.uniform(2, 6) + 10
     while time.monotonic() < deadline and p.poll() is None:
-        if cache.is_dir() and any(".tmp-" in q.name for q in cache.iterdir()):
-            time.sleep(rng.uniform(0.0, 0.3))
+        if cache.is_dir() and any(
+            q.name.endswith(".shards") or ".tmp-" in q.name for q in cache.iterdir()
+        ):
+            time.sleep(rng.uniform(0.0, 0.5))
             break
         time.sleep(0.05)
     assert p.poll() is None, "the run ended before it could be killed during extraction"
     _kill(p)
+    published = [q.name for q in cache.iterdir() if q.is_dir() and "." not in q.name]
+    assert not published, f"killed after the extraction, not during it: {published}"
 
     # 2..4. during trials: after a random number of finished trials, at a random moment
     for _ in range(3):
