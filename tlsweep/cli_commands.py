@@ -153,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # A worker of `--workers N`: its parent has reported the cache and the skipped files.
         for name in ("tlsweep.features", "tlsweep.assemble", "tlsweep.entries", "tlsweep.shards"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    if args.extract_first:  # `--workers N`: take shards of the missing features first
+    if args.extract_first:  # `--workers N`: the missing features first
         from tlsweep.launch import wait_for_go
 
         if not wait_for_go(cfg):

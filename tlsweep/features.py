@@ -147,9 +147,10 @@ class FeatureCache:
 
         The missing entries are extracted together: each image is decoded once, resized to
         every input size they need, and goes through every backbone's forward pass. Every
-        process that asks for a missing entry meanwhile (``run --workers N``, other machines on
-        the same cache folder) takes shards of it (see :class:`_Shards`); an entry another
-        process published is returned as cached.
+        machine that asks for a missing entry meanwhile (other machines on the same cache
+        folder) takes shards of it; on one machine one process extracts it and the others
+        (``run --workers N``) wait (see :class:`_Shards`); an entry another process published
+        is returned as cached.
         """
         digest = images_digest or self.images_digest(images)
         out: list[tuple[Entry, bool] | None] = [None] * len(backbones)

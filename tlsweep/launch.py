@@ -113,8 +113,9 @@ def _stop_held(procs: list[Any]) -> None:
 
 
 def wait_for_go(cfg: SweepConfig) -> bool:
-    """A worker started with ``--extract-first``: take shards of the missing features, then
-    wait for the parent; True to go on with the trials, False to stop."""
+    """A worker started with ``--extract-first``: extract the missing features (or wait for
+    this machine's extractor), then wait for the parent; True to go on with the trials, False
+    to stop."""
     from tlsweep.features import extract_all
 
     extract_all(cfg)
