@@ -3,6 +3,7 @@ which does not beat the frozen winner on validation leaves the export unchanged.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -75,6 +76,26 @@ def _runs(tracking_uri: str, study: str) -> list:
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(study)
     return client, client.search_runs([exp.experiment_id])
+
+
+def test_epochs_already_on_the_run_are_not_logged_again(tmp_path: Path) -> None:
+    """A kill after MLflow took an epoch but before state.json was replaced: the resumed stage
+    asks the run which epochs it has, so the curve has each epoch once (CI once saw 0, 1, 1, 2)."""
+    from tlsweep.finetune import _log_pending
+    from tlsweep.tracking import Tracker
+
+    t = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft_log")
+    t.create_parent({"n": 1}, "study: ft_log\n", "sweep.yaml")
+    run_id = t.start_stage("finetune", {"unfreeze": 1})
+    point = {"loss": 1.0, "accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5}
+    on_disk = {"history": [{"epoch": 0, **point}, {"epoch": 1, **point}]}
+    _log_pending(t, run_id, copy.deepcopy(on_disk))  # epochs 0 and 1 logged, then killed
+    resumed = copy.deepcopy(on_disk)  # state.json as the kill left it
+    resumed["history"].append({"epoch": 2, **point})  # the resumed stage finished epoch 2
+    _log_pending(t, run_id, resumed)
+    for key in point:
+        steps = [m.step for m in t.client.get_metric_history(run_id, key)]
+        assert sorted(steps) == [0, 1, 2], (key, steps)
 
 
 @pytest.mark.slow

@@ -217,7 +217,7 @@ def run_finetune(
 
     epoch = int(state.get("epochs_done", 0))
     if epoch == 0:
-        state = {"key": key, "run_id": run_id, "epochs_done": 0, "history": [], "logged": 0}
+        state = {"key": key, "run_id": run_id, "epochs_done": 0, "history": []}
         model = build_export_model(w)  # the winning head on the winning backbone
         set_trainable(model, ft.unfreeze)
         compile_model(model, ft)
@@ -277,7 +277,6 @@ def run_finetune(
                 with contextlib.suppress(OSError):
                     (folder / old).unlink()
             _log_pending(tracker, run_id, state)
-            _write_json(state_path, state)  # remembers what is on the MLflow run
         # early stopping's "restore best weights"; epoch 0 is the frozen winner itself
         _load_weights(model, folder / BEST)
         accepted = _better(metric, state["best"], state["baseline"])
@@ -325,13 +324,19 @@ def run_finetune(
 
 
 def _log_pending(tracker: Any | None, run_id: str | None, state: dict[str, Any]) -> None:
-    """Log the epochs finished but not yet on the MLflow run (each exactly once)."""
+    """Log the epochs finished but not yet on the MLflow run (each exactly once).
+
+    The run itself says which epochs it has: a counter kept in ``state.json`` would be stale
+    after a kill between MLflow's write and the state file's, and the epoch would show twice.
+    Every epoch's metrics go in one batch, so an epoch is on the run whole or not at all.
+    """
     if tracker is None or not run_id:
         return
-    for point in state["history"][state.get("logged", 0) :]:
-        metrics = {k: v for k, v in point.items() if k != "epoch"}
-        tracker.log_metrics(run_id, metrics, step=int(point["epoch"]))
-        state["logged"] = state.get("logged", 0) + 1
+    on_run = tracker.metric_steps(run_id, "val_accuracy")
+    for point in state["history"]:
+        if int(point["epoch"]) not in on_run:
+            metrics = {k: v for k, v in point.items() if k != "epoch"}
+            tracker.log_metrics(run_id, metrics, step=int(point["epoch"]))
 
 
 def _progress_callback(

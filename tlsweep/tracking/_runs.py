@@ -341,6 +341,10 @@ class Tracker(TrackerModels):
             run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
         )
 
+    def metric_steps(self, run_id: str, key: str) -> set[int]:
+        """The steps at which ``key`` is already on the run (what a resumed stage must not repeat)."""
+        return {m.step for m in self.client.get_metric_history(run_id, key)}
+
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
