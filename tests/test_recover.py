@@ -217,3 +217,47 @@ def test_a_finished_trials_run_is_left_to_its_worker_while_it_may_still_close_it
     assert run_may_still_be_closed(finished("elsewhere:12:34", 5), 30)  # another host, just now
     assert not run_may_still_be_closed(finished("elsewhere:12:34", 60), 30)  # long ago: stale
     assert not run_may_still_be_closed(finished(None, 0), 30)  # no owner recorded
+
+
+_KILLED_AFTER_TELL = """
+import os, sys
+from pathlib import Path
+import optuna
+sys.path.insert(0, {tests!r})
+from conftest import trial_inputs
+from tlsweep.objective import run_trial
+from tlsweep.tracking import Tracker
+
+cfg, features = trial_inputs(Path({tmp!r}))
+tracker = Tracker(cfg.tracking_uri, cfg.study)
+tracker.create_parent({{"n": 1}}, "study: test\\n", "s.yaml")
+tell = optuna.Study.tell
+
+def tell_then_die(self, *a, **k):  # killed between telling Optuna and closing the run
+    tell(self, *a, **k)
+    os._exit(9)
+
+optuna.Study.tell = tell_then_die
+study = optuna.create_study(direction="maximize")
+run_trial(study, study.ask(), cfg, features, tracker, "w")
+"""
+
+
+def test_a_trial_killed_after_optuna_heard_its_outcome_keeps_its_curves_on_its_run(tmp_path):
+    """Optuna has the trial COMPLETE; the process dies before it closes the MLflow run. The run
+    the next process closes carries the trial's curves (it used to be closed with no metrics)."""
+    from pathlib import Path
+
+    from tlsweep.tracking import Tracker
+
+    script = _KILLED_AFTER_TELL.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 9, p.stderr[-3000:]
+    t = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "test")
+    t.parent_run_id = t.find_parent()
+    assert t.close_stale_runs({0: "COMPLETE"}, alive=set()) == 1
+    (run,) = t.client.search_runs([t.experiment_id], filter_string="tags.`tlsweep.role` = 'trial'")
+    assert run.info.status == "FINISHED"
+    epochs = [m.step for m in t.client.get_metric_history(run.info.run_id, "val_accuracy")]
+    assert epochs == list(range(5)), epochs  # the sweep's 5 epochs, each once
+    assert run.data.metrics["epochs_run"] == 5

@@ -266,6 +266,20 @@ def run_trial(
         last["each"] = each
         on_epoch(mean)
 
+    recorded = False
+
+    def record() -> None:
+        """The curves and final numbers onto the trial's run, once, before Optuna hears the
+        outcome: a kill in between leaves a run with its curves, which the next process closes
+        (the other order left a COMPLETE trial whose run had no metrics at all)."""
+        nonlocal recorded
+        if tracker and run_id and not recorded:
+            final = {"epochs_run": len(history), "trial_seconds": time.perf_counter() - t0}
+            if "each" in last:
+                final.update(_spread(last["each"], groups, group))
+            tracker.log_trial_metrics(run_id, history, final)
+            recorded = True
+
     # From here on an interrupt fails the trial and queues it again: the caller may hold
     # interrupts since it asked for the trial and release them with ``started``. From telling
     # the study the trial's outcome to closing its run, they are held again (``finishing``):
@@ -340,11 +354,13 @@ def run_trial(
                 if alive is not None:
                     alive()
                 finishing.enter_context(deferred())
+                record()
                 study.tell(trial, value)
                 state = "COMPLETE"
         except optuna.TrialPruned:
             value = history[-1][metric] if history else None
             finishing.enter_context(deferred())
+            record()
             study.tell(trial, state=TrialState.PRUNED)
             state = "PRUNED"
         except BaseException as e:  # noqa: BLE001 - a failed trial lets the study go on
@@ -362,7 +378,7 @@ def run_trial(
                     log.warning("trial %d: could not be queued again: %s", trial.number, e2)
             if tracker and run_id:
                 try:
-                    tracker.end_trial(run_id, "FAIL", history, {}, error)
+                    tracker.end_trial(run_id, "FAIL", [] if recorded else history, {}, error)
                 except tracker.errors() as e2:
                     log.warning(
                         "trial %d: its MLflow run could not be closed: %s", trial.number, e2
@@ -374,12 +390,9 @@ def run_trial(
         seconds = time.perf_counter() - t0
         if tracker and run_id and state != "FAIL":
             # The trial's value is the last point of its per-epoch `metric` curve, which MLflow
-            # already shows as the run's value (the highest step); logging it again at step 0
-            # would add a second point to the curve's first epoch.
-            final = {"epochs_run": len(history), "trial_seconds": seconds}
-            if "each" in last:
-                final.update(_spread(last["each"], groups, group))
-            tracker.end_trial(run_id, state, history, final, value=value)
+            # already shows as the run's value (the highest step); `record` does not log it
+            # again at step 0, which would add a second point to the curve's first epoch.
+            tracker.end_trial(run_id, state, [], {}, value=value)
         return TrialResult(state, value, params, history, seconds, error)
 
 

@@ -206,23 +206,36 @@ class Tracker(TrackerModels):
         error: str | None = None,
         value: float | None = None,
     ) -> None:
-        """Log the trial's curves and outcome; its name gets ``value`` (or pruned / failed)."""
-        from mlflow.entities import Metric, RunTag
+        """Log the trial's curves and outcome (if not logged yet: :meth:`log_trial_metrics`),
+        then close its run; its name gets ``value`` (or pruned / failed)."""
+        from mlflow.entities import RunTag
+
+        self.log_trial_metrics(run_id, history, final)
+        tags = [RunTag(STATE_TAG, state)]
+        if error:
+            tags.append(RunTag("error", error[:5000]))
+        self.client.log_batch(run_id, tags=tags)
+        number, backbone = self._trials.pop(run_id, None) or self._trial_of(run_id)
+        self.client.update_run(run_id, name=trial_run_name(number, backbone, state, value))
+        self.client.set_terminated(run_id, "FAILED" if state == "FAIL" else "FINISHED")
+
+    def log_trial_metrics(
+        self, run_id: str, history: list[Mapping[str, float]], final: Mapping[str, float]
+    ) -> None:
+        """A trial's per-epoch curves (step = epoch) and its final numbers (step 0).
+
+        Logged before Optuna is told the outcome: a process killed between the two leaves a
+        run that :meth:`close_stale_runs` closes with its curves on it, not an empty run.
+        """
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [
             Metric(k, float(v), now, step) for step, h in enumerate(history) for k, v in h.items()
         ]
         metrics += [Metric(k, float(v), now, 0) for k, v in final.items()]
-        tags = [RunTag(STATE_TAG, state)]
-        if error:
-            tags.append(RunTag("error", error[:5000]))
         for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 entries
             self.client.log_batch(run_id, metrics=metrics[i : i + 900])
-        self.client.log_batch(run_id, tags=tags)
-        number, backbone = self._trials.pop(run_id, None) or self._trial_of(run_id)
-        self.client.update_run(run_id, name=trial_run_name(number, backbone, state, value))
-        self.client.set_terminated(run_id, "FAILED" if state == "FAIL" else "FINISHED")
 
     def _trial_of(self, run_id: str) -> tuple[int, str]:
         """(trial number, backbone) of a child run started by another process."""
