@@ -43,3 +43,57 @@ def test_a_tracking_server_that_is_down_is_one_error(monkeypatch: pytest.MonkeyP
     assert "\n" not in msg and "s3cret" not in msg
     assert "Connection refused" in msg and "run the command again" in msg
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7"  # restored after the check
+
+
+def test_a_parent_whose_creator_died_before_describing_it_is_described_on_resume(
+    tmp_path: Path,
+) -> None:
+    """A process killed between creating the parent run and logging its params: the next one
+    attaches to that parent (found by its tags) and logs the params and the sweep file."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = Tracker(uri, "s")
+    bare = t.client.create_run(
+        t.experiment_id, run_name="s", tags={"tlsweep.role": "study", "tlsweep.study": "s"}
+    ).info.run_id  # what create_parent had made when the kill came
+    t2 = Tracker(uri, "s")
+    assert t2.attach_parent(None, {"n": 1}, "study: s\n", "s.yaml") == bare
+    run = t2.client.get_run(bare)
+    assert run.data.params == {"n": "1"} and run.info.status == "RUNNING"
+    (sweep,) = t2.client.list_artifacts(bare, "sweep")
+    assert sweep.path == "sweep/s.yaml"
+    # and a described parent is left as it is on the next resume
+    assert Tracker(uri, "s").attach_parent(bare, {"n": 2}, "study: s\n", "s.yaml") == bare
+    assert t2.client.get_run(bare).data.params == {"n": "1"}
+
+
+def test_a_change_is_logged_even_if_the_run_that_saw_it_first_was_killed(tmp_path: Path) -> None:
+    """The resolved sweep goes to MLflow before the study: a run killed in between logs the
+    change again next time, rather than never (the study would already hold the new record)."""
+    import dataclasses
+
+    import optuna
+    from conftest import trial_inputs
+
+    from tlsweep.sweep import record_resolved
+
+    class Killed:
+        def log_resolved(self, text: str, changed: list[str]) -> None:
+            raise SystemExit(9)
+
+    class Logs:
+        def __init__(self) -> None:
+            self.changed: list[list[str]] = []
+
+        def log_resolved(self, text: str, changed: list[str]) -> None:
+            self.changed.append(changed)
+
+    cfg, _ = trial_inputs(tmp_path)
+    study = optuna.create_study()
+    logs = Logs()
+    assert record_resolved(cfg, study, logs) == []
+    more = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, n_trials=7))
+    with pytest.raises(SystemExit):
+        record_resolved(more, study, Killed())
+    (line,) = record_resolved(more, study, logs)
+    assert line.startswith("search.n_trials: 3 -> 7"), line
+    assert logs.changed[-1] == [line]

@@ -60,8 +60,10 @@ def record_resolved(cfg: SweepConfig, study: Any, tracker: Any) -> list[str]:
     changed = changes(previous, record) if previous is not None else []
     for line in changed:
         log.info("study %s resumed with a change: %s", cfg.study, line)
-    study.set_user_attr(RESOLVED_ATTR, record)
+    # MLflow first: a kill between the two writes then logs the change again next time, where
+    # the other order would compare with the new record and never log the change at all
     tracker.log_resolved(resolved_yaml(record), changed)
+    study.set_user_attr(RESOLVED_ATTR, record)
     return changed
 
 

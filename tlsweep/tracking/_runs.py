@@ -113,24 +113,27 @@ class Tracker(TrackerModels):
         """Resume the study's parent run (``known``, or found by its tags) or create it."""
         from mlflow.exceptions import MlflowException
 
+        run = None
         if known:
             try:
                 run = self.client.get_run(known)
-                if (
+                if not (
                     run.info.lifecycle_stage == "active"
                     and run.info.experiment_id == self.experiment_id
                 ):
-                    self.parent_run_id = known
-                    self.reopen_parent()
-                    return known
+                    run = None
             except MlflowException:  # a parent deleted, or in another tracking store
                 pass
-        rid = self.find_parent()
-        if rid:
-            self.parent_run_id = rid
-            self.reopen_parent()
-            return rid
-        return self.create_parent(params, sweep_text, sweep_name)
+        if run is None:
+            rid = self.find_parent()
+            run = self.client.get_run(rid) if rid else None
+        if run is None:
+            return self.create_parent(params, sweep_text, sweep_name)
+        self.parent_run_id = run.info.run_id
+        self.reopen_parent()
+        if not run.data.params:  # its creator died before it logged them
+            self._describe_parent(params, sweep_text, sweep_name)
+        return self.parent_run_id
 
     def find_parent(self) -> str | None:
         # The study name is compared here, not in the filter string: MLflow's filter strings have
@@ -150,11 +153,14 @@ class Tracker(TrackerModels):
             run_name=self.study,
             tags={ROLE_TAG: "study", STUDY_TAG: self.study},
         )
-        rid = run.info.run_id
-        self._log_params(rid, params)
-        self.client.log_text(rid, sweep_text, f"sweep/{sweep_name}")
-        self.parent_run_id = rid
-        return rid
+        self.parent_run_id = run.info.run_id
+        self._describe_parent(params, sweep_text, sweep_name)
+        return self.parent_run_id
+
+    def _describe_parent(self, params: Mapping[str, Any], sweep_text: str, sweep_name: str) -> None:
+        """The study's settings as the parent's params, and the sweep file as an artifact."""
+        self._log_params(self.parent_run_id, params)
+        self.client.log_text(self.parent_run_id, sweep_text, f"sweep/{sweep_name}")
 
     def reopen_parent(self) -> None:
         """Mark the parent RUNNING again when a study is resumed."""
