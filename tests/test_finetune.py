@@ -98,6 +98,33 @@ def test_epochs_already_on_the_run_are_not_logged_again(tmp_path: Path) -> None:
         assert sorted(steps) == [0, 1, 2], (key, steps)
 
 
+def test_a_rerun_after_a_kill_logs_nothing_twice_and_makes_no_second_stage_run(
+    tmp_path: Path,
+) -> None:
+    """The stage's run is found by its key when state.json never named it (killed during the
+    baseline); its final numbers, and a rescored winner's on the parent, are logged once."""
+    from tlsweep.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = Tracker(uri, "ft")
+    t.create_parent({"n": 1}, "study: ft\n", "sweep.yaml")
+    first = t.start_stage("finetune", {"unfreeze": 1}, None, "a" * 64)
+    t.end_stage(first, "KILLED")
+    again = Tracker(uri, "ft", t.parent_run_id)
+    assert again.start_stage("finetune", {"unfreeze": 1}, None, "a" * 64) == first
+    assert again.client.get_run(first).info.status == "RUNNING"
+    other = again.start_stage("finetune", {"unfreeze": 2}, None, "b" * 64)  # other settings
+    assert other != first
+    for seconds in (10.0, 12.5):  # killed after logging, before state.json said "complete"
+        again.log_metrics(first, {"best_epoch": 3, "finetune_seconds": seconds}, once=True)
+    for key in ("best_epoch", "finetune_seconds"):
+        assert len(again.client.get_metric_history(first, key)) == 1
+    for acc in (0.9, 0.9, 0.95):  # the same winner scored again, then a better one
+        again.log_parent_metrics({"test_accuracy": acc})
+    history = again.client.get_metric_history(t.parent_run_id, "test_accuracy")
+    assert [m.value for m in history] == [0.9, 0.95]
+
+
 @pytest.mark.slow
 def test_kill_9_mid_finetune_resumes_from_the_last_epoch(
     cats_dogs_small: Path, shared_cache: Path, tmp_path: Path
@@ -144,6 +171,8 @@ def test_kill_9_mid_finetune_resumes_from_the_last_epoch(
     assert "fine-tuning:" in r.stdout
     done = json.loads(state_path.read_text())
     assert done["complete"]
+    kept = {p.name for p in state_path.parent.iterdir()}
+    assert kept == {"state.json", "final.keras", done["checkpoint"], done["best_file"]}, kept
     # it went on from the last finished epoch: the epochs before the kill were not redone
     assert done["history"][: killed["epochs_done"] + 1] == killed["history"]
     client, runs = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft_kill")

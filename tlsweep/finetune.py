@@ -9,9 +9,11 @@ learning rate, the configured augmentation (Keras preprocessing layers), and ear
 the validation split with the best weights restored. What it trains on (images decoded once,
 batches, augmentation) comes from :mod:`tlsweep.finetune_data`.
 
-Resume: after every epoch the model (with its optimizer state) is saved under a new name, then a
-small JSON state is replaced atomically; a rerun after ``kill -9`` continues from the last
-finished epoch, and the per-epoch curve on the child MLflow run goes on without a restart.
+Resume: after every epoch the model (with its optimizer state), and at a new best its weights,
+are saved under new names, then a small JSON state naming them is replaced atomically; a rerun
+after ``kill -9`` continues from the last finished epoch. The child MLflow run is found again
+(by the stage's key, even if the kill came before the state named it), and its per-epoch curve
+goes on with each epoch once: the run itself says which epochs it has.
 
 Choice: epoch 0 is the frozen winner itself, scored the same way on the same validation images.
 The fine-tuned model is kept only if its best validation score beats that; the test split is
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 
 STATE = "state.json"
 FINAL = "final.keras"  # the best fine-tuned model, written when the stage is complete
-BEST = "best-weights.npz"  # the model's weights at its best validation score so far
+LEGACY_BEST = "best-weights.npz"  # the best weights' name before it carried its epoch
 # (epoch, epochs, images done in this epoch, images per epoch)
 FinetuneProgress = Callable[[int, int, int, int], None]
 
@@ -155,6 +157,13 @@ def _save_weights(model: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _save_best(model: Any, folder: Path, epoch: int) -> str:
+    """The model's weights at its best validation score so far, named after the epoch."""
+    name = f"best-{epoch}.npz"
+    _save_weights(model, folder / name)
+    return name
+
+
 def _load_weights(model: Any, path: Path) -> None:
     with np.load(path, allow_pickle=False) as z:
         model.set_weights([z[f"arr_{i}"] for i in range(len(z.files))])
@@ -212,30 +221,30 @@ def run_finetune(
         "metric": metric,
     }
     run_id = None
-    if tracker is not None and tracker.parent_run_id:
-        run_id = tracker.start_stage("finetune", params, state.get("run_id"))
-
-    epoch = int(state.get("epochs_done", 0))
-    if epoch == 0:
-        state = {"key": key, "run_id": run_id, "epochs_done": 0, "history": []}
-        model = build_export_model(w)  # the winning head on the winning backbone
-        set_trainable(model, ft.unfreeze)
-        compile_model(model, ft)
-        v_loss, v_acc = model.evaluate(val_ds, verbose=0)
-        baseline = v_acc if metric == "val_accuracy" else v_loss
-        state.update(baseline=baseline, best=baseline, best_epoch=0, since_best=0)
-        state["history"].append({"epoch": 0, "val_loss": v_loss, "val_accuracy": v_acc})
-        _save_weights(model, folder / BEST)
-        model.save(folder / "epoch-0.keras")
-        state["checkpoint"] = "epoch-0.keras"
-        _write_json(state_path, state)
-    else:
-        model = keras.models.load_model(folder / state["checkpoint"], safe_mode=True)
-        log.info("fine-tuning resumes after epoch %d of %d", epoch, ft.epochs)
-    state["run_id"] = run_id
-    aug = augmentation(ft, cfg.search.seed)
     status = "FAILED"
     try:
+        if tracker is not None and tracker.parent_run_id:
+            # found by ``key`` too: a kill before state.json named the run must not start another
+            run_id = tracker.start_stage("finetune", params, state.get("run_id"), key)
+        epoch = int(state.get("epochs_done", 0))
+        if epoch == 0:
+            state = {"key": key, "run_id": run_id, "epochs_done": 0, "history": []}
+            model = build_export_model(w)  # the winning head on the winning backbone
+            set_trainable(model, ft.unfreeze)
+            compile_model(model, ft)
+            v_loss, v_acc = model.evaluate(val_ds, verbose=0)
+            baseline = v_acc if metric == "val_accuracy" else v_loss
+            state.update(baseline=baseline, best=baseline, best_epoch=0, since_best=0)
+            state["history"].append({"epoch": 0, "val_loss": v_loss, "val_accuracy": v_acc})
+            state["best_file"] = _save_best(model, folder, 0)
+            model.save(folder / "epoch-0.keras")
+            state["checkpoint"] = "epoch-0.keras"
+            _write_json(state_path, state)
+        else:
+            model = keras.models.load_model(folder / state["checkpoint"], safe_mode=True)
+            log.info("fine-tuning resumes after epoch %d of %d", epoch, ft.epochs)
+        state["run_id"] = run_id
+        aug = augmentation(ft, cfg.search.seed)
         _log_pending(tracker, run_id, state)
         while epoch < ft.epochs and state["since_best"] < ft.patience:
             epoch += 1
@@ -262,23 +271,25 @@ def run_finetune(
                 "epoch_seconds": time.perf_counter() - e0,
                 "images_per_s": n_train / max(train_s, 1e-9),
             }
+            # Every file an epoch writes has a new name, and state.json, replaced last, says
+            # which are current: after a kill the files of the unfinished epoch are not used.
+            old = [state.get("checkpoint"), state.get("best_file", LEGACY_BEST)]
             if _better(metric, value, state["best"]):
                 state.update(best=value, best_epoch=epoch, since_best=0)
-                _save_weights(model, folder / BEST)
+                state["best_file"] = _save_best(model, folder, epoch)
             else:
                 state["since_best"] += 1
             name = f"epoch-{epoch}.keras"
             model.save(folder / name)
-            old = state.get("checkpoint")
             state.update(epochs_done=epoch, checkpoint=name)
             state["history"].append(point)
             _write_json(state_path, state)
-            if old and old != name:
+            for stale in set(old) - {name, state.get("best_file")} - {None}:
                 with contextlib.suppress(OSError):
-                    (folder / old).unlink()
+                    (folder / stale).unlink()
             _log_pending(tracker, run_id, state)
         # early stopping's "restore best weights"; epoch 0 is the frozen winner itself
-        _load_weights(model, folder / BEST)
+        _load_weights(model, folder / state.get("best_file", LEGACY_BEST))
         accepted = _better(metric, state["best"], state["baseline"])
         test = None
         if len(rows["test"]):
@@ -305,17 +316,26 @@ def run_finetune(
             }
             if test is not None:
                 final.update(test_accuracy=test["accuracy"], test_loss=test["loss"])
-            tracker.log_metrics(run_id, final)
+            tracker.log_metrics(run_id, final, once=True)  # once: see Tracker.log_metrics
             tracker.set_tags(run_id, {"tlsweep.accepted": str(accepted).lower()})
         state.update(complete=True, result=result.as_dict())
         _write_json(state_path, state)
+        keep = {STATE, FINAL, state["checkpoint"], state.get("best_file", LEGACY_BEST)}
+        for f in folder.iterdir():  # what epochs cut short by a kill left
+            if f.name not in keep and (f.suffix in (".npz", ".keras") or ".tmp-" in f.name):
+                with contextlib.suppress(OSError):
+                    f.unlink()
         status = "FINISHED"
         return result
     except (KeyboardInterrupt, SystemExit):
         status = "KILLED"  # the checkpoints stay: the next run resumes
-        state["seconds"] = float(state.get("seconds", 0.0)) + time.perf_counter() - t0
         with contextlib.suppress(Exception):
-            _write_json(state_path, state)
+            # the time spent goes onto the state on disk, not the one in memory, which an
+            # interrupted epoch may have half changed (a best score its checkpoint lacks)
+            on_disk = json.loads(state_path.read_text())
+            if on_disk.get("key") == key and not on_disk.get("complete"):
+                on_disk["seconds"] = float(on_disk.get("seconds", 0.0)) + time.perf_counter() - t0
+                _write_json(state_path, on_disk)
         raise
     finally:
         if tracker is not None and run_id:

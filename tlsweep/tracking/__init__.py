@@ -4,7 +4,9 @@ Its public API is this file (as Optuna's packages are laid out); the machinery l
 modules, each readable alone:
 
 * :mod:`tlsweep.tracking._runs`: :class:`Tracker`, one experiment per study, one parent run per
-  study, one nested child run per trial, their params, curves and outcomes, stage runs;
+  study, one nested child run per trial, their params, curves and outcomes;
+* :mod:`tlsweep.tracking._stages`: the runs of the stages after the study (fine-tuning), found
+  again after a kill, their curves and final numbers logged once (mixed into :class:`Tracker`);
 * :mod:`tlsweep.tracking._models`: the exported model logged on the parent run, MLflow's
   evaluation of the winner, the model registry and its ``champion`` alias (mixed into
   :class:`Tracker`);

@@ -27,6 +27,7 @@ from typing import Any
 from tlsweep.errors import ServiceError
 from tlsweep.search import FINISHED
 from tlsweep.tracking._models import TrackerModels
+from tlsweep.tracking._stages import TrackerStages, unlogged
 from tlsweep.tracking._store import (
     EXPERIMENT_KIND_TAG,
     MODEL_TRAINING_KIND,
@@ -57,7 +58,7 @@ def trial_run_name(number: int, backbone: str, state: str, value: float | None =
     return f"trial {number} · {backbone} · {outcome}"
 
 
-class Tracker(TrackerModels):
+class Tracker(TrackerStages, TrackerModels):
     """The MLflow side of one study."""
 
     errors = staticmethod(tracking_errors)  # for callers that must not import MLflow
@@ -177,9 +178,11 @@ class Tracker(TrackerModels):
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
+        have = self.client.get_run(self.parent_run_id).data.metrics
+        best = unlogged(have, {f"best_{metric}": value})  # as log_parent_metrics
         self.client.log_batch(
             self.parent_run_id,
-            metrics=[Metric(f"best_{metric}", float(value), now, 0)],
+            metrics=[Metric(k, float(v), now, 0) for k, v in best.items()],
             tags=[RunTag("best_trial", str(number))]
             + [RunTag(f"best.{k}", mlflow_value(v)) for k, v in sorted(params.items())],
         )
@@ -314,13 +317,18 @@ class Tracker(TrackerModels):
             self.client.log_dict(self.parent_run_id, d, path)
 
     def log_parent_metrics(self, metrics: Mapping[str, float]) -> None:
+        """The study's results on the parent (step 0). A rerun of a finished study scores the
+        same winner again: a number equal to the run's latest is not added as a second point;
+        a new winner's numbers are."""
         if not self.parent_run_id:
             return
         from mlflow.entities import Metric
 
+        have = self.client.get_run(self.parent_run_id).data.metrics
         now = int(time.time() * 1000)
         self.client.log_batch(
-            self.parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
+            self.parent_run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in unlogged(have, metrics).items()],
         )
 
     def set_parent_tag(self, key: str, value: str) -> None:
@@ -330,45 +338,3 @@ class Tracker(TrackerModels):
     def log_parent_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         if self.parent_run_id:
             self.client.log_artifact(self.parent_run_id, local_path, artifact_path)
-
-    # --- the fine-tuning stage: a child run of the parent --------------------------------------
-    def start_stage(self, name: str, params: Mapping[str, Any], run_id: str | None = None) -> str:
-        """A child run of the parent for a stage after the study (``run_id``: resume that one)."""
-        if run_id:
-            try:
-                self.client.update_run(run_id, status="RUNNING")
-                return run_id
-            except Exception:  # noqa: BLE001 - deleted: start a new one
-                log.info("MLflow run %s of %s is gone; starting a new one", run_id, name)
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=name,
-            tags={
-                "mlflow.parentRunId": self.parent_run_id or "",
-                STUDY_TAG: self.study,
-                ROLE_TAG: name,
-            },
-        )
-        self._log_params(run.info.run_id, params)
-        return run.info.run_id
-
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(
-            run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
-        )
-
-    def metric_steps(self, run_id: str, key: str) -> set[int]:
-        """The steps at which ``key`` is already on the run (what a resumed stage must not repeat)."""
-        return {m.step for m in self.client.get_metric_history(run_id, key)}
-
-    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(run_id, tags=[RunTag(k, mlflow_value(v)) for k, v in tags.items()])
-
-    def end_stage(self, run_id: str, status: str = "FINISHED") -> None:
-        """``status``: FINISHED, FAILED or KILLED (interrupted; a rerun resumes it)."""
-        self.client.set_terminated(run_id, status)

@@ -32,6 +32,7 @@ ROLE_TAG = "tlsweep.role"
 STUDY_TAG = "tlsweep.study"
 TRIAL_TAG = "optuna.trial_number"
 STATE_TAG = "optuna.state"
+STAGE_KEY_TAG = "tlsweep.stage_key"  # a stage's run (fine-tuning): what the stage's cache key is
 # The experiment tag MLflow 3's UI reads to choose between its GenAI pages and its training-runs
 # table, and the value its own "Model training" choice writes (mlflow/server/js: ExperimentKind).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
