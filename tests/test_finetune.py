@@ -115,6 +115,8 @@ def test_a_rerun_after_a_kill_logs_nothing_twice_and_makes_no_second_stage_run(
     assert again.client.get_run(first).info.status == "RUNNING"
     other = again.start_stage("finetune", {"unfreeze": 2}, None, "b" * 64)  # other settings
     assert other != first
+    again.end_stage(other, "FINISHED")  # a stage done before whose state.json was then lost
+    assert again.start_stage("finetune", {"unfreeze": 2}, None, "b" * 64) not in (first, other)
     for seconds in (10.0, 12.5):  # killed after logging, before state.json said "complete"
         again.log_metrics(first, {"best_epoch": 3, "finetune_seconds": seconds}, once=True)
     for key in ("best_epoch", "finetune_seconds"):

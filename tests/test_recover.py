@@ -261,3 +261,41 @@ def test_a_trial_killed_after_optuna_heard_its_outcome_keeps_its_curves_on_its_r
     epochs = [m.step for m in t.client.get_metric_history(run.info.run_id, "val_accuracy")]
     assert epochs == list(range(5)), epochs  # the sweep's 5 epochs, each once
     assert run.data.metrics["epochs_run"] == 5
+
+
+def test_mlflow_refusing_a_trials_curves_does_not_fail_the_trained_trial(tmp_path):
+    """MLflow errors while the curves are logged before Optuna hears the outcome: the trial is
+    still COMPLETE (pruned: PRUNED), and the curves are tried again when its run is closed."""
+    from conftest import trial_inputs
+
+    from tlsweep.objective import run_trial
+    from tlsweep.tracking import Tracker
+
+    class Flaky(Tracker):
+        refusals = 1
+
+        def log_trial_metrics(self, run_id, history, final):
+            if self.refusals:
+                self.refusals -= 1
+                raise OSError("connection reset by peer")
+            super().log_trial_metrics(run_id, history, final)
+
+    cfg, features = trial_inputs(tmp_path)
+    tracker = Flaky(cfg.tracking_uri, cfg.study)
+    tracker.create_parent({"n": 1}, "study: test\n", "s.yaml")
+    study = optuna.create_study(direction="maximize")
+    result = run_trial(study, study.ask(), cfg, features, tracker, "w")
+    assert result.state == "COMPLETE" and study.trials[0].state.name == "COMPLETE"
+    (run,) = tracker.client.search_runs([tracker.experiment_id], "tags.`tlsweep.role` = 'trial'")
+    assert run.info.status == "FINISHED" and run.data.metrics["epochs_run"] == 5
+    steps = [m.step for m in tracker.client.get_metric_history(run.info.run_id, "val_accuracy")]
+    assert steps == list(range(5))
+
+    class Prunes(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return True
+
+    tracker.refusals = 1
+    pruned = optuna.create_study(direction="maximize", pruner=Prunes())
+    assert run_trial(pruned, pruned.ask(), cfg, features, tracker, "w").state == "PRUNED"
+    assert pruned.trials[0].state.name == "PRUNED"

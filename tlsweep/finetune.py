@@ -241,6 +241,7 @@ def run_finetune(
             state["checkpoint"] = "epoch-0.keras"
             _write_json(state_path, state)
         else:
+            state.setdefault("best_file", LEGACY_BEST)  # a state written before it had the name
             model = keras.models.load_model(folder / state["checkpoint"], safe_mode=True)
             log.info("fine-tuning resumes after epoch %d of %d", epoch, ft.epochs)
         state["run_id"] = run_id
@@ -273,7 +274,7 @@ def run_finetune(
             }
             # Every file an epoch writes has a new name, and state.json, replaced last, says
             # which are current: after a kill the files of the unfinished epoch are not used.
-            old = [state.get("checkpoint"), state.get("best_file", LEGACY_BEST)]
+            old = [state["checkpoint"], state["best_file"]]
             if _better(metric, value, state["best"]):
                 state.update(best=value, best_epoch=epoch, since_best=0)
                 state["best_file"] = _save_best(model, folder, epoch)
@@ -284,12 +285,12 @@ def run_finetune(
             state.update(epochs_done=epoch, checkpoint=name)
             state["history"].append(point)
             _write_json(state_path, state)
-            for stale in set(old) - {name, state.get("best_file")} - {None}:
+            for stale in set(old) - {name, state["best_file"]}:
                 with contextlib.suppress(OSError):
                     (folder / stale).unlink()
             _log_pending(tracker, run_id, state)
         # early stopping's "restore best weights"; epoch 0 is the frozen winner itself
-        _load_weights(model, folder / state.get("best_file", LEGACY_BEST))
+        _load_weights(model, folder / state["best_file"])
         accepted = _better(metric, state["best"], state["baseline"])
         test = None
         if len(rows["test"]):
@@ -320,14 +321,16 @@ def run_finetune(
             tracker.set_tags(run_id, {"tlsweep.accepted": str(accepted).lower()})
         state.update(complete=True, result=result.as_dict())
         _write_json(state_path, state)
-        keep = {STATE, FINAL, state["checkpoint"], state.get("best_file", LEGACY_BEST)}
+        status = "FINISHED"  # from here a rerun returns the result without reopening the run
+        keep = {STATE, FINAL, state["checkpoint"], state["best_file"]}
         for f in folder.iterdir():  # what epochs cut short by a kill left
             if f.name not in keep and (f.suffix in (".npz", ".keras") or ".tmp-" in f.name):
                 with contextlib.suppress(OSError):
                     f.unlink()
-        status = "FINISHED"
         return result
     except (KeyboardInterrupt, SystemExit):
+        if status == "FINISHED":  # only the tidying was cut short
+            raise
         status = "KILLED"  # the checkpoints stay: the next run resumes
         with contextlib.suppress(Exception):
             # the time spent goes onto the state on disk, not the one in memory, which an
@@ -348,7 +351,8 @@ def _log_pending(tracker: Any | None, run_id: str | None, state: dict[str, Any])
 
     The run itself says which epochs it has: a counter kept in ``state.json`` would be stale
     after a kill between MLflow's write and the state file's, and the epoch would show twice.
-    Every epoch's metrics go in one batch, so an epoch is on the run whole or not at all.
+    Every epoch's metrics go in one batch (one transaction in MLflow's SQL stores), so an epoch
+    is on the run whole or not at all.
     """
     if tracker is None or not run_id:
         return

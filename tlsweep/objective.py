@@ -268,17 +268,26 @@ def run_trial(
 
     recorded = False
 
-    def record() -> None:
+    def record(strict: bool = False) -> None:
         """The curves and final numbers onto the trial's run, once, before Optuna hears the
         outcome: a kill in between leaves a run with its curves, which the next process closes
-        (the other order left a COMPLETE trial whose run had no metrics at all)."""
+        (the other order left a COMPLETE trial whose run had no metrics at all). MLflow failing
+        here does not fail a trained trial: the outcome goes to Optuna, and the run is tried
+        again when it is closed (``strict``: an error then is raised, as any closing error)."""
         nonlocal recorded
-        if tracker and run_id and not recorded:
-            final = {"epochs_run": len(history), "trial_seconds": time.perf_counter() - t0}
-            if "each" in last:
-                final.update(_spread(last["each"], groups, group))
+        if not (tracker and run_id) or recorded:
+            return
+        final = {"epochs_run": len(history), "trial_seconds": time.perf_counter() - t0}
+        if "each" in last:
+            final.update(_spread(last["each"], groups, group))
+        try:
             tracker.log_trial_metrics(run_id, history, final)
-            recorded = True
+        except tracker.errors() as e:
+            if strict:
+                raise
+            log.warning("trial %d: MLflow did not take its curves yet: %s", trial.number, e)
+            return
+        recorded = True
 
     # From here on an interrupt fails the trial and queues it again: the caller may hold
     # interrupts since it asked for the trial and release them with ``started``. From telling
@@ -392,6 +401,7 @@ def run_trial(
             # The trial's value is the last point of its per-epoch `metric` curve, which MLflow
             # already shows as the run's value (the highest step); `record` does not log it
             # again at step 0, which would add a second point to the curve's first epoch.
+            record(strict=True)
             tracker.end_trial(run_id, state, [], {}, value=value)
         return TrialResult(state, value, params, history, seconds, error)
 

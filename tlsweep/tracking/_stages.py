@@ -65,7 +65,12 @@ class TrackerStages:
             filter_string=f"tags.`{ROLE_TAG}` = '{name}' and tags.`{STAGE_KEY_TAG}` = '{key}'",
             order_by=["attributes.start_time ASC"],
         )
-        mine = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == self.parent_run_id]
+        mine = [  # a FINISHED run is a stage done before: its state was lost; start anew
+            r
+            for r in runs
+            if r.data.tags.get("mlflow.parentRunId") == self.parent_run_id
+            and r.info.status != "FINISHED"
+        ]
         return mine[0].info.run_id if mine else None
 
     def log_metrics(
