@@ -127,6 +127,48 @@ def test_a_rerun_after_a_kill_logs_nothing_twice_and_makes_no_second_stage_run(
     assert [m.value for m in history] == [0.9, 0.95]
 
 
+def test_a_second_process_waits_for_the_stage_then_reads_back_its_result(tmp_path: Path) -> None:
+    """One process at a time works in a stage's folder: another (``best`` beside ``run``, a
+    second machine on the cache) waits for the lock, then finds the stage complete."""
+    import threading
+    from types import SimpleNamespace
+
+    import keras  # noqa: F401 - imported now, so that run_finetune reaches the lock at once
+
+    from tlsweep.entries import held_lock
+    from tlsweep.finetune import run_finetune, stage_key
+    from tlsweep.finetune_files import LOCK, write_state
+    from tlsweep.sweepfile import load_sweep
+
+    sweep = _finetune_sweep(tmp_path / "s.yaml", tmp_path / "no_data", tmp_path, "ft_lock")
+    cfg = load_sweep(sweep, check_data_dir=False)
+    w = SimpleNamespace(
+        number=0, params={}, backbone=cfg.backbones[0], entry=SimpleNamespace(key="k")
+    )
+    key = stage_key(cfg, w)
+    folder = tmp_path / "finetune" / f"ft_lock-trial0-{key[:16]}"
+    folder.mkdir(parents=True)
+    holding, events = threading.Event(), []
+    result = {"metric": "val_accuracy", "baseline": 0.8, "best": 0.9, "best_epoch": 2,
+              "epochs_run": 3, "accepted": True, "test": None, "seconds": 9.0, "run_id": None,
+              "folder": str(folder)}  # fmt: skip
+
+    def first() -> None:  # the process working in the folder: it completes the stage
+        with held_lock(folder / LOCK, "fine-tuning"):
+            holding.set()
+            time.sleep(1.0)
+            write_state(folder, {"key": key, "complete": True, "result": result})
+            events.append("complete")
+
+    t = threading.Thread(target=first)
+    t.start()
+    holding.wait(10)
+    got = run_finetune(cfg, w)  # would fine-tune (and fail: no images) without waiting
+    events.append("read back")
+    t.join()
+    assert events == ["complete", "read back"] and got.best == 0.9
+
+
 @pytest.mark.slow
 def test_kill_9_mid_finetune_resumes_from_the_last_epoch(
     cats_dogs_small: Path, shared_cache: Path, tmp_path: Path
@@ -174,7 +216,8 @@ def test_kill_9_mid_finetune_resumes_from_the_last_epoch(
     done = json.loads(state_path.read_text())
     assert done["complete"]
     kept = {p.name for p in state_path.parent.iterdir()}
-    assert kept == {"state.json", "final.keras", done["checkpoint"], done["best_file"]}, kept
+    current = {done["checkpoint"], done["best_file"]}
+    assert kept == {"state.json", "lock", "final.keras", *current}, kept
     # it went on from the last finished epoch: the epochs before the kill were not redone
     assert done["history"][: killed["epochs_done"] + 1] == killed["history"]
     client, runs = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft_kill")

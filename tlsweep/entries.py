@@ -222,22 +222,27 @@ def _read_entry(path: Path, key: str | None = None) -> Entry | None:
         return None
 
 
+def _entry_lock(cache_dir: Path, name: str) -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock per entry (see :func:`held_lock`)."""
+    return held_lock(cache_dir / f"{name}.lock", f"extracting {name}")
+
+
 @contextlib.contextmanager
-def _entry_lock(cache_dir: Path, name: str) -> Iterator[None]:
-    """An exclusive lock per entry; the OS releases it if the holder dies.
+def held_lock(lock_path: Path, doing: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``lock_path``; the OS releases it if the holder dies. Waiting
+    for it is logged as "waiting for another process ``doing``".
 
     ``cache clear`` may delete a lock file nobody holds; a process that opened it just before
     would then lock a deleted file while a newcomer locks a new one, so the lock is taken
     again until the file locked is the one at the path.
     """
-    lock_path = cache_dir / f"{name}.lock"
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                log.info("waiting for another process extracting %s", name)
+                log.info("waiting for another process %s", doing)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 current = os.stat(lock_path).st_ino == os.fstat(fd).st_ino

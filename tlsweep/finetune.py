@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,14 +36,23 @@ from typing import Any
 import numpy as np
 
 from tlsweep.config import FinetuneConfig, SweepConfig
+from tlsweep.entries import held_lock
 from tlsweep.errors import TlsweepError
 from tlsweep.finetune_data import augmentation, dataset, image_cache, image_size
+from tlsweep.finetune_files import (
+    FINAL,
+    LOCK,
+    STATE,
+    add_seconds,
+    load_weights,
+    read_state,
+    save_best,
+    tidy,
+    write_state,
+)
 
 log = logging.getLogger(__name__)
 
-STATE = "state.json"
-FINAL = "final.keras"  # the best fine-tuned model, written when the stage is complete
-LEGACY_BEST = "best-weights.npz"  # the best weights' name before it carried its epoch
 # (epoch, epochs, images done in this epoch, images per epoch)
 FinetuneProgress = Callable[[int, int, int, int], None]
 
@@ -141,34 +149,6 @@ def stage_key(cfg: SweepConfig, w: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _write_json(path: Path, d: dict[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(d, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _save_weights(model: Any, path: Path) -> None:
-    """The model's weights only (no optimizer state), atomically."""
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, *model.get_weights())
-    os.replace(tmp, path)
-
-
-def _save_best(model: Any, folder: Path, epoch: int) -> str:
-    """The model's weights at its best validation score so far, named after the epoch."""
-    name = f"best-{epoch}.npz"
-    _save_weights(model, folder / name)
-    return name
-
-
-def _load_weights(model: Any, path: Path) -> None:
-    with np.load(path, allow_pickle=False) as z:
-        model.set_weights([z[f"arr_{i}"] for i in range(len(z.files))])
-
-
 def _better(metric: str, a: float, b: float) -> bool:
     return a > b if metric == "val_accuracy" else a < b
 
@@ -180,24 +160,38 @@ def run_finetune(
     progress: FinetuneProgress | None = None,
 ) -> FinetuneResult:
     """Fine-tune the winner ``w`` (a :class:`tlsweep.winner.Winner`), or resume, or return the
-    finished result; choose it over the frozen winner only on validation."""
+    finished result; choose it over the frozen winner only on validation.
+
+    One process at a time works in the stage's folder (a ``flock``, released by the OS if its
+    holder dies): another one (``tlsweep best`` beside ``run``, a second machine on the same
+    cache) waits, then resumes or reads back what the first left.
+    """
+    if cfg.finetune is None:
+        raise TlsweepError(f"{cfg.path}: finetune: no such section; add one to fine-tune")
+    key = stage_key(cfg, w)
+    folder = cfg.cache_dir / "finetune" / f"{cfg.study}-trial{w.number}-{key[:16]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with held_lock(folder / LOCK, f"fine-tuning {folder.name}"):
+        return _finetune(cfg, w, tracker, progress, key, folder)
+
+
+def _finetune(
+    cfg: SweepConfig,
+    w: Any,
+    tracker: Any | None,
+    progress: FinetuneProgress | None,
+    key: str,
+    folder: Path,
+) -> FinetuneResult:
+    """:func:`run_finetune`'s work, under the stage's lock."""
     import keras
 
     from tlsweep.export import build_export_model
 
     ft = cfg.finetune
-    if ft is None:
-        raise TlsweepError(f"{cfg.path}: finetune: no such section; add one to fine-tune")
+    assert ft is not None  # run_finetune checked
     metric = cfg.search.metric
-    key = stage_key(cfg, w)
-    folder = cfg.cache_dir / "finetune" / f"{cfg.study}-trial{w.number}-{key[:16]}"
-    folder.mkdir(parents=True, exist_ok=True)
-    state_path = folder / STATE
-    state: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        state = json.loads(state_path.read_text())
-    if state.get("key") != key:
-        state = {}
+    state = read_state(folder, key)
     if state.get("complete"):
         return FinetuneResult(**state["result"])
 
@@ -236,12 +230,11 @@ def run_finetune(
             baseline = v_acc if metric == "val_accuracy" else v_loss
             state.update(baseline=baseline, best=baseline, best_epoch=0, since_best=0)
             state["history"].append({"epoch": 0, "val_loss": v_loss, "val_accuracy": v_acc})
-            state["best_file"] = _save_best(model, folder, 0)
+            state["best_file"] = save_best(model, folder, 0)
             model.save(folder / "epoch-0.keras")
             state["checkpoint"] = "epoch-0.keras"
-            _write_json(state_path, state)
+            write_state(folder, state)
         else:
-            state.setdefault("best_file", LEGACY_BEST)  # a state written before it had the name
             model = keras.models.load_model(folder / state["checkpoint"], safe_mode=True)
             log.info("fine-tuning resumes after epoch %d of %d", epoch, ft.epochs)
         state["run_id"] = run_id
@@ -277,20 +270,20 @@ def run_finetune(
             old = [state["checkpoint"], state["best_file"]]
             if _better(metric, value, state["best"]):
                 state.update(best=value, best_epoch=epoch, since_best=0)
-                state["best_file"] = _save_best(model, folder, epoch)
+                state["best_file"] = save_best(model, folder, epoch)
             else:
                 state["since_best"] += 1
             name = f"epoch-{epoch}.keras"
             model.save(folder / name)
             state.update(epochs_done=epoch, checkpoint=name)
             state["history"].append(point)
-            _write_json(state_path, state)
+            write_state(folder, state)
             for stale in set(old) - {name, state["best_file"]}:
                 with contextlib.suppress(OSError):
                     (folder / stale).unlink()
             _log_pending(tracker, run_id, state)
         # early stopping's "restore best weights"; epoch 0 is the frozen winner itself
-        _load_weights(model, folder / state["best_file"])
+        load_weights(model, folder / state["best_file"])
         accepted = _better(metric, state["best"], state["baseline"])
         test = None
         if len(rows["test"]):
@@ -320,25 +313,16 @@ def run_finetune(
             tracker.log_metrics(run_id, final, once=True)  # once: see Tracker.log_metrics
             tracker.set_tags(run_id, {"tlsweep.accepted": str(accepted).lower()})
         state.update(complete=True, result=result.as_dict())
-        _write_json(state_path, state)
+        write_state(folder, state)
         status = "FINISHED"  # from here a rerun returns the result without reopening the run
-        keep = {STATE, FINAL, state["checkpoint"], state["best_file"]}
-        for f in folder.iterdir():  # what epochs cut short by a kill left
-            if f.name not in keep and (f.suffix in (".npz", ".keras") or ".tmp-" in f.name):
-                with contextlib.suppress(OSError):
-                    f.unlink()
+        tidy(folder, {STATE, FINAL, LOCK, state["checkpoint"], state["best_file"]})
         return result
     except (KeyboardInterrupt, SystemExit):
         if status == "FINISHED":  # only the tidying was cut short
             raise
         status = "KILLED"  # the checkpoints stay: the next run resumes
         with contextlib.suppress(Exception):
-            # the time spent goes onto the state on disk, not the one in memory, which an
-            # interrupted epoch may have half changed (a best score its checkpoint lacks)
-            on_disk = json.loads(state_path.read_text())
-            if on_disk.get("key") == key and not on_disk.get("complete"):
-                on_disk["seconds"] = float(on_disk.get("seconds", 0.0)) + time.perf_counter() - t0
-                _write_json(state_path, on_disk)
+            add_seconds(folder, key, time.perf_counter() - t0)
         raise
     finally:
         if tracker is not None and run_id:
