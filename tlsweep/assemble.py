@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 
 from tlsweep.decode import why_skipped
+from tlsweep.digests import features_record
 from tlsweep.entries import (
     CACHE_FORMAT,
+    FEATURES_FILE,
     Entry,
     _entry_lock,
     _publish,
@@ -125,7 +127,7 @@ def _join(cache_dir: Path, job: _Job, plan: RowPlan, tmp: Path) -> Entry | None:
         if int(row_of[i]) in skipped
     ]
     done = int(got.sum())
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": CACHE_FORMAT,
         "complete": True,
         "key": job.key,
@@ -162,6 +164,8 @@ def _join(cache_dir: Path, job: _Job, plan: RowPlan, tmp: Path) -> Entry | None:
             "workers": sorted(owners),
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # its checksum and stat: a load whose stat differs checks the bytes (entries.py)
+        FEATURES_FILE: features_record(tmp / "features.npy"),
     }
     if job.bb.augment is not None:
         manifest["views"] = job.views_info()
