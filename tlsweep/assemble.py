@@ -52,16 +52,16 @@ def assemble(cache_dir: Path, job: _Job, plan: RowPlan) -> tuple[Entry, bool] | 
         tmp = cache_dir / _tmp_name(job.name)
         tmp.mkdir()
         try:
-            entry = _join(cache_dir, job, plan, tmp)
+            theirs = _join(cache_dir, job, plan, tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        finally:
-            shutil.rmtree(job.shards.dir, ignore_errors=True)
-    if entry is not None:
+            raise  # the written shards stay for the next extraction (Ctrl-C, a full disk)
+        shutil.rmtree(job.shards.dir, ignore_errors=True)
+        # read back under the lock: a `cache clear` meanwhile cannot remove it in between
+        entry = theirs or _read_entry(cache_dir / job.name, job.key)
+    if theirs is not None:
         log.info("cache hit: %s (published by another machine meanwhile)", job.name)
-        return entry, True
-    entry = _read_entry(cache_dir / job.name, job.key)
+        return theirs, True
     if entry is None:  # pragma: no cover - we just wrote it
         raise TlsweepError(f"{cache_dir / job.name}: the new cache entry failed verification")
     t = entry.manifest["timings"]

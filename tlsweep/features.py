@@ -123,19 +123,15 @@ class FeatureCache:
             if (match and match not in p.name) or p.name in (FINETUNE_DIR, IMAGES_DIR):
                 continue
             if p.is_dir():
-                lock = self.dir / f"{p.name.split('.tmp-')[0]}.lock"
-                shards = p.name.endswith(SHARDS_SUFFIX)
-                entry = ".tmp-" not in p.name and not shards
-                if (
-                    (".tmp-" in p.name and _in_progress(p, _lock_held(lock)))
-                    or (shards and _Shards(self.dir, p.name[: -len(SHARDS_SUFFIX)]).any_live())
-                    or (entry and _lock_held(lock))
-                ):
-                    log.warning(
-                        "%s: held by %s (an extraction in progress); left alone",
-                        p.name,
-                        lock_holder(lock),
-                    )
+                name = p.name.split(".tmp-")[0].removesuffix(SHARDS_SUFFIX)
+                lock, entry = self.dir / f"{name}.lock", p.name == name
+                if p.name.endswith(SHARDS_SUFFIX):  # unless a worker extracts its shards
+                    busy = not _Shards(self.dir, name).remove_if_abandoned()
+                else:
+                    busy = _in_progress(p, _lock_held(lock)) if ".tmp-" in p.name else False
+                    busy = busy or (entry and _lock_held(lock))
+                if busy:
+                    log.warning("%s: in use by %s; left alone", p.name, lock_holder(lock))
                     continue
                 shutil.rmtree(p, ignore_errors=True)
                 if entry:

@@ -20,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -288,6 +289,19 @@ class _Shards:
 
     def claimable(self, span: Span) -> bool:
         return not self.is_done(span) and self.live_owner(span) is None
+
+    def remove_if_abandoned(self) -> bool:
+        """Remove the folder unless a worker is extracting shards of it; whether it did. This
+        machine's extractor lock is held meanwhile, so no local worker starts in between."""
+        if not self.take_machine():
+            return False
+        try:
+            if any(_claim_owner(p) is not None for p in self.dir.glob("*.claim")):
+                return False
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return True
+        finally:
+            self.release_machine()
 
     def any_live(self) -> bool:
         """Whether a live worker claims a shard, or is this machine's extractor."""
