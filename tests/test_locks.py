@@ -264,6 +264,41 @@ def test_a_lock_wait_is_bounded_and_names_the_holder(
         assert json.loads(lock.read_text())["pid"] == os.getpid()
 
 
+def test_a_sqlite_storage_lock_wait_is_bounded_and_names_the_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    from tlsweep.errors import ServiceError
+
+    monkeypatch.setattr(ST, "LOCK_GIVE_UP", 0.3)
+    lock = tmp_path / "o.db.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(lock)], stdout=subprocess.PIPE, text=True
+    )
+    got: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            with ST.storage_lock(f"sqlite:///{tmp_path / 'o.db'}", "s"):
+                pass
+        except BaseException as e:  # noqa: BLE001 - what the waiter met, checked below
+            got.append(e)
+
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        waiter.join(60)
+        assert not waiter.is_alive(), "the wait for the storage lock is unbounded"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(got) == 1 and isinstance(got[0], ServiceError)
+    assert str(got[0]).startswith(f"{lock}: still held by pid {holder.pid} on host ")
+
+
 def test_entry_lock_follows_a_lock_file_deleted_by_clear(tmp_path: Path) -> None:
     """Holder A; B opened the lock file and waits; `cache clear` deletes the file; C creates a
     new one. B, once A is done, must find its file gone and lock C's, not run beside C."""
