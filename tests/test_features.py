@@ -507,6 +507,24 @@ def test_a_feature_array_changed_on_disk_is_never_used_silently(
     assert cache.entries() == []
 
 
+def test_verify_extracts_again_an_entry_whose_checksum_does_not_match(
+    tmp_path: Path, tiny: Path, tiny_entry: E.Entry
+) -> None:
+    """``--verify`` (``data.verify``) reads every feature array, even one whose stat matches."""
+    from tlsweep.features import extract_all
+
+    cache, copy = _cached_copy(tmp_path, tiny_entry)
+    cfg = load_sweep(write_sweep(tmp_path / "sweep.yaml", tiny, cache_dir=cache.dir))
+    assert extract_all(cfg)[0][2]  # a hit: the copy's checksum checked once, its stat recorded
+    m = json.loads((copy / "manifest.json").read_text())
+    m[E.FEATURES_FILE]["sha256"] = "0" * 64  # as if its bytes had changed, stat unchanged
+    (copy / "manifest.json").write_text(json.dumps(m))
+    assert extract_all(cfg)[0][2]  # without --verify the stat is trusted: no read
+    ((_, entry, cached),) = extract_all(replace(cfg, data=replace(cfg.data, verify=True)))
+    assert not cached and entry.path == copy
+    assert entry.manifest[E.FEATURES_FILE]["sha256"] != "0" * 64
+
+
 def test_an_entry_without_a_checksum_gets_one_on_its_first_load(
     tmp_path: Path, tiny_entry: E.Entry, bb: BackboneConfig
 ) -> None:
