@@ -53,9 +53,11 @@ def assemble(cache_dir: Path, job: _Job, plan: RowPlan) -> tuple[Entry, bool] | 
         tmp.mkdir()
         try:
             theirs = _join(cache_dir, job, plan, tmp)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise  # the written shards stay for the next extraction (Ctrl-C, a full disk)
+            if isinstance(e, TlsweepError) and e.exit_code == 2:  # no usable image: nothing of use
+                shutil.rmtree(job.shards.dir, ignore_errors=True)
+            raise  # else the written shards stay for the next extraction (Ctrl-C, a full disk)
         shutil.rmtree(job.shards.dir, ignore_errors=True)
         # read back under the lock: a `cache clear` meanwhile cannot remove it in between
         entry = theirs or _read_entry(cache_dir / job.name, job.key)
