@@ -48,8 +48,8 @@ def load(args: argparse.Namespace, **extra: Any) -> Any:
 
 def _stop_on_signals() -> None:
     """Ctrl-C, SIGTERM and SIGHUP (a closed terminal) stop the command at a point where the
-    running trial and its runs are closed and a half-written cache entry is removed
-    (:mod:`tlsweep.interrupts`)."""
+    running trial and its runs are closed and a half-written cache entry is removed, its
+    finished shards kept for the next extraction (:mod:`tlsweep.interrupts`)."""
     import signal
 
     from tlsweep.interrupts import clear, interrupt
