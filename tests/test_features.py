@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -33,7 +35,7 @@ from tlsweep.config import BackboneConfig, DataConfig
 from tlsweep.data import find_images
 from tlsweep.digests import content_digest
 from tlsweep.entries import cache_key, key_parts
-from tlsweep.errors import DataError
+from tlsweep.errors import DataError, ServiceError
 from tlsweep.features import FeatureCache
 from tlsweep.sweepfile import load_sweep
 
@@ -425,6 +427,151 @@ def test_damaged_entry_is_replaced(
     assert entry.path == copy and entry.key == tiny_entry.key
     assert _dirs(cache.dir) == [copy.name]
     np.testing.assert_allclose(entry.features(), tiny_entry.features(), rtol=1e-4, atol=1e-4)
+
+
+def _cached_copy(tmp_path: Path, entry: E.Entry) -> tuple[FeatureCache, Path]:
+    cache = FeatureCache(tmp_path / "cache")
+    return cache, Path(shutil.copytree(entry.path, cache.dir / entry.path.name))
+
+
+def test_an_entry_that_cannot_be_read_is_an_error_and_kept(
+    tmp_path: Path,
+    tiny: Path,
+    tiny_entry: E.Entry,
+    bb: BackboneConfig,
+    cli: Callable,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An I/O error (EIO, EMFILE, an NFS hiccup) is not damage: hours of extraction stay."""
+    cache, copy = _cached_copy(tmp_path, tiny_entry)
+    before = sorted(p.name for p in copy.iterdir())
+    read_text = Path.read_text
+
+    def failing(self: Path, *a: object, **kw: object) -> str:
+        if self.name == "manifest.json":
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return read_text(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", failing)
+    with pytest.raises(
+        ServiceError, match="manifest.json.*Input/output error.*nothing was deleted"
+    ):
+        cache.ensure(bb, find_images(DataConfig(dir=tiny)))
+    sweep = write_sweep(tmp_path / "sweep.yaml", tiny, cache_dir=cache.dir)
+    r = cli("extract", str(sweep), "-q", cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines[-1].startswith("tlsweep: error: "), r.stderr[-2000:]
+    assert str(copy / "manifest.json") in lines[-1] and "Traceback" not in r.stderr
+    monkeypatch.undo()
+    assert sorted(p.name for p in copy.iterdir()) == before  # nothing deleted
+    assert _dirs(cache.dir) == [copy.name]
+    assert cache.lookup(bb, tiny_entry.key) is not None
+
+
+def test_a_feature_array_changed_on_disk_is_never_used_silently(
+    tmp_path: Path, tiny_entry: E.Entry, bb: BackboneConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache, copy = _cached_copy(tmp_path, tiny_entry)
+    record = tiny_entry.manifest[E.FEATURES_FILE]
+    assert record["sha256"] == hashlib.sha256((copy / "features.npy").read_bytes()).hexdigest()
+    reads: list[Path] = []
+    real = E.features_record
+    monkeypatch.setattr(E, "features_record", lambda p: reads.append(p) or real(p))
+    # a copy has another inode and ctime: its bytes are checked once, its new stat recorded
+    assert cache.lookup(bb, tiny_entry.key) is not None and len(reads) == 1
+    assert json.loads((copy / "manifest.json").read_text())[E.FEATURES_FILE]["inode"] == (
+        (copy / "features.npy").stat().st_ino
+    )
+    # an unchanged entry: a hit reads no feature array, however many times
+    for _ in range(3):
+        assert cache.lookup(bb, tiny_entry.key) is not None
+    assert len(reads) == 1
+    # --verify reads it, and finds a checksum that does not match (stat unchanged)
+    m = json.loads((copy / "manifest.json").read_text())
+    m[E.FEATURES_FILE]["sha256"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(m))
+    assert FeatureCache(cache.dir).lookup(bb, tiny_entry.key) is not None  # stat trusted
+    assert FeatureCache(cache.dir, verify=True).lookup(bb, tiny_entry.key) is None
+    assert len(reads) == 2
+    m[E.FEATURES_FILE]["sha256"] = record["sha256"]
+    (copy / "manifest.json").write_text(json.dumps(m))
+    # one value changed in place, size and mtime put back: the ctime shows, the checksum refuses
+    arr = copy / "features.npy"
+    st = arr.stat()
+    with open(arr, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(np.float32(12345.0).tobytes())
+    os.utime(arr, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert arr.stat().st_size == st.st_size
+    assert cache.lookup(bb, tiny_entry.key) is None and len(reads) == 3
+    assert cache.entries() == []
+
+
+def test_verify_extracts_again_an_entry_whose_checksum_does_not_match(
+    tmp_path: Path, tiny: Path, tiny_entry: E.Entry
+) -> None:
+    """``--verify`` (``data.verify``) reads every feature array, even one whose stat matches."""
+    from tlsweep.features import extract_all
+
+    cache, copy = _cached_copy(tmp_path, tiny_entry)
+    cfg = load_sweep(write_sweep(tmp_path / "sweep.yaml", tiny, cache_dir=cache.dir))
+    assert extract_all(cfg)[0][2]  # a hit: the copy's checksum checked once, its stat recorded
+    m = json.loads((copy / "manifest.json").read_text())
+    m[E.FEATURES_FILE]["sha256"] = "0" * 64  # as if its bytes had changed, stat unchanged
+    (copy / "manifest.json").write_text(json.dumps(m))
+    assert extract_all(cfg)[0][2]  # without --verify the stat is trusted: no read
+    ((_, entry, cached),) = extract_all(replace(cfg, data=replace(cfg.data, verify=True)))
+    assert not cached and entry.path == copy
+    assert entry.manifest[E.FEATURES_FILE]["sha256"] != "0" * 64
+
+
+def test_an_entry_without_a_checksum_gets_one_on_its_first_load(
+    tmp_path: Path, tiny_entry: E.Entry, bb: BackboneConfig
+) -> None:
+    """Entries published before checksums were recorded keep working (trusted as they are)."""
+    cache, copy = _cached_copy(tmp_path, tiny_entry)
+    m = json.loads((copy / "manifest.json").read_text())
+    del m[E.FEATURES_FILE]
+    (copy / "manifest.json").write_text(json.dumps(m))
+    assert cache.lookup(bb, tiny_entry.key) is not None
+    got = json.loads((copy / "manifest.json").read_text())[E.FEATURES_FILE]
+    assert got["sha256"] == tiny_entry.manifest[E.FEATURES_FILE]["sha256"]
+
+
+def test_clear_removes_feature_entries_only_unless_asked(
+    tmp_path: Path, tiny_entry: E.Entry, cli: Callable
+) -> None:
+    """Fine-tuning checkpoints and decoded images are not feature entries; what a running
+    process holds (a stage's lock) is never removed, even with --all."""
+    cache, copy = _cached_copy(tmp_path, tiny_entry)
+    busy, idle = cache.dir / "finetune" / "s-trial1-aaaa", cache.dir / "finetune" / "s-trial2-bbbb"
+    images = cache.dir / "images" / "96px-cccc"
+    for folder in (busy, idle, images):
+        folder.mkdir(parents=True)
+        (folder / "ckpt-epoch3.weights.h5").write_bytes(b"\0" * 2_000_000)
+    d = str(cache.dir)
+    with E.held_lock(busy / "lock", "fine-tuning"):
+        r = cli("cache", "clear", "--cache-dir", d, cwd=tmp_path)
+        assert r.returncode == 0 and "removed 1 cache entry" in r.stdout, r.stderr
+        assert not copy.exists() and all(f.is_dir() for f in (busy, idle, images))
+        (copy / "x").mkdir(parents=True)  # an entry whose lock is held: left alone
+        with E._entry_lock(cache.dir, copy.name):
+            assert cache.clear() == [] and copy.is_dir()
+        shutil.rmtree(copy)
+        listed = cli("cache", "list", "--cache-dir", d, cwd=tmp_path)
+        assert "fine-tuning stages" in listed.stdout and "decoded-image caches" in listed.stdout
+        assert f"{busy.name}  2.0 MB  (in use)" in listed.stdout
+        assert f"{idle.name}  2.0 MB" in listed.stdout and f"{images.name}  2.0 MB" in listed.stdout
+        r = cli("cache", "clear", "--cache-dir", d, "--all", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert busy.is_dir() and not idle.exists()
+        assert images.is_dir()  # a running stage reads them
+        assert f"finetune/{busy.name}: in use by a running process" in r.stderr
+    r = cli("cache", "clear", "--cache-dir", d, "--images", cwd=tmp_path)
+    assert r.returncode == 0 and busy.is_dir() and not images.exists()
+    r = cli("cache", "clear", "--cache-dir", d, "--finetune", cwd=tmp_path)
+    assert r.returncode == 0 and not (cache.dir / "finetune").exists()
+    assert "removed 1 fine-tuning stage(s)" in r.stdout
 
 
 # --- unusable images ---------------------------------------------------------------------------

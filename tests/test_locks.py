@@ -7,6 +7,7 @@ cache's publication, clearing and lock files when two machines share the folder.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tlsweep import config
 from tlsweep import entries as E
 from tlsweep import features as F
 from tlsweep import storage as ST
@@ -211,6 +213,90 @@ def test_clear_leaves_an_extraction_in_progress_alone(tmp_path: Path) -> None:
     assert removed == ["Old-96-avg-0123"]
     left = sorted(p.name for p in cache.iterdir())
     assert left == sorted([live.name, other.name, held.name]), left
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from tlsweep.entries import held_lock
+with held_lock(Path(sys.argv[1]), "testing"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_lock_wait_is_bounded_and_names_the_holder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holds an entry lock: the wait is logged with its lock file, pid, host
+    and start, and ends after the timeout with one line saying who holds it and what to do."""
+    import socket
+    import subprocess
+    import sys
+
+    from tlsweep import shards as S
+    from tlsweep.errors import ServiceError
+
+    monkeypatch.setattr(S, "LOCK_POLL", 0.05)
+    lock = tmp_path / "E.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(lock)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        written = json.loads(lock.read_text())
+        assert written["pid"] == holder.pid and written["host"] == socket.gethostname()
+        who = f"pid {holder.pid} on host {socket.gethostname()} since {written['since']}"
+        caplog.set_level("INFO", logger="tlsweep")
+        monkeypatch.setattr(config, "DEFAULT_LOCK_TIMEOUT", 0.3)  # the default, then the env's
+        with pytest.raises(ServiceError, match="after 0.3s"), E._entry_lock(tmp_path, "E"):
+            pytest.fail("the lock was taken while another process holds it")
+        monkeypatch.setenv("TLSWEEP_LOCK_TIMEOUT", "0.5")
+        with pytest.raises(ServiceError) as e, E._entry_lock(tmp_path, "E"):
+            pytest.fail("the lock was taken while another process holds it")
+        msg = str(e.value)
+        assert msg.startswith(f"{lock}: still held by {who} after 0.5s") and "\n" not in msg
+        assert f"waiting for {lock}, held by {who}" in caplog.text
+    finally:
+        holder.kill()
+        holder.wait()
+    with E._entry_lock(tmp_path, "E"):  # its holder gone, the lock is free at once
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_a_sqlite_storage_lock_wait_is_bounded_and_names_the_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    from tlsweep.errors import ServiceError
+
+    monkeypatch.setattr(ST, "LOCK_GIVE_UP", 0.3)
+    lock = tmp_path / "o.db.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(lock)], stdout=subprocess.PIPE, text=True
+    )
+    got: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            with ST.storage_lock(f"sqlite:///{tmp_path / 'o.db'}", "s"):
+                pass
+        except BaseException as e:  # noqa: BLE001 - what the waiter met, checked below
+            got.append(e)
+
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        waiter.join(60)
+        assert not waiter.is_alive(), "the wait for the storage lock is unbounded"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(got) == 1 and isinstance(got[0], ServiceError)
+    assert str(got[0]).startswith(f"{lock}: still held by pid {holder.pid} on host ")
 
 
 def test_entry_lock_follows_a_lock_file_deleted_by_clear(tmp_path: Path) -> None:

@@ -426,6 +426,85 @@ def test_a_worker_killed_mid_shard_leaves_no_entry_and_a_rerun_reuses_its_shards
     assert np.array_equal(entry.features(), alone.features())
 
 
+def _digest(cfg: object) -> str:
+    from tlsweep.digests import content_digest
+
+    return content_digest(find_images(cfg.data))  # type: ignore[attr-defined]
+
+
+def test_ctrl_c_keeps_the_written_shards_and_a_rerun_reuses_them(
+    tmp_path: Path, data: Path, small_shards: None
+) -> None:
+    """A real SIGINT mid-extraction: exit 130, the finished shards stay (as after kill -9)."""
+    sweep = _sweep(tmp_path, data, TINY, tmp_path / "cache")
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    code = _EXTRACT.format(batch=BATCH, shard_batches=SHARD_BATCHES, pause=30)
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, str(sweep), str(ready), "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    try:
+        assert p.stdout.readline().strip() == "wrote a shard"  # then it sleeps: Ctrl-C there
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 130, err[-2000:]
+    cache = tmp_path / "cache"
+    (folder,) = [x for x in cache.iterdir() if x.is_dir()]
+    assert folder.name.endswith(".shards") and len(list(folder.glob("*.npz"))) == 1
+    ((_, entry, cached),) = F.extract_all(load_sweep(sweep))
+    assert not cached and f"{socket.gethostname()}:{p.pid}" in entry.manifest["timings"]["workers"]
+
+
+def test_cache_clear_during_an_extraction_breaks_nothing(
+    tmp_path: Path, data: Path, small_shards: None
+) -> None:
+    """`cache clear` in another process, again and again while `extract` runs: the extraction
+    finishes, extracts each shard once, and its entry is published."""
+    sweep = _sweep(tmp_path, data, TINY, tmp_path / "cache")
+    cache = FeatureCache(tmp_path / "cache")
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    code = _EXTRACT.format(batch=BATCH, shard_batches=SHARD_BATCHES, pause=0.3)
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, str(sweep), str(ready), "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    removed: list[str] = []
+    clears = 0
+    cfg = load_sweep(sweep)
+    entry_name = E.entry_name(
+        cfg.backbones[0], E.cache_key(E.key_parts(cfg.backbones[0], _digest(cfg)))
+    )
+    try:
+        while p.poll() is None and cache.dir.is_dir() is False:
+            time.sleep(0.05)
+        while p.poll() is None:
+            removed += cache.clear()  # this process: another one than the extraction
+            clears += 1
+            time.sleep(0.01)
+        out, err = p.communicate(timeout=300)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 0, err[-2000:]
+    n_shards = len(X.shard_spans(len(find_images(cfg.data).files)))
+    assert out.count("wrote a shard") == n_shards and clears > n_shards, (out, clears)
+    assert "extracted" in out and "Traceback" not in err, out
+    # only the complete entry may have gone (after its publication), never a folder being written
+    assert removed in ([], [entry_name]), removed
+    assert not [x for x in cache.dir.iterdir() if ".tmp-" in x.name or x.suffix == ".shards"]
+
+
 @pytest.mark.slow
 def test_run_with_workers_extracts_in_the_workers(tmp_path: Path, data: Path) -> None:
     search = {

@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 
 from tlsweep.decode import why_skipped
+from tlsweep.digests import features_record
 from tlsweep.entries import (
     CACHE_FORMAT,
+    FEATURES_FILE,
     Entry,
     _entry_lock,
     _publish,
@@ -50,16 +52,18 @@ def assemble(cache_dir: Path, job: _Job, plan: RowPlan) -> tuple[Entry, bool] | 
         tmp = cache_dir / _tmp_name(job.name)
         tmp.mkdir()
         try:
-            entry = _join(cache_dir, job, plan, tmp)
-        except BaseException:
+            theirs = _join(cache_dir, job, plan, tmp)
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        finally:
-            shutil.rmtree(job.shards.dir, ignore_errors=True)
-    if entry is not None:
+            if isinstance(e, TlsweepError) and e.exit_code == 2:  # no usable image: nothing of use
+                shutil.rmtree(job.shards.dir, ignore_errors=True)
+            raise  # else the written shards stay for the next extraction (Ctrl-C, a full disk)
+        shutil.rmtree(job.shards.dir, ignore_errors=True)
+        # read back under the lock: a `cache clear` meanwhile cannot remove it in between
+        entry = theirs or _read_entry(cache_dir / job.name, job.key)
+    if theirs is not None:
         log.info("cache hit: %s (published by another machine meanwhile)", job.name)
-        return entry, True
-    entry = _read_entry(cache_dir / job.name, job.key)
+        return theirs, True
     if entry is None:  # pragma: no cover - we just wrote it
         raise TlsweepError(f"{cache_dir / job.name}: the new cache entry failed verification")
     t = entry.manifest["timings"]
@@ -125,7 +129,7 @@ def _join(cache_dir: Path, job: _Job, plan: RowPlan, tmp: Path) -> Entry | None:
         if int(row_of[i]) in skipped
     ]
     done = int(got.sum())
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": CACHE_FORMAT,
         "complete": True,
         "key": job.key,
@@ -162,6 +166,8 @@ def _join(cache_dir: Path, job: _Job, plan: RowPlan, tmp: Path) -> Entry | None:
             "workers": sorted(owners),
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # its checksum and stat: a load whose stat differs checks the bytes (entries.py)
+        FEATURES_FILE: features_record(tmp / "features.npy"),
     }
     if job.bb.augment is not None:
         manifest["views"] = job.views_info()

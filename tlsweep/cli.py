@@ -147,6 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=_text("part of an entry name"),
         help="clear only entries whose name contains this",
     )
+    c.add_argument(
+        "--finetune",
+        action="store_true",
+        help="clear the fine-tuning stages' checkpoints (not the feature entries, unless --all)",
+    )
+    c.add_argument(
+        "--images",
+        action="store_true",
+        help="clear the decoded-image caches of fine-tuning (not the entries, unless --all)",
+    )
+    c.add_argument(
+        "--all",
+        action="store_true",
+        help="clear the feature entries, fine-tuning stages and decoded images; what a running "
+        "process holds is always left alone",
+    )
     c.set_defaults(func=cmd_cache)
 
     for register in _EXTRA_COMMANDS:

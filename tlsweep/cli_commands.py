@@ -48,8 +48,8 @@ def load(args: argparse.Namespace, **extra: Any) -> Any:
 
 def _stop_on_signals() -> None:
     """Ctrl-C, SIGTERM and SIGHUP (a closed terminal) stop the command at a point where the
-    running trial and its runs are closed and a half-written cache entry is removed
-    (:mod:`tlsweep.interrupts`)."""
+    running trial and its runs are closed and a half-written cache entry is removed, its
+    finished shards kept for the next extraction (:mod:`tlsweep.interrupts`)."""
     import signal
 
     from tlsweep.interrupts import clear, interrupt
@@ -100,6 +100,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from tlsweep.checks import check_can_write
     from tlsweep.config import DEFAULT_CACHE_DIR
     from tlsweep.features import FeatureCache
+    from tlsweep.finetune_files import (
+        FINETUNE_DIR,
+        IMAGES_DIR,
+        clear_side,
+        folder_bytes,
+        side_folders,
+    )
 
     cache_dir = args.cache_dir
     if cache_dir is None and args.sweep:
@@ -110,11 +117,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.action == "clear" and os.path.isdir(cache_dir):
         check_can_write(cache_dir, "--cache-dir", "dir")
     cache = FeatureCache(cache_dir)
+    side = [k for k, on in ((FINETUNE_DIR, args.finetune), (IMAGES_DIR, args.images)) if on]
     if args.action == "list":
         entries = cache.entries()
         if not entries:
             print(f"no cache entries in {cache.dir}")
-            return 0
         for e in entries:
             m = e.manifest
             size_mb = (e.path / "features.npy").stat().st_size / 1e6
@@ -124,11 +131,23 @@ def cmd_cache(args: argparse.Namespace) -> int:
                 + "  "
                 f"{size_mb:.1f} MB  {len(m['skipped'])} skipped  {m['data_dir']}  {m['created']}"
             )
+        titles = {FINETUNE_DIR: "fine-tuning stages", IMAGES_DIR: "decoded-image caches"}
+        for kind, items in side_folders(cache.dir).items():
+            if items:
+                total = sum(folder_bytes(p) for p, _ in items) / 1e6
+                print(f"{titles[kind]} ({kind}/, cleared with --{kind}): {total:.1f} MB")
+            for p, used in items:
+                mb = folder_bytes(p) / 1e6
+                print(f"  {p.name}  {mb:.1f} MB" + ("  (in use)" if used else ""))
         return 0
-    removed = cache.clear(args.match)
-    print(
-        f"removed {len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} from {cache.dir}"
-    )
+    if args.all or not side:
+        removed = cache.clear(args.match)
+        n = len(removed)
+        print(f"removed {n} cache entr{'y' if n == 1 else 'ies'} from {cache.dir}")
+    if side or args.all:
+        gone = clear_side(cache.dir, [FINETUNE_DIR, IMAGES_DIR] if args.all else side, args.match)
+        stages = sum(g.startswith(FINETUNE_DIR) for g in gone)
+        print(f"removed {stages} fine-tuning stage(s), {len(gone) - stages} decoded-image cache(s)")
     return 0
 
 

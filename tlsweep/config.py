@@ -40,6 +40,9 @@ DEFAULT_DIRECTION = "maximize"  # the one that fits DEFAULT_METRIC
 DEFAULT_HEARTBEAT_INTERVAL = 5  # seconds between a running trial's heartbeats
 DEFAULT_GRACE_PERIOD = 30  # seconds without a heartbeat before a trial is taken as dead
 DEFAULT_MAX_RETRY = 3  # how often the parameters of a trial killed mid-way are retried
+# seconds a command waits for a file lock another process holds (an entry being extracted, a
+# fine-tuning stage, a local store) before it stops with who holds it; TLSWEEP_LOCK_TIMEOUT wins
+DEFAULT_LOCK_TIMEOUT = 900.0
 MAX_WORKERS = 256  # `run --workers N` on one machine: more is a typo, not a plan
 # How long a server may keep a command waiting. MLflow's own defaults (7 HTTP retries with
 # exponential back-off, 120 s per request) wait for minutes on a server that is down; the

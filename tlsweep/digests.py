@@ -17,6 +17,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from tlsweep.data import ImageSet, cores
 
@@ -38,6 +39,24 @@ def file_digest(path: str) -> str:
             return h.hexdigest()
     except OSError as e:
         return f"unreadable:{e.errno}"
+
+
+def features_stat(path: Path) -> dict[str, int]:
+    """What must not change for a recorded checksum of the file ``path`` to stay valid."""
+    st = os.stat(path)
+    return {
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "inode": st.st_ino,
+    }
+
+
+def features_record(path: Path) -> dict[str, Any]:
+    """The checksum (SHA-256) and stat of the feature array ``path``, for the manifest."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"sha256": digest, **features_stat(path)}
 
 
 # The stat index: (size, mtime_ns, ctime_ns, inode, device) of a file -> its digest, trusted on a

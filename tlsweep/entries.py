@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -33,7 +32,6 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -43,8 +41,9 @@ import numpy as np
 
 from tlsweep import backbones as bbs
 from tlsweep.config import BackboneConfig
-from tlsweep.digests import file_digest
+from tlsweep.digests import features_record, features_stat, file_digest
 from tlsweep.errors import TlsweepError
+from tlsweep.shards import held_lock
 
 log = logging.getLogger(__name__)
 
@@ -197,17 +196,74 @@ class Entry(ManifestFields):
         return out, y
 
 
-def _read_entry(path: Path, key: str | None = None) -> Entry | None:
-    """The entry at ``path`` if complete and consistent, else None (never raises)."""
+FEATURES_FILE = "features"  # the manifest's record of features.npy: checksum and stat
+
+
+def _unreadable(path: Path, e: OSError) -> TlsweepError:
+    from tlsweep.errors import ServiceError
+
+    return ServiceError(
+        f"{e.filename or path}: cannot read this cache entry ({e.strerror or e}); nothing was "
+        "deleted: fix the disk, mount or open-files limit and run again"
+    )
+
+
+def _rewrite_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Replace the entry's manifest atomically (a checksum's new stat); best effort."""
+    tmp = path / f"manifest.json.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        tmp.write_text(json.dumps(manifest))
+        os.replace(tmp, path / "manifest.json")
+    except OSError as e:
+        log.debug("%s: manifest not updated (%s)", path, e)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _checksum_ok(path: Path, manifest: dict[str, Any], verify: bool) -> bool:
+    """Whether ``features.npy`` holds the bytes published: trusted without reading when its
+    stat is the one recorded (unless ``verify``), else its checksum is computed and compared.
+    A match records the new stat. An entry published before checksums were recorded has its
+    checksum computed and recorded on its first load: it is trusted as it is then."""
+    array = path / "features.npy"
+    rec = manifest.get(FEATURES_FILE)
+    now = features_stat(array)
+    if rec is not None and not verify and {k: rec.get(k) for k in now} == now:
+        return True
+    got = features_record(array)
+    if rec is not None and got["sha256"] != rec.get("sha256"):
+        log.warning(
+            "%s: changed on disk since the entry was published (checksum mismatch); not used",
+            array,
+        )
+        return False
+    manifest[FEATURES_FILE] = got
+    _rewrite_manifest(path, manifest)
+    return True
+
+
+def _read_entry(path: Path, key: str | None = None, verify: bool = False) -> Entry | None:
+    """The entry at ``path`` if complete and consistent, None if it is absent or proven invalid
+    (then it may be replaced); a file that cannot be read (an I/O error, too many open files)
+    raises a :class:`ServiceError` naming it: a good entry is never taken for a damaged one.
+
+    A feature array whose stat changed since publication is checked against its recorded
+    checksum (every array with ``verify``); the hit of an unchanged entry reads no array."""
+    try:
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            return None
         if manifest.get("format") != CACHE_FORMAT or not manifest.get("complete"):
             return None
         if key is not None and manifest.get("key") != key:
             return None
         if cache_key(manifest["key_parts"]) != manifest["key"]:
             return None
-        arr = np.load(path / "features.npy", mmap_mode="r", allow_pickle=False)
+        try:
+            arr = np.load(path / "features.npy", mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            return None
         if list(arr.shape) != manifest["shape"] or str(arr.dtype) != manifest["dtype"]:
             return None
         rows = [f["row"] for f in manifest["files"]]
@@ -217,45 +273,18 @@ def _read_entry(path: Path, key: str | None = None) -> Entry | None:
             return None
         if rows and (min(rows) < 0 or max(rows) >= end):
             return None
+        if not _checksum_ok(path, manifest, verify):
+            return None
         return Entry(path=path, manifest=manifest)
-    except (OSError, ValueError, KeyError, TypeError):
+    except OSError as e:
+        raise _unreadable(path, e) from None
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
 def _entry_lock(cache_dir: Path, name: str) -> contextlib.AbstractContextManager[None]:
     """An exclusive lock per entry (see :func:`held_lock`)."""
     return held_lock(cache_dir / f"{name}.lock", f"extracting {name}")
-
-
-@contextlib.contextmanager
-def held_lock(lock_path: Path, doing: str) -> Iterator[None]:
-    """An exclusive ``flock`` on ``lock_path``; the OS releases it if the holder dies. Waiting
-    for it is logged as "waiting for another process ``doing``".
-
-    ``cache clear`` may delete a lock file nobody holds; a process that opened it just before
-    would then lock a deleted file while a newcomer locks a new one, so the lock is taken
-    again until the file locked is the one at the path.
-    """
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another process %s", doing)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                current = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                current = False
-            if not current:
-                continue  # finally: unlock and close, then lock the file now at the path
-            yield
-            return
-        finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
 
 
 def _tmp_name(name: str) -> str:
@@ -280,21 +309,6 @@ def _in_progress(tmp: Path, locked: bool) -> bool:
         return time.time() - tmp.stat().st_mtime < ABANDONED_AFTER
     except FileNotFoundError:
         return False
-
-
-def _lock_held(path: Path) -> bool:
-    """Whether another process holds the entry lock ``path`` (an extraction in progress)."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing releases our lock, if we got it
-    return False
 
 
 def _publish(tmp: Path, final: Path, key: str) -> Entry | None:

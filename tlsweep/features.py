@@ -5,18 +5,17 @@ What an entry is on disk (key, manifest, lock, publication) is :mod:`tlsweep.ent
 shard folder that lets several workers extract one entry together is :mod:`tlsweep.shards`.
 
 A missing entry's rows are cut into shards that every process asking for it (``run --workers
-N``, other machines on the same cache folder) claims, extracts and writes
-(:mod:`tlsweep.extraction`: streamed to memory-mapped files, so a dataset larger than memory
-works); a shard of a worker that died is taken over, and the entry is joined and published
-under a per-entry file lock once every shard is written, bit-identical to one worker's
-(:mod:`tlsweep.assemble`). :meth:`FeatureCache.ensure_many` runs that loop; :func:`extract_all`
-makes sure every entry of a sweep exists.
+N``, other machines on the same cache folder) claims, extracts and writes (streamed to
+memory-mapped files, :mod:`tlsweep.extraction`); a dead worker's shard is taken over, and the
+entry is joined and published under its lock once every shard is written, bit-identical to
+one worker's (:mod:`tlsweep.assemble`), by :meth:`FeatureCache.ensure_many`.
 
 Computing a key imports no TensorFlow, and reads only the images whose stat changed: a stat
 index per data folder (``<cache_dir>/stat-index-<hash of the folder's path>.json``) maps each
 file's (size, mtime, ctime, inode, device) to its content digest (see
 :func:`tlsweep.digests.file_digests`), so a cache hit costs one ``stat`` per image, whatever
-their size. ``verify`` (``--verify``, ``data.verify``) reads every image.
+their size. ``verify`` (``--verify``, ``data.verify``) reads every image, and every entry's
+features to check them against their recorded checksum.
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ from tlsweep.entries import (
     Entry,
     _entry_lock,
     _in_progress,
-    _lock_held,
     _read_entry,
     cache_key,
     check_usable,
@@ -50,7 +48,16 @@ from tlsweep.entries import (
 )
 from tlsweep.errors import TlsweepError
 from tlsweep.extraction import Progress, RowPlan, _Job, extract_shards
-from tlsweep.shards import CLAIM_STALE_AFTER, SHARDS_SUFFIX, Span, _Shards
+from tlsweep.finetune_files import FINETUNE_DIR, IMAGES_DIR
+from tlsweep.shards import (
+    CLAIM_STALE_AFTER,
+    SHARDS_SUFFIX,
+    Span,
+    _lock_held,
+    _Shards,
+    held_lock,
+    lock_holder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +69,10 @@ WAIT_LOG_EVERY = 30.0  # seconds between two "waiting for shards" lines
 class FeatureCache:
     """The cache folder: lookup, extraction with publication, listing and clearing."""
 
-    def __init__(self, cache_dir: str | Path):
+    def __init__(self, cache_dir: str | Path, verify: bool = False):
         self.dir = Path(cache_dir)
+        self.verify = verify  # check every entry's feature checksum (once per process)
+        self._verified: set[Path] = set()
 
     def _mkdir(self) -> None:
         try:
@@ -85,7 +94,11 @@ class FeatureCache:
         return content_digest(images, index=self.stat_index(images.root), verify=verify)
 
     def lookup(self, bb: BackboneConfig, key: str) -> Entry | None:
-        return _read_entry(self.dir / entry_name(bb, key), key)
+        path = self.dir / entry_name(bb, key)
+        entry = _read_entry(path, key, verify=self.verify and path not in self._verified)
+        if entry is not None and self.verify:
+            self._verified.add(path)
+        return entry
 
     def entries(self) -> list[Entry]:
         if not self.dir.is_dir():
@@ -99,25 +112,29 @@ class FeatureCache:
         return out
 
     def clear(self, match: str | None = None) -> list[str]:
-        """Remove entries (all, or those whose name contains ``match``) and leftovers; without
-        ``match``, the stat indexes of the data folders too (they are a cache as well). An
-        extraction in progress (its lock held, its temporary folder alive) is left alone."""
-        removed = []
+        """Remove feature entries (all, or those whose name contains ``match``) and leftovers,
+        and without ``match`` the data folders' stat indexes; never fine-tuning stages or
+        decoded images (``clear_side``), nor what a live process holds (an extraction: its
+        lock, temporary or shard folder), which is logged."""
+        removed: list[str] = []
         if not self.dir.is_dir():
             return removed
         for p in sorted(self.dir.iterdir()):
-            if match and match not in p.name:
+            if (match and match not in p.name) or p.name in (FINETUNE_DIR, IMAGES_DIR):
                 continue
             if p.is_dir():
-                lock = self.dir / f"{p.name.split('.tmp-')[0]}.lock"
-                shards = p.name.endswith(SHARDS_SUFFIX)
-                if (".tmp-" in p.name and _in_progress(p, _lock_held(lock))) or (
-                    shards and _Shards(self.dir, p.name[: -len(SHARDS_SUFFIX)]).any_live()
-                ):
-                    log.info("%s: an extraction in progress; left alone", p.name)
+                name = p.name.split(".tmp-")[0].removesuffix(SHARDS_SUFFIX)
+                lock, entry = self.dir / f"{name}.lock", p.name == name
+                if p.name.endswith(SHARDS_SUFFIX):  # unless a worker extracts its shards
+                    busy = not _Shards(self.dir, name).remove_if_abandoned()
+                else:
+                    busy = _in_progress(p, _lock_held(lock)) if ".tmp-" in p.name else False
+                    busy = busy or (entry and _lock_held(lock))
+                if busy:
+                    log.warning("%s: in use by %s; left alone", p.name, lock_holder(lock))
                     continue
                 shutil.rmtree(p, ignore_errors=True)
-                if ".tmp-" not in p.name and not shards:
+                if entry:
                     removed.append(p.name)
             elif (p.suffix == ".lock" and not _lock_held(p)) or (
                 match is None and p.name.lstrip(".").startswith(STAT_INDEX_PREFIX)
@@ -294,12 +311,16 @@ class FeatureCache:
         return held
 
     def _abandon(self, job: _Job) -> None:
-        """After an error or Ctrl-C: remove the entry's shard folder, unless another worker is
-        extracting shards of it (their claims are live) or will assemble it."""
+        """After an error or Ctrl-C: written shards are kept for the next extraction (as after
+        ``kill -9``); a shard folder with none, and no live claim, is removed."""
         job.shards.release_machine()
-        with contextlib.suppress(OSError), _entry_lock(self.dir, job.name):
-            if job.shards.dir.is_dir() and not job.shards.any_live():
-                shutil.rmtree(job.shards.dir, ignore_errors=True)
+        with (
+            contextlib.suppress(OSError, TlsweepError),
+            held_lock(self.dir / f"{job.name}.lock", f"extracting {job.name}", 5.0),
+        ):
+            d = job.shards.dir
+            if d.is_dir() and not any(d.glob("*.npz")) and not job.shards.any_live():
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def extract_all(
@@ -321,7 +342,7 @@ def extract_all(
     """
     resolved = list(cfg.backbones)  # load_sweep resolved them against the registry
     images = find_images(cfg.data)
-    cache = FeatureCache(cfg.cache_dir)
+    cache = FeatureCache(cfg.cache_dir, verify=cfg.data.verify)
     digest = cache.images_digest(images, verify=cfg.data.verify)
     if check is not None:
         check({bb.label: _expected(bb, digest) for bb in resolved})

@@ -77,3 +77,71 @@ def tidy(folder: Path, keep: set[str]) -> None:
         if f.name not in keep and (f.suffix in (".npz", ".keras") or ".tmp-" in f.name):
             with contextlib.suppress(OSError):
                 f.unlink()
+
+
+# --- what fine-tuning keeps in the cache folder, for `tlsweep cache list / clear` --------------
+FINETUNE_DIR = "finetune"  # <cache_dir>/finetune/<stage>/: resumable checkpoints
+IMAGES_DIR = "images"  # <cache_dir>/images/<size>px-<key>/: decoded images (finetune_data)
+
+
+def folder_bytes(folder: Path) -> int:
+    """The size of every file under ``folder``."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_size
+    return total
+
+
+def _writer_alive(folder: Path) -> bool:
+    """Whether the process writing a temporary image folder (``<name>.tmp-<pid>-<id>``) runs."""
+    pid = folder.name.rpartition(".tmp-")[2].split("-")[0]
+    if ".tmp-" not in folder.name or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process
+    return True
+
+
+def side_folders(cache_dir: Path) -> dict[str, list[tuple[Path, bool]]]:
+    """kind (FINETUNE_DIR, IMAGES_DIR) -> (folder, in use) of each: a stage whose lock a live
+    process holds; decoded images being written, or while any stage runs (it reads them)."""
+    from tlsweep.shards import _lock_held
+
+    out: dict[str, list[tuple[Path, bool]]] = {}
+    for kind in (FINETUNE_DIR, IMAGES_DIR):
+        base = Path(cache_dir) / kind
+        found = sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        out[kind] = [
+            (p, _lock_held(p / LOCK) if kind == FINETUNE_DIR else _writer_alive(p)) for p in found
+        ]
+    if any(used for _, used in out[FINETUNE_DIR]):
+        out[IMAGES_DIR] = [(p, True) for p, _ in out[IMAGES_DIR]]
+    return out
+
+
+def clear_side(cache_dir: Path, kinds: list[str], match: str | None = None) -> list[str]:
+    """Remove the fine-tuning stages and/or decoded images (``kinds``) whose name contains
+    ``match``, except what a live process holds (logged); the removed ``kind/name``s."""
+    import logging
+    import shutil
+
+    log = logging.getLogger(__name__)
+    removed = []
+    for kind, items in side_folders(cache_dir).items():
+        for p, used in items if kind in kinds else []:
+            if match and match not in p.name:
+                continue
+            if used:
+                log.warning("%s/%s: in use by a running process; left alone", kind, p.name)
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(f"{kind}/{p.name}")
+        with contextlib.suppress(OSError):
+            (Path(cache_dir) / kind).rmdir()  # when empty
+    return removed

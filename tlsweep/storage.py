@@ -14,7 +14,6 @@ workers end with exactly ``n_trials`` finished trials (:mod:`tlsweep.runner`).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import sqlite3
@@ -229,13 +228,11 @@ def storage_lock(url: str, name: str) -> Iterator[None]:
             lock.release()
         return
     if path is not None:
-        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        from tlsweep.shards import held_lock
+
+        # a bounded wait, saying who holds it (pid, host, since: written into the file)
+        with held_lock(Path(f"{path}.lock"), f"using the storage {path}", LOCK_GIVE_UP):
             yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
         return
     import sqlalchemy
 

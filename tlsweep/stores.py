@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import secrets
@@ -264,10 +263,10 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         yield
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass
+        from tlsweep.shards import wait_flock
+
+        with contextlib.suppress(OSError):  # bounded, says who waits for what
+            wait_flock(fd, folder, f"committing a store in {folder}")
         yield
     finally:
         os.close(fd)  # releases the lock
