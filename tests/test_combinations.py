@@ -256,7 +256,7 @@ def _run_combination(
     states = [t.state.name for t in study.trials]
     assert len(states) == N_TRIALS and set(states) <= {"COMPLETE", "PRUNED"}, states
     if finetune:
-        assert "finetune" in r.stdout.lower(), r.stdout[-2000:]
+        assert "fine-tuning: 1 epoch" in r.stdout, r.stdout[-2000:]
 
 
 # A fast subset: the case, the grid's edges, folds with views, fine-tuning.
