@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -32,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from multiprocessing import Pool
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -113,7 +113,9 @@ def generate(data: Path, dst: Path, n: int, seed: int) -> dict:
         for c in classes:
             (dst / s / c).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with Pool(len(os.sched_getaffinity(0))) as pool:
+    # spawn, never fork: a forked child of a process with threads (TensorFlow) may crash
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(len(os.sched_getaffinity(0))) as pool:
         sizes = pool.map(_make, jobs, chunksize=64)
     return {"seconds": time.perf_counter() - t0, "bytes": int(sum(sizes))}
 

@@ -80,6 +80,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """The random order's seed at the end too, where a failure is read (and with -q)."""
+    if config.pluginmanager.hasplugin("randomly"):
+        seed = config.getoption("randomly_seed")
+        terminalreporter.write_line(
+            f"tests ran in a random order: --randomly-seed={seed} repeats it "
+            "(-p no:randomly: file order)"
+        )
+
+
 def need_shared() -> Path:
     """The shared folder, or skip (fail in CI) when it is missing."""
     if not (CATS_DOGS.is_dir() and MNV2_WEIGHTS.is_file()):

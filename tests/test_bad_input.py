@@ -219,6 +219,21 @@ CASES = {
     "search-space-low-gt-high": ("search.space.units", {"low": 128, "high": 16}),
     "search-space-unknown-key": ("search.space.units", {"low": 16, "hi": 64}),
     "search-grace-not-longer": ("search.grace_period", 2),
+    "search-grid-float-range": ("search.sampler", "grid"),  # dropout: a range without step
+    "search-grid-fewer-points-than-trials": (
+        "search",
+        {
+            "n_trials": 3,
+            "sampler": "grid",
+            "space": {
+                "units": {"choices": [16, 32]},
+                "dropout": 0.1,
+                "learning_rate": 1e-3,
+                "batch_size": 32,
+                "epochs": 2,
+            },
+        },
+    ),
 }
 RAW = {
     "invalid-yaml": "study: [unclosed\ndata: {dir: x\n",

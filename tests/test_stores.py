@@ -1,8 +1,9 @@
 """The local SQLite stores: built atomically, never wedged by a kill or a concurrent first run.
 
-The default tests drive :mod:`tlsweep.stores` in forked processes (MLflow and Optuna already
-imported, so a kill lands inside the schema build, not in an import); the kill loop over the
-whole command line is marked slow.
+The default tests drive :mod:`tlsweep.stores` in spawned processes that import MLflow and Optuna
+before they build (so a kill lands inside the schema build, not in an import). Never ``fork``: a
+pytest worker may have loaded TensorFlow (threads) already, and a forked child of it can crash.
+The kill loop over the whole command line is marked slow.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import run_cli, write_sweep
@@ -26,7 +28,9 @@ from conftest import run_cli, write_sweep
 from tlsweep import storage, stores, tracking
 from tlsweep.errors import StoreError
 
-FORK = multiprocessing.get_context("fork")
+# A fresh interpreter per child: forking a process that has loaded TensorFlow (or any threaded
+# library) may crash the child, depending on which tests this worker ran before.
+SPAWN = multiprocessing.get_context("spawn")
 KINDS = {"mlflow": tracking.MLFLOW_STORE, "optuna": storage.OPTUNA_STORE}
 PREPARE: dict[str, Callable[[str], None]] = {
     "mlflow": tracking.prepare_mlflow,
@@ -58,26 +62,54 @@ def _usable(kind: str, path: Path, name: str = "probe") -> None:
         study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
 
 
-def _build_in_child(kind: str, path: Path) -> multiprocessing.Process:
-    p = FORK.Process(target=PREPARE[kind], args=(_url(path),))
+def _import_stores() -> None:
+    """Import what building a store needs, so a child is past its imports before it builds."""
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import optuna  # noqa: F401
+
+
+def _prepare(kind: str, url: str, timing: str | None = None) -> None:
+    """A child's job: build the store at ``url``; write the build's seconds to ``timing``."""
+    _import_stores()
+    t0 = time.monotonic()
+    PREPARE[kind](url)
+    if timing is not None:
+        Path(timing).write_text(repr(time.monotonic() - t0))
+
+
+def _build_in_child(kind: str, path: Path, timing: Path | None = None) -> multiprocessing.Process:
+    p = SPAWN.Process(target=_prepare, args=(kind, _url(path), timing and str(timing)))
     p.start()
     return p
 
 
+def _first_run(kind: str, path: Path, i: int, go: Any) -> None:
+    """A child's job: wait for ``go``, then build the store (or find it built) and use it."""
+    _import_stores()
+    go.wait()
+    PREPARE[kind](_url(path))
+    _usable(kind, path, f"w{i}")
+
+
+def _mlflow_store(url: str, artifacts: str) -> None:
+    """A child's job: MLflow itself builds its store (as an older tlsweep did)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    SqlAlchemyStore(url, artifacts)
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, float]]:
-    """One store of each kind built by ``prepare`` in a child, and how long the build took."""
-    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - imported once, before forks
-    import optuna  # noqa: F401
-
+    """One store of each kind built by ``prepare`` in a child, and how long the build took
+    (the build alone, timed in the child after its imports)."""
     out = {}
     for kind in KINDS:
         folder = tmp_path_factory.mktemp(f"built_{kind}")
-        t0 = time.monotonic()
-        p = _build_in_child(kind, folder / "store.db")
+        timing = tmp_path_factory.mktemp(f"timing_{kind}") / "seconds"
+        p = _build_in_child(kind, folder / "store.db", timing)
         p.join()
         assert p.exitcode == 0
-        out[kind] = (folder / "store.db", time.monotonic() - t0)
+        out[kind] = (folder / "store.db", float(timing.read_text()))
     return out
 
 
@@ -143,14 +175,8 @@ def test_concurrent_first_runs_share_one_store(
     built: dict[str, tuple[Path, float]], kind: str, tmp_path: Path
 ) -> None:
     path = tmp_path / "store.db"
-    go = FORK.Event()
-
-    def first_run(i: int) -> None:
-        go.wait()
-        PREPARE[kind](_url(path))
-        _usable(kind, path, f"w{i}")
-
-    procs = [FORK.Process(target=first_run, args=(i,)) for i in range(3)]
+    go = SPAWN.Event()
+    procs = [SPAWN.Process(target=_first_run, args=(kind, path, i, go)) for i in range(3)]
     for p in procs:
         p.start()
     go.set()
@@ -246,13 +272,11 @@ def test_a_store_cut_by_a_kill_inside_mlflow_is_rebuilt(
     built: dict[str, tuple[Path, float]], tmp_path: Path
 ) -> None:
     """The issue's case: MLflow itself (an older tlsweep) killed inside its migrations."""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
     problem = None
     for fraction in (0.5, 0.25, 0.1, 0.03):  # earlier, if the build was over (a quieter machine)
         path = tmp_path / f"at{fraction}" / "mlflow.db"
         path.parent.mkdir()
-        p = FORK.Process(target=SqlAlchemyStore, args=(_url(path), str(path.parent / "mlruns")))
+        p = SPAWN.Process(target=_mlflow_store, args=(_url(path), str(path.parent / "mlruns")))
         p.start()
         while not path.exists():
             time.sleep(0.002)

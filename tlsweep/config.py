@@ -12,13 +12,15 @@ This module imports neither TensorFlow, Optuna nor MLflow.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tlsweep.params import Param
+from tlsweep.errors import ConfigError
+from tlsweep.params import Param, grid_values
 
 # --- every default, in one place ---------------------------------------------------------------
 DEFAULT_CACHE_DIR = ".tlsweep/cache"  # relative to the working directory
@@ -271,6 +273,59 @@ class SweepConfig:
         d = asdict(self)
         d.pop("text")
         return json.loads(json.dumps(d, default=str))
+
+
+# --- which combinations of settings run ------------------------------------------------------
+# A sampler that needs a package tlsweep does not install: (package modules, pip install line).
+SAMPLER_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "cmaes": (("cmaes",), "pip install cmaes"),
+    "gp": (("torch", "scipy"), "pip install torch scipy"),
+    "qmc": (("scipy",), "pip install scipy"),
+}
+
+
+def check_combinations(
+    where: str,
+    search: SearchConfig,
+    backbones: tuple[BackboneConfig, ...],
+    n_trials_name: str = "search.n_trials",
+) -> None:
+    """Refuse, with one line, the combinations of settings that cannot run; the one place that
+    knows them. Every other combination of sampler x pruner x kind of each parameter (fixed,
+    range, log range, step range, choices) x folds x augment x finetune runs.
+
+    Refused, and why:
+
+    - ``sampler: grid`` with a float range without ``step``: a grid needs a finite list of values.
+    - ``sampler: grid`` with more ``n_trials`` than grid points: the grid has no more points to
+      try, and Optuna's grid sampler would score the same ones again.
+    - ``sampler: cmaes | gp | qmc`` without the package it needs (:data:`SAMPLER_NEEDS`).
+
+    ``pruner: hyperband`` takes the largest ``epochs`` the space can draw as its max resource.
+    """
+    if search.sampler == "grid":
+        size = len(backbones)
+        for p in search.space.values():
+            values = grid_values(p)
+            if values is None:
+                raise ConfigError(
+                    f"{where}: search.space.{p.name}: the grid sampler needs choices or a fixed "
+                    "value (or an int range, or a float range with step)"
+                )
+            size *= len(values)
+        if search.n_trials > size:
+            raise ConfigError(
+                f"{where}: {n_trials_name}: got {search.n_trials}; the grid sampler's grid "
+                f"has only {size} point(s); set it to {size} or fewer, or add values to search"
+            )
+    needs = SAMPLER_NEEDS.get(search.sampler)
+    if needs is not None:
+        missing = [m for m in needs[0] if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(
+                f"{where}: search.sampler: '{search.sampler}' needs {' and '.join(missing)}, "
+                f"which is not installed; {needs[1]}, or use sampler: tpe"
+            )
 
 
 def with_overrides(cfg: SweepConfig, **changes: Any) -> SweepConfig:

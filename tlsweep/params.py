@@ -11,6 +11,7 @@ This module imports neither TensorFlow, Optuna nor MLflow.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,6 +139,32 @@ class Param:
         else:
             d.update(low=self.low, high=self.high, log=self.log, step=self.step)
         return d
+
+
+def grid_values(p: Param) -> list[Any] | None:
+    """The values a grid search tries for ``p``: its choices, every step of its range, or its
+    fixed value; None for a float range without a step (it has no grid)."""
+    if p.kind == "fixed":
+        return [p.value]
+    if p.kind == "categorical":
+        return list(p.choices or ())
+    if p.kind == "int":
+        return list(range(int(p.low), int(p.high) + 1, int(p.step or 1)))
+    if p.step is None:
+        return None
+    n = int(math.floor((p.high - p.low) / p.step + 1e-9)) + 1
+    return [round(p.low + i * p.step, 12) for i in range(n)]
+
+
+def largest(p: Param) -> Any:
+    """The largest value ``p`` can take (the top of a stepped range is the last step)."""
+    if p.kind == "fixed":
+        return p.value
+    if p.kind == "categorical":
+        return max(p.choices or ())
+    if p.step is not None:
+        return p.low + math.floor((p.high - p.low) / p.step + 1e-9) * p.step
+    return p.high
 
 
 _PARAM_KEYS = ("low", "high", "log", "step", "choices")

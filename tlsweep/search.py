@@ -15,7 +15,6 @@ nothing of MLflow, locks or processes.
 from __future__ import annotations
 
 import contextlib
-import math
 import statistics
 import warnings
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 
 from tlsweep.config import SweepConfig
 from tlsweep.errors import StudyError
-from tlsweep.params import Param
+from tlsweep.params import Param, grid_values, largest
 from tlsweep.urls import redact_url
 
 SPACE_ATTR = "tlsweep.space"
@@ -80,22 +79,36 @@ def make_sampler(cfg: SweepConfig, seed: int) -> Any:
                 "search.sampler: 'gp' needs PyTorch and SciPy (pip install torch scipy); or use tpe"
             ) from None
         return optuna.samplers.GPSampler(seed=seed)
-    return optuna.samplers.GridSampler(grid_space(cfg), seed=seed)
+    return _grid_sampler(grid_space(cfg), seed)
 
 
 def grid_space(cfg: SweepConfig) -> dict[str, list[Any]]:
+    """The grid of the grid sampler: each searched parameter's values (and the backbones)."""
     grid: dict[str, list[Any]] = {}
     for p in cfg.search.space.values():
-        if p.kind == "categorical":
-            grid[p.name] = list(p.choices or ())
-        elif p.kind == "int":
-            grid[p.name] = list(range(int(p.low), int(p.high) + 1, int(p.step or 1)))
-        elif p.kind == "float":
-            n = int(math.floor((p.high - p.low) / p.step + 1e-9)) + 1
-            grid[p.name] = [round(p.low + i * p.step, 12) for i in range(n)]
+        if p.kind != "fixed":
+            values = grid_values(p)
+            assert values is not None, "refused by config.check_combinations"
+            grid[p.name] = values
     if len(cfg.backbones) > 1:
         grid["backbone"] = [b.label for b in cfg.backbones]
     return grid
+
+
+def _grid_sampler(grid: dict[str, list[Any]], seed: int) -> Any:
+    """Optuna's GridSampler without its ``study.stop()`` once the grid is done.
+
+    Optuna stops the study from ``after_trial``, which raises outside ``study.optimize``;
+    tlsweep asks and tells, and its runner stops after ``n_trials``, which
+    :func:`tlsweep.config.check_combinations` keeps within the grid.
+    """
+    import optuna
+
+    class _Grid(optuna.samplers.GridSampler):
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            return None
+
+    return _Grid(grid, seed=seed)
 
 
 def make_pruner(cfg: SweepConfig) -> Any:
@@ -105,8 +118,8 @@ def make_pruner(cfg: SweepConfig) -> Any:
     if p == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3)
     if p == "hyperband":
-        epochs = cfg.search.space["epochs"]
-        max_resource = int(epochs.high if epochs.kind != "fixed" else epochs.value)
+        # the resource is the epoch: a trial runs at most the largest epochs it can draw
+        max_resource = int(largest(cfg.search.space["epochs"]))
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_resource)
     return optuna.pruners.NopPruner()
 

@@ -51,6 +51,7 @@ from tlsweep.config import (
     FinetuneConfig,
     SearchConfig,
     SweepConfig,
+    check_combinations,
 )
 from tlsweep.errors import ConfigError, ServiceError
 from tlsweep.params import OPTIMIZERS, parse_space
@@ -229,13 +230,9 @@ def load_sweep(
             f"{where}: search.grace_period: got {search.grace_period}; it must be longer than "
             f"heartbeat_interval ({search.heartbeat_interval})"
         )
-    if search.sampler == "grid":
-        for p in space.values():
-            if p.kind == "float" and p.step is None:
-                raise ConfigError(
-                    f"{where}: search.space.{p.name}: the grid sampler needs choices or a fixed "
-                    "value (or an int range, or a float range with step)"
-                )
+    check_combinations(
+        where, search, backbones, "search.n_trials" if n_trials is None else "--n-trials"
+    )
 
     # storage and tracking
     if storage is not None:
