@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import run_cli, write_sweep
+from conftest import TINY, run_cli, write_sweep
 
 SEARCH = {
     "n_trials": 2,
@@ -277,3 +277,115 @@ def test_a_finetune_that_does_not_beat_the_frozen_winner_leaves_export_unchanged
     sweep.write_text(yaml.safe_dump(doc))
     r = run_cli("status", str(sweep))
     assert r.returncode == 0 and "fine-tuning:" not in r.stdout, r.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_winner(cats_dogs_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A frozen winner on TinyConvNet (its features extracted once), and its cache folder."""
+    from tlsweep.features import extract_all
+    from tlsweep.head import HeadParams, train_head
+    from tlsweep.sweepfile import load_sweep
+    from tlsweep.winner import Winner
+
+    cache = tmp_path_factory.mktemp("ft_tiny")
+    sweep = write_sweep(cache / "s.yaml", cats_dogs_small, backbones=TINY, cache_dir=cache)
+    ((bb, entry, _),) = extract_all(load_sweep(sweep))
+
+    def winner(**params: Any) -> Any:
+        xt, yt = entry.split("train")
+        xv, yv = entry.split("validation")
+        p = {"units": 16, "dropout": 0.0, "learning_rate": 3e-3, "batch_size": 32, "epochs": 3}
+        hp = HeadParams(**{**p, **params})
+        head = train_head(xt, yt, xv, yv, 2, hp)
+        return Winner(0, 0.0, {"backbone": bb.label, **p, **params}, bb, entry, head, None)
+
+    return cache, winner
+
+
+def _sk_metric(metric: str, proba: np.ndarray, y: np.ndarray, smoothing: float) -> float:
+    """The objective metric by scikit-learn (Keras for a smoothed loss), not by tlsweep."""
+    from sklearn import metrics as skm
+
+    pred = proba.argmax(axis=1)
+    if metric == "val_loss" and smoothing:
+        import keras
+
+        onehot = np.eye(proba.shape[1], dtype=np.float32)[y]
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
+        return float(loss(onehot, proba.astype(np.float32)))
+    return {
+        "val_accuracy": lambda: skm.accuracy_score(y, pred),
+        "val_balanced_accuracy": lambda: skm.balanced_accuracy_score(y, pred),
+        "val_macro_f1": lambda: skm.f1_score(y, pred, average="macro"),
+        "val_roc_auc": lambda: skm.roc_auc_score(y, proba[:, 1]),
+        "val_loss": lambda: skm.log_loss(y, proba, labels=[0, 1]),
+        "val_log_loss": lambda: skm.log_loss(y, proba, labels=[0, 1]),
+    }[metric]()
+
+
+@pytest.mark.parametrize(
+    ("metric", "smoothing", "class_weight"),
+    [
+        ("val_accuracy", 0.0, "none"),
+        ("val_balanced_accuracy", 0.0, "none"),
+        ("val_macro_f1", 0.0, "none"),
+        ("val_roc_auc", 0.0, "none"),
+        ("val_log_loss", 0.0, "none"),
+        ("val_loss", 0.2, {"dogs": 3.0}),
+    ],
+)
+def test_the_stage_chooses_on_the_study_metric(
+    tiny_winner: Any,
+    cats_dogs_small: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    metric: str,
+    smoothing: float,
+    class_weight: Any,
+) -> None:
+    """Epoch 0 (the frozen winner) and the best epoch are scored on the study's own metric,
+    the choice follows that metric's direction, and the stage trains with the winner's label
+    smoothing and the study's class weights (it once chose on the loss for every metric but
+    accuracy, and trained without either)."""
+    import keras
+
+    from tlsweep.config import METRIC_DIRECTIONS
+    from tlsweep.export import build_export_model
+    from tlsweep.finetune import run_finetune
+    from tlsweep.finetune_data import image_cache
+    from tlsweep.sweepfile import load_sweep
+
+    cache, make_winner = tiny_winner
+    search = {**SEARCH, "metric": metric, "direction": METRIC_DIRECTIONS[metric]}
+    search["class_weight"] = class_weight
+    sweep = write_sweep(
+        tmp_path / "s.yaml",
+        cats_dogs_small,
+        backbones=TINY,
+        cache_dir=cache,
+        search=search,
+        finetune={"epochs": 1, "patience": 1, "learning_rate": 1e-3, "augment": None},
+    )
+    cfg = load_sweep(sweep, check_data_dir=False)
+    w = make_winner(label_smoothing=smoothing)
+    fits: list[Any] = []
+    fit = keras.Model.fit
+
+    def spy(self: Any, *a: Any, **kw: Any) -> Any:
+        fits.append((kw.get("class_weight"), self.loss.get_config().get("label_smoothing", 0.0)))
+        return fit(self, *a, **kw)
+
+    monkeypatch.setattr(keras.Model, "fit", spy)
+    got = run_finetune(cfg, w)
+    images, files = image_cache(cache, w.entry, w.backbone.input_size)
+    rows = [i for i, f in enumerate(files) if f["split"] == "validation"]
+    y = np.array([files[i]["label"] for i in rows])
+    x = np.asarray(images[rows], np.float32)
+    frozen = build_export_model(w).predict(x, verbose=0)
+    assert got.baseline == pytest.approx(_sk_metric(metric, frozen, y, smoothing), rel=1e-4)
+    final = keras.models.load_model(got.model_path, compile=False).predict(x, verbose=0)
+    assert got.best == pytest.approx(_sk_metric(metric, final, y, smoothing), rel=1e-4)
+    maximize = METRIC_DIRECTIONS[metric] == "maximize"
+    assert got.accepted == (got.best > got.baseline if maximize else got.best < got.baseline)
+    want_weight = None if class_weight == "none" else {0: 1.0, 1: 3.0}
+    assert fits == [(want_weight, pytest.approx(smoothing))]

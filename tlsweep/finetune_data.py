@@ -122,8 +122,10 @@ def dataset(
     *,
     shuffle_seed: int | None = None,
     augment: Any | None = None,
+    onehot: int | None = None,
 ) -> Any:
-    """Batches read from the memory-mapped uint8 images (shuffled per epoch by a seed)."""
+    """Batches read from the memory-mapped uint8 images (shuffled per epoch by a seed);
+    ``onehot``: labels as one-hot vectors of that many classes (for a smoothed loss)."""
     import tensorflow as tf
 
     order = rows.copy()
@@ -150,6 +152,7 @@ def dataset(
         x = tf.cast(tf.ensure_shape(x, [None, size, size, 3]), tf.float32)
         if augment is not None:
             x = augment(x, training=True)
-        return x, tf.ensure_shape(y, [None])
+        y = tf.ensure_shape(y, [None])
+        return x, (y if onehot is None else tf.one_hot(y, onehot))
 
     return ds.map(cast).prefetch(2)
