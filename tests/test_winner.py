@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, without_root_powers, write_sweep
+from conftest import TINY, run_cli, without_root_powers, write_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -255,3 +255,28 @@ def test_no_test_split_best_says_so(flowers_small: Path, shared_cache: Path, tmp
     assert "test accuracy" not in r.stdout
     client, run = _parent(f"sqlite:///{tmp_path / 'mlflow.db'}", "notest")
     assert "test_accuracy" not in run.data.metrics
+
+
+def test_the_winner_is_retrained_with_the_seed_its_trial_ran_with(
+    cats_dogs_small: Path, tmp_path: Path, cli
+) -> None:
+    """``search.seed`` changed after the study ran: ``best`` rebuilds the head the trial scored
+    (the seed recorded with the trial), not another one trained with the new seed."""
+    import optuna
+    import yaml
+
+    search = {**SEARCH, "n_trials": 2, "metric": "val_loss", "direction": "minimize", "seed": 5}
+    sweep = write_sweep(tmp_path / "s.yaml", cats_dogs_small, study="seeded", backbones=TINY,
+                        search=search)  # fmt: skip
+    r = cli("run", str(sweep), "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = yaml.safe_load(sweep.read_text())
+    doc["search"]["seed"] = 6
+    sweep.write_text(yaml.safe_dump(doc))
+    r = cli("best", str(sweep))
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = optuna.load_study(study_name="seeded", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert study.best_trial.user_attrs["tlsweep.seed"] == 5
+    client, parent = _parent(f"sqlite:///{tmp_path / 'mlflow.db'}", "seeded")
+    rebuilt = client.get_metric_history(parent.info.run_id, "rebuilt_val_loss")
+    assert rebuilt and all(m.value == pytest.approx(study.best_value, rel=1e-6) for m in rebuilt)
