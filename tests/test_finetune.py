@@ -389,3 +389,94 @@ def test_the_stage_chooses_on_the_study_metric(
     assert got.accepted == (got.best > got.baseline if maximize else got.best < got.baseline)
     want_weight = None if class_weight == "none" else {0: 1.0, 1: 3.0}
     assert fits == [(want_weight, pytest.approx(smoothing))]
+
+
+def test_a_balanced_accuracy_study_logs_and_registers_balanced_accuracy(
+    cats_dogs_small: Path, tmp_path: Path, cli: Any
+) -> None:
+    """``metric: val_balanced_accuracy`` with ``finetune:``: the stage's numbers on MLflow are
+    balanced accuracies in [0, 1] (not a loss under their name), and the registry's version is
+    ranked on that metric."""
+
+    from tlsweep.tracking._models import METRIC_TAG, SCORE_TAG
+
+    search = {**SEARCH, "metric": "val_balanced_accuracy", "direction": "maximize"}
+    sweep = write_sweep(
+        tmp_path / "s.yaml",
+        cats_dogs_small,
+        study="ft_bacc",
+        backbones=TINY,
+        search=search,
+        finetune={"epochs": 2, "patience": 2, "learning_rate": 1e-3, "augment": None},
+    )
+    r = cli("run", str(sweep), "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "m.keras"
+    r = cli("export", str(sweep), "-o", str(out), "--register", "ft_bacc_model")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (state_path,) = (tmp_path / "cache").glob("finetune/ft_bacc-*/state.json")
+    state = json.loads(state_path.read_text())
+    for point in state["history"]:  # every epoch: the metric itself, beside loss and accuracy
+        assert 0.0 <= point["val_balanced_accuracy"] <= 1.0
+    assert state["baseline"] == state["history"][0]["val_balanced_accuracy"]
+    assert state["best"] == state["history"][state["best_epoch"]]["val_balanced_accuracy"]
+    client, runs = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft_bacc")
+    (parent,) = [r for r in runs if r.data.tags.get("tlsweep.role") == "study"]
+    logged = parent.data.metrics
+    assert logged["finetune_baseline_val_balanced_accuracy"] == pytest.approx(state["baseline"])
+    assert logged["finetune_best_val_balanced_accuracy"] == pytest.approx(state["best"])
+    meta = json.loads(zipfile.ZipFile(out).read("tlsweep.json"))
+    (version,) = client.search_model_versions("name='ft_bacc_model'")
+    assert version.tags[METRIC_TAG] == "val_balanced_accuracy"
+    score = float(version.tags[SCORE_TAG])
+    assert score == pytest.approx(meta["validation_val_balanced_accuracy"])
+    if meta["model"] == "finetuned":
+        assert score == pytest.approx(state["best"])
+    else:  # the frozen winner: its trial's balanced accuracy
+        assert score == pytest.approx(parent.data.metrics["best_val_balanced_accuracy"])
+    assert 0.0 <= score <= 1.0
+
+
+def test_the_image_cache_is_made_by_one_process_and_keyed_on_tensorflow(
+    tiny_winner: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that finds another one decoding the same images waits for it and uses its
+    folder (it once deleted it and renamed its own in); another TensorFlow decodes anew."""
+    import threading
+
+    import tensorflow as tf
+
+    from tlsweep.entries import held_lock
+    from tlsweep.finetune_data import image_cache
+
+    _, make_winner = tiny_winner
+    entry = make_winner().entry
+    made, _ = image_cache(tmp_path, entry, 32)
+    (folder,) = [p for p in (tmp_path / "images").iterdir() if p.is_dir()]
+    good = tmp_path / "good"
+    folder.rename(good)
+    holding, events = threading.Event(), []
+
+    def other() -> None:  # another process decoding the same images: it publishes them
+        with held_lock(folder.with_name(folder.name + ".lock"), "decoding"):
+            holding.set()
+            time.sleep(1.0)
+            good.rename(folder)
+            events.append("published")
+
+    t = threading.Thread(target=other)
+    t.start()
+    holding.wait(10)
+    got, _ = image_cache(tmp_path, entry, 32)
+    events.append("read back")
+    t.join()
+    assert events == ["published", "read back"]
+    assert os.path.samefile(got.filename, folder / "images.npy")
+    assert np.array_equal(got, made)
+    assert sorted(p.name for p in folder.parent.iterdir()) == sorted(
+        [folder.name, folder.name + ".lock"]
+    )  # no temporary folder left
+    monkeypatch.setattr(tf, "__version__", "0.0.0-other")
+    again, _ = image_cache(tmp_path, entry, 32)
+    assert not os.path.samefile(again.filename, folder / "images.npy")
+    assert np.array_equal(again, made) and folder.is_dir()
