@@ -276,7 +276,32 @@ def test_the_winner_is_retrained_with_the_seed_its_trial_ran_with(
     r = cli("best", str(sweep))
     assert r.returncode == 0, r.stderr[-3000:]
     study = optuna.load_study(study_name="seeded", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    assert study.best_trial.user_attrs["tlsweep.seed"] == 5
     client, parent = _parent(f"sqlite:///{tmp_path / 'mlflow.db'}", "seeded")
     rebuilt = client.get_metric_history(parent.info.run_id, "rebuilt_val_loss")
     assert rebuilt and all(m.value == pytest.approx(study.best_value, rel=1e-6) for m in rebuilt)
+    assert study.best_trial.user_attrs["tlsweep.seed"] == 5
+
+
+@pytest.mark.parametrize(("cv_folds", "repeats"), [(3, 2), (None, 2), (None, 1)])
+def test_the_console_says_what_the_rebuilt_head_is(
+    cv_folds: int | None, repeats: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With folds or repeats the trial's value is a mean of heads, and the exported head is
+    another one: the console says so, with that head's own validation score."""
+    from types import SimpleNamespace
+
+    from tlsweep.cli_display import print_test
+    from tlsweep.head import EpochMetrics
+
+    head = SimpleNamespace(history=[EpochMetrics(4, 0.3, 0.9, 0.4, 0.8125)])
+    w = SimpleNamespace(number=7, value=0.85, test=None, head=head)
+    search = SimpleNamespace(metric="val_accuracy", cv_folds=cv_folds, repeats=repeats)
+    print_test(w, SimpleNamespace(search=search))
+    out = capsys.readouterr().out
+    assert "winner: trial 7, validation val_accuracy 0.8500" in out
+    if cv_folds or repeats > 1:
+        heads = (cv_folds or 1) * repeats
+        assert f"mean of the trial's {heads} heads" in out
+        assert "retrained on the whole training split: validation val_accuracy 0.8125" in out
+    else:
+        assert "mean" not in out
