@@ -222,12 +222,13 @@ def _finetune(
     class_weight = None if weights is None else {i: float(v) for i, v in enumerate(weights)}
 
     def validate(model: Any) -> tuple[float, dict[str, float]]:
-        """The study's metric on the validation images, and the epoch's validation numbers."""
+        """The study's metric on the validation images, and the epoch's validation numbers
+        (``val_loss`` with the label smoothing, as the trials and the training loss have it)."""
         proba = _proba(model, images, labels, rows["validation"], max(ft.batch_size, 64))
         y = labels[rows["validation"]]
-        value = objective_value(metric, proba, y, smoothing)
-        ev = evaluation(proba, y)
-        return value, {"val_loss": ev["loss"], "val_accuracy": ev["accuracy"], metric: value}
+        numbers = {m: objective_value(m, proba, y, smoothing) for m in ("val_loss", "val_accuracy")}
+        numbers[metric] = objective_value(metric, proba, y, smoothing)
+        return numbers[metric], numbers
 
     params = {
         **{f"finetune.{k}": v for k, v in asdict(ft).items()},
