@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import run_cli, write_sweep
+from conftest import TINY, run_cli, write_sweep
 
 SEARCH = {
     "n_trials": 2,
@@ -277,3 +277,206 @@ def test_a_finetune_that_does_not_beat_the_frozen_winner_leaves_export_unchanged
     sweep.write_text(yaml.safe_dump(doc))
     r = run_cli("status", str(sweep))
     assert r.returncode == 0 and "fine-tuning:" not in r.stdout, r.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_winner(cats_dogs_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A frozen winner on TinyConvNet (its features extracted once), and its cache folder."""
+    from tlsweep.features import extract_all
+    from tlsweep.head import HeadParams, train_head
+    from tlsweep.sweepfile import load_sweep
+    from tlsweep.winner import Winner
+
+    cache = tmp_path_factory.mktemp("ft_tiny")
+    sweep = write_sweep(cache / "s.yaml", cats_dogs_small, backbones=TINY, cache_dir=cache)
+    ((bb, entry, _),) = extract_all(load_sweep(sweep))
+
+    def winner(**params: Any) -> Any:
+        xt, yt = entry.split("train")
+        xv, yv = entry.split("validation")
+        p = {"units": 16, "dropout": 0.0, "learning_rate": 3e-3, "batch_size": 32, "epochs": 3}
+        hp = HeadParams(**{**p, **params})
+        head = train_head(xt, yt, xv, yv, 2, hp)
+        return Winner(0, 0.0, {"backbone": bb.label, **p, **params}, bb, entry, head, None)
+
+    return cache, winner
+
+
+def _sk_metric(metric: str, proba: np.ndarray, y: np.ndarray, smoothing: float) -> float:
+    """The objective metric by scikit-learn (Keras for a smoothed loss), not by tlsweep."""
+    from sklearn import metrics as skm
+
+    pred = proba.argmax(axis=1)
+    if metric == "val_loss" and smoothing:
+        import keras
+
+        onehot = np.eye(proba.shape[1], dtype=np.float32)[y]
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
+        return float(loss(onehot, proba.astype(np.float32)))
+    return {
+        "val_accuracy": lambda: skm.accuracy_score(y, pred),
+        "val_balanced_accuracy": lambda: skm.balanced_accuracy_score(y, pred),
+        "val_macro_f1": lambda: skm.f1_score(y, pred, average="macro"),
+        "val_roc_auc": lambda: skm.roc_auc_score(y, proba[:, 1]),
+        "val_loss": lambda: skm.log_loss(y, proba, labels=[0, 1]),
+        "val_log_loss": lambda: skm.log_loss(y, proba, labels=[0, 1]),
+    }[metric]()
+
+
+@pytest.mark.parametrize(
+    ("metric", "smoothing", "class_weight"),
+    [
+        ("val_accuracy", 0.0, "none"),
+        ("val_balanced_accuracy", 0.0, "none"),
+        ("val_macro_f1", 0.0, "none"),
+        ("val_roc_auc", 0.0, "none"),
+        ("val_log_loss", 0.0, "none"),
+        ("val_loss", 0.2, {"dogs": 3.0}),
+    ],
+)
+def test_the_stage_chooses_on_the_study_metric(
+    tiny_winner: Any,
+    cats_dogs_small: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    metric: str,
+    smoothing: float,
+    class_weight: Any,
+) -> None:
+    """Epoch 0 (the frozen winner) and the best epoch are scored on the study's own metric,
+    the choice follows that metric's direction, and the stage trains with the winner's label
+    smoothing and the study's class weights (it once chose on the loss for every metric but
+    accuracy, and trained without either)."""
+    import keras
+
+    from tlsweep.config import METRIC_DIRECTIONS
+    from tlsweep.export import build_export_model
+    from tlsweep.finetune import run_finetune
+    from tlsweep.finetune_data import image_cache
+    from tlsweep.sweepfile import load_sweep
+
+    cache, make_winner = tiny_winner
+    search = {**SEARCH, "metric": metric, "direction": METRIC_DIRECTIONS[metric]}
+    search["class_weight"] = class_weight
+    sweep = write_sweep(
+        tmp_path / "s.yaml",
+        cats_dogs_small,
+        backbones=TINY,
+        cache_dir=cache,
+        search=search,
+        finetune={"epochs": 1, "patience": 1, "learning_rate": 1e-3, "augment": None},
+    )
+    cfg = load_sweep(sweep, check_data_dir=False)
+    w = make_winner(label_smoothing=smoothing)
+    fits: list[Any] = []
+    fit = keras.Model.fit
+
+    def spy(self: Any, *a: Any, **kw: Any) -> Any:
+        fits.append((kw.get("class_weight"), self.loss.get_config().get("label_smoothing", 0.0)))
+        return fit(self, *a, **kw)
+
+    monkeypatch.setattr(keras.Model, "fit", spy)
+    got = run_finetune(cfg, w)
+    images, files = image_cache(cache, w.entry, w.backbone.input_size)
+    rows = [i for i, f in enumerate(files) if f["split"] == "validation"]
+    y = np.array([files[i]["label"] for i in rows])
+    x = np.asarray(images[rows], np.float32)
+    frozen = build_export_model(w).predict(x, verbose=0)
+    assert got.baseline == pytest.approx(_sk_metric(metric, frozen, y, smoothing), rel=1e-4)
+    final = keras.models.load_model(got.model_path, compile=False).predict(x, verbose=0)
+    assert got.best == pytest.approx(_sk_metric(metric, final, y, smoothing), rel=1e-4)
+    maximize = METRIC_DIRECTIONS[metric] == "maximize"
+    assert got.accepted == (got.best > got.baseline if maximize else got.best < got.baseline)
+    want_weight = None if class_weight == "none" else {0: 1.0, 1: 3.0}
+    assert fits == [(want_weight, pytest.approx(smoothing))]
+
+
+def test_a_balanced_accuracy_study_logs_and_registers_balanced_accuracy(
+    cats_dogs_small: Path, tmp_path: Path, cli: Any
+) -> None:
+    """``metric: val_balanced_accuracy`` with ``finetune:``: the stage's numbers on MLflow are
+    balanced accuracies in [0, 1] (not a loss under their name), and the registry's version is
+    ranked on that metric."""
+
+    from tlsweep.tracking._models import METRIC_TAG, SCORE_TAG
+
+    search = {**SEARCH, "metric": "val_balanced_accuracy", "direction": "maximize"}
+    sweep = write_sweep(
+        tmp_path / "s.yaml",
+        cats_dogs_small,
+        study="ft_bacc",
+        backbones=TINY,
+        search=search,
+        finetune={"epochs": 2, "patience": 2, "learning_rate": 1e-3, "augment": None},
+    )
+    r = cli("run", str(sweep), "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "m.keras"
+    r = cli("export", str(sweep), "-o", str(out), "--register", "ft_bacc_model")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (state_path,) = (tmp_path / "cache").glob("finetune/ft_bacc-*/state.json")
+    state = json.loads(state_path.read_text())
+    for point in state["history"]:  # every epoch: the metric itself, beside loss and accuracy
+        assert 0.0 <= point["val_balanced_accuracy"] <= 1.0
+    assert state["baseline"] == state["history"][0]["val_balanced_accuracy"]
+    assert state["best"] == state["history"][state["best_epoch"]]["val_balanced_accuracy"]
+    client, runs = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft_bacc")
+    (parent,) = [r for r in runs if r.data.tags.get("tlsweep.role") == "study"]
+    logged = parent.data.metrics
+    assert logged["finetune_baseline_val_balanced_accuracy"] == pytest.approx(state["baseline"])
+    assert logged["finetune_best_val_balanced_accuracy"] == pytest.approx(state["best"])
+    meta = json.loads(zipfile.ZipFile(out).read("tlsweep.json"))
+    (version,) = client.search_model_versions("name='ft_bacc_model'")
+    assert version.tags[METRIC_TAG] == "val_balanced_accuracy"
+    score = float(version.tags[SCORE_TAG])
+    assert score == pytest.approx(meta["validation_val_balanced_accuracy"])
+    if meta["model"] == "finetuned":
+        assert score == pytest.approx(state["best"])
+    else:  # the frozen winner: its trial's balanced accuracy
+        assert score == pytest.approx(parent.data.metrics["best_val_balanced_accuracy"])
+    assert 0.0 <= score <= 1.0
+
+
+def test_the_image_cache_is_made_by_one_process_and_keyed_on_tensorflow(
+    tiny_winner: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that finds another one decoding the same images waits for it and uses its
+    folder (it once deleted it and renamed its own in); another TensorFlow decodes anew."""
+    import threading
+
+    import tensorflow as tf
+
+    from tlsweep.entries import held_lock
+    from tlsweep.finetune_data import image_cache
+
+    _, make_winner = tiny_winner
+    entry = make_winner().entry
+    made, _ = image_cache(tmp_path, entry, 32)
+    (folder,) = [p for p in (tmp_path / "images").iterdir() if p.is_dir()]
+    good = tmp_path / "good"
+    folder.rename(good)
+    holding, events = threading.Event(), []
+
+    def other() -> None:  # another process decoding the same images: it publishes them
+        with held_lock(folder.with_name(folder.name + ".lock"), "decoding"):
+            holding.set()
+            time.sleep(1.0)
+            good.rename(folder)
+            events.append("published")
+
+    t = threading.Thread(target=other)
+    t.start()
+    holding.wait(10)
+    got, _ = image_cache(tmp_path, entry, 32)
+    events.append("read back")
+    t.join()
+    assert events == ["published", "read back"]
+    assert os.path.samefile(got.filename, folder / "images.npy")
+    assert np.array_equal(got, made)
+    assert sorted(p.name for p in folder.parent.iterdir()) == sorted(
+        [folder.name, folder.name + ".lock"]
+    )  # no temporary folder left
+    monkeypatch.setattr(tf, "__version__", "0.0.0-other")
+    again, _ = image_cache(tmp_path, entry, 32)
+    assert not os.path.samefile(again.filename, folder / "images.npy")
+    assert np.array_equal(again, made) and folder.is_dir()

@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, without_root_powers, write_sweep
+from conftest import TINY, run_cli, without_root_powers, write_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -255,3 +255,53 @@ def test_no_test_split_best_says_so(flowers_small: Path, shared_cache: Path, tmp
     assert "test accuracy" not in r.stdout
     client, run = _parent(f"sqlite:///{tmp_path / 'mlflow.db'}", "notest")
     assert "test_accuracy" not in run.data.metrics
+
+
+def test_the_winner_is_retrained_with_the_seed_its_trial_ran_with(
+    cats_dogs_small: Path, tmp_path: Path, cli
+) -> None:
+    """``search.seed`` changed after the study ran: ``best`` rebuilds the head the trial scored
+    (the seed recorded with the trial), not another one trained with the new seed."""
+    import optuna
+    import yaml
+
+    search = {**SEARCH, "n_trials": 2, "metric": "val_loss", "direction": "minimize", "seed": 5}
+    sweep = write_sweep(tmp_path / "s.yaml", cats_dogs_small, study="seeded", backbones=TINY,
+                        search=search)  # fmt: skip
+    r = cli("run", str(sweep), "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = yaml.safe_load(sweep.read_text())
+    doc["search"]["seed"] = 6
+    sweep.write_text(yaml.safe_dump(doc))
+    r = cli("best", str(sweep))
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = optuna.load_study(study_name="seeded", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    client, parent = _parent(f"sqlite:///{tmp_path / 'mlflow.db'}", "seeded")
+    rebuilt = client.get_metric_history(parent.info.run_id, "rebuilt_val_loss")
+    assert rebuilt and all(m.value == pytest.approx(study.best_value, rel=1e-6) for m in rebuilt)
+    assert study.best_trial.user_attrs["tlsweep.seed"] == 5
+
+
+@pytest.mark.parametrize(("cv_folds", "repeats"), [(3, 2), (None, 2), (None, 1)])
+def test_the_console_says_what_the_rebuilt_head_is(
+    cv_folds: int | None, repeats: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With folds or repeats the trial's value is a mean of heads, and the exported head is
+    another one: the console says so, with that head's own validation score."""
+    from types import SimpleNamespace
+
+    from tlsweep.cli_display import print_test
+    from tlsweep.head import EpochMetrics
+
+    head = SimpleNamespace(history=[EpochMetrics(4, 0.3, 0.9, 0.4, 0.8125)])
+    w = SimpleNamespace(number=7, value=0.85, test=None, head=head)
+    search = SimpleNamespace(metric="val_accuracy", cv_folds=cv_folds, repeats=repeats)
+    print_test(w, SimpleNamespace(search=search))
+    out = capsys.readouterr().out
+    assert "winner: trial 7, validation val_accuracy 0.8500" in out
+    if cv_folds or repeats > 1:
+        heads = (cv_folds or 1) * repeats
+        assert f"mean of the trial's {heads} heads" in out
+        assert "retrained on the whole training split: validation val_accuracy 0.8125" in out
+    else:
+        assert "mean" not in out

@@ -164,6 +164,13 @@ def print_summary(summary: Any, cfg: Any) -> None:
 
 def print_test(w: Any, cfg: Any) -> None:
     print(f"winner: trial {w.number}, validation {cfg.search.metric} {w.value:.4f}")
+    if cfg.search.cv_folds or cfg.search.repeats > 1:  # the trial's value is a mean of heads
+        heads = (cfg.search.cv_folds or 1) * cfg.search.repeats
+        rebuilt = w.head.history[-1].as_dict()[cfg.search.metric]
+        print(
+            f"(the mean of the trial's {heads} heads; the head exported is retrained on the whole "
+            f"training split: validation {cfg.search.metric} {rebuilt:.4f})"
+        )
     if w.test is None:
         print("no test split (no test/ folder, or test_split: 0): no test score reported")
         return

@@ -38,7 +38,6 @@ DEFAULT_N_TRIALS = 40
 DEFAULT_SAMPLER = "tpe"
 DEFAULT_PRUNER = "median"
 DEFAULT_METRIC = "val_accuracy"
-DEFAULT_DIRECTION = "maximize"  # the one that fits DEFAULT_METRIC
 DEFAULT_HEARTBEAT_INTERVAL = 5  # seconds between a running trial's heartbeats
 DEFAULT_GRACE_PERIOD = 30  # seconds without a heartbeat before a trial is taken as dead
 DEFAULT_MAX_RETRY = 3  # how often the parameters of a trial killed mid-way are retried
@@ -99,6 +98,7 @@ METRIC_DIRECTIONS: dict[str, str] = {
     "val_log_loss": "minimize",  # cross-entropy without label smoothing
 }
 METRICS = tuple(METRIC_DIRECTIONS)
+DEFAULT_DIRECTION = METRIC_DIRECTIONS[DEFAULT_METRIC]  # read from the one table of directions
 CLASS_WEIGHTS = ("none", "balanced")
 POOLINGS = ("avg", "max", "flatten")
 FUSED_NAME = "fuse"  # the name (and key) of a fused backbone entry

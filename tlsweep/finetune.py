@@ -15,8 +15,12 @@ after ``kill -9`` continues from the last finished epoch. The child MLflow run i
 (by the stage's key, even if the kill came before the state named it), and its per-epoch curve
 goes on with each epoch once: the run itself says which epochs it has.
 
-Choice: epoch 0 is the frozen winner itself, scored the same way on the same validation images.
-The fine-tuned model is kept only if its best validation score beats that; the test split is
+Training uses the winner's ``label_smoothing`` and the study's ``class_weight``, as its trials did.
+
+Choice: epoch 0 is the frozen winner itself, scored the same way on the same validation images,
+on the study's own metric (:func:`tlsweep.metrics.objective_value`, the function the trials
+use; its direction from :data:`tlsweep.config.METRIC_DIRECTIONS`). The fine-tuned model is kept
+only if its best validation score beats that; the test split is
 scored once for the fine-tuned candidate (the frozen one is scored by :mod:`tlsweep.winner`) and
 never used to choose. This module reports progress through a callback; it does not print.
 """
@@ -50,6 +54,7 @@ from tlsweep.finetune_files import (
     tidy,
     write_state,
 )
+from tlsweep.metrics import better, evaluation, objective_value
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +128,18 @@ def _optimizer(ft: FinetuneConfig) -> Any:
     return keras.optimizers.Adam(ft.learning_rate)
 
 
-def compile_model(model: Any, ft: FinetuneConfig) -> None:
+def compile_model(model: Any, ft: FinetuneConfig, smoothing: float = 0.0) -> None:
+    """Compile for training; with label smoothing the training labels are one-hot
+    (:func:`tlsweep.finetune_data.dataset`'s ``onehot``), as Keras's smoothed loss needs."""
     import keras
 
-    model.compile(
-        optimizer=_optimizer(ft),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
+    if smoothing:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
+        acc = keras.metrics.CategoricalAccuracy(name="accuracy")
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy()
+        acc = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    model.compile(optimizer=_optimizer(ft), loss=loss, metrics=[acc])
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -146,11 +155,13 @@ def stage_key(cfg: SweepConfig, w: Any) -> str:
         "seed": cfg.search.seed,
         "metric": cfg.search.metric,
     }
+    # Only when they change what the stage does, so a stage that chose on validation accuracy
+    # without smoothing or class weights (what it did right before them) keeps its key.
+    if cfg.search.class_weight != "none":
+        payload["class_weight"] = cfg.search.class_weight
+    if cfg.search.metric != "val_accuracy" or w.params.get("label_smoothing"):
+        payload["choice"] = "the study's metric, with the trial's smoothing and class weights"
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _better(metric: str, a: float, b: float) -> bool:
-    return a > b if metric == "val_accuracy" else a < b
 
 
 def run_finetune(
@@ -187,6 +198,7 @@ def _finetune(
     import keras
 
     from tlsweep.export import build_export_model
+    from tlsweep.head import class_weight_vector
 
     ft = cfg.finetune
     assert ft is not None  # run_finetune checked
@@ -204,7 +216,20 @@ def _finetune(
         for s in ("train", "validation", "test")
     }
     n_train = len(rows["train"])
-    val_ds = dataset(images, labels, rows["validation"], max(ft.batch_size, 64))
+    smoothing = float(w.head.params.label_smoothing)
+    names = list(w.entry.class_names)
+    weights = class_weight_vector(cfg.search.class_weight, labels[rows["train"]], names)
+    class_weight = None if weights is None else {i: float(v) for i, v in enumerate(weights)}
+
+    def validate(model: Any) -> tuple[float, dict[str, float]]:
+        """The study's metric on the validation images, and the epoch's validation numbers
+        (``val_loss`` with the label smoothing, as the trials and the training loss have it)."""
+        proba = _proba(model, images, labels, rows["validation"], max(ft.batch_size, 64))
+        y = labels[rows["validation"]]
+        numbers = {m: objective_value(m, proba, y, smoothing) for m in ("val_loss", "val_accuracy")}
+        numbers[metric] = objective_value(metric, proba, y, smoothing)
+        return numbers[metric], numbers
+
     params = {
         **{f"finetune.{k}": v for k, v in asdict(ft).items()},
         "winner_trial": w.number,
@@ -225,11 +250,10 @@ def _finetune(
             state = {"key": key, "run_id": run_id, "epochs_done": 0, "history": []}
             model = build_export_model(w)  # the winning head on the winning backbone
             set_trainable(model, ft.unfreeze)
-            compile_model(model, ft)
-            v_loss, v_acc = model.evaluate(val_ds, verbose=0)
-            baseline = v_acc if metric == "val_accuracy" else v_loss
+            compile_model(model, ft, smoothing)
+            baseline, numbers = validate(model)
             state.update(baseline=baseline, best=baseline, best_epoch=0, since_best=0)
-            state["history"].append({"epoch": 0, "val_loss": v_loss, "val_accuracy": v_acc})
+            state["history"].append({"epoch": 0, **numbers})
             state["best_file"] = save_best(model, folder, 0)
             model.save(folder / "epoch-0.keras")
             state["checkpoint"] = "epoch-0.keras"
@@ -250,25 +274,31 @@ def _finetune(
                 ft.batch_size,
                 shuffle_seed=cfg.search.seed * 1000 + epoch,
                 augment=aug,
+                onehot=len(names) if smoothing else None,
             )
             cb = _progress_callback(progress, epoch, ft.epochs, n_train, ft.batch_size)
-            h = model.fit(train_ds, epochs=1, verbose=0, callbacks=[cb], shuffle=False)
+            h = model.fit(
+                train_ds,
+                epochs=1,
+                verbose=0,
+                callbacks=[cb],
+                shuffle=False,
+                class_weight=class_weight,
+            )
             train_s = time.perf_counter() - e0
-            v_loss, v_acc = model.evaluate(val_ds, verbose=0)
-            value = v_acc if metric == "val_accuracy" else v_loss
+            value, numbers = validate(model)
             point = {
                 "epoch": epoch,
                 "loss": float(h.history["loss"][-1]),
                 "accuracy": float(h.history["accuracy"][-1]),
-                "val_loss": float(v_loss),
-                "val_accuracy": float(v_acc),
+                **numbers,
                 "epoch_seconds": time.perf_counter() - e0,
                 "images_per_s": n_train / max(train_s, 1e-9),
             }
             # Every file an epoch writes has a new name, and state.json, replaced last, says
             # which are current: after a kill the files of the unfinished epoch are not used.
             old = [state["checkpoint"], state["best_file"]]
-            if _better(metric, value, state["best"]):
+            if better(metric, value, state["best"]):
                 state.update(best=value, best_epoch=epoch, since_best=0)
                 state["best_file"] = save_best(model, folder, epoch)
             else:
@@ -284,10 +314,10 @@ def _finetune(
             _log_pending(tracker, run_id, state)
         # early stopping's "restore best weights"; epoch 0 is the frozen winner itself
         load_weights(model, folder / state["best_file"])
-        accepted = _better(metric, state["best"], state["baseline"])
+        accepted = better(metric, state["best"], state["baseline"])
         test = None
         if len(rows["test"]):
-            test = _score(model, images, labels, rows["test"], files, w.entry.class_names)
+            test = _score(model, images, labels, rows["test"], w.entry.class_names)
         model.save(folder / FINAL)
         result = FinetuneResult(
             metric=metric,
@@ -361,31 +391,24 @@ def _progress_callback(
     return ReportImages()
 
 
+def _proba(
+    model: Any, images: np.ndarray, labels: np.ndarray, rows: np.ndarray, batch: int = 64
+) -> np.ndarray:
+    """The model's class probabilities on ``rows`` (inference mode), in row order."""
+    ds = dataset(images, labels, rows, batch)
+    k = int(model.output_shape[-1])
+    out = [np.asarray(model(x, training=False)) for x, _ in ds]
+    return np.concatenate(out) if out else np.zeros((0, k), np.float32)
+
+
 def _score(
     model: Any,
     images: np.ndarray,
     labels: np.ndarray,
     rows: np.ndarray,
-    files: list[dict],
     class_names: list[str],
 ) -> dict[str, Any]:
     """The model's accuracy, loss, per-class precision/recall and confusion matrix on ``rows``."""
-    ds = dataset(images, labels, rows, 64)
-    proba = np.concatenate([np.asarray(model(x, training=False)) for x, _ in ds])
-    y = labels[rows]
-    k = len(class_names)
-    pred = proba.argmax(axis=1)
-    cm = np.zeros((k, k), np.int64)
-    np.add.at(cm, (y, pred), 1)
-    loss = float(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], 1e-7, 1.0))))
-    precision = [float(cm[i, i] / cm[:, i].sum()) if cm[:, i].sum() else 0.0 for i in range(k)]
-    recall = [float(cm[i, i] / cm[i, :].sum()) if cm[i, :].sum() else 0.0 for i in range(k)]
-    return {
-        "accuracy": float((pred == y).mean()),
-        "loss": loss,
-        "n": int(len(y)),
-        "precision": precision,
-        "recall": recall,
-        "confusion_matrix": cm.tolist(),
-        "class_names": class_names,
-    }
+    test = evaluation(_proba(model, images, labels, rows), labels[rows])
+    test["class_names"] = class_names
+    return test

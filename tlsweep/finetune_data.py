@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from tlsweep.config import FinetuneConfig
+from tlsweep.entries import held_lock
 from tlsweep.errors import TlsweepError
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,26 @@ def _images_digest(entry: Any) -> str:
     return members[0].manifest["key_parts"]["images"]
 
 
+def _read_images(folder: Path, key: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The finished image array in ``folder`` if it is the one for ``key``, else None."""
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads((folder / "manifest.json").read_text()).get("key") == key:
+            arr = np.load(folder / "images.npy", mmap_mode="r", allow_pickle=False)
+            if arr.shape == shape:
+                return arr
+    return None
+
+
 def image_cache(cache_dir: Path, entry: Any, size: int) -> tuple[np.ndarray, list[dict]]:
     """Every usable file of ``entry`` decoded and resized to ``size`` once, uint8, memory-mapped.
 
     Returns (images [files, size, size, 3], the entry's file records, in the same order).
+    The key holds TensorFlow's version (it decodes and resizes). One process at a time makes a
+    folder (a ``flock``; another waits, then reads it); it is written under a temporary name
+    and renamed, and a folder that verifies is never deleted or replaced.
     """
+    import tensorflow as tf
+
     from tlsweep.decode import image_batches
 
     files = entry.manifest["files"]
@@ -54,27 +70,41 @@ def image_cache(cache_dir: Path, entry: Any, size: int) -> tuple[np.ndarray, lis
         "files": [(f["path"], f["label"], f["split"]) for f in files],
         "size": size,
         "resize": "bilinear-squash",
+        "tensorflow": tf.__version__,
     }
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     folder = Path(cache_dir) / "images" / f"{size}px-{key[:16]}"
-    done = folder / "manifest.json"
-    if done.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(done.read_text()).get("key") == key:
-                arr = np.load(folder / "images.npy", mmap_mode="r", allow_pickle=False)
-                if arr.shape == (len(files), size, size, 3):
-                    return arr, files
+    shape = (len(files), size, size, 3)
+    arr = _read_images(folder, key, shape)
+    if arr is not None:
+        return arr, files
     folder.parent.mkdir(parents=True, exist_ok=True)
+    with held_lock(folder.with_name(folder.name + ".lock"), f"decoding images into {folder}"):
+        arr = _read_images(folder, key, shape)  # made by the process we waited for
+        if arr is not None:
+            return arr, files
+        for stale in folder.parent.glob(f"{folder.name}.tmp-*"):  # left by a killed process
+            shutil.rmtree(stale, ignore_errors=True)
+        _decode_into(folder, key, size, [str(root / f["path"]) for f in files], image_batches)
+    log.info("decoded %d images once at %d px into %s", len(files), size, folder)
+    arr = _read_images(folder, key, shape)
+    if arr is None:
+        raise TlsweepError(f"{folder}: the decoded images do not read back; run again")
+    return arr, files
+
+
+def _decode_into(folder: Path, key: str, size: int, paths: list[str], batches: Any) -> None:
+    """Decode ``paths`` into a temporary folder, then rename it to ``folder`` (a folder there,
+    which did not verify, is moved aside first and deleted only after)."""
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         t0 = time.perf_counter()
-        paths = [str(root / f["path"]) for f in files]
         arr = np.lib.format.open_memmap(
-            tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3)
+            tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3)
         )
-        got = np.zeros(len(files), dtype=bool)
-        for idx, batch in image_batches(paths, size, 64):
+        got = np.zeros(len(paths), dtype=bool)
+        for idx, batch in batches(paths, size, 64):
             arr[idx] = np.clip(np.rint(batch.numpy()), 0, 255).astype(np.uint8)
             got[idx] = True
         if not got.all():
@@ -84,17 +114,19 @@ def image_cache(cache_dir: Path, entry: Any, size: int) -> tuple[np.ndarray, lis
         del arr
         (tmp / "manifest.json").write_text(
             json.dumps(
-                {"key": key, "size": size, "n": len(files), "seconds": time.perf_counter() - t0}
+                {"key": key, "size": size, "n": len(paths), "seconds": time.perf_counter() - t0}
             )
         )
+        aside = None
         if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
+            aside = folder.with_name(f"{folder.name}.tmp-old-{uuid.uuid4().hex[:8]}")
+            os.rename(folder, aside)
         os.rename(tmp, folder)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("decoded %d images once at %d px into %s", len(files), size, folder)
-    return np.load(folder / "images.npy", mmap_mode="r", allow_pickle=False), files
 
 
 def augmentation(ft: FinetuneConfig, seed: int) -> Any | None:
@@ -122,8 +154,10 @@ def dataset(
     *,
     shuffle_seed: int | None = None,
     augment: Any | None = None,
+    onehot: int | None = None,
 ) -> Any:
-    """Batches read from the memory-mapped uint8 images (shuffled per epoch by a seed)."""
+    """Batches read from the memory-mapped uint8 images (shuffled per epoch by a seed);
+    ``onehot``: labels as one-hot vectors of that many classes (for a smoothed loss)."""
     import tensorflow as tf
 
     order = rows.copy()
@@ -150,6 +184,7 @@ def dataset(
         x = tf.cast(tf.ensure_shape(x, [None, size, size, 3]), tf.float32)
         if augment is not None:
             x = augment(x, training=True)
-        return x, tf.ensure_shape(y, [None])
+        y = tf.ensure_shape(y, [None])
+        return x, (y if onehot is None else tf.one_hot(y, onehot))
 
     return ds.map(cast).prefetch(2)

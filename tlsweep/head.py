@@ -394,23 +394,6 @@ def train_heads(
 
 def evaluate_head(head: TrainedHead, x: Any, y: Any) -> dict[str, Any]:
     """Loss, accuracy, per-class precision and recall and the confusion matrix on (x, y)."""
-    y = np.asarray(y, np.int64)
-    proba = head.predict_proba(np.asarray(x, np.float32))
-    pred = proba.argmax(axis=1)
-    k = head.n_classes
-    eps = 1e-7
-    loss = (
-        float(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], eps, 1.0)))) if len(y) else 0.0
-    )
-    cm = np.zeros((k, k), dtype=np.int64)
-    np.add.at(cm, (y, pred), 1)
-    precision = [float(cm[c, c] / cm[:, c].sum()) if cm[:, c].sum() else 0.0 for c in range(k)]
-    recall = [float(cm[c, c] / cm[c, :].sum()) if cm[c, :].sum() else 0.0 for c in range(k)]
-    return {
-        "loss": loss,
-        "accuracy": float((pred == y).mean()) if len(y) else 0.0,
-        "precision": precision,
-        "recall": recall,
-        "confusion_matrix": cm.tolist(),
-        "n": int(len(y)),
-    }
+    from tlsweep.metrics import evaluation
+
+    return evaluation(head.predict_proba(np.asarray(x, np.float32)), np.asarray(y, np.int64))

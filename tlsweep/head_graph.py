@@ -270,10 +270,9 @@ def as_tensor(x: np.ndarray) -> Any:
 
 def proba_loss_acc(proba: np.ndarray, y: np.ndarray, smoothing: float) -> tuple[float, float]:
     """Cross-entropy (label smoothing as Keras's) and accuracy of class probabilities."""
-    k = proba.shape[1]
-    target = np.eye(k, dtype=np.float64)[y] * (1.0 - smoothing) + smoothing / k
-    loss = -np.sum(target * np.log(np.clip(proba, 1e-7, 1.0)), axis=1).mean()
-    return float(loss), float((proba.argmax(axis=1) == y).mean())
+    from tlsweep.metrics import log_loss
+
+    return log_loss(proba, y, smoothing), float((proba.argmax(axis=1) == y).mean())
 
 
 def probabilities(logits: np.ndarray, n_classes: int) -> np.ndarray:

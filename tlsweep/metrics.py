@@ -1,15 +1,20 @@
 """Classification metrics on predicted probabilities, and seeded bootstrap intervals (numpy only).
 
-One implementation serves the per-epoch validation metrics of a trial (:mod:`tlsweep.head`) and
-the winner's test score (:mod:`tlsweep.winner`). Every function takes ``proba`` as
-``[n, n_classes]`` class probabilities and ``y`` as integer labels ``[n]``.
+One implementation of each metric serves the per-epoch validation metrics of a trial
+(:mod:`tlsweep.head`), the winner's test score (:mod:`tlsweep.winner`) and the fine-tuning
+stage's choice (:mod:`tlsweep.finetune`); whether a metric is better higher or lower is read
+from the one table of directions, :data:`tlsweep.config.METRIC_DIRECTIONS`. Every function
+takes ``proba`` as ``[n, n_classes]`` class probabilities and ``y`` as integer labels ``[n]``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+
+from tlsweep.config import METRIC_DIRECTIONS
 
 EPS = 1e-7  # probabilities are clipped to [EPS, 1] before the log, as Keras does
 
@@ -40,11 +45,15 @@ def balanced_accuracy(cm: np.ndarray) -> float:
 
 
 def macro_f1(cm: np.ndarray) -> float:
-    """The unweighted mean of the per-class F1 scores (0 for a class never predicted nor seen)."""
+    """The unweighted mean of the per-class F1 scores over the classes seen in the labels or
+    the predictions (scikit-learn's ``f1_score(average="macro", labels=present)``): a class
+    neither seen nor predicted has no F1 score, not a score of 0."""
     tp = np.diag(cm).astype(np.float64)
     denom = cm.sum(axis=0) + cm.sum(axis=1)  # 2 tp + fp + fn
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return float(f1.mean())
+    present = denom > 0
+    if not present.any():
+        return 0.0
+    return float(np.mean(2 * tp[present] / denom[present]))
 
 
 def roc_auc(score: np.ndarray, y: np.ndarray) -> float:
@@ -60,12 +69,50 @@ def roc_auc(score: np.ndarray, y: np.ndarray) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def log_loss(proba: np.ndarray, y: np.ndarray) -> float:
-    """Mean cross-entropy of the true class (no label smoothing)."""
+def log_loss(proba: np.ndarray, y: np.ndarray, smoothing: float = 0.0) -> float:
+    """Mean cross-entropy; with ``smoothing``, against Keras's smoothed targets
+    ``onehot * (1 - smoothing) + smoothing / k`` (0: the plain log loss of the true class)."""
     if len(y) == 0:
         return 0.0
-    p = np.clip(proba[np.arange(len(y)), y], EPS, 1.0)
-    return float(-np.mean(np.log(p)))
+    if not smoothing:  # the logs in the probabilities' precision, their mean in float64
+        p = np.clip(proba[np.arange(len(y)), y], EPS, 1.0)
+        return float(-np.mean(np.log(p).astype(np.float64)))
+    k = proba.shape[1]
+    target = np.eye(k, dtype=np.float64)[y] * (1.0 - smoothing) + smoothing / k
+    return float(-np.sum(target * np.log(np.clip(proba, EPS, 1.0)), axis=1).mean())
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    """Whether objective value ``a`` beats ``b`` for ``metric`` (e.g. ``val_macro_f1``)."""
+    return a > b if METRIC_DIRECTIONS[metric] == "maximize" else a < b
+
+
+def objective_value(metric: str, proba: np.ndarray, y: np.ndarray, smoothing: float) -> float:
+    """The objective ``metric`` (``val_...``) of predictions ``proba`` as a trial scores it:
+    ``val_loss`` with the head's label smoothing, the others from :func:`scores`."""
+    name = metric.removeprefix("val_")
+    proba = np.asarray(proba, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    if name == "loss":
+        return log_loss(proba, y, smoothing)
+    return float(scores(proba, y, [name])[name])
+
+
+def evaluation(proba: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Loss, accuracy, per-class precision and recall and the confusion matrix (a test report)."""
+    proba = np.asarray(proba)
+    y = np.asarray(y, dtype=np.int64)
+    k = proba.shape[1]
+    cm = confusion(y, proba.argmax(axis=1), k)
+    cols, rows = cm.sum(axis=0), cm.sum(axis=1)
+    return {
+        "loss": log_loss(proba, y),
+        "accuracy": float(np.trace(cm) / len(y)) if len(y) else 0.0,
+        "precision": [float(cm[c, c] / cols[c]) if cols[c] else 0.0 for c in range(k)],
+        "recall": [float(cm[c, c] / rows[c]) if rows[c] else 0.0 for c in range(k)],
+        "confusion_matrix": cm.tolist(),
+        "n": int(len(y)),
+    }
 
 
 def scores(

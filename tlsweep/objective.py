@@ -27,7 +27,7 @@ from tlsweep.config import MIN_VALIDATION_PER_CLASS, BackboneConfig, SweepConfig
 from tlsweep.errors import StudyError
 from tlsweep.interrupts import deferred
 from tlsweep.interrupts import requested as stop_requested
-from tlsweep.search import suggest
+from tlsweep.search import SEED_ATTR, suggest
 from tlsweep.storage import storage_errors
 
 log = logging.getLogger(__name__)
@@ -299,6 +299,7 @@ def run_trial(
                 started()
             with keep_alive or contextlib.nullcontext():
                 params = suggest(trial, cfg)
+                trial.set_user_attr(SEED_ATTR, cfg.search.seed)  # the winner's retraining reads it
                 data = features[params["backbone"]]
                 bb = data.backbone
                 logged = {

@@ -29,6 +29,8 @@ SPACE_ATTR = "tlsweep.space"
 DATA_ATTR = "tlsweep.data"  # label -> {"key", "parts"}: the feature cache entries of the study
 PARENT_ATTR = "tlsweep.mlflow_parent_run"
 RESOLVED_ATTR = "tlsweep.resolved"  # the resolved sweep of the last `tlsweep run`
+# a trial's training seed (search.seed when it ran), with the trial: its head is retrained with it
+SEED_ATTR = "tlsweep.seed"
 FINETUNE_ATTR = "tlsweep.finetune"  # the fine-tuning stage's last outcome, for `tlsweep status`
 FINISHED = ("COMPLETE", "PRUNED")  # the states that count towards n_trials
 STATES = (*FINISHED, "FAIL", "RUNNING", "WAITING")

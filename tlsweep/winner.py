@@ -1,9 +1,13 @@
 """The winner: the best trial's head rebuilt and scored once, honestly, on the test split.
 
-The best trial's head is rebuilt by retraining it from its parameters and seed on the cached
-training features (training is deterministic, so this is the same head the trial scored) and is
-evaluated once on the test split, which the search never reads. Its scores (with bootstrap
-intervals), per-class table, MLflow's evaluation and the study's reports go on the parent run.
+The best trial's head is rebuilt by retraining it from its parameters, with the seed the trial
+trained with (recorded with the trial), on the whole cached training split. Training is
+deterministic, so without ``cv_folds`` or ``repeats`` this is the head the trial scored. With
+them the trial's value is the mean over several heads (folds, seeds) and the rebuilt head is
+another one, trained on all the training images with the first seed; its own validation score
+is logged beside the trial's (``rebuilt_<metric>``). It is evaluated once on the test split,
+which the search never reads. Its scores (with bootstrap intervals), per-class table, MLflow's
+evaluation and the study's reports go on the parent run.
 The winner becomes a model file in :mod:`tlsweep.export`; :mod:`tlsweep.predict` uses that file.
 """
 
@@ -59,7 +63,7 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
     from tlsweep.features import extract_all
     from tlsweep.head import HeadParams, evaluate_head, train_head
     from tlsweep.objective import train_views, training_options
-    from tlsweep.search import check_data, suggest
+    from tlsweep.search import SEED_ATTR, check_data, suggest
 
     best = best_trial(study)
     # Never retrain the winner's parameters on features other than the ones it was chosen on.
@@ -74,7 +78,18 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
     bb, entry = entries[label]
     xt, yt = entry.views("train") if bb.augment else entry.split("train")
     xv, yv = entry.views("validation") if bb.augment else entry.split("validation")
-    hp = HeadParams.from_dict({**full, "seed": cfg.search.seed})
+    # The seed the trial trained with, not the sweep file's now: a study resumed with another
+    # search.seed keeps its trials, and the winner must be the head that won. (Trials from
+    # before the seed was recorded ran with the file's seed, as their study did.)
+    seed = int(best.user_attrs.get(SEED_ATTR, cfg.search.seed))
+    if seed != cfg.search.seed:
+        log.info(
+            "the winner (trial %d) is retrained with the seed it ran with, %d (search.seed is %d)",
+            best.number,
+            seed,
+            cfg.search.seed,
+        )
+    hp = HeadParams.from_dict({**full, "seed": seed})
     names = list(entry.class_names)
     head = train_head(
         xt,
@@ -107,15 +122,10 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
 
 def _metric(cfg: SweepConfig, head: Any, x: Any, y: Any) -> float:
     """The objective's metric of ``head`` on features ``x`` (one view) as a trial scores it."""
-    from tlsweep.head_graph import proba_loss_acc
-    from tlsweep.metrics import scores
+    from tlsweep.metrics import objective_value
 
     proba = head.predict_proba(np.asarray(x, np.float32))
-    name = cfg.search.metric.removeprefix("val_")
-    if name in ("loss", "accuracy"):
-        loss, acc = proba_loss_acc(proba, np.asarray(y), head.params.label_smoothing)
-        return loss if name == "loss" else acc
-    return float(scores(proba, y, [name])[name])
+    return objective_value(cfg.search.metric, proba, y, head.params.label_smoothing)
 
 
 def score_test(cfg: SweepConfig, proba: Any, y: Any) -> dict[str, Any]:
