@@ -150,12 +150,10 @@ def check_database(url: str, field_name: str) -> None:
     except sqlalchemy.exc.DBAPIError as e:
         reason = str(e.orig or e).strip().splitlines()
         why = reason[0][:300] if reason else type(e).__name__
-        if u.password:
-            why = why.replace(u.password, "***")
         raise ServiceError(
-            f"{field_name}: cannot connect to {redact_url(url)} ({redact_url(why)}); check that "
-            "the server is running, the database exists and the user and password are right, "
-            "then run the command again"
+            f"{field_name}: cannot connect to {redact_url(url)} ({redact_url(why, url)}); "
+            "check that the server is running, the database exists and the user and password "
+            "are right, then run the command again"
         ) from None
     finally:
         engine.dispose()

@@ -13,10 +13,35 @@ from typing import Any
 
 from tlsweep.checks import fail
 
+# A URL's user and password in any text: the password runs from the first ":" after "//" to the
+# LAST "@" of the same word, so one holding a raw "/", "@", ":" or a %-escape is caught whole.
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)([^\s:/@'\"]*):\S*@")
+# libpq's and the drivers' other way to give it: ?password=... or &password=...
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd)=)[^&\s'\"]*", re.IGNORECASE)
 
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``: the one place URLs are made safe to print."""
-    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+
+def redact_url(text: str, url: str | None = None) -> str:
+    """``text`` (a URL, a message, a sweep file) with every URL password replaced by ``***``.
+
+    The one place secrets are made safe to print, log or send to MLflow. ``url``: a URL whose
+    password, as the server or driver may quote it (%-escapes decoded), is also hidden
+    wherever it appears in ``text``.
+    """
+    out = _QUERY_PASSWORD.sub(r"\1***", _USERINFO.sub(r"\1\2:***@", text))
+    if url:
+        for secret in _passwords(url):
+            out = out.replace(secret, "***")
+    return out
+
+
+def _passwords(url: str) -> set[str]:
+    """The password in ``url`` as written and %-decoded (empty when it has none)."""
+    from urllib.parse import unquote
+
+    m = re.match(r"[A-Za-z][A-Za-z0-9+.\-]*://[^:/@]*:(.*)@", url.strip())
+    if not m or not m.group(1):
+        return set()
+    return {m.group(1), unquote(m.group(1))} - {"", "***"}
 
 
 # The tracking URIs MLflow 3.17 builds a store for (mlflow/tracking/_tracking_service/utils.py):
