@@ -756,3 +756,23 @@ def test_redact_url_hides_a_password_a_driver_quotes_decoded() -> None:
     out = redact_url(msg, url)
     assert "p@ss/w" not in out and "p%40ss" not in out
     assert out == 'connection failed: password "***" rejected for postgresql://me:***@db/x'
+
+
+@pytest.mark.parametrize("field", ["storage", "tracking_uri"])
+def test_a_raw_at_in_a_password_is_refused_without_quoting_it(
+    tmp_path: Path, base: dict[str, Any], field: str
+) -> None:
+    """SQLAlchemy would take what follows a raw "@" for the host and quote it in its errors."""
+    url = "postgresql://me:pa/ss@w0rd@db.example:5432/x"
+    from tlsweep.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_sweep(_write(tmp_path, _set(base, field, url)), data_dir=tmp_path / "images")
+    msg = str(e.value)
+    assert "%40" in msg and "postgresql://me:***@db.example:5432/x" in msg, msg
+    assert "pa/ss" not in msg and "w0rd" not in msg
+    ok = load_sweep(
+        _write(tmp_path, _set(base, field, url.replace("@w0rd", "%40w0rd"))),
+        data_dir=tmp_path / "images",
+    )
+    assert getattr(ok, field) == url.replace("@w0rd", "%40w0rd")

@@ -30,7 +30,7 @@ from typing import Any
 from tlsweep.config import DEFAULT_CONNECT_TIMEOUT, SweepConfig
 from tlsweep.errors import ConfigError, ServiceError, StudyError, StudyFailing
 from tlsweep.stores import StoreKind, count_rows, prepare
-from tlsweep.urls import redact_url
+from tlsweep.urls import parse_complaint, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def check_database(url: str, field_name: str) -> None:
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError) as e:
         raise ConfigError(
             f"{field_name}: got '{redact_url(url)}'; not a database URL SQLAlchemy knows "
-            f"({redact_url(str(e).splitlines()[0][:200])}); expected e.g. "
+            f"({parse_complaint(url, str(e))}); expected e.g. "
             "postgresql://USER:PASSWORD@HOST:PORT/DB"
         ) from None
     engine = sqlalchemy.create_engine(u, poolclass=NullPool, connect_args=_connect_args(url))
