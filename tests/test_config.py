@@ -722,3 +722,57 @@ def test_resolved_sweep_with_fused_and_expanded_backbones_loads_back(
     assert dataclasses.replace(again, text="", path=cfg.path) == dataclasses.replace(
         cfg, text="", storage=again.storage
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://me:se/cr:et@db:5432/x", "postgresql://me:***@db:5432/x"),
+        ("postgresql://me:a@b/c:d@db/x", "postgresql://me:***@db/x"),  # a raw "@" and "/"
+        ("mysql+pymysql://me:p%40ss%2Fw@db/x", "mysql+pymysql://me:***@db/x"),
+        ("http://me:tok:en@mlflow.example:5000", "http://me:***@mlflow.example:5000"),
+        (
+            "postgresql://me@db/x?sslmode=require&password=a/b",
+            "postgresql://me@db/x?sslmode=require&password=***",
+        ),
+        ("postgresql://me@db/x", "postgresql://me@db/x"),  # no password: unchanged
+        ("sqlite:////tmp/a:b@c.db", "sqlite:////tmp/a:b@c.db"),
+    ],
+)
+def test_redact_url_hides_every_password(url: str, shown: str) -> None:
+    from tlsweep.urls import redact_url
+
+    assert redact_url(url) == shown
+    # in a sweep file or a message, every URL in it
+    text = f"storage: {url}\ntracking_uri: '{url}'  # note: {url}"
+    assert redact_url(text) == f"storage: {shown}\ntracking_uri: '{shown}'  # note: {shown}"
+
+
+def test_redact_url_hides_a_password_a_driver_quotes_decoded() -> None:
+    from tlsweep.urls import redact_url
+
+    url = "postgresql://me:p%40ss%2Fw@db/x"
+    msg = 'connection failed: password "p@ss/w" rejected for postgresql://me:p%40ss%2Fw@db/x'
+    out = redact_url(msg, url)
+    assert "p@ss/w" not in out and "p%40ss" not in out
+    assert out == 'connection failed: password "***" rejected for postgresql://me:***@db/x'
+
+
+@pytest.mark.parametrize("field", ["storage", "tracking_uri"])
+def test_a_raw_at_in_a_password_is_refused_without_quoting_it(
+    tmp_path: Path, base: dict[str, Any], field: str
+) -> None:
+    """SQLAlchemy would take what follows a raw "@" for the host and quote it in its errors."""
+    url = "postgresql://me:pa/ss@w0rd@db.example:5432/x"
+    from tlsweep.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_sweep(_write(tmp_path, _set(base, field, url)), data_dir=tmp_path / "images")
+    msg = str(e.value)
+    assert "%40" in msg and "postgresql://me:***@db.example:5432/x" in msg, msg
+    assert "pa/ss" not in msg and "w0rd" not in msg
+    ok = load_sweep(
+        _write(tmp_path, _set(base, field, url.replace("@w0rd", "%40w0rd"))),
+        data_dir=tmp_path / "images",
+    )
+    assert getattr(ok, field) == url.replace("@w0rd", "%40w0rd")

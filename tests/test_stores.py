@@ -439,3 +439,115 @@ def test_a_refused_run_leaves_no_new_store_behind(
     with pytest.raises(TlsweepError):
         run_sweep(load_sweep(sweep))
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# --- a worker lock held on a database server: a bounded wait that names the holder -----------
+class _Waiting(logging.Handler):
+    """Sets ``seen`` when a worker logs that it waits for the study's lock."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        import threading
+
+        self.seen = threading.Event()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "waiting for the study's lock" in record.getMessage():
+            self.lines.append(record.getMessage())
+            self.seen.set()
+
+
+def _hold_then_wait(
+    kind: str, monkeypatch: pytest.MonkeyPatch, release_when_waiting: bool
+) -> tuple[dict, list[str], str, str]:
+    """Hold the study's lock on the ``kind`` server from another connection while a worker's
+    storage_lock waits for it (LOCK_WAIT 1 s, LOCK_GIVE_UP 3 s, or released once the worker
+    says it waits); what the worker got, what it logged, the lock's key and the holder's id."""
+    import threading
+    import uuid
+    import zlib
+
+    import sqlalchemy
+    from conftest import server_url
+
+    from tlsweep.errors import StudyFailing
+
+    url = server_url(kind)
+    name = f"held-{uuid.uuid4().hex[:8]}"
+    key = zlib.crc32(name.encode()) & 0x7FFFFFFF
+    monkeypatch.setattr(storage, "LOCK_WAIT", 1)
+    monkeypatch.setattr(storage, "LOCK_GIVE_UP", 600 if release_when_waiting else 3)
+    handler = _Waiting()
+    lg = logging.getLogger("tlsweep.storage")
+    lg.addHandler(handler)
+    monkeypatch.setattr(lg, "level", logging.DEBUG)
+    pg = kind == "postgres"
+    args = {"application_name": "tlsweep-test-holder"} if pg else {}
+    engine = sqlalchemy.create_engine(url, connect_args=args)
+    result: dict = {}
+
+    def worker() -> None:
+        try:
+            with storage.storage_lock(url, name):
+                result["got"] = True
+        except StudyFailing as e:
+            result["error"] = str(e)
+
+    try:
+        with engine.connect() as con:
+            if pg:
+                con.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                me = con.execute(sqlalchemy.text("SELECT pg_backend_pid()")).scalar()
+            else:
+                k = f"tlsweep{key}"
+                assert con.execute(sqlalchemy.text("SELECT GET_LOCK(:k, 5)"), {"k": k}).scalar()
+                me = con.execute(sqlalchemy.text("SELECT CONNECTION_ID()")).scalar()
+            t = threading.Thread(target=worker, daemon=True)
+            t.start()
+            if release_when_waiting:
+                assert handler.seen.wait(120), "the worker never said it was waiting"
+                unlock = "pg_advisory_unlock(:k)" if pg else "RELEASE_LOCK(:k)"
+                con.execute(sqlalchemy.text(f"SELECT {unlock}"), {"k": key if pg else k})
+            t.join(120)  # a bound for the test only: the old lock waited for ever
+            assert not t.is_alive(), "the worker still waits for the lock"
+    finally:
+        lg.removeHandler(handler)
+        engine.dispose()
+    return result, handler.lines, str(key), str(me)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ],
+)
+def test_a_server_lock_held_too_long_is_one_error_naming_the_lock_and_its_holder(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result, waits, key, holder = _hold_then_wait(kind, monkeypatch, release_when_waiting=False)
+    assert "got" not in result, "the worker took a lock another connection holds"
+    msg = result["error"]
+    assert "\n" not in msg and msg.startswith("storage: another worker has held the study's lock")
+    assert key in msg and "study 'held-" in msg  # the lock, named
+    if kind == "postgres":  # its holder, as pg_locks and pg_stat_activity tell it
+        assert f"server process {holder} (tlsweep-test-holder, user " in msg, msg
+    else:
+        assert f"by connection {holder}, user " in msg, msg
+    assert waits and key in waits[0]  # the wait was logged, naming the lock
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ],
+)
+def test_a_server_lock_released_while_a_worker_waits_is_taken(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result, waits, key, _ = _hold_then_wait(kind, monkeypatch, release_when_waiting=True)
+    assert result == {"got": True} and waits and key in waits[0]

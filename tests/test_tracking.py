@@ -97,3 +97,84 @@ def test_a_change_is_logged_even_if_the_run_that_saw_it_first_was_killed(tmp_pat
     (line,) = record_resolved(more, study, logs)
     assert line.startswith("search.n_trials: 3 -> 7"), line
     assert logs.changed[-1] == [line]
+
+
+# A password with every character that breaks naive URL parsing: "/", ":", "@" (written %40 in
+# the URL, as SQLAlchemy needs) and a %-escape; found anywhere below in either form is a leak.
+PASSWORD = "Sekr1t/Pw:k@Zz"
+WRITTEN = "Sekr1t/Pw:k%40Zz"
+
+
+@pytest.mark.postgres
+def test_a_storage_password_reaches_neither_mlflow_nor_the_console(tmp_path: Path) -> None:
+    """A tiny sweep on PostgreSQL as a user whose password has a "/": the whole MLflow store
+    (database bytes, every artifact) and the console hold the password in no form."""
+    import uuid
+
+    import sqlalchemy
+    from conftest import (
+        CATS_DOGS,
+        TINY,
+        CliInProcess,
+        create_database,
+        need_shared,
+        server_url,
+        small_copy,
+        write_sweep,
+    )
+    from sqlalchemy.engine import make_url
+
+    need_shared()
+    url = server_url("postgres")
+    user = f"tl_{uuid.uuid4().hex[:8]}"
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text(f"CREATE ROLE {user} LOGIN PASSWORD '{PASSWORD}'"))
+    finally:
+        engine.dispose()
+    db = make_url(create_database(url, f"optuna_{uuid.uuid4().hex[:10]}")).database
+    server = make_url(url)
+    storage = f"postgresql://{user}:{WRITTEN}@{server.host}:{server.port}/{db}"
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text(f'ALTER DATABASE "{db}" OWNER TO {user}'))
+    finally:
+        engine.dispose()
+    assert make_url(storage).password == PASSWORD  # the URL a user would write
+    data = tmp_path / "photos"
+    for split, n in (("train", 8), ("validation", 4), ("test", 4)):
+        small_copy(CATS_DOGS / split, data / split, n, None)
+    search = {
+        "n_trials": 2,
+        "sampler": "random",
+        "pruner": "none",
+        "space": {"units": 8, "learning_rate": 1e-3, "batch_size": 16, "epochs": 1},
+    }
+    mlruns = tmp_path / "store"
+    mlruns.mkdir()
+    sweep = write_sweep(
+        tmp_path / "sweep.yaml",
+        data,
+        study="secret",
+        backbones=TINY,
+        search=search,
+        storage=storage,
+        tracking_uri=f"sqlite:///{mlruns / 'mlflow.db'}",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    assert PASSWORD in sweep.read_text() or WRITTEN in sweep.read_text()
+    r = CliInProcess()("run", str(sweep), cwd=mlruns)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bad = [PASSWORD.encode(), WRITTEN.encode(), b"Sekr1t"]
+    console = (r.stdout + r.stderr).encode()
+    assert not [b for b in bad if b in console], r.stdout + r.stderr
+    files = [p for p in mlruns.rglob("*") if p.is_file()]
+    assert len(files) > 3 and any(p.name == "sweep.yaml" for p in files), files
+    assert any(p.name == "resolved.yaml" for p in files), files
+    leaks = [str(p) for p in files for b in bad if b in p.read_bytes()]
+    assert not leaks, leaks
+    # what was logged still names the server and the user
+    logged = next(p for p in files if p.name == "sweep.yaml").read_text()
+    assert f"postgresql://{user}:***@{server.host}:{server.port}/{db}" in logged

@@ -30,11 +30,12 @@ from tlsweep.cli_commands import (
 from tlsweep.cli_winner import cmd_best, cmd_export, cmd_predict
 from tlsweep.config import MAX_WORKERS
 from tlsweep.errors import TlsweepError
+from tlsweep.urls import redact_url
 
 
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        msg = record.getMessage()
+        msg = redact_url(record.getMessage())  # no URL's password on the console
         if record.levelno >= logging.ERROR:
             return f"error: {msg}"
         if record.levelno >= logging.WARNING:
@@ -310,7 +311,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _one_line(msg: str) -> str:
-    return " ".join(msg.split("\n")).strip()
+    return redact_url(" ".join(msg.split("\n")).strip())
 
 
 def _is_environment_failure(e: OSError) -> bool:

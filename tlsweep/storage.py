@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sqlite3
+import time
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -27,7 +29,7 @@ from typing import Any
 from tlsweep.config import DEFAULT_CONNECT_TIMEOUT, SweepConfig
 from tlsweep.errors import ConfigError, ServiceError, StudyError, StudyFailing
 from tlsweep.stores import StoreKind, count_rows, prepare
-from tlsweep.urls import redact_url
+from tlsweep.urls import parse_complaint, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +141,7 @@ def check_database(url: str, field_name: str) -> None:
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError) as e:
         raise ConfigError(
             f"{field_name}: got '{redact_url(url)}'; not a database URL SQLAlchemy knows "
-            f"({redact_url(str(e).splitlines()[0][:200])}); expected e.g. "
+            f"({parse_complaint(url, str(e))}); expected e.g. "
             "postgresql://USER:PASSWORD@HOST:PORT/DB"
         ) from None
     engine = sqlalchemy.create_engine(u, poolclass=NullPool, connect_args=_connect_args(url))
@@ -149,12 +151,10 @@ def check_database(url: str, field_name: str) -> None:
     except sqlalchemy.exc.DBAPIError as e:
         reason = str(e.orig or e).strip().splitlines()
         why = reason[0][:300] if reason else type(e).__name__
-        if u.password:
-            why = why.replace(u.password, "***")
         raise ServiceError(
-            f"{field_name}: cannot connect to {redact_url(url)} ({redact_url(why)}); check that "
-            "the server is running, the database exists and the user and password are right, "
-            "then run the command again"
+            f"{field_name}: cannot connect to {redact_url(url)} ({redact_url(why, url)}); "
+            "check that the server is running, the database exists and the user and password "
+            "are right, then run the command again"
         ) from None
     finally:
         engine.dispose()
@@ -196,8 +196,8 @@ def check_local_sqlite(path: Path) -> None:
         )
 
 
-# Seconds a worker waits for the storage lock before saying so (MySQL's GET_LOCK timeout), and
-# in all before giving up: the lock is held only while a trial is asked for and tagged.
+# Seconds a worker waits for a server's storage lock before saying so (MySQL's GET_LOCK timeout),
+# and in all before giving up: the lock is held only while a trial is asked for and tagged.
 LOCK_WAIT = 60
 LOCK_GIVE_UP = 600
 
@@ -209,7 +209,8 @@ def storage_lock(url: str, name: str) -> Iterator[None]:
     SQLite and ``journal:FILE``: ``flock`` on ``FILE.lock`` (released by the OS if its holder
     dies; a SQLite file on a network share is refused). ``journal:FILE`` on a network
     filesystem, where ``flock`` may not hold between machines: Optuna's symlink lock.
-    PostgreSQL: ``pg_advisory_lock``. MySQL: ``GET_LOCK``, whose result is checked.
+    PostgreSQL: ``pg_try_advisory_lock``. MySQL: ``GET_LOCK``. A wait on a server is logged
+    every ``LOCK_WAIT`` s and fails after ``LOCK_GIVE_UP`` s naming the lock and its holder.
     """
     path = _sqlite_path(url) or (
         Path(url[len("journal:") :]) if url.startswith("journal:") else None
@@ -241,13 +242,13 @@ def storage_lock(url: str, name: str) -> Iterator[None]:
     with engine.connect() as con:
         dialect = engine.dialect.name
         if dialect == "postgresql":
-            con.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            _pg_lock(con, key, name)
             try:
                 yield
             finally:
                 con.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
         elif dialect in ("mysql", "mariadb"):
-            _mysql_get_lock(con, f"tlsweep{key}")
+            _mysql_get_lock(con, f"tlsweep{key}", name)
             try:
                 yield
             finally:
@@ -263,11 +264,65 @@ def storage_lock(url: str, name: str) -> Iterator[None]:
             )
 
 
-def _mysql_get_lock(con: Any, key: str) -> None:
+def _pg_lock(con: Any, key: int, study: str) -> None:
+    """``pg_try_advisory_lock`` every 0.5 s for ``LOCK_GIVE_UP`` s (not one endless wait)."""
+    import sqlalchemy
+
+    what = f"PostgreSQL advisory lock {key} of study '{study}'"
+    start, said = time.monotonic(), 0
+    while not con.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+        waited = time.monotonic() - start
+        if waited >= LOCK_GIVE_UP:
+            raise StudyFailing(_lock_timeout(what, _lock_holder(con, "postgresql", key)))
+        if waited >= (said + 1) * LOCK_WAIT:
+            said += 1
+            log.warning(_WAITING, what, int(waited))
+        time.sleep(0.5)
+
+
+_WAITING = "waiting for the study's lock (%s), held by another worker for %ds"
+# Who holds a lock, in one line (NULL if free): PostgreSQL's pg_locks (an advisory lock on a bigint
+# key: classid 0, objid the key, objsubid 1) and pg_stat_activity; MySQL's IS_USED_LOCK, processes.
+_HOLDER_SQL = {
+    "postgresql": "SELECT 'server process ' || l.pid || ' (' || coalesce(a.application_name, '?')"
+    " || ', user ' || coalesce(a.usename::text, '?') || coalesce(' from ' || host(a.client_addr),"
+    " '') || coalesce(', connected since ' || date_trunc('second', a.backend_start), '') || ')'"
+    " FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype ="
+    " 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid::bigint = 0 AND"
+    " l.objid::bigint = :k AND l.database = (SELECT oid FROM pg_database WHERE datname ="
+    " current_database()) LIMIT 1",
+    "mysql": "SELECT CONCAT('connection ', ID, ', user ', USER, ' from ', HOST, ', ', TIME,"
+    " 's in its current state') FROM information_schema.PROCESSLIST WHERE ID = IS_USED_LOCK(:k)",
+}
+
+
+def _lock_holder(con: Any, dialect: str, key: int | str) -> str | None:
+    """Who holds lock ``key``, or None when the server cannot or will not say."""
+    import sqlalchemy
+
+    try:
+        found = con.execute(sqlalchemy.text(_HOLDER_SQL[dialect]), {"k": key}).scalar()
+    except Exception as e:  # no rights on the server's views, a stand-in connection, ...
+        log.debug("cannot ask the server who holds the lock: %s", e)
+        return None
+    return str(found) if found else None
+
+
+def _lock_timeout(what: str, holder: str | None) -> str:
+    """The one error line of a lock not had in ``LOCK_GIVE_UP`` seconds."""
+    return (
+        f"storage: another worker has held the study's lock, {what}, for over {LOCK_GIVE_UP}s"
+        f"{f', by {holder}' if holder else ''}; a stopped or hung worker? Stop it (or end that "
+        "connection) and run again"
+    )
+
+
+def _mysql_get_lock(con: Any, key: str, study: str = "?") -> None:
     """``GET_LOCK`` until it returns 1: 0 means it timed out (another worker holds it: wait
     again, up to ``LOCK_GIVE_UP`` seconds), NULL means an error."""
     import sqlalchemy
 
+    what = f"MySQL lock '{key}' of study '{study}'"
     waited = 0
     while True:
         got = con.execute(
@@ -282,13 +337,8 @@ def _mysql_get_lock(con: Any, key: str) -> None:
             )
         waited += LOCK_WAIT
         if waited >= LOCK_GIVE_UP:
-            raise StudyFailing(
-                f"storage: another worker has held the study's lock ({key}) for over "
-                f"{LOCK_GIVE_UP}s; a stopped or hung worker? Stop it and run again"
-            )
-        log.warning(
-            "waiting for the study's lock (%s), held by another worker for %ds", key, waited
-        )
+            raise StudyFailing(_lock_timeout(what, _lock_holder(con, "mysql", key)))
+        log.warning(_WAITING, what, waited)
 
 
 _ENGINES: dict[str, Any] = {}
@@ -298,8 +348,11 @@ def _lock_engine(url: str) -> Any:
     import sqlalchemy
 
     if url not in _ENGINES:
+        args = _connect_args(url)
+        if url.startswith("postgresql"):  # how pg_stat_activity names a holder to the others
+            args["application_name"] = f"tlsweep pid {os.getpid()} on {socket.gethostname()}"[:63]
         _ENGINES[url] = sqlalchemy.create_engine(
-            url, pool_size=1, pool_pre_ping=True, connect_args=_connect_args(url)
+            url, pool_size=1, pool_pre_ping=True, connect_args=args
         )
     return _ENGINES[url]
 

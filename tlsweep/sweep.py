@@ -18,6 +18,7 @@ from tlsweep.launch import _extract_in_workers, _run_workers, _stop_held
 from tlsweep.preflight import preflight
 from tlsweep.resolved import changes, resolved_record, resolved_yaml
 from tlsweep.search import StudySummary, summarize
+from tlsweep.urls import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def _parent_params(cfg: SweepConfig) -> dict[str, Any]:
         "metric": s.metric,
         "direction": s.direction,
         "seed": s.seed,
-        "storage": cfg.storage.split("@")[-1],
+        "storage": redact_url(cfg.storage),
         **{f"space.{n}": p.to_json() for n, p in s.space.items()},
     }
 

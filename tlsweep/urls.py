@@ -13,10 +13,55 @@ from typing import Any
 
 from tlsweep.checks import fail
 
+# A URL's user and password in any text: the password runs from the first ":" after "//" to the
+# LAST "@" of the same word, so one holding a raw "/", "@", ":" or a %-escape is caught whole.
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)([^\s:/@'\"]*):\S*@")
+# libpq's and the drivers' other way to give it: ?password=... or &password=...
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd)=)[^&\s'\"]*", re.IGNORECASE)
 
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``: the one place URLs are made safe to print."""
-    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+
+def redact_url(text: str, url: str | None = None) -> str:
+    """``text`` (a URL, a message, a sweep file) with every URL password replaced by ``***``.
+
+    The one place secrets are made safe to print, log or send to MLflow. ``url``: a URL whose
+    password, as the server or driver may quote it (%-escapes decoded), is also hidden
+    wherever it appears in ``text``.
+    """
+    out = _QUERY_PASSWORD.sub(r"\1***", _USERINFO.sub(r"\1\2:***@", text))
+    if url:
+        for secret in _passwords(url):
+            out = out.replace(secret, "***")
+    return out
+
+
+def parse_complaint(url: str, complaint: str) -> str:
+    """Why a parser refused ``url``, safe to print: a parser that split a password holding a raw
+    ``@`` quotes pieces of it, so with a password only the fix is given."""
+    if _passwords(url):
+        return "a '@', '/' or ':' in the password must be written %40, %2F, %3A"
+    return redact_url(complaint.strip().splitlines()[0][:200] if complaint.strip() else "")
+
+
+def _no_raw_at(where: str, url: str, field_name: str) -> str:
+    """``url``, refused if its password holds a raw ``@``: every URL parser would take what
+    follows it for the host (and quote that piece of the password in its errors)."""
+    if "@" in (_password(url.partition("?")[0]) or ""):
+        raise fail(where, field_name, redact_url(url), "write a '@' in the password as %40")
+    return url
+
+
+def _password(url: str) -> str | None:
+    """The password in ``url`` as written: from the first ``:`` after ``//`` to the last ``@``."""
+    m = re.match(r"[A-Za-z][A-Za-z0-9+.\-]*://[^:/@]*:(\S*)@", url.strip())
+    return m.group(1) if m and m.group(1) else None
+
+
+def _passwords(url: str) -> set[str]:
+    """The password in ``url`` as written and %-decoded (empty when it has none)."""
+    from urllib.parse import unquote
+
+    p = _password(url)
+    return {p, unquote(p)} - {"", "***"} if p else set()
 
 
 # The tracking URIs MLflow 3.17 builds a store for (mlflow/tracking/_tracking_service/utils.py):
@@ -58,13 +103,13 @@ def check_tracking_uri(where: str, uri: Any, field_name: str) -> str:
             parts.port  # noqa: B018 - raises on a port that is not a number
         except ValueError:
             raise fail(where, field_name, redact_url(uri), "the port must be a number") from None
-        return uri
+        return _no_raw_at(where, uri, field_name)
     if scheme.partition("+")[0] in TRACKING_DATABASES:
         if scheme.startswith("sqlite") and parts.path.lstrip("/") in ("", ":memory:"):
             raise fail(where, field_name, uri, "use a file: sqlite:///mlflow.db")
         if not scheme.startswith("sqlite") and not parts.hostname and "host=" not in parts.query:
             raise fail(where, field_name, redact_url(uri), "expected DIALECT://USER@HOST/DB")
-        return uri
+        return _no_raw_at(where, uri, field_name)
     if scheme in TRACKING_SCHEMES:
         return uri
     raise fail(where, field_name, redact_url(uri), _TRACKING_ALLOWED)
@@ -104,4 +149,4 @@ def check_storage_url(where: str, url: Any, base: Path, field_name: str) -> str:
             "expected sqlite:///FILE, journal:FILE, postgresql://... or mysql://... (the "
             "storages whose worker lock tlsweep implements)",
         )
-    return url
+    return _no_raw_at(where, url, field_name)

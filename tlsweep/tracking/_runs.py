@@ -161,7 +161,8 @@ class Tracker(TrackerStages, TrackerModels):
     def _describe_parent(self, params: Mapping[str, Any], sweep_text: str, sweep_name: str) -> None:
         """The study's settings as the parent's params, and the sweep file as an artifact."""
         self._log_params(self.parent_run_id, params)
-        self.client.log_text(self.parent_run_id, sweep_text, f"sweep/{sweep_name}")
+        # the sweep file as written, but with no URL's password (storage, tracking_uri)
+        self.client.log_text(self.parent_run_id, redact_url(sweep_text), f"sweep/{sweep_name}")
 
     def reopen_parent(self) -> None:
         """Mark the parent RUNNING again when a study is resumed."""
@@ -222,7 +223,7 @@ class Tracker(TrackerStages, TrackerModels):
         self.log_trial_metrics(run_id, history, final)
         tags = [RunTag(STATE_TAG, state)]
         if error:
-            tags.append(RunTag("error", error[:5000]))
+            tags.append(RunTag("error", redact_url(error)[:5000]))
         self.client.log_batch(run_id, tags=tags)
         number, backbone = self._trials.pop(run_id, None) or self._trial_of(run_id)
         self.client.update_run(run_id, name=trial_run_name(number, backbone, state, value))
@@ -301,16 +302,18 @@ class Tracker(TrackerStages, TrackerModels):
         what a resumed run changed goes beside it, one file per run that changed something."""
         if not self.parent_run_id:
             return
-        self.client.log_text(self.parent_run_id, text, "sweep/resolved.yaml")
+        self.client.log_text(self.parent_run_id, redact_url(text), "sweep/resolved.yaml")
         if changed:
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
             self.client.log_text(
-                self.parent_run_id, "\n".join(changed) + "\n", f"sweep/changes-{stamp}.txt"
+                self.parent_run_id,
+                redact_url("\n".join(changed) + "\n"),
+                f"sweep/changes-{stamp}.txt",
             )
 
     def log_parent_text(self, text: str, path: str) -> None:
         if self.parent_run_id:
-            self.client.log_text(self.parent_run_id, text, path)
+            self.client.log_text(self.parent_run_id, redact_url(text), path)
 
     def log_parent_dict(self, d: Any, path: str) -> None:
         if self.parent_run_id:

@@ -123,7 +123,8 @@ def runs_page_url(server_url: str, experiment_id: str, run_id: str | None = None
 
 
 def mlflow_value(v: Any) -> str:
-    s = str(v)
+    """A param's or tag's value as MLflow stores it: a string, URL passwords hidden, bounded."""
+    s = redact_url(str(v))
     return s if len(s) <= 6000 else s[:5997] + "..."
 
 
