@@ -34,7 +34,7 @@ def _study_and_tracker(args: argparse.Namespace, cfg: Any = None) -> tuple[Any, 
         preflight(cfg)
     study = open_study(cfg, open_storage(cfg, must_exist=True), create=False)
     tracker = Tracker(cfg.tracking_uri, cfg.study)
-    attach_parent(cfg, study, tracker)
+    attach_parent(cfg, study, tracker, reopen=False)  # a `run` may still work in it
     return cfg, study, tracker
 
 
@@ -51,7 +51,7 @@ def cmd_best(args: argparse.Namespace) -> int:
                 finetune_winner(cfg, w, tracker, finetune_bar(getattr(args, "quiet", False)), study)
             )
     finally:
-        tracker.close_parent(True)
+        tracker.release_parent()
     return 0
 
 
@@ -78,7 +78,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             args.register,
         )
     finally:
-        tracker.close_parent(True)
+        tracker.release_parent()
     print_test(w, cfg)
     print_finetune(ft)
     print(
@@ -116,8 +116,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ServiceError(f"MODEL: {args.model}: permission denied (cannot read it)")
     if not zipfile.is_zipfile(args.model):
         raise TlsweepError(
-            f"MODEL: got '{args.model}': not a .keras model file (not a zip archive); "
-            "expected a file from 'tlsweep export'"
+            f"MODEL: got '{args.model}': not a whole .keras model file (not a zip archive: "
+            "cut short, or not a model); expected a file from 'tlsweep export' (export it again)"
         )
     missing = [p for p in args.paths if not os.path.exists(p)]
     if missing:
