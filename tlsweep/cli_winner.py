@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from tlsweep.cli_commands import load
+from tlsweep.cli_commands import _stop_on_signals, load
 from tlsweep.cli_display import finetune_bar, print_finetune, print_test
 from tlsweep.errors import ServiceError, TlsweepError
 
@@ -42,6 +42,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     from tlsweep.sweep import finetune_winner
     from tlsweep.winner import evaluate_and_log
 
+    _stop_on_signals()  # Ctrl-C, SIGTERM, SIGHUP: the parent run is left as it was found
     cfg, study, tracker = _study_and_tracker(args)
     try:
         w = evaluate_and_log(cfg, study, tracker)
@@ -59,6 +60,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tlsweep.checks import check_can_write
     from tlsweep.sweep import export_winner
 
+    _stop_on_signals()  # and no temporary model file is left behind
     if not args.output.endswith(".keras"):
         raise TlsweepError(f"--output: got '{args.output}'; the file name must end in .keras")
     if args.register is not None:
@@ -106,6 +108,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from tlsweep.checks import check_can_write
 
+    _stop_on_signals()  # no half-written --csv file either
     # every check before TensorFlow is imported and before a single image is read
     if not os.path.isfile(args.model):
         what = "a folder" if os.path.isdir(args.model) else "no such file"
