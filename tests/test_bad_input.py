@@ -497,3 +497,66 @@ def test_bad_flag(tmp_path: Path, case: str, cli: CliInProcess):
     assert needle.lower() in error.lower(), error
     assert "s3cret-pw" not in r.stderr + r.stdout  # a password is never printed
     assert _tree(tmp_path) == before, sorted(_tree(tmp_path) ^ before)
+
+
+# --- names in any script, end to end ------------------------------------------------------------
+UNICODE_CLASSES = ("chats été", "כלבים dogs", "犬 いぬ")
+UNICODE_FILES = ("photo été {i}.jpg", "صورة {i}.jpg", "\u202eevil {i}.jpg", "emoji 🐱 {i}.jpg")
+
+
+def test_unicode_class_and_file_names_end_to_end(tmp_path: Path, cli: CliInProcess):
+    """Class folders and files named in any script (accents, RTL, an RTL override, CJK, emoji,
+    spaces): extract, run, export and predict keep every name as it is."""
+    import csv
+
+    from tlsweep.export import read_metadata
+
+    need_shared()
+    data = tmp_path / "données ☃"
+    photos = sorted((CATS_DOGS / "train" / "cats").iterdir())
+    k = 0
+    for split, n in (("train", 8), ("validation", 4), ("test", 4)):
+        for cls in UNICODE_CLASSES:
+            d = data / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                shutil.copy(photos[k], d / UNICODE_FILES[i % len(UNICODE_FILES)].format(i=i))
+                k += 1
+    search = {
+        "n_trials": 2,
+        "sampler": "random",
+        "pruner": "none",
+        "space": {
+            "units": {"low": 8, "high": 16},
+            "dropout": {"low": 0.0, "high": 0.1},
+            "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True},
+            "batch_size": {"choices": [16]},
+            "epochs": 2,
+        },
+    }
+    sweep = write_sweep(
+        tmp_path / "sweep.yaml", data, study="étude ⚗", backbones=TINY, search=search
+    )
+    r = cli("run", str(sweep), "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "skipped" not in r.stderr.replace("0 skipped", "")
+    r = cli("status", str(sweep))
+    assert r.returncode == 0 and "étude ⚗" in r.stdout + r.stderr, r.stdout + r.stderr
+    model = tmp_path / "modèle ✓" / "m.keras"
+    r = cli("export", str(sweep), "-o", str(model))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert set(read_metadata(model)["class_names"]) == set(UNICODE_CLASSES)
+    for cls in UNICODE_CLASSES:
+        assert cls in r.stdout  # the test report names each class
+    rows_csv = tmp_path / "prédictions.csv"
+    r = cli("predict", str(model), str(data / "test"), "--csv", str(rows_csv))
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(rows_csv, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    expected = sorted(str(p) for p in (data / "test").rglob("*.jpg"))
+    assert sorted(row["file"] for row in rows) == expected
+    assert {row["class"] for row in rows} <= set(UNICODE_CLASSES)
+    r = run_cli("predict", str(model), str(data / "test" / UNICODE_CLASSES[1]))  # printed too
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in sorted((data / "test" / UNICODE_CLASSES[1]).iterdir()):
+        assert name.name in r.stdout

@@ -157,3 +157,45 @@ def test_sigkill_during_extraction_and_trials(cats_dogs_small: Path, tmp_path: P
     assert list(arr.shape) == m["shape"]
     assert arr.shape[0] == len(m["files"]) == 160
     assert np.isfinite(np.asarray(arr)).all()
+
+
+def test_a_full_disk_during_extraction_says_so_and_the_next_extract_works(tmp_path: Path):
+    """The cache on a small tmpfs: the stat index fits, the features do not. One line naming
+    the problem and the fix, no entry (whole or half) left, and once there is room the same
+    command extracts the entry."""
+    from conftest import CATS_DOGS, TINY, need_shared, small_copy
+
+    need_shared()
+    data = tmp_path / "data"
+    small_copy(CATS_DOGS / "train", data / "train", 10, None)
+    small_copy(CATS_DOGS / "validation", data / "validation", 6, None)
+    small_copy(CATS_DOGS / "test", data / "test", 6, None)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill ({r.stderr.strip()}): needs root")
+    try:
+        cache = disk / "cache"
+        sweep = write_sweep(tmp_path / "sweep.yaml", data, backbones=TINY, cache_dir=cache)
+        r = run_cli("extract", str(sweep), "-q")
+        assert r.returncode == 1, r.stdout + r.stderr[-3000:]
+        assert "Traceback" not in r.stderr, r.stderr[-3000:]
+        errors = [line for line in r.stderr.splitlines() if line.startswith("tlsweep: error: ")]
+        assert len(errors) == 1, r.stderr[-3000:]
+        assert "No space left on device" in errors[0] and "free some space" in errors[0]
+        left = sorted(p.name for p in cache.iterdir() if p.is_dir())
+        assert left == [], left  # no entry, no shard folder, no temporary entry
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        r = run_cli("extract", str(sweep), "-q")
+        assert r.returncode == 0, r.stderr[-3000:]
+        entries = [p for p in cache.iterdir() if p.is_dir()]
+        assert len(entries) == 1 and (entries[0] / "manifest.json").is_file(), entries
+        m = json.loads((entries[0] / "manifest.json").read_text())
+        assert len(m["files"]) == 44
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,3 +152,101 @@ def test_an_interrupt_a_library_turned_into_its_own_error_still_stops_the_study(
         )  # fmt: skip
     assert requested()
     assert [t.state.name for t in study.trials] == ["FAIL"] and requeued == [1]
+
+
+# --- Ctrl-C, SIGTERM, SIGHUP in `best`, `export` and `predict` (real processes) ---------------
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from conftest import CATS_DOGS, TINY, need_shared, run_cli, small_copy, write_sweep
+
+    need_shared()
+    d = tmp_path_factory.mktemp("stop_winner")
+    data = d / "data"
+    small_copy(CATS_DOGS / "train", data / "train", 10, None)
+    small_copy(CATS_DOGS / "validation", data / "validation", 6, None)
+    small_copy(CATS_DOGS / "test", data / "test", 6, None)
+    search = {
+        "n_trials": 2,
+        "sampler": "random",
+        "pruner": "none",
+        "space": {
+            "units": {"low": 8, "high": 16},
+            "dropout": {"low": 0.0, "high": 0.1},
+            "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True},
+            "batch_size": {"choices": [16]},
+            "epochs": 50,  # the winner's retraining runs long enough to be stopped
+        },
+    }
+    sweep = write_sweep(d / "sweep.yaml", data, study="stop", backbones=TINY, search=search)
+    r = run_cli("run", str(sweep), "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"dir": d, "sweep": sweep, "data": data, "tracking": f"sqlite:///{d / 'mlflow.db'}"}
+
+
+def _stopped_when(argv: list[str], line: str, signum: int) -> subprocess.CompletedProcess:
+    """Run ``tlsweep argv``; send ``signum`` once ``line`` shows on its stderr."""
+    import threading
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "tlsweep", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    err: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        for text in p.stderr:
+            err.append(text)
+            if line in text:
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    if seen.wait(300):
+        p.send_signal(signum)
+    out = p.stdout.read()
+    p.wait(300)
+    reader.join(30)
+    assert seen.is_set(), "".join(err)[-3000:]
+    return subprocess.CompletedProcess(argv, p.returncode, out, "".join(err))
+
+
+def _parent_state(tracking: str) -> tuple[str, int]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking)
+    exp = client.get_experiment_by_name("stop")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`tlsweep.role` = 'study'")
+    return run.info.status, run.info.end_time
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("command", "signum"),
+    [("export", signal.SIGTERM), ("best", signal.SIGINT), ("export", signal.SIGHUP)],
+)
+def test_a_stop_in_best_or_export_says_so_leaves_nothing_and_the_next_export_works(
+    finished_study: dict, tmp_path: Path, command: str, signum: int
+) -> None:
+    """Stopped while the winner is retrained: one line, the shell's exit code, no model file
+    nor temporary file, and the parent run as it was (a killed command once left it RUNNING)."""
+    before = _parent_state(finished_study["tracking"])
+    out = tmp_path / "out" / "m.keras"
+    argv = [command, str(finished_study["sweep"])]
+    if command == "export":
+        argv += ["-o", str(out)]
+    r = _stopped_when(argv, "cache hit", signum)
+    assert r.returncode == 128 + signum, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == "tlsweep: interrupted", r.stderr[-3000:]
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    assert _parent_state(finished_study["tracking"]) == before
+    if command == "export":
+        from conftest import run_cli
+
+        r = run_cli(*argv)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert [p.name for p in out.parent.iterdir()] == ["m.keras"]

@@ -8,6 +8,7 @@ import time
 import warnings
 
 import optuna
+import pytest
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from tlsweep.recovery import WORKER_ATTR, recover
@@ -159,6 +160,39 @@ def test_heartbeat_lost_for_the_grace_period_stops_the_trial(caplog):
     assert storage.calls > 5  # it kept retrying
     assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
     assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1
+
+
+class _BlankErrorStorage:
+    """A storage whose failures carry no text: an OSError('  \n ') or an empty one."""
+
+    def __init__(self, message: str):
+        self.message = message
+        self.calls = 0
+
+    def record_heartbeat(self, trial_id):
+        self.calls += 1
+        raise OSError(self.message)
+
+
+@pytest.mark.parametrize("message", ["", "  \n\t "])
+def test_heartbeat_survives_an_error_whose_message_is_blank(caplog, message):
+    """The thread logs the failure, keeps retrying and stops the trial after the grace period;
+    a blank message once raised IndexError there, which killed the thread (no retry)."""
+    import logging
+
+    from tlsweep.recovery import Heartbeat, HeartbeatLost
+
+    storage = _BlankErrorStorage(message)
+    with caplog.at_level(logging.INFO, logger="tlsweep.recovery"):
+        with Heartbeat(storage, 7, interval=0.02, grace_period=0.3) as hb:
+            deadline = time.monotonic() + 10
+            while (hb.lost is None or storage.calls < 5) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with pytest.raises(HeartbeatLost, match="grace_period.*first error: OSError$"):
+                hb.check()
+    assert storage.calls >= 5  # still retrying: the thread did not die on the first failure
+    warnings_ = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings_) == 1 and "(OSError)" in warnings_[0], warnings_
 
 
 def test_a_trial_whose_heartbeat_is_lost_fails_between_epochs(tmp_path):

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from conftest import TINY, run_cli, without_root_powers, write_sweep
@@ -305,3 +307,168 @@ def test_the_console_says_what_the_rebuilt_head_is(
         assert "retrained on the whole training split: validation val_accuracy 0.8125" in out
     else:
         assert "mean" not in out
+
+
+# --- the hostile user: two exports at once, a full disk, a cut model, a parent still running --
+TINY_SEARCH = {
+    "n_trials": 2,
+    "sampler": "random",
+    "pruner": "none",
+    "space": {
+        "units": {"low": 8, "high": 16},
+        "dropout": {"low": 0.0, "high": 0.1},
+        "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True},
+        "batch_size": {"choices": [16]},
+        "epochs": 2,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory: pytest.TempPathFactory):
+    """A finished two-trial study on the stand-in backbone (seconds, not minutes)."""
+    from conftest import CATS_DOGS, TINY, need_shared, small_copy
+
+    need_shared()
+    d = tmp_path_factory.mktemp("tiny_winner")
+    data = d / "data"
+    small_copy(CATS_DOGS / "train", data / "train", 10, None)
+    small_copy(CATS_DOGS / "validation", data / "validation", 6, None)
+    small_copy(CATS_DOGS / "test", data / "test", 6, None)
+    sweep = write_sweep(d / "sweep.yaml", data, study="tiny", backbones=TINY, search=TINY_SEARCH)
+    r = run_cli("run", str(sweep), "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"dir": d, "sweep": sweep, "data": data, "tracking": f"sqlite:///{d / 'mlflow.db'}"}
+
+
+def _one_error_line(r: subprocess.CompletedProcess, *needles: str) -> str:
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("tlsweep: error: ")]
+    assert len(errors) == 1, r.stderr[-3000:]
+    for n in needles:
+        assert n in errors[0], errors[0]
+    return errors[0]
+
+
+def test_two_exports_to_one_file_at_once_leave_one_whole_model(tmp_path: Path, monkeypatch):
+    """Both writers save their model before either renames it (a barrier holds them): each
+    has its own temporary file, so both succeed and the file left is one whole model. With one
+    shared temporary name, one writer died and the other renamed a zip with a bad CRC."""
+    import threading
+
+    import keras
+
+    from tlsweep import export
+
+    monkeypatch.setattr(export, "metadata", lambda cfg, w: {"class_names": ["a", "b"]})
+    barrier = threading.Barrier(2, timeout=120)
+
+    class BothSavedFirst:
+        def __init__(self, units: int):
+            inputs = keras.Input((4,))
+            self.model = keras.Model(inputs, keras.layers.Dense(units)(inputs))
+
+        def save(self, path: Any) -> None:
+            self.model.save(path)
+            barrier.wait()
+
+    out = tmp_path / "model.keras"
+    cfg = SimpleNamespace(register=None)
+    errors: list[BaseException] = []
+
+    def export_one(units: int) -> None:
+        try:
+            export.save_model(cfg, None, BothSavedFirst(units), out, None)
+        except BaseException as e:  # noqa: BLE001 -- reported by the assertion below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=export_one, args=(u,)) for u in (2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert zipfile.ZipFile(out).testzip() is None
+    model = keras.models.load_model(out, safe_mode=True, compile=False)
+    assert model.output_shape[-1] in (2, 3)
+    assert export.read_metadata(out) == {"class_names": ["a", "b"]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras"]  # no temporary left
+
+
+def _parent_info(tracking: str):
+    client, run = _parent(tracking, "tiny")
+    return client, run.info
+
+
+def test_best_and_export_leave_the_parent_runs_state_as_they_found_it(tiny_study, cli):
+    """While a `run` still works in the study its parent is RUNNING: `best` and `export` add
+    their results to it and must not mark it FINISHED under the run (nor reopen a finished one)."""
+    client, info = _parent_info(tiny_study["tracking"])
+    client.update_run(info.run_id, status="RUNNING")  # as while a `run` goes on
+    try:
+        r = cli("best", str(tiny_study["sweep"]))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert client.get_run(info.run_id).info.status == "RUNNING"
+        r = cli("export", str(tiny_study["sweep"]), "-o", str(tiny_study["dir"] / "p.keras"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert client.get_run(info.run_id).info.status == "RUNNING"
+        assert "test_accuracy" in client.get_run(info.run_id).data.metrics  # it did log
+    finally:
+        client.set_terminated(info.run_id, "FINISHED", end_time=1_700_000_000_000)
+    r = cli("export", str(tiny_study["sweep"]), "-o", str(tiny_study["dir"] / "q.keras"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = client.get_run(info.run_id).info
+    assert (after.status, after.end_time) == ("FINISHED", 1_700_000_000_000)
+
+
+def _tmpfs(where: Path, size: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill ({r.stderr.strip()}): needs root")
+
+
+def test_export_to_a_full_disk_says_so_leaves_nothing_and_the_next_export_works(
+    tiny_study, cli, tmp_path: Path
+):
+    disk = tmp_path / "disk"
+    _tmpfs(disk, "40k")  # the stand-in's model is about 80 KB
+    try:
+        out = disk / "new" / "m.keras"
+        r = cli("export", str(tiny_study["sweep"]), "-o", str(out))
+        assert r.returncode == 1, r.stderr[-3000:]
+        _one_error_line(r, f"--output {out}", "No space left on device", "free some space")
+        assert list(disk.iterdir()) == []  # no model, no temporary file, no folder made
+        subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+        r = cli("export", str(tiny_study["sweep"]), "-o", str(out))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert [p.name for p in out.parent.iterdir()] == ["m.keras"]
+        assert zipfile.ZipFile(out).testzip() is None
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_predict_on_a_model_cut_short_or_damaged_says_so(tiny_study, cli, tmp_path: Path):
+    model = tiny_study["dir"] / "whole.keras"
+    if not model.is_file():
+        r = cli("export", str(tiny_study["sweep"]), "-o", str(model))
+        assert r.returncode == 0, r.stderr[-3000:]
+    data = model.read_bytes()
+    images = str(tiny_study["data"] / "test")
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes(data[: len(data) // 2])  # a copy or a download stopped half-way
+    damaged = tmp_path / "damaged.keras"
+    damaged.write_bytes(data[:300] + bytes(b ^ 0xFF for b in data[300:400]) + data[400:])
+    for bad in (cut, damaged):
+        csv_out = tmp_path / f"{bad.stem}.csv"
+        r = cli("predict", str(bad), images, "--csv", str(csv_out))
+        assert r.returncode == 2, r.stderr[-3000:]
+        _one_error_line(r, "MODEL: ", str(bad), "cut short", "tlsweep export")
+        assert not csv_out.exists()
+    r = cli("predict", str(model), images)  # the whole model still answers
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -12,6 +12,7 @@ exit code (2); Ctrl-C exits with 130 after the library has closed its trial and 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -306,8 +307,18 @@ def _main(args: argparse.Namespace) -> int:
         # a full disk, a permission or a read-only filesystem met after the checks: the input
         # was fine; what was finished is kept (trials and cache entries are written atomically)
         where = f" ({e.filename})" if e.filename else ""
-        print(f"tlsweep: error: {e.strerror}{where}; fix it and run again", file=sys.stderr)
+        fix = "fix it"
+        if e.errno in _FULL:
+            fix = "free some space (or point the command at another disk)"
+        print(
+            f"tlsweep: error: {e.strerror}{where}; {fix} and run the command again: what was "
+            "finished is kept",
+            file=sys.stderr,
+        )
         return 1
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk or quota
 
 
 def _one_line(msg: str) -> str:

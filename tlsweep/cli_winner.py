@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from tlsweep.cli_commands import load
+from tlsweep.cli_commands import _stop_on_signals, load
 from tlsweep.cli_display import finetune_bar, print_finetune, print_test
 from tlsweep.errors import ServiceError, TlsweepError
 
@@ -34,7 +34,7 @@ def _study_and_tracker(args: argparse.Namespace, cfg: Any = None) -> tuple[Any, 
         preflight(cfg)
     study = open_study(cfg, open_storage(cfg, must_exist=True), create=False)
     tracker = Tracker(cfg.tracking_uri, cfg.study)
-    attach_parent(cfg, study, tracker)
+    attach_parent(cfg, study, tracker, reopen=False)  # a `run` may still work in it
     return cfg, study, tracker
 
 
@@ -42,6 +42,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     from tlsweep.sweep import finetune_winner
     from tlsweep.winner import evaluate_and_log
 
+    _stop_on_signals()  # Ctrl-C, SIGTERM, SIGHUP: the parent run is left as it was found
     cfg, study, tracker = _study_and_tracker(args)
     try:
         w = evaluate_and_log(cfg, study, tracker)
@@ -51,7 +52,7 @@ def cmd_best(args: argparse.Namespace) -> int:
                 finetune_winner(cfg, w, tracker, finetune_bar(getattr(args, "quiet", False)), study)
             )
     finally:
-        tracker.close_parent(True)
+        tracker.release_parent()
     return 0
 
 
@@ -59,6 +60,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tlsweep.checks import check_can_write
     from tlsweep.sweep import export_winner
 
+    _stop_on_signals()  # and no temporary model file is left behind
     if not args.output.endswith(".keras"):
         raise TlsweepError(f"--output: got '{args.output}'; the file name must end in .keras")
     if args.register is not None:
@@ -78,7 +80,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             args.register,
         )
     finally:
-        tracker.close_parent(True)
+        tracker.release_parent()
     print_test(w, cfg)
     print_finetune(ft)
     print(
@@ -106,6 +108,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from tlsweep.checks import check_can_write
 
+    _stop_on_signals()  # no half-written --csv file either
     # every check before TensorFlow is imported and before a single image is read
     if not os.path.isfile(args.model):
         what = "a folder" if os.path.isdir(args.model) else "no such file"
@@ -116,8 +119,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ServiceError(f"MODEL: {args.model}: permission denied (cannot read it)")
     if not zipfile.is_zipfile(args.model):
         raise TlsweepError(
-            f"MODEL: got '{args.model}': not a .keras model file (not a zip archive); "
-            "expected a file from 'tlsweep export'"
+            f"MODEL: got '{args.model}': not a whole .keras model file (not a zip archive: "
+            "cut short, or not a model); expected a file from 'tlsweep export' (export it again)"
         )
     missing = [p for p in args.paths if not os.path.exists(p)]
     if missing:

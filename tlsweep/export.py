@@ -11,15 +11,17 @@ score).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tlsweep.config import SweepConfig
-from tlsweep.errors import TlsweepError
+from tlsweep.errors import ServiceError, TlsweepError
 from tlsweep.winner import Winner, evaluate_and_log
 
 METADATA_NAME = "tlsweep.json"
@@ -158,16 +160,8 @@ def save_model(
     to the parent run and register it (``register`` or the sweep's ``register:``)."""
     check_output(output)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp.keras")
     meta = {**metadata(cfg, w), **(extra or {})}
-    try:  # the model file is whole or absent, never half-written (a full disk, Ctrl-C)
-        model.save(tmp)
-        with zipfile.ZipFile(tmp, "a") as z:
-            z.writestr(METADATA_NAME, json.dumps(meta, indent=1, default=str))
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(model, meta, output)
     name = register or cfg.register
     reg = None
     if tracker is not None and tracker.parent_run_id:
@@ -187,6 +181,63 @@ def save_model(
     elif name:
         raise TlsweepError(f"--register {name}: needs the study's MLflow parent run")
     return reg
+
+
+def write_atomically(model: Any, meta: dict[str, Any], output: Path) -> None:
+    """``model`` with ``meta`` inside, as ``output``: whole or absent, never half-written (a full
+    disk, Ctrl-C), and never mixed with another process's export to the same file.
+
+    Each writer has its own temporary file in the target's folder (so the rename is atomic);
+    the last ``os.replace`` wins and the file is always one writer's whole model.
+    """
+    made = [d for d in (output.parent, *output.parent.parents) if not d.exists()]
+    tmp = None
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(
+            prefix=f".{output.name}.", suffix=".tmp.keras", dir=output.parent
+        )
+        os.close(fd)
+        tmp = Path(name)
+        model.save(tmp)  # overwrites the empty file mkstemp reserved
+        with zipfile.ZipFile(tmp, "a") as z:
+            z.writestr(METADATA_NAME, json.dumps(meta, indent=1, default=str))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600, as an ordinary new file would be
+        os.replace(tmp, output)
+        tmp = None
+    except OSError as e:  # a full disk, a quota, a folder made read-only meanwhile
+        _remove(tmp, made)
+        raise ServiceError(
+            f"--output {output}: cannot write the model ({_why(e)}); nothing was written: "
+            "free some space (or pick another folder) and export again"
+        ) from None
+    except BaseException:  # Ctrl-C: no temporary file, no folder made for nothing
+        _remove(tmp, made)
+        raise
+
+
+def _remove(tmp: Path | None, made: list[Path]) -> None:
+    if tmp is not None:
+        tmp.unlink(missing_ok=True)
+    for d in made:  # deepest first
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def _why(e: OSError) -> str:
+    if e.strerror:
+        return e.strerror
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` sets it for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1], 8) for x in f if x.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0o022
 
 
 def read_metadata(model_path: str | Path) -> dict[str, Any]:

@@ -59,7 +59,8 @@ def predict(
         model = keras.models.load_model(model_path, safe_mode=True, compile=False)
     except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile) as e:
         raise TlsweepError(
-            f"{model_path}: not a loadable Keras model ({type(e).__name__})"
+            f"MODEL: {model_path}: not a loadable Keras model ({type(e).__name__}: damaged or "
+            "cut short); expected a file from 'tlsweep export' (export it again)"
         ) from None
     meta = read_metadata(model_path)
     n_out = int(model.output_shape[-1])

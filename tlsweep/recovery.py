@@ -67,6 +67,12 @@ def worker_is_dead(worker: str) -> bool:
     return _start_time(pid) != start
 
 
+def error_gist(e: BaseException) -> str:
+    """``Type: first line`` of an error, whatever its message (empty, blank, many lines)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
 class HeartbeatLost(Exception):
     """A running trial's heartbeat could not be recorded for longer than the grace period:
     other workers count the trial as dead and retry its parameters, so this run stops."""
@@ -97,7 +103,7 @@ class Heartbeat:
         try:
             self._storage.record_heartbeat(self._trial_id)
         except storage_errors() as e:
-            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e) else ''}"
+            error = error_gist(e)
             silent = time.monotonic() - self._last_ok
             if self._first_error is None:
                 self._first_error = error

@@ -40,12 +40,13 @@ def _parent_params(cfg: SweepConfig) -> dict[str, Any]:
     }
 
 
-def attach_parent(cfg: SweepConfig, study: Any, tracker: Any) -> str:
-    """Find the study's parent MLflow run (resume) or create it, and remember it in the study."""
+def attach_parent(cfg: SweepConfig, study: Any, tracker: Any, reopen: bool = True) -> str:
+    """Find the study's parent MLflow run (resume) or create it, and remember it in the study;
+    ``reopen=False`` leaves a found parent's state as it is (see ``Tracker.attach_parent``)."""
     from tlsweep.search import PARENT_ATTR
 
     rid = tracker.attach_parent(
-        study.user_attrs.get(PARENT_ATTR), _parent_params(cfg), cfg.text, cfg.path.name
+        study.user_attrs.get(PARENT_ATTR), _parent_params(cfg), cfg.text, cfg.path.name, reopen
     )
     study.set_user_attr(PARENT_ATTR, rid)
     return rid

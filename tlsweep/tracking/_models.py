@@ -32,6 +32,7 @@ class TrackerModels:
     tracking_uri: str
     study: str
     parent_run_id: str | None
+    parent_state_kept: Any  # Tracker.parent_state_kept: the parent's state kept around a block
 
     def log_parent_model(self, model: Any, meta: Mapping[str, Any], path: Any) -> str | None:
         """The exported Keras model as an MLflow model on the parent run, with its file.
@@ -43,7 +44,7 @@ class TrackerModels:
         if not self.parent_run_id:
             return None
         mlflow.set_tracking_uri(self.tracking_uri)
-        with mlflow.start_run(run_id=self.parent_run_id):
+        with self.parent_state_kept(), mlflow.start_run(run_id=self.parent_run_id):
             info = mlflow.keras.log_model(
                 model,
                 name="model",
@@ -94,7 +95,11 @@ class TrackerModels:
         )
         df = pd.DataFrame({"row": np.arange(len(proba)), "label": names[np.asarray(labels)]})
         mlflow.set_tracking_uri(self.tracking_uri)
-        with mlflow.start_run(run_id=self.parent_run_id), warnings.catch_warnings():
+        with (
+            self.parent_state_kept(),
+            mlflow.start_run(run_id=self.parent_run_id),
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore")  # schema hints about the integer row column
             result = mlflow.models.evaluate(
                 lookup,

@@ -19,9 +19,10 @@ This module knows nothing about Optuna's internals: it is handed numbers, states
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from tlsweep.errors import ServiceError
@@ -82,6 +83,7 @@ class Tracker(TrackerStages, TrackerModels):
                 "the command again"
             ) from None
         self.parent_run_id = parent_run_id
+        self._created_parent = False  # this tracker created the parent run (see release_parent)
         self._trials: dict[str, tuple[int, str]] = {}  # run id -> (trial number, backbone)
 
     def _experiment(self, name: str) -> str:
@@ -110,8 +112,13 @@ class Tracker(TrackerStages, TrackerModels):
         params: Mapping[str, Any],
         sweep_text: str,
         sweep_name: str,
+        reopen: bool = True,
     ) -> str:
-        """Resume the study's parent run (``known``, or found by its tags) or create it."""
+        """Resume the study's parent run (``known``, or found by its tags) or create it.
+
+        ``reopen=False`` (``best``, ``export``: they only add to the study's run) leaves a found
+        parent's state as it is: RUNNING while a ``run`` goes on, FINISHED after it.
+        """
         from mlflow.exceptions import MlflowException
 
         run = None
@@ -131,7 +138,8 @@ class Tracker(TrackerStages, TrackerModels):
         if run is None:
             return self.create_parent(params, sweep_text, sweep_name)
         self.parent_run_id = run.info.run_id
-        self.reopen_parent()
+        if reopen:
+            self.reopen_parent()
         if not run.data.params:  # its creator died before it logged them
             self._describe_parent(params, sweep_text, sweep_name)
         return self.parent_run_id
@@ -155,6 +163,7 @@ class Tracker(TrackerStages, TrackerModels):
             tags={ROLE_TAG: "study", STUDY_TAG: self.study},
         )
         self.parent_run_id = run.info.run_id
+        self._created_parent = True
         self._describe_parent(params, sweep_text, sweep_name)
         return self.parent_run_id
 
@@ -172,6 +181,33 @@ class Tracker(TrackerStages, TrackerModels):
     def close_parent(self, finished: bool) -> None:
         if self.parent_run_id:
             self.client.set_terminated(self.parent_run_id, "FINISHED" if finished else "KILLED")
+
+    def release_parent(self) -> None:
+        """The end of a command that only adds to the study's run (``best``, ``export``): a
+        parent it created is FINISHED; one it found keeps its state (a ``run`` may own it)."""
+        if self._created_parent:
+            self.close_parent(True)
+
+    @contextlib.contextmanager
+    def parent_state_kept(self) -> Iterator[None]:
+        """Log through MLflow's fluent API on the parent run, whose ``start_run(run_id=...)``
+        marks it RUNNING and whose end marks it FINISHED: its state (and end time) before is
+        put back afterwards, so a command never finishes a parent a ``run`` still works in."""
+        if not self.parent_run_id:
+            yield
+            return
+        before = self.client.get_run(self.parent_run_id).info
+        try:
+            yield
+        finally:
+            now = self.client.get_run(self.parent_run_id).info
+            if before.status == "RUNNING":
+                if now.status != "RUNNING":
+                    self.client.update_run(self.parent_run_id, status="RUNNING")
+            elif (now.status, now.end_time) != (before.status, before.end_time):
+                self.client.set_terminated(
+                    self.parent_run_id, before.status, end_time=before.end_time
+                )
 
     def log_best(self, number: int, value: float, metric: str, params: Mapping[str, Any]) -> None:
         if not self.parent_run_id:
