@@ -139,7 +139,7 @@ def test_miss_extracts_then_hit_does_no_forward_pass(
     def boom(*a: object, **k: object) -> None:
         raise AssertionError("a cache hit must not build the model or decode images")
 
-    monkeypatch.setattr(tlsweep.backbones, "build_extractor", boom)
+    monkeypatch.setattr(X.bbs, "build_extractor", boom)  # where extraction looks it up
     monkeypatch.setattr(X, "decoded_chunks", boom)
     for c in (cache, FeatureCache(tmp_path / "cache")):
         again, cached = c.ensure(bb, images)
@@ -615,7 +615,7 @@ def test_cli_imagenet_entry_follows_the_file_under_keras_home(tiny: Path, tmp_pa
         outs.append(r.stdout)
     entries = _dirs(cache)
     assert len(entries) == 2, entries
-    a, b = (E._read_entry(cache / e) for e in entries)
+    a, b = (E.read_entry(cache / e) for e in entries)
     assert a.manifest["key_parts"]["weights"] != b.manifest["key_parts"]["weights"]
     assert all(
         e.manifest["key_parts"]["weights"].startswith(f"imagenet:{MNV2_WEIGHTS.name}:")

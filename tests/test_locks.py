@@ -157,15 +157,15 @@ def _fake_entry(path: Path, key: str = "k" * 64) -> Path:
 
 def test_publishing_onto_an_entry_another_machine_published_uses_theirs(tmp_path: Path) -> None:
     final = _fake_entry(tmp_path / "cache" / "E")
-    key = E._read_entry(final).key
+    key = E.read_entry(final).key
     before = (final / "manifest.json").stat().st_mtime_ns
     ours = _fake_entry(tmp_path / "cache" / "E.tmp-otherhost-1-abcd")
-    theirs = E._publish(ours, final, key)
+    theirs = E.publish(ours, final, key)
     assert theirs is not None and theirs.path == final and theirs.key == key
     assert not ours.exists()  # ours dropped; theirs untouched
     assert (final / "manifest.json").stat().st_mtime_ns == before
     fresh = _fake_entry(tmp_path / "cache" / "N.tmp-h-1-abcd")
-    assert E._publish(fresh, tmp_path / "cache" / "N", key) is None  # nobody was first
+    assert E.publish(fresh, tmp_path / "cache" / "N", key) is None  # nobody was first
     assert (tmp_path / "cache" / "N" / "manifest.json").is_file()
 
 
@@ -175,7 +175,7 @@ def test_publishing_onto_a_damaged_entry_is_an_error_not_a_crash(tmp_path: Path)
     (final / "manifest.json").write_text("{half")
     ours = _fake_entry(tmp_path / "cache" / "E.tmp-h-1-abcd")
     with pytest.raises(TlsweepError, match="at the same time and it does not verify"):
-        E._publish(ours, final, "k")
+        E.publish(ours, final, "k")
     assert final.exists()
 
 
@@ -220,7 +220,7 @@ def test_entry_lock_follows_a_lock_file_deleted_by_clear(tmp_path: Path) -> None
     a_in, c_may = threading.Event(), threading.Event()
 
     def a() -> None:
-        with E._entry_lock(tmp_path, "E"):
+        with E.entry_lock(tmp_path, "E"):
             a_in.set()
             c_may.wait(10)
             time.sleep(0.2)
@@ -228,7 +228,7 @@ def test_entry_lock_follows_a_lock_file_deleted_by_clear(tmp_path: Path) -> None
 
     def b() -> None:
         a_in.wait(10)
-        with E._entry_lock(tmp_path, "E"):
+        with E.entry_lock(tmp_path, "E"):
             order.append("B in")
             time.sleep(0.2)
             order.append("B out")
@@ -238,7 +238,7 @@ def test_entry_lock_follows_a_lock_file_deleted_by_clear(tmp_path: Path) -> None
         time.sleep(0.1)  # B is waiting on the old file
         (tmp_path / "E.lock").unlink()  # what clear did before it checked for holders
         c_may.set()
-        with E._entry_lock(tmp_path, "E"):
+        with E.entry_lock(tmp_path, "E"):
             order.append("C in")
             time.sleep(0.4)
             order.append("C out")
@@ -257,7 +257,7 @@ def test_entry_lock_follows_a_lock_file_deleted_by_clear(tmp_path: Path) -> None
 def test_cache_publish_rename_error_other_than_exists_is_raised(tmp_path: Path) -> None:
     ours = _fake_entry(tmp_path / "E.tmp-h-1-abcd")
     with pytest.raises(FileNotFoundError):
-        E._publish(ours, tmp_path / "missing_dir" / "E", "k")
+        E.publish(ours, tmp_path / "missing_dir" / "E", "k")
     shutil.rmtree(ours)
 
 

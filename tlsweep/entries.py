@@ -13,9 +13,9 @@ and views ``1 .. K - 1`` follow, one block each, holding the files of the augmen
 training split, every split with ``tta``), which come first in the row order; the manifest's
 ``views`` says where (:meth:`Entry.views`).
 
-It is written under a temporary name and renamed into place (:func:`_publish`) under a
-per-entry file lock (:func:`_entry_lock`); an entry whose manifest is missing, unreadable or
-does not match its key and arrays is never used (:func:`_read_entry`). Computing a key imports
+It is written under a temporary name and renamed into place (:func:`publish`) under a
+per-entry file lock (:func:`entry_lock`); an entry whose manifest is missing, unreadable or
+does not match its key and arrays is never used (:func:`read_entry`). Computing a key imports
 no TensorFlow.
 """
 
@@ -197,7 +197,7 @@ class Entry(ManifestFields):
         return out, y
 
 
-def _read_entry(path: Path, key: str | None = None) -> Entry | None:
+def read_entry(path: Path, key: str | None = None) -> Entry | None:
     """The entry at ``path`` if complete and consistent, else None (never raises)."""
     try:
         manifest = json.loads((path / "manifest.json").read_text())
@@ -222,7 +222,7 @@ def _read_entry(path: Path, key: str | None = None) -> Entry | None:
         return None
 
 
-def _entry_lock(cache_dir: Path, name: str) -> contextlib.AbstractContextManager[None]:
+def entry_lock(cache_dir: Path, name: str) -> contextlib.AbstractContextManager[None]:
     """An exclusive lock per entry (see :func:`held_lock`)."""
     return held_lock(cache_dir / f"{name}.lock", f"extracting {name}")
 
@@ -258,7 +258,7 @@ def held_lock(lock_path: Path, doing: str) -> Iterator[None]:
             os.close(fd)
 
 
-def _tmp_name(name: str) -> str:
+def tmp_name(name: str) -> str:
     """A temporary entry folder's name: which host and process are writing it."""
     return f"{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -268,7 +268,7 @@ def _tmp_name(name: str) -> str:
 ABANDONED_AFTER = 24 * 3600
 
 
-def _in_progress(tmp: Path, locked: bool) -> bool:
+def in_progress(tmp: Path, locked: bool) -> bool:
     """Whether a temporary entry folder may belong to an extraction still running: its entry
     lock is held (``locked``), or it was written from another machine not long ago."""
     if locked:
@@ -282,7 +282,7 @@ def _in_progress(tmp: Path, locked: bool) -> bool:
         return False
 
 
-def _lock_held(path: Path) -> bool:
+def lock_held(path: Path) -> bool:
     """Whether another process holds the entry lock ``path`` (an extraction in progress)."""
     try:
         fd = os.open(path, os.O_RDWR)
@@ -297,7 +297,7 @@ def _lock_held(path: Path) -> bool:
     return False
 
 
-def _publish(tmp: Path, final: Path, key: str) -> Entry | None:
+def publish(tmp: Path, final: Path, key: str) -> Entry | None:
     """Rename the finished ``tmp`` folder to ``final``; None when it is in place.
 
     Where the entry lock does not hold (``flock`` on some network filesystems), another machine
@@ -311,7 +311,7 @@ def _publish(tmp: Path, final: Path, key: str) -> Entry | None:
     except OSError as e:
         if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise
-    theirs = _read_entry(final, key)
+    theirs = read_entry(final, key)
     if theirs is None:
         raise TlsweepError(
             f"{final}: another process published this cache entry at the same time and it does "
