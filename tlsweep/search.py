@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from tlsweep.config import SweepConfig
+from tlsweep.config import FINISHED, SweepConfig
 from tlsweep.errors import StudyError
 from tlsweep.params import Param
 from tlsweep.urls import redact_url
@@ -31,7 +31,6 @@ DATA_ATTR = "tlsweep.data"  # label -> {"key", "parts"}: the feature cache entri
 PARENT_ATTR = "tlsweep.mlflow_parent_run"
 RESOLVED_ATTR = "tlsweep.resolved"  # the resolved sweep of the last `tlsweep run`
 FINETUNE_ATTR = "tlsweep.finetune"  # the fine-tuning stage's last outcome, for `tlsweep status`
-FINISHED = ("COMPLETE", "PRUNED")  # the states that count towards n_trials
 STATES = (*FINISHED, "FAIL", "RUNNING", "WAITING")
 
 
