@@ -280,7 +280,7 @@ def run_together(args: argparse.Namespace, data: Path, weights: Path) -> int:
     from tlsweep.config import DataConfig
     from tlsweep.data import find_images
     from tlsweep.decode import decode_and_resize, image_batches
-    from tlsweep.extraction import _forward_all, _Job
+    from tlsweep.extraction import Job, _forward_all
     from tlsweep.features import FeatureCache
 
     wanted = together_backbones(weights)
@@ -302,7 +302,7 @@ def run_together(args: argparse.Namespace, data: Path, weights: Path) -> int:
         )
         batches = [tf.identity(x) for x in ds.batch(extraction.EXTRACT_BATCH)]
         for bb in (b for b in wanted if b.input_size == size):
-            job = _Job(bb, {}, "", "", None)
+            job = Job(bb, {}, "", "", None)
             c = cpu_s()
             job.build(tf)
             build_cpu[bb.label] = cpu_s() - c

@@ -1,7 +1,7 @@
 """Benchmark one extraction shared by 1 or 2 local workers (issue 14, item 3).
 
 ``tlsweep run --workers N`` starts its N worker processes on the missing entries first
-(:func:`tlsweep.launch._extract_in_workers`: on one machine one of them extracts an entry with
+(:func:`tlsweep.launch.extract_in_workers`: on one machine one of them extracts an entry with
 every core while the others wait), then lets them run the trials. This bench runs that first
 part, with N = 1 and N = 2, on every image of the data folder (MobileNetV2 a0.35, 160 px,
 average pooling), each time into a fresh cache folder, interleaved per repeat so that machine
@@ -78,16 +78,16 @@ def _children_cpu() -> float:
 
 def _one(data: Path, weights: Path, workers: int) -> dict:
     from tlsweep.features import FeatureCache
-    from tlsweep.launch import _extract_in_workers, _stop_held
+    from tlsweep.launch import extract_in_workers, stop_held
 
     folder = Path(tempfile.mkdtemp(prefix=f"bench-shards-{workers}-"))
     sweep = _sweep(folder, data, weights)
     cache = FeatureCache(folder / "cache")
     cpu, t = _children_cpu(), time.perf_counter()
     argv = ["run", str(sweep), "--workers", "1", "-q"]
-    held = _extract_in_workers(workers, argv, {}, lambda: bool(cache.entries()))
+    held = extract_in_workers(workers, argv, {}, lambda: bool(cache.entries()))
     wall = time.perf_counter() - t
-    _stop_held(held)  # no trials: they stop (their CPU time is counted once they have)
+    stop_held(held)  # no trials: they stop (their CPU time is counted once they have)
     cpu = _children_cpu() - cpu
     (entry,) = FeatureCache(folder / "cache").entries()
     return {

@@ -141,7 +141,7 @@ def test_miss_extracts_then_hit_does_no_forward_pass(
     def boom(*a: object, **k: object) -> None:
         raise AssertionError("a cache hit must not build the model or decode images")
 
-    monkeypatch.setattr(tlsweep.backbones, "build_extractor", boom)
+    monkeypatch.setattr(X.bbs, "build_extractor", boom)  # where extraction looks it up
     monkeypatch.setattr(X, "decoded_chunks", boom)
     for c in (cache, FeatureCache(tmp_path / "cache")):
         again, cached = c.ensure(bb, images)
@@ -555,7 +555,7 @@ def test_clear_removes_feature_entries_only_unless_asked(
         assert r.returncode == 0 and "removed 1 cache entry" in r.stdout, r.stderr
         assert not copy.exists() and all(f.is_dir() for f in (busy, idle, images))
         (copy / "x").mkdir(parents=True)  # an entry whose lock is held: left alone
-        with E._entry_lock(cache.dir, copy.name):
+        with E.entry_lock(cache.dir, copy.name):
             assert cache.clear() == [] and copy.is_dir()
         shutil.rmtree(copy)
         listed = cli("cache", "list", "--cache-dir", d, cwd=tmp_path)
@@ -762,7 +762,7 @@ def test_cli_imagenet_entry_follows_the_file_under_keras_home(tiny: Path, tmp_pa
         outs.append(r.stdout)
     entries = _dirs(cache)
     assert len(entries) == 2, entries
-    a, b = (E._read_entry(cache / e) for e in entries)
+    a, b = (E.read_entry(cache / e) for e in entries)
     assert a.manifest["key_parts"]["weights"] != b.manifest["key_parts"]["weights"]
     assert all(
         e.manifest["key_parts"]["weights"].startswith(f"imagenet:{MNV2_WEIGHTS.name}:")

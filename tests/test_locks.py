@@ -159,15 +159,15 @@ def _fake_entry(path: Path, key: str = "k" * 64) -> Path:
 
 def test_publishing_onto_an_entry_another_machine_published_uses_theirs(tmp_path: Path) -> None:
     final = _fake_entry(tmp_path / "cache" / "E")
-    key = E._read_entry(final).key
+    key = E.read_entry(final).key
     before = (final / "manifest.json").stat().st_mtime_ns
     ours = _fake_entry(tmp_path / "cache" / "E.tmp-otherhost-1-abcd")
-    theirs = E._publish(ours, final, key)
+    theirs = E.publish(ours, final, key)
     assert theirs is not None and theirs.path == final and theirs.key == key
     assert not ours.exists()  # ours dropped; theirs untouched
     assert (final / "manifest.json").stat().st_mtime_ns == before
     fresh = _fake_entry(tmp_path / "cache" / "N.tmp-h-1-abcd")
-    assert E._publish(fresh, tmp_path / "cache" / "N", key) is None  # nobody was first
+    assert E.publish(fresh, tmp_path / "cache" / "N", key) is None  # nobody was first
     assert (tmp_path / "cache" / "N" / "manifest.json").is_file()
 
 
@@ -177,7 +177,7 @@ def test_publishing_onto_a_damaged_entry_is_an_error_not_a_crash(tmp_path: Path)
     (final / "manifest.json").write_text("{half")
     ours = _fake_entry(tmp_path / "cache" / "E.tmp-h-1-abcd")
     with pytest.raises(TlsweepError, match="at the same time and it does not verify"):
-        E._publish(ours, final, "k")
+        E.publish(ours, final, "k")
     assert final.exists()
 
 
@@ -249,10 +249,10 @@ def test_a_lock_wait_is_bounded_and_names_the_holder(
         who = f"pid {holder.pid} on host {socket.gethostname()} since {written['since']}"
         caplog.set_level("INFO", logger="tlsweep")
         monkeypatch.setattr(config, "DEFAULT_LOCK_TIMEOUT", 0.3)  # the default, then the env's
-        with pytest.raises(ServiceError, match="after 0.3s"), E._entry_lock(tmp_path, "E"):
+        with pytest.raises(ServiceError, match="after 0.3s"), E.entry_lock(tmp_path, "E"):
             pytest.fail("the lock was taken while another process holds it")
         monkeypatch.setenv("TLSWEEP_LOCK_TIMEOUT", "0.5")
-        with pytest.raises(ServiceError) as e, E._entry_lock(tmp_path, "E"):
+        with pytest.raises(ServiceError) as e, E.entry_lock(tmp_path, "E"):
             pytest.fail("the lock was taken while another process holds it")
         msg = str(e.value)
         assert msg.startswith(f"{lock}: still held by {who} after 0.5s") and "\n" not in msg
@@ -260,7 +260,7 @@ def test_a_lock_wait_is_bounded_and_names_the_holder(
     finally:
         holder.kill()
         holder.wait()
-    with E._entry_lock(tmp_path, "E"):  # its holder gone, the lock is free at once
+    with E.entry_lock(tmp_path, "E"):  # its holder gone, the lock is free at once
         assert json.loads(lock.read_text())["pid"] == os.getpid()
 
 
@@ -306,7 +306,7 @@ def test_entry_lock_follows_a_lock_file_deleted_by_clear(tmp_path: Path) -> None
     a_in, c_may = threading.Event(), threading.Event()
 
     def a() -> None:
-        with E._entry_lock(tmp_path, "E"):
+        with E.entry_lock(tmp_path, "E"):
             a_in.set()
             c_may.wait(10)
             time.sleep(0.2)
@@ -314,7 +314,7 @@ def test_entry_lock_follows_a_lock_file_deleted_by_clear(tmp_path: Path) -> None
 
     def b() -> None:
         a_in.wait(10)
-        with E._entry_lock(tmp_path, "E"):
+        with E.entry_lock(tmp_path, "E"):
             order.append("B in")
             time.sleep(0.2)
             order.append("B out")
@@ -324,7 +324,7 @@ def test_entry_lock_follows_a_lock_file_deleted_by_clear(tmp_path: Path) -> None
         time.sleep(0.1)  # B is waiting on the old file
         (tmp_path / "E.lock").unlink()  # what clear did before it checked for holders
         c_may.set()
-        with E._entry_lock(tmp_path, "E"):
+        with E.entry_lock(tmp_path, "E"):
             order.append("C in")
             time.sleep(0.4)
             order.append("C out")
@@ -343,7 +343,7 @@ def test_entry_lock_follows_a_lock_file_deleted_by_clear(tmp_path: Path) -> None
 def test_cache_publish_rename_error_other_than_exists_is_raised(tmp_path: Path) -> None:
     ours = _fake_entry(tmp_path / "E.tmp-h-1-abcd")
     with pytest.raises(FileNotFoundError):
-        E._publish(ours, tmp_path / "missing_dir" / "E", "k")
+        E.publish(ours, tmp_path / "missing_dir" / "E", "k")
     shutil.rmtree(ours)
 
 

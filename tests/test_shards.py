@@ -67,8 +67,8 @@ def _sweep(d: Path, data: Path, backbone: dict, cache: Path) -> Path:
 
 
 # --- claims ------------------------------------------------------------------------------------
-def _shards(tmp_path: Path) -> S._Shards:
-    s = S._Shards(tmp_path, "E")
+def _shards(tmp_path: Path) -> S.Shards:
+    s = S.Shards(tmp_path, "E")
     s.dir.mkdir()
     return s
 
@@ -82,7 +82,7 @@ def _no_lock():  # noqa: ANN202 - a stand-in for the entry lock
 def test_of_many_simultaneous_claimers_exactly_one_wins(tmp_path: Path) -> None:
     shards = _shards(tmp_path)
     start = threading.Barrier(16)
-    got: list[S._Claim | None] = []
+    got: list[S.Claim | None] = []
 
     def claim() -> None:
         start.wait()
@@ -106,8 +106,8 @@ _HOLD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from tlsweep.shards import _Claim
-    assert _Claim.create(Path(sys.argv[1])) is not None
+    from tlsweep.shards import Claim
+    assert Claim.create(Path(sys.argv[1])) is not None
     print("claimed", flush=True)
     time.sleep(600)
     """
@@ -157,7 +157,7 @@ def test_a_claim_from_another_machine_is_taken_over_once_stale(
 def test_clear_keeps_a_shard_folder_being_extracted_and_removes_an_abandoned_one(
     tmp_path: Path,
 ) -> None:
-    live, dead = S._Shards(tmp_path, "Live"), S._Shards(tmp_path, "Dead")
+    live, dead = S.Shards(tmp_path, "Live"), S.Shards(tmp_path, "Dead")
     live.dir.mkdir()
     dead.dir.mkdir()
     claim = live.claim((0, 8), _no_lock)
@@ -182,7 +182,7 @@ def test_the_entry_is_published_only_when_every_shard_is_written(
 
     cache = FeatureCache(tmp_path / "cache")
     key = E.cache_key(E.key_parts(bb, cache.images_digest(images)))
-    shards = S._Shards(cache.dir, E.entry_name(bb, key))
+    shards = S.Shards(cache.dir, E.entry_name(bb, key))
     shards.dir.mkdir(parents=True)
     held = shards.claim(spans[3], _no_lock)  # another worker is busy with the fourth shard
     got: list = []
@@ -243,12 +243,12 @@ _EXTRACT = textwrap.dedent(
     (ready / str(time.time_ns())).touch()
     while len(list(ready.iterdir())) < n:
         time.sleep(0.05)
-    write = S._Shards.write
+    write = S.Shards.write
     def slow_write(self, *a, **k):
         write(self, *a, **k)
         print("wrote a shard", flush=True)
         time.sleep({pause})
-    S._Shards.write = slow_write
+    S.Shards.write = slow_write
     sys.exit(main(["extract", sweep, "-q"]))
     """
 )
@@ -296,7 +296,7 @@ def test_several_machines_give_the_bytes_of_one(
     d.mkdir()
     outs = _extract_together(d, _sweep(d, data, backbone, d / "cache"), n)
     (name,) = [p.name for p in (d / "cache").iterdir() if p.is_dir()]  # nothing else left
-    entry = E._read_entry(d / "cache" / name)
+    entry = E.read_entry(d / "cache" / name)
     assert entry is not None and name == one.path.name
     workers = entry.manifest["timings"]["workers"]
     assert len(workers) == n, (workers, [o for o, _ in outs])  # every machine took shards
@@ -320,7 +320,7 @@ def test_on_one_machine_one_process_extracts_and_the_others_wait(
     d.mkdir()
     outs = _extract_together(d, _sweep(d, data, TINY, d / "cache"), 3, pause=0.2, machines=False)
     (name,) = [p.name for p in (d / "cache").iterdir() if p.is_dir()]
-    entry = E._read_entry(d / "cache" / name)
+    entry = E.read_entry(d / "cache" / name)
     assert entry is not None and entry.manifest["timings"]["shards"] == 7
     assert len(entry.manifest["timings"]["workers"]) == 1, [o for o, _ in outs]
     assert np.array_equal(entry.features(), one.features())

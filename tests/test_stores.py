@@ -198,8 +198,8 @@ def test_stale_temporary_files_are_removed_and_live_ones_kept(tmp_path: Path) ->
     path = tmp_path / "store.db"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    mine = stores._tmp_name(path)  # this process is alive: its build is going on
-    theirs = Path(str(stores._tmp_name(path)).replace(f".{os.getpid()}.", f".{dead.pid}.", 1))
+    mine = stores.tmp_name(path)  # this process is alive: its build is going on
+    theirs = Path(str(stores.tmp_name(path)).replace(f".{os.getpid()}.", f".{dead.pid}.", 1))
     other_host = path.with_name(f"{path.name}{stores.TMP_MARK}{dead.pid}.00000000.abcd")
     old_other_host = path.with_name(f"{path.name}{stores.TMP_MARK}{dead.pid}.00000000.ef01")
     for f in (mine, theirs, Path(f"{theirs}-journal"), other_host, old_other_host):

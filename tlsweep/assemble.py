@@ -25,31 +25,31 @@ from tlsweep.entries import (
     CACHE_FORMAT,
     FEATURES_FILE,
     Entry,
-    _entry_lock,
-    _publish,
-    _read_entry,
-    _tmp_name,
+    entry_lock,
+    publish,
+    read_entry,
+    tmp_name,
     entry_name,
 )
 from tlsweep.errors import TlsweepError
-from tlsweep.extraction import RowPlan, _Job
+from tlsweep.extraction import RowPlan, Job
 
 log = logging.getLogger(__name__)
 
 
-def assemble(cache_dir: Path, job: _Job, plan: RowPlan) -> tuple[Entry, bool] | None:
+def assemble(cache_dir: Path, job: Job, plan: RowPlan) -> tuple[Entry, bool] | None:
     """Under the entry's lock, join the written shards into the entry and publish it;
     (entry, False), or (entry, True) when another worker published it first; None if a
     shard is missing after all (its folder was cleared meanwhile)."""
     n = len(plan.order)
-    with _entry_lock(cache_dir, job.name):
-        hit = _read_entry(cache_dir / entry_name(job.bb, job.key), job.key)
+    with entry_lock(cache_dir, job.name):
+        hit = read_entry(cache_dir / entry_name(job.bb, job.key), job.key)
         if hit is not None:
             log.info("cache hit: %s (extracted by another worker)", job.name)
             return hit, True
         if not all(job.shards.is_done(span) for span in plan.spans):
             return None
-        tmp = cache_dir / _tmp_name(job.name)
+        tmp = cache_dir / tmp_name(job.name)
         tmp.mkdir()
         try:
             theirs = _join(cache_dir, job, plan, tmp)
@@ -60,7 +60,7 @@ def assemble(cache_dir: Path, job: _Job, plan: RowPlan) -> tuple[Entry, bool] | 
             raise  # else the written shards stay for the next extraction (Ctrl-C, a full disk)
         shutil.rmtree(job.shards.dir, ignore_errors=True)
         # read back under the lock: a `cache clear` meanwhile cannot remove it in between
-        entry = theirs or _read_entry(cache_dir / job.name, job.key)
+        entry = theirs or read_entry(cache_dir / job.name, job.key)
     if theirs is not None:
         log.info("cache hit: %s (published by another machine meanwhile)", job.name)
         return theirs, True
@@ -80,7 +80,7 @@ def assemble(cache_dir: Path, job: _Job, plan: RowPlan) -> tuple[Entry, bool] | 
     return entry, False
 
 
-def _join(cache_dir: Path, job: _Job, plan: RowPlan, tmp: Path) -> Entry | None:
+def _join(cache_dir: Path, job: Job, plan: RowPlan, tmp: Path) -> Entry | None:
     """Write the entry into ``tmp`` from its shards and publish it (None), or return the
     same entry another machine published first."""
     images, order, row_of, spans = plan.images, plan.order, plan.row_of, plan.spans
@@ -177,4 +177,4 @@ def _join(cache_dir: Path, job: _Job, plan: RowPlan, tmp: Path) -> Entry | None:
         json.dump(manifest, f)  # no indent: the C encoder, 10x faster on 4000 files
         f.flush()
         os.fsync(f.fileno())
-    return _publish(tmp, cache_dir / job.name, job.key)
+    return publish(tmp, cache_dir / job.name, job.key)

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from tlsweep.config import BackboneConfig
 from tlsweep.errors import BackboneError
 from tlsweep.registry import REGISTRY, BackboneSpec, get_spec, list_backbones
 
@@ -37,11 +37,30 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
+class BackboneSettings(Protocol):
+    """What building a backbone reads of its settings (``tlsweep.config.BackboneConfig`` is
+    one): a Protocol, so this module sits below the config and never imports it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def weights(self) -> str: ...
+    @property
+    def input_size(self) -> int | None: ...
+    @property
+    def pooling(self) -> str: ...
+    @property
+    def args(self) -> Mapping[str, Any]: ...
+    @property
+    def label(self) -> str: ...
+
+
 # Seed for the random initialisation of `weights: none`, so its features are reproducible.
 RANDOM_WEIGHTS_SEED = 0
 
 
-def preprocessing_name(bb: BackboneConfig) -> str:
+def preprocessing_name(bb: BackboneSettings) -> str:
     """The identity of the backbone's preprocessing (its ``preprocess_input``), for cache keys."""
     return f"keras.applications.{get_spec(bb.name).module}.preprocess_input"
 
@@ -83,7 +102,7 @@ def _model_name(name: str) -> str:
     return name.lower()  # EfficientNetB0 -> efficientnetb0
 
 
-def imagenet_weights_file(bb: BackboneConfig) -> str:
+def imagenet_weights_file(bb: BackboneSettings) -> str:
     """The file name Keras looks for under ``$KERAS_HOME/models`` for ``weights: imagenet``."""
     name, args = bb.name, bb.args
     rows = bb.input_size or get_spec(name).default_size
@@ -123,12 +142,12 @@ def _keras_home() -> str:
     return home if os.access(probe, os.W_OK) else os.path.join("/tmp", ".keras")
 
 
-def imagenet_weights_path(bb: BackboneConfig) -> Path:
+def imagenet_weights_path(bb: BackboneSettings) -> Path:
     """Where Keras keeps (or will download) the ImageNet weights file of ``bb``."""
     return Path(_keras_home()) / "models" / imagenet_weights_file(bb)
 
 
-def fetch_imagenet_weights(bb: BackboneConfig) -> Path:
+def fetch_imagenet_weights(bb: BackboneSettings) -> Path:
     """Make sure the ImageNet weights file of ``bb`` exists: Keras downloads it while it builds
     the model once (imports TensorFlow; only when the file is missing)."""
     path = imagenet_weights_path(bb)
@@ -144,7 +163,7 @@ def fetch_imagenet_weights(bb: BackboneConfig) -> Path:
 
 
 # --- building (imports Keras) ------------------------------------------------------------------
-def preprocess_affine(bb: BackboneConfig) -> tuple[Any, Any]:
+def preprocess_affine(bb: BackboneSettings) -> tuple[Any, Any]:
     """The backbone's ``preprocess_input`` as ``x @ kernel + bias`` on RGB values 0..255."""
     import importlib
 
@@ -171,7 +190,7 @@ def _constructor(spec: BackboneSpec) -> Any:
     return tiny_convnet if spec.source == "tlsweep" else getattr(keras.applications, spec.name)
 
 
-def build_base(bb: BackboneConfig) -> Any:
+def build_base(bb: BackboneSettings) -> Any:
     """The ``keras.applications`` model without its top, loaded with the configured weights."""
     import keras
 
@@ -214,7 +233,7 @@ def build_base(bb: BackboneConfig) -> Any:
         ) from None
 
 
-def output_shape(bb: BackboneConfig) -> tuple[int, ...]:
+def output_shape(bb: BackboneSettings) -> tuple[int, ...]:
     """The per-image feature shape of ``bb`` (with its pooling), from the built Keras model.
 
     Built with ``weights=None`` inside a stateless scope, so no weights are allocated or loaded:
@@ -281,7 +300,7 @@ def pooling_layer(pooling: str, name: str = "pool") -> Any:
     return keras.layers.Flatten(name=name)
 
 
-def preprocess_layer(bb: BackboneConfig, name: str = "preprocess") -> Any:
+def preprocess_layer(bb: BackboneSettings, name: str = "preprocess") -> Any:
     """The backbone's preprocessing as a frozen ``Dense(3)`` layer (safe to serialise)."""
     import keras
 
@@ -292,7 +311,7 @@ def preprocess_layer(bb: BackboneConfig, name: str = "preprocess") -> Any:
     return layer
 
 
-def build_extractor(bb: BackboneConfig) -> Any:
+def build_extractor(bb: BackboneSettings) -> Any:
     """A Keras model: resized RGB images (float 0..255) -> pooled features (float32)."""
     import keras
 

@@ -35,6 +35,8 @@ DEFAULT_UI_HOST = "127.0.0.1"  # tlsweep ui binds here: this machine only unless
 DEFAULT_UI_PORT = 5000  # tlsweep ui: MLflow's own default port
 DEFAULT_UI_START_TIMEOUT = 120.0  # seconds tlsweep ui waits for the MLflow server to answer
 DEFAULT_N_TRIALS = 40
+# the trial states that count towards n_trials (read by the study and by the tracking of runs)
+FINISHED = ("COMPLETE", "PRUNED")
 DEFAULT_SAMPLER = "tpe"
 DEFAULT_PRUNER = "median"
 DEFAULT_METRIC = "val_accuracy"

@@ -13,9 +13,9 @@ and views ``1 .. K - 1`` follow, one block each, holding the files of the augmen
 training split, every split with ``tta``), which come first in the row order; the manifest's
 ``views`` says where (:meth:`Entry.views`).
 
-It is written under a temporary name and renamed into place (:func:`_publish`) under a
-per-entry file lock (:func:`_entry_lock`); an entry whose manifest is missing, unreadable or
-does not match its key and arrays is never used (:func:`_read_entry`). Computing a key imports
+It is written under a temporary name and renamed into place (:func:`publish`) under a
+per-entry file lock (:func:`entry_lock`); an entry whose manifest is missing, unreadable or
+does not match its key and arrays is never used (:func:`read_entry`). Computing a key imports
 no TensorFlow.
 """
 
@@ -242,7 +242,7 @@ def _checksum_ok(path: Path, manifest: dict[str, Any], verify: bool) -> bool:
     return True
 
 
-def _read_entry(path: Path, key: str | None = None, verify: bool = False) -> Entry | None:
+def read_entry(path: Path, key: str | None = None, verify: bool = False) -> Entry | None:
     """The entry at ``path`` if complete and consistent, None if it is absent or proven invalid
     (then it may be replaced); a file that cannot be read (an I/O error, too many open files)
     raises a :class:`ServiceError` naming it: a good entry is never taken for a damaged one.
@@ -282,12 +282,12 @@ def _read_entry(path: Path, key: str | None = None, verify: bool = False) -> Ent
         return None
 
 
-def _entry_lock(cache_dir: Path, name: str) -> contextlib.AbstractContextManager[None]:
+def entry_lock(cache_dir: Path, name: str) -> contextlib.AbstractContextManager[None]:
     """An exclusive lock per entry (see :func:`held_lock`)."""
     return held_lock(cache_dir / f"{name}.lock", f"extracting {name}")
 
 
-def _tmp_name(name: str) -> str:
+def tmp_name(name: str) -> str:
     """A temporary entry folder's name: which host and process are writing it."""
     return f"{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -297,7 +297,7 @@ def _tmp_name(name: str) -> str:
 ABANDONED_AFTER = 24 * 3600
 
 
-def _in_progress(tmp: Path, locked: bool) -> bool:
+def in_progress(tmp: Path, locked: bool) -> bool:
     """Whether a temporary entry folder may belong to an extraction still running: its entry
     lock is held (``locked``), or it was written from another machine not long ago."""
     if locked:
@@ -311,7 +311,7 @@ def _in_progress(tmp: Path, locked: bool) -> bool:
         return False
 
 
-def _publish(tmp: Path, final: Path, key: str) -> Entry | None:
+def publish(tmp: Path, final: Path, key: str) -> Entry | None:
     """Rename the finished ``tmp`` folder to ``final``; None when it is in place.
 
     Where the entry lock does not hold (``flock`` on some network filesystems), another machine
@@ -325,7 +325,7 @@ def _publish(tmp: Path, final: Path, key: str) -> Entry | None:
     except OSError as e:
         if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise
-    theirs = _read_entry(final, key)
+    theirs = read_entry(final, key)
     if theirs is None:
         raise TlsweepError(
             f"{final}: another process published this cache entry at the same time and it does "

@@ -5,7 +5,7 @@ entry claims, extracts and writes (the claims are :mod:`tlsweep.shards`).
 :func:`extract_shards` claims the free shards of several entries as its stream reaches them,
 decodes each image once for all of them (resized once per input size, augmented once per set
 of views) and runs every entry's forward pass, two batches in flight (:func:`_forward_all`).
-An entry being extracted is a :class:`_Job`: its key, its model, the layout of its rows.
+An entry being extracted is a :class:`Job`: its key, its model, the layout of its rows.
 The loop that decides what to claim or wait for is :class:`tlsweep.features.FeatureCache`'s;
 joining the written shards into the entry is :mod:`tlsweep.assemble`.
 """
@@ -35,9 +35,9 @@ from tlsweep.decode import (
     read_failure,
     variant_pixels,
 )
-from tlsweep.entries import _entry_lock, weights_identity
+from tlsweep.entries import entry_lock, weights_identity
 from tlsweep.errors import DataError, TlsweepError
-from tlsweep.shards import Span, _Claim, _Refresher, _Shards
+from tlsweep.shards import Claim, Refresher, Shards, Span
 
 # Images per forward pass, two passes in flight (see _forward_all). Measured on 2 cores with
 # MobileNetV2 a0.35 at 160 px: 32 with two in flight beats 64, 128 or 256 with one.
@@ -53,7 +53,7 @@ SHARD_BATCHES = 16
 
 
 @dataclass
-class _Job:
+class Job:
     """One entry being extracted: what it is, its model, its shard folder and progress."""
 
     bb: BackboneConfig
@@ -63,7 +63,7 @@ class _Job:
     progress: Progress | None
     forward: Any = None
     dim: int = 0
-    shards: _Shards | None = None
+    shards: Shards | None = None
     done: int = 0  # rows written, by any worker
     together: int = 1  # entries extracted together with this one
     t_build: float = 0.0
@@ -135,7 +135,7 @@ def shard_spans(n: int) -> list[Span]:
     return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
-def _shard_buffers(job: _Job, span: Span) -> tuple[np.ndarray, np.ndarray]:
+def _shard_buffers(job: Job, span: Span) -> tuple[np.ndarray, np.ndarray]:
     """Zeroed features ``[views, shard rows, dim]`` and decoded-row flags of one shard."""
     return (
         np.zeros((job.views, span[1] - span[0], job.dim), np.float32),
@@ -201,7 +201,7 @@ class RowPlan:
         return cls(images, order, row_of, paths, seeds, shard_spans(len(paths)), t0)
 
 
-def extract_shards(cache_dir: Path, jobs: list[_Job], plan: RowPlan) -> None:
+def extract_shards(cache_dir: Path, jobs: list[Job], plan: RowPlan) -> None:
     """One stream of forward passes over every shard this process can claim, in order.
 
     A shard is claimed when the stream reaches it (while the last passes of the previous
@@ -214,20 +214,20 @@ def extract_shards(cache_dir: Path, jobs: list[_Job], plan: RowPlan) -> None:
 
     paths, seeds, spans = plan.paths, plan.seeds, plan.spans
     t0 = time.perf_counter()
-    opened: list[tuple[Span, list[tuple[_Job, _Claim]]]] = []
+    opened: list[tuple[Span, list[tuple[Job, Claim]]]] = []
     # per shard and entry: features [views, shard rows, dim], which rows decoded
     bufs: dict[tuple[Span, str], tuple[np.ndarray, np.ndarray]] = {}
     ready = threading.Event()
     single = len(jobs) == 1
 
-    def claims() -> Iterator[tuple[Span, list[tuple[_Job, _Claim]]]]:
+    def claims() -> Iterator[tuple[Span, list[tuple[Job, Claim]]]]:
         for span in spans:
             claimed = []
             for job in jobs:
                 if job.shards.is_done(span):
                     continue
                 try:
-                    claim = job.shards.claim(span, lambda j=job: _entry_lock(cache_dir, j.name))
+                    claim = job.shards.claim(span, lambda j=job: entry_lock(cache_dir, j.name))
                 except FileNotFoundError:  # the folder is gone: published or cleared
                     continue
                 if claim is not None:
@@ -236,7 +236,7 @@ def extract_shards(cache_dir: Path, jobs: list[_Job], plan: RowPlan) -> None:
                 opened.append((span, claimed))
                 yield span, claimed
 
-    def batches() -> Iterator[tuple[tuple[Span, _Job, np.ndarray, int], tuple[_Job, Any]]]:
+    def batches() -> Iterator[tuple[tuple[Span, Job, np.ndarray, int], tuple[Job, Any]]]:
         import tensorflow as tf
 
         first = True
@@ -304,7 +304,7 @@ def extract_shards(cache_dir: Path, jobs: list[_Job], plan: RowPlan) -> None:
                 opened.pop(0)
             return
         stream = _forward_all(lambda jx: jx[0].forward(jx[1]), itertools.chain([got], gen))
-        with _Refresher(opened):
+        with Refresher(opened):
             for (span, job, idx, view), out in stream:
                 while opened[0][0] != span:  # every pass of the shards before is through
                     _write_shard(*opened[0], bufs, paths)
@@ -331,7 +331,7 @@ def extract_shards(cache_dir: Path, jobs: list[_Job], plan: RowPlan) -> None:
 
 def _write_shard(
     span: Span,
-    claimed: list[tuple[_Job, _Claim]],
+    claimed: list[tuple[Job, Claim]],
     bufs: dict[tuple[Span, str], tuple[np.ndarray, np.ndarray]],
     paths: list[str],
 ) -> None:

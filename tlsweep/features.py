@@ -37,9 +37,9 @@ from tlsweep.data import ImageSet, find_images
 from tlsweep.digests import content_digest
 from tlsweep.entries import (
     Entry,
-    _entry_lock,
-    _in_progress,
-    _read_entry,
+    entry_lock,
+    in_progress,
+    read_entry,
     cache_key,
     check_usable,
     entry_name,
@@ -47,14 +47,14 @@ from tlsweep.entries import (
     report_skipped,
 )
 from tlsweep.errors import TlsweepError
-from tlsweep.extraction import Progress, RowPlan, _Job, extract_shards
+from tlsweep.extraction import Progress, RowPlan, Job, extract_shards
 from tlsweep.finetune_files import FINETUNE_DIR, IMAGES_DIR
 from tlsweep.shards import (
     CLAIM_STALE_AFTER,
     SHARDS_SUFFIX,
     Span,
-    _lock_held,
-    _Shards,
+    lock_held,
+    Shards,
     held_lock,
     lock_holder,
 )
@@ -95,7 +95,7 @@ class FeatureCache:
 
     def lookup(self, bb: BackboneConfig, key: str) -> Entry | None:
         path = self.dir / entry_name(bb, key)
-        entry = _read_entry(path, key, verify=self.verify and path not in self._verified)
+        entry = read_entry(path, key, verify=self.verify and path not in self._verified)
         if entry is not None and self.verify:
             self._verified.add(path)
         return entry
@@ -106,7 +106,7 @@ class FeatureCache:
         out = []
         for p in sorted(self.dir.iterdir()):
             if p.is_dir() and ".tmp-" not in p.name:
-                e = _read_entry(p)
+                e = read_entry(p)
                 if e is not None:
                     out.append(e)
         return out
@@ -126,17 +126,17 @@ class FeatureCache:
                 name = p.name.split(".tmp-")[0].removesuffix(SHARDS_SUFFIX)
                 lock, entry = self.dir / f"{name}.lock", p.name == name
                 if p.name.endswith(SHARDS_SUFFIX):  # unless a worker extracts its shards
-                    busy = not _Shards(self.dir, name).remove_if_abandoned()
+                    busy = not Shards(self.dir, name).remove_if_abandoned()
                 else:
-                    busy = _in_progress(p, _lock_held(lock)) if ".tmp-" in p.name else False
-                    busy = busy or (entry and _lock_held(lock))
+                    busy = in_progress(p, lock_held(lock)) if ".tmp-" in p.name else False
+                    busy = busy or (entry and lock_held(lock))
                 if busy:
                     log.warning("%s: in use by %s; left alone", p.name, lock_holder(lock))
                     continue
                 shutil.rmtree(p, ignore_errors=True)
                 if entry:
                     removed.append(p.name)
-            elif (p.suffix == ".lock" and not _lock_held(p)) or (
+            elif (p.suffix == ".lock" and not lock_held(p)) or (
                 match is None and p.name.lstrip(".").startswith(STAT_INDEX_PREFIX)
             ):
                 with contextlib.suppress(OSError):
@@ -166,12 +166,12 @@ class FeatureCache:
         every input size they need, and goes through every backbone's forward pass. Every
         machine that asks for a missing entry meanwhile (other machines on the same cache
         folder) takes shards of it; on one machine one process extracts it and the others
-        (``run --workers N``) wait (see :class:`_Shards`); an entry another process published
+        (``run --workers N``) wait (see :class:`Shards`); an entry another process published
         is returned as cached.
         """
         digest = images_digest or self.images_digest(images)
         out: list[tuple[Entry, bool] | None] = [None] * len(backbones)
-        jobs: list[tuple[int, _Job]] = []
+        jobs: list[tuple[int, Job]] = []
         first: dict[str, int] = {}  # entry name -> the first backbone asking for it
         same: list[tuple[int, int]] = []
         for k, bb in enumerate(backbones):
@@ -187,10 +187,10 @@ class FeatureCache:
                 log.info("cache hit: %s", name)
                 out[k] = (hit, True)
             else:
-                jobs.append((k, _Job(bb, parts, key, name, progress[k] if progress else None)))
+                jobs.append((k, Job(bb, parts, key, name, progress[k] if progress else None)))
         if jobs:
             self._mkdir()
-            todo: list[tuple[int, _Job]] = []
+            todo: list[tuple[int, Job]] = []
             try:
                 for k, job in jobs:
                     hit = self._start(job)
@@ -213,26 +213,26 @@ class FeatureCache:
             out[k] = out[j]
         return out  # type: ignore[return-value]
 
-    def _start(self, job: _Job) -> Entry | None:
+    def _start(self, job: Job) -> Entry | None:
         """Under the entry's lock: the entry if another worker published it meanwhile; else
         make its shard folder (abandoned temporary folders removed, a damaged entry replaced)."""
-        with _entry_lock(self.dir, job.name):
+        with entry_lock(self.dir, job.name):
             hit = self.lookup(job.bb, job.key)
             if hit is not None:
                 log.info("cache hit: %s (extracted by another worker)", job.name)
                 return hit
             for stale in self.dir.glob(f"{job.name}.tmp-*"):
-                if not _in_progress(stale, locked=False):  # we hold the lock; others'
+                if not in_progress(stale, locked=False):  # we hold the lock; others'
                     shutil.rmtree(stale, ignore_errors=True)
             final = self.dir / job.name
             if final.exists():  # a damaged entry: never used, replaced
                 log.warning("replacing damaged cache entry %s", job.name)
                 shutil.rmtree(final, ignore_errors=True)
-            job.shards = _Shards(self.dir, job.name)
+            job.shards = Shards(self.dir, job.name)
             job.shards.dir.mkdir(exist_ok=True)
         return None
 
-    def _extract(self, jobs: list[_Job], images: ImageSet) -> list[tuple[Entry, bool]]:
+    def _extract(self, jobs: list[Job], images: ImageSet) -> list[tuple[Entry, bool]]:
         """Take and extract shards of the ``jobs``' entries until every shard is written, then
         assemble and publish each entry (unless another worker did); (entry, was_cached)."""
         plan = RowPlan.of(images)
@@ -246,7 +246,7 @@ class FeatureCache:
             job.together = len(jobs)
         while len(results) < len(jobs):
             left = [job for job in jobs if job.name not in results]
-            held: list[tuple[_Job, Span, str]] = []
+            held: list[tuple[Job, Span, str]] = []
             for job in left:
                 state = self._state(job, spans)
                 if isinstance(state, Entry):
@@ -289,7 +289,7 @@ class FeatureCache:
                 time.sleep(WAIT_POLL)
         return [results[job.name] for job in jobs]
 
-    def _state(self, job: _Job, spans: list[Span]) -> Entry | dict[Span, str] | None:
+    def _state(self, job: Job, spans: list[Span]) -> Entry | dict[Span, str] | None:
         """The entry if another worker published it; else the shards claimed by live workers
         (span -> owner), empty when none is (every shard written, or some free to claim)."""
         hit = self.lookup(job.bb, job.key)
@@ -310,7 +310,7 @@ class FeatureCache:
             job.progress(job.done, job.total)
         return held
 
-    def _abandon(self, job: _Job) -> None:
+    def _abandon(self, job: Job) -> None:
         """After an error or Ctrl-C: written shards are kept for the next extraction (as after
         ``kill -9``); a shard folder with none, and no live claim, is removed."""
         job.shards.release_machine()

@@ -111,14 +111,14 @@ def _writer_alive(folder: Path) -> bool:
 def side_folders(cache_dir: Path) -> dict[str, list[tuple[Path, bool]]]:
     """kind (FINETUNE_DIR, IMAGES_DIR) -> (folder, in use) of each: a stage whose lock a live
     process holds; decoded images being written, or while any stage runs (it reads them)."""
-    from tlsweep.shards import _lock_held
+    from tlsweep.shards import lock_held
 
     out: dict[str, list[tuple[Path, bool]]] = {}
     for kind in (FINETUNE_DIR, IMAGES_DIR):
         base = Path(cache_dir) / kind
         found = sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
         out[kind] = [
-            (p, _lock_held(p / LOCK) if kind == FINETUNE_DIR else _writer_alive(p)) for p in found
+            (p, lock_held(p / LOCK) if kind == FINETUNE_DIR else _writer_alive(p)) for p in found
         ]
     if any(used for _, used in out[FINETUNE_DIR]):
         out[IMAGES_DIR] = [(p, True) for p, _ in out[IMAGES_DIR]]

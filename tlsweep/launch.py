@@ -4,7 +4,7 @@ The parent starts N ``python -m tlsweep run ... --worker-index I`` processes on 
 When features are missing, the workers first extract them (on one machine, one process per entry
 with every core while the others wait: :mod:`tlsweep.shards`), then wait for ``go`` on their
 stdin until the study is ready (:func:`wait_for_go`); otherwise they are started to run trials
-at once (:func:`_run_workers`). A worker never outlives its parent (:func:`die_with_parent`); a
+at once (:func:`run_workers`). A worker never outlives its parent (:func:`die_with_parent`); a
 Ctrl-C or SIGTERM of the parent reaches every worker, which closes its trial and its runs and
 stops.
 
@@ -43,8 +43,8 @@ def _start_workers(
 
     With ``extract_first``, each first extracts the missing features (one of them per entry, with
     every core; the others wait, and take over if it dies: :mod:`tlsweep.shards`), then waits for
-    a line on its stdin: ``go`` once the study is ready (:func:`_run_workers`), anything else or
-    the end of input to stop (:func:`_stop_held`). Starting the workers that will run the
+    a line on its stdin: ``go`` once the study is ready (:func:`run_workers`), anything else or
+    the end of input to stop (:func:`stop_held`). Starting the workers that will run the
     trials, not other processes, costs no extra start.
     """
     # they stop if this process dies; extra_env: what must not show on a command line
@@ -57,12 +57,12 @@ def _start_workers(
             stdin = subprocess.PIPE if extract_first else None
             procs.append(subprocess.Popen(cmd, env=env, stdin=stdin))
     except BaseException:
-        _stop_held(procs)
+        stop_held(procs)
         raise
     return procs
 
 
-def _extract_in_workers(
+def extract_in_workers(
     n: int, argv: Sequence[str], extra_env: dict[str, str], ready: Callable[[], bool]
 ) -> list[Any]:
     """Start the workers on the missing features and wait until ``ready()`` (every entry is
@@ -80,16 +80,16 @@ def _extract_in_workers(
                     "this process instead",
                     stopped[0].returncode,
                 )
-                _stop_held(procs)
+                stop_held(procs)
                 return []
             time.sleep(0.5)
     except BaseException:
-        _stop_held(procs)
+        stop_held(procs)
         raise
     return procs
 
 
-def _stop_held(procs: list[Any]) -> None:
+def stop_held(procs: list[Any]) -> None:
     """Stop workers started with ``extract_first`` that will not run trials, extracting or
     waiting for ``go`` (this process is stopping, or extracts what is left itself)."""
     for p in procs:  # one waiting for `go` reads the end of its input and exits
@@ -122,7 +122,7 @@ def wait_for_go(cfg: SweepConfig) -> bool:
     return sys.stdin.readline().strip() == "go"
 
 
-def _run_workers(
+def run_workers(
     n: int, argv: Sequence[str], extra_env: dict[str, str], procs: list[Any] | None = None
 ) -> None:
     """Run ``n`` worker processes on the study (or let the ``procs`` waiting for ``go`` run)

@@ -19,13 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tlsweep.config import SweepConfig
+from tlsweep.config import FINISHED, SweepConfig
 from tlsweep.errors import StudyFailing
 from tlsweep.interrupts import deferred
 from tlsweep.interrupts import requested as stop_requested
 from tlsweep.objective import FeatureData, TrialResult, run_trial
 from tlsweep.recovery import WORKER_ATTR, Heartbeat, recover, run_may_still_be_closed, worker_id
-from tlsweep.search import FINISHED, best_of, counts, open_study, study_storage, trial_id
+from tlsweep.search import best_of, counts, open_study, study_storage, trial_id
 from tlsweep.storage import open_storage, storage_lock
 
 log = logging.getLogger(__name__)

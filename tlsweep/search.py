@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from tlsweep.config import SweepConfig
+from tlsweep.config import FINISHED, SweepConfig
 from tlsweep.errors import StudyError
 from tlsweep.params import Param, grid_values, largest
 from tlsweep.urls import redact_url
@@ -32,7 +32,6 @@ RESOLVED_ATTR = "tlsweep.resolved"  # the resolved sweep of the last `tlsweep ru
 # a trial's training seed (search.seed when it ran), with the trial: its head is retrained with it
 SEED_ATTR = "tlsweep.seed"
 FINETUNE_ATTR = "tlsweep.finetune"  # the fine-tuning stage's last outcome, for `tlsweep status`
-FINISHED = ("COMPLETE", "PRUNED")  # the states that count towards n_trials
 STATES = (*FINISHED, "FAIL", "RUNNING", "WAITING")
 
 

@@ -2,9 +2,9 @@
 every machine.
 
 A missing entry's rows are cut into shards that the machines asking for it (several machines on
-one cache folder) claim, extract and write (:class:`_Shards`); a shard of a worker that died is
-taken over (:class:`_Claim`, refreshed by :class:`_Refresher`). On one machine, one process at a
-time extracts an entry, with every core (its machine lock, :meth:`_Shards.take_machine`): the
+one cache folder) claim, extract and write (:class:`Shards`); a shard of a worker that died is
+taken over (:class:`Claim`, refreshed by :class:`Refresher`). On one machine, one process at a
+time extracts an entry, with every core (its machine lock, :meth:`Shards.take_machine`): the
 forward passes already use every core, and a second process would only add its own start and
 split the cores (measured in ``bench/shards.py``); the other local workers wait for it and take
 over if it dies. How rows are cut into shards and extracted is :mod:`tlsweep.features`'.
@@ -43,7 +43,7 @@ CLAIM_REFRESH = 10.0
 CLAIM_STALE_AFTER = 120.0
 
 
-def _lock_held(path: Path) -> bool:
+def lock_held(path: Path) -> bool:
     """Whether another process holds the entry lock ``path`` (an extraction in progress)."""
     try:
         fd = os.open(path, os.O_RDWR)
@@ -154,7 +154,7 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-class _Claim:
+class Claim:
     """A shard claimed by this process: a file created exclusively and locked (``flock``)
     while the shard is extracted, holding ``host:pid``. Its lock dies with the process."""
 
@@ -163,7 +163,7 @@ class _Claim:
         self.fd = fd
 
     @classmethod
-    def create(cls, path: Path) -> _Claim | None:
+    def create(cls, path: Path) -> Claim | None:
         """Claim ``path``; None if it is claimed already (FileNotFoundError: no folder).
 
         The file is written and locked under a temporary name, then linked to ``path`` (which
@@ -215,7 +215,7 @@ def _claim_owner(path: Path) -> str | None:
         age = time.time() - path.stat().st_mtime
     except OSError:
         return None
-    if _lock_held(path):
+    if lock_held(path):
         return owner or "?"
     host = owner.rpartition(":")[0]
     if host and host != socket.gethostname() and age < CLAIM_STALE_AFTER:
@@ -223,7 +223,7 @@ def _claim_owner(path: Path) -> str | None:
     return None
 
 
-class _Shards:
+class Shards:
     """The shard folder of one entry being extracted, by any number of workers::
 
         <cache_dir>/<entry>.shards/
@@ -266,7 +266,7 @@ class _Shards:
 
     def machine_extractor(self) -> str | None:
         """``host:pid`` of the other process of this machine extracting the entry, if any."""
-        if self._machine_fd >= 0 or not _lock_held(self._machine_path):
+        if self._machine_fd >= 0 or not lock_held(self._machine_path):
             return None
         try:
             return self._machine_path.read_text() or "?"
@@ -306,17 +306,17 @@ class _Shards:
     def any_live(self) -> bool:
         """Whether a live worker claims a shard, or is this machine's extractor."""
         return any(_claim_owner(p) is not None for p in self.dir.glob("*.claim")) or any(
-            _lock_held(p) for p in self.dir.glob("*.extracting")
+            lock_held(p) for p in self.dir.glob("*.extracting")
         )
 
     def claim(
         self, span: Span, lock: Callable[[], contextlib.AbstractContextManager[Any]]
-    ) -> _Claim | None:
+    ) -> Claim | None:
         """Claim the shard, taking over a claim whose worker is dead; None if a live worker
         holds it. Takeovers happen under ``lock`` (the entry lock), one at a time, so a claim
         just made by another taker is never removed."""
         path = self._path(span, "claim")
-        claim = _Claim.create(path)
+        claim = Claim.create(path)
         if claim is not None or _claim_owner(path) is not None:
             return claim
         with lock():
@@ -334,7 +334,7 @@ class _Shards:
                 )
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-        return _Claim.create(path)
+        return Claim.create(path)
 
     def write(self, span: Span, feats: np.ndarray, rows: np.ndarray) -> None:
         final = self._path(span, "npz")
@@ -357,11 +357,11 @@ class _Shards:
             return z["features"], z["rows"], str(z["owner"])
 
 
-class _Refresher:
+class Refresher:
     """Refreshes the time stamp of this process's open claims every CLAIM_REFRESH seconds, so
     that workers on other machines see they are alive."""
 
-    def __init__(self, opened: list[tuple[Span, list[tuple[Any, _Claim]]]]):
+    def __init__(self, opened: list[tuple[Span, list[tuple[Any, Claim]]]]):
         self._opened = opened
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="tlsweep-claims")
@@ -372,7 +372,7 @@ class _Refresher:
                 for _, claim in claimed:
                     claim.refresh()
 
-    def __enter__(self) -> _Refresher:
+    def __enter__(self) -> Refresher:
         self._thread.start()
         return self
 

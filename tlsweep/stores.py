@@ -186,7 +186,7 @@ def _refuse_if_data(path: Path, url: str, kind: StoreKind, problem: Problem | No
 
 
 # --- building and committing -------------------------------------------------------------------
-def _tmp_name(path: Path) -> Path:
+def tmp_name(path: Path) -> Path:
     host = zlib.crc32(socket.gethostname().encode()) & 0xFFFFFFFF
     return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}.{host:08x}.{secrets.token_hex(4)}")
 
@@ -195,7 +195,7 @@ def _build(path: Path, kind: StoreKind) -> Path:
     """A complete new store in a temporary file beside ``path``, every connection closed."""
     from sqlalchemy.engine import URL
 
-    tmp = _tmp_name(path)
+    tmp = tmp_name(path)
     t0 = time.monotonic()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

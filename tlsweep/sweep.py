@@ -14,7 +14,7 @@ from typing import Any
 
 from tlsweep.config import SweepConfig
 from tlsweep.errors import StudyError, StudyFailing
-from tlsweep.launch import _extract_in_workers, _run_workers, _stop_held
+from tlsweep.launch import extract_in_workers, run_workers, stop_held
 from tlsweep.preflight import preflight
 from tlsweep.resolved import changes, resolved_record, resolved_yaml
 from tlsweep.search import StudySummary, summarize
@@ -93,7 +93,7 @@ def run_sweep(
     held: list[Any] = []  # `--workers N`: the workers, started to extract the missing features
 
     def share(ready: Callable[[], bool]) -> None:
-        held.extend(_extract_in_workers(workers, worker_argv or [], worker_env or {}, ready))
+        held.extend(extract_in_workers(workers, worker_argv or [], worker_env or {}, ready))
 
     try:
         entries = extract_all(
@@ -117,7 +117,7 @@ def run_sweep(
             held,
         )
     finally:
-        _stop_held([p for p in held if not p.stdin.closed])  # not let go: an error stopped us
+        stop_held([p for p in held if not p.stdin.closed])  # not let go: an error stopped us
 
 
 def _run_study(
@@ -152,7 +152,7 @@ def _run_study(
         attach_parent(cfg, study, tracker)
         record_resolved(cfg, study, tracker)
         try:
-            _run_workers(workers, worker_argv or [], worker_env or {}, held)
+            run_workers(workers, worker_argv or [], worker_env or {}, held)
         except BaseException:  # close the parent run; what stopped the workers goes on up
             _close_after_error(cfg, study, tracker)
             raise

@@ -25,8 +25,8 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from tlsweep.config import FINISHED
 from tlsweep.errors import ServiceError
-from tlsweep.search import FINISHED
 from tlsweep.tracking._models import TrackerModels
 from tlsweep.tracking._stages import TrackerStages, unlogged
 from tlsweep.tracking._store import (
