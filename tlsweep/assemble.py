@@ -26,13 +26,13 @@ from tlsweep.entries import (
     FEATURES_FILE,
     Entry,
     entry_lock,
+    entry_name,
     publish,
     read_entry,
     tmp_name,
-    entry_name,
 )
 from tlsweep.errors import TlsweepError
-from tlsweep.extraction import RowPlan, Job
+from tlsweep.extraction import Job, RowPlan
 
 log = logging.getLogger(__name__)
 

@@ -37,25 +37,25 @@ from tlsweep.data import ImageSet, find_images
 from tlsweep.digests import content_digest
 from tlsweep.entries import (
     Entry,
-    entry_lock,
-    in_progress,
-    read_entry,
     cache_key,
     check_usable,
+    entry_lock,
     entry_name,
+    in_progress,
     key_parts,
+    read_entry,
     report_skipped,
 )
 from tlsweep.errors import TlsweepError
-from tlsweep.extraction import Progress, RowPlan, Job, extract_shards
+from tlsweep.extraction import Job, Progress, RowPlan, extract_shards
 from tlsweep.finetune_files import FINETUNE_DIR, IMAGES_DIR
 from tlsweep.shards import (
     CLAIM_STALE_AFTER,
     SHARDS_SUFFIX,
-    Span,
-    lock_held,
     Shards,
+    Span,
     held_lock,
+    lock_held,
     lock_holder,
 )
 
