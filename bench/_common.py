@@ -76,7 +76,7 @@ def setup(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def mobilenet_v2(weights: Path, pooling: str = "avg") -> Any:
     """The benches' backbone: MobileNetV2 a0.35 at 160 px with the given weights file."""
-    from tlsweep.config import BackboneConfig
+    from tlsweep.config._schema import BackboneConfig
 
     return BackboneConfig(
         name="MobileNetV2",

@@ -113,11 +113,11 @@ def cores() -> int:
 
 def other_work(bb, data: Path) -> dict[str, float]:
     """Core-seconds of each part of (a) that is not a forward pass, measured alone."""
-    from tlsweep import extraction
-    from tlsweep.config import DataConfig
-    from tlsweep.data import find_images
-    from tlsweep.decode import image_batches
-    from tlsweep.digests import content_digest
+    from tlsweep.config._schema import DataConfig
+    from tlsweep.features import _extract as extraction
+    from tlsweep.images._decode import image_batches
+    from tlsweep.images._digests import content_digest
+    from tlsweep.images._find import find_images
 
     out = {}
     c = cpu_s()
@@ -137,10 +137,10 @@ def other_work(bb, data: Path) -> dict[str, float]:
 
 # --- (a) tlsweep end to end ---------------------------------------------------------------------
 def run_tlsweep(bb, data: Path) -> tuple[float, int, dict]:
-    from tlsweep.config import DataConfig
-    from tlsweep.data import find_images
-    from tlsweep.digests import content_digest
-    from tlsweep.features import FeatureCache
+    from tlsweep.config._schema import DataConfig
+    from tlsweep.features._cache import FeatureCache
+    from tlsweep.images._digests import content_digest
+    from tlsweep.images._find import find_images
 
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         cache = FeatureCache(Path(tmp) / "cache")
@@ -159,7 +159,7 @@ def decode_all(paths: list[str], batch: int):
     """Every image decoded and resized exactly like tlsweep does, as float32 batches in memory."""
     import tensorflow as tf
 
-    from tlsweep.decode import decode_and_resize
+    from tlsweep.images._decode import decode_and_resize
 
     ds = tf.data.Dataset.from_tensor_slices(list(paths))
     ds = ds.map(
@@ -177,7 +177,7 @@ class Forward:
     def __init__(self, bb):
         import tensorflow as tf
 
-        from tlsweep import backbones as bbs
+        from tlsweep.backbones import _build as bbs
 
         self.model = bbs.build_extractor(bb)
         spec = tf.TensorSpec([None, SIZE, SIZE, 3], tf.float32)
@@ -201,7 +201,7 @@ class Forward:
         return speed
 
     def run(self, batches, in_flight: int) -> tuple[float, int]:
-        from tlsweep.extraction import _forward_all
+        from tlsweep.features._extract import _forward_all
 
         n = 0
         t0 = time.perf_counter()
@@ -260,8 +260,8 @@ MOBILENET_V1 = "mobilenet_2_5_224_tf_no_top.h5"  # MobileNet alpha=0.25, next to
 
 
 def together_backbones(weights: Path) -> list:
-    from tlsweep.backbone_config import resolve_backbone
-    from tlsweep.config import BackboneConfig
+    from tlsweep.config._backbones import resolve_backbone
+    from tlsweep.config._schema import BackboneConfig
 
     v1 = weights.parent / MOBILENET_V1
     if not v1.is_file():
@@ -276,12 +276,12 @@ def together_backbones(weights: Path) -> list:
 def run_together(args: argparse.Namespace, data: Path, weights: Path) -> int:
     import tensorflow as tf
 
-    from tlsweep import extraction
-    from tlsweep.config import DataConfig
-    from tlsweep.data import find_images
-    from tlsweep.decode import decode_and_resize, image_batches
-    from tlsweep.extraction import Job, _forward_all
-    from tlsweep.features import FeatureCache
+    from tlsweep.config._schema import DataConfig
+    from tlsweep.features import _extract as extraction
+    from tlsweep.features._cache import FeatureCache
+    from tlsweep.features._extract import Job, _forward_all
+    from tlsweep.images._decode import decode_and_resize, image_batches
+    from tlsweep.images._find import find_images
 
     wanted = together_backbones(weights)
     images = find_images(DataConfig(dir=data))
@@ -401,10 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.together:
         return run_together(args, data, weights)
 
-    from tlsweep import extraction
-    from tlsweep.backbone_config import resolve_backbone
-    from tlsweep.config import DataConfig
-    from tlsweep.data import find_images
+    from tlsweep.config._backbones import resolve_backbone
+    from tlsweep.config._schema import DataConfig
+    from tlsweep.features import _extract as extraction
+    from tlsweep.images._find import find_images
 
     bb = resolve_backbone(mobilenet_v2(weights))
     images = find_images(DataConfig(dir=data))

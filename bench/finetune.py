@@ -54,14 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import tensorflow as tf
 
-    from tlsweep.config import DataConfig, FinetuneConfig
-    from tlsweep.data import find_images
-    from tlsweep.export import build_export_model
-    from tlsweep.features import FeatureCache
-    from tlsweep.finetune import compile_model, set_trainable
-    from tlsweep.finetune_data import augmentation, dataset, image_cache
-    from tlsweep.head import HeadParams, train_head
-    from tlsweep.winner import Winner
+    from tlsweep.config._schema import DataConfig, FinetuneConfig
+    from tlsweep.features._cache import FeatureCache
+    from tlsweep.head._train import HeadParams, train_head
+    from tlsweep.images._find import find_images
+    from tlsweep.winner._export import build_export_model
+    from tlsweep.winner._finetune import compile_model, set_trainable
+    from tlsweep.winner._finetune_data import augmentation, dataset, image_cache
+    from tlsweep.winner._rebuild import Winner
 
     bb = dataclasses.replace(mobilenet_v2(weights), input_size=args.size)
     entry, _ = FeatureCache(args.cache_dir).ensure(bb, find_images(DataConfig(dir=data)))

@@ -10,7 +10,7 @@ Measured in one process, interleaved per repeat so machine noise hits every comp
 
   (t1) tlsweep ``train_head`` the first time its compiled functions are used (includes tracing;
        what the first trial of a study pays). For the second pooling the compiled functions
-       would already exist, so they are dropped first (``tlsweep.head_graph._FUNCS.clear()``) to
+       would already exist, so they are dropped first (``tlsweep.head._graph._FUNCS.clear()``) to
        show the tracing cost again;
   (tw) tlsweep ``train_head`` warm (a second call: what every later trial pays);
   (tm) the same, warm, on tensors over the cache file's memory map (``as_tensor`` of
@@ -73,10 +73,10 @@ def load_features(data: Path, weights: Path, cache_dir: Path, pooling: str):
     """(x_train, y_train, x_val, y_val) as in-memory numpy arrays, via FeatureCache.ensure."""
     import numpy as np
 
-    from tlsweep.backbone_config import resolve_backbone
-    from tlsweep.config import DataConfig
-    from tlsweep.data import find_images
-    from tlsweep.features import FeatureCache
+    from tlsweep.config._backbones import resolve_backbone
+    from tlsweep.config._schema import DataConfig
+    from tlsweep.features._cache import FeatureCache
+    from tlsweep.images._find import find_images
 
     bb = resolve_backbone(mobilenet_v2(weights, pooling))
     images = find_images(DataConfig(dir=data))
@@ -101,7 +101,7 @@ def load_features(data: Path, weights: Path, cache_dir: Path, pooling: str):
 
 # --- the competitors -----------------------------------------------------------------------------
 def run_tlsweep(tensors, epochs: int, seed: int):
-    from tlsweep.head import HeadParams, train_head
+    from tlsweep.head._train import HeadParams, train_head
 
     xt, yt, xv, yv = tensors
     hp = HeadParams(
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     import keras
     import tensorflow as tf
 
-    from tlsweep import head_graph
+    from tlsweep.head import _graph as head_graph
 
     feats, tensors, mapped, info = {}, {}, {}, {}
     for p in poolings:

@@ -12,7 +12,7 @@ Two modes:
   figure covers TensorFlow, Optuna and MLflow together.
 * ``--mode head``: ``train_head`` alone, parameters drawn with numpy (same ranges).
 
-Sampled per trial from the default search space (``tlsweep.params.DEFAULT_SPACE``: units,
+Sampled per trial from the default search space (``tlsweep.config._params.DEFAULT_SPACE``: units,
 dropout, learning rate, batch size); ``--epochs`` epochs (default 3). The random sampler is the
 default because it spreads trials over the most distinct shapes (the hard case for per-shape
 caches); ``--sampler tpe`` is what a default study uses. No pruner, so every trial trains all
@@ -31,8 +31,8 @@ Target: RSS after the last trial minus RSS after trial 10 <= 100 MB.
 once on one cache entry, as the workers of a study do: a synthetic entry of ``--rows`` x 1280
 float32 features (90 % train, 10 % validation; 100 000 rows = 512 MB) is written to a temporary
 folder, then for each worker count that many processes start together; each imports
-TensorFlow, loads the features with ``tlsweep.objective.load_features`` (what a study's worker
-does) and trains ``--trials`` heads at fixed parameters. Each reports, against its own
+TensorFlow, loads the features with ``tlsweep.study._objective.load_features`` (what a study's
+worker does) and trains ``--trials`` heads at fixed parameters. Each reports, against its own
 baseline before loading the features: VmRSS, RssAnon (its private memory), RssFile (mapped
 file pages, shared through the page cache by every process mapping them) and Pss (its fair
 share of what it maps). ``--pythonpath DIR`` runs the workers on another checkout (e.g. one
@@ -158,7 +158,7 @@ def malloc_mb() -> dict[str, float]:
 
 def traces() -> dict[str, int]:
     """How often each of tlsweep's compiled head functions has been traced."""
-    from tlsweep import head_graph
+    from tlsweep.head import _graph as head_graph
 
     out = {}
     for key, fn in head_graph._FUNCS.items():
@@ -204,7 +204,7 @@ class Recorder:
 
 # --- features ------------------------------------------------------------------------------------
 def backbone(weights: Path):
-    from tlsweep.backbone_config import resolve_backbone
+    from tlsweep.config._backbones import resolve_backbone
 
     return resolve_backbone(mobilenet_v2(weights))
 
@@ -222,8 +222,8 @@ search:
 
 
 def run_study(args: argparse.Namespace, rec: Recorder, tmp: Path) -> dict:
+    from tlsweep.config._sweepfile import load_sweep
     from tlsweep.sweep import run_sweep
-    from tlsweep.sweepfile import load_sweep
 
     sweep = tmp / "sweep.yaml"
     sweep.write_text(
@@ -256,12 +256,12 @@ def run_study(args: argparse.Namespace, rec: Recorder, tmp: Path) -> dict:
 def run_head(args: argparse.Namespace, rec: Recorder) -> dict:
     import numpy as np
 
-    from tlsweep.config import DataConfig
-    from tlsweep.data import find_images
-    from tlsweep.features import FeatureCache
-    from tlsweep.head import HeadParams, train_head
-    from tlsweep.head_graph import as_tensor
-    from tlsweep.params import DEFAULT_SPACE
+    from tlsweep.config._params import DEFAULT_SPACE
+    from tlsweep.config._schema import DataConfig
+    from tlsweep.features._cache import FeatureCache
+    from tlsweep.head._graph import as_tensor
+    from tlsweep.head._train import HeadParams, train_head
+    from tlsweep.images._find import find_images
 
     entry, _ = FeatureCache(args.cache_dir.resolve()).ensure(
         backbone(args.weights), find_images(DataConfig(dir=args.data))
@@ -345,10 +345,10 @@ def run_worker(entry_dir: Path, trials: int) -> dict:
     """One worker: baseline, features loaded as a study loads them, then trials."""
     import tensorflow as tf  # noqa: F401 - part of the baseline
 
-    from tlsweep.config import BackboneConfig
-    from tlsweep.entries import Entry
-    from tlsweep.head import HeadParams, train_head
-    from tlsweep.objective import load_features
+    from tlsweep.config._schema import BackboneConfig
+    from tlsweep.features._entries import Entry
+    from tlsweep.head._train import HeadParams, train_head
+    from tlsweep.study._objective import load_features
 
     manifest = json.loads((entry_dir / "manifest.json").read_text())
     entry = Entry(path=entry_dir, manifest=manifest)
@@ -474,9 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     # Make sure the features exist before timing anything (extraction is a one-off).
-    from tlsweep.config import DataConfig
-    from tlsweep.data import find_images
-    from tlsweep.features import FeatureCache
+    from tlsweep.config._schema import DataConfig
+    from tlsweep.features._cache import FeatureCache
+    from tlsweep.images._find import find_images
 
     entry, cached = FeatureCache(args.cache_dir.resolve()).ensure(
         backbone(args.weights), find_images(DataConfig(dir=args.data))

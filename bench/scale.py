@@ -145,11 +145,11 @@ def _run(cmd: list[str], cwd: Path) -> dict:
 
 def phase_hit(sweep: Path) -> dict:
     """The phases of a cache hit, timed inside this process (imports excluded)."""
-    from tlsweep.data import find_images
-    from tlsweep.digests import content_digest
-    from tlsweep.entries import cache_key, check_usable, key_parts
-    from tlsweep.features import FeatureCache
-    from tlsweep.sweepfile import load_sweep
+    from tlsweep.config._sweepfile import load_sweep
+    from tlsweep.features._cache import FeatureCache
+    from tlsweep.features._entries import cache_key, check_usable, key_parts
+    from tlsweep.images._digests import content_digest
+    from tlsweep.images._find import find_images
 
     t, c = [time.perf_counter()], [time.process_time()]
 
@@ -188,11 +188,11 @@ def phase_trials(sweep: Path, trials: int) -> dict:
 
     import tensorflow as tf  # noqa: F401 - imported before the clock starts
 
-    from tlsweep.data import find_images
-    from tlsweep.features import FeatureCache
-    from tlsweep.head import HeadParams, train_head
-    from tlsweep.objective import load_features
-    from tlsweep.sweepfile import load_sweep
+    from tlsweep.config._sweepfile import load_sweep
+    from tlsweep.features._cache import FeatureCache
+    from tlsweep.head._train import HeadParams, train_head
+    from tlsweep.images._find import find_images
+    from tlsweep.study._objective import load_features
 
     cfg = load_sweep(sweep)
     (bb,) = cfg.backbones
@@ -237,7 +237,7 @@ def measure(args: argparse.Namespace, n: int, work: Path) -> dict:
     py = sys.executable
     # The stat index trusts only files changed more than RACY_NS before the hashing: wait so
     # that the extraction's hashing indexes them all, as it would on a folder not just written.
-    from tlsweep.digests import RACY_NS
+    from tlsweep.images._digests import RACY_NS
 
     time.sleep(RACY_NS / 1e9)
     ext = _run([py, "-m", "tlsweep", "extract", str(sweep), "-q"], tmp)

@@ -1,7 +1,7 @@
 """Benchmark one extraction shared by 1 or 2 local workers (issue 14, item 3).
 
 ``tlsweep run --workers N`` starts its N worker processes on the missing entries first
-(:func:`tlsweep.launch.extract_in_workers`: on one machine one of them extracts an entry with
+(:func:`tlsweep.study._launch.extract_in_workers`: on one machine one of them extracts an entry with
 every core while the others wait), then lets them run the trials. This bench runs that first
 part, with N = 1 and N = 2, on every image of the data folder (MobileNetV2 a0.35, 160 px,
 average pooling), each time into a fresh cache folder, interleaved per repeat so that machine
@@ -77,8 +77,8 @@ def _children_cpu() -> float:
 
 
 def _one(data: Path, weights: Path, workers: int) -> dict:
-    from tlsweep.features import FeatureCache
-    from tlsweep.launch import extract_in_workers, stop_held
+    from tlsweep.features._cache import FeatureCache
+    from tlsweep.study._launch import extract_in_workers, stop_held
 
     folder = Path(tempfile.mkdtemp(prefix=f"bench-shards-{workers}-"))
     sweep = _sweep(folder, data, weights)
@@ -231,8 +231,8 @@ def main() -> int:
         return before_after(data, weights, args.before.resolve(), args.repeats)
     import numpy as np
 
-    from tlsweep.config import DataConfig
-    from tlsweep.data import find_images
+    from tlsweep.config._schema import DataConfig
+    from tlsweep.images._find import find_images
 
     images = find_images(DataConfig(dir=data))
     for f in images.files:  # warm the page cache

@@ -45,7 +45,8 @@ def _optuna_open(url: str) -> None:
 
 
 def main() -> int:
-    from tlsweep import storage, tracking
+    from tlsweep import tracking
+    from tlsweep.study import _storage as storage
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)

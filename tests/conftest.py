@@ -208,8 +208,8 @@ class CliInProcess:
         import tempfile
         import warnings
 
-        from tlsweep import native_stderr
-        from tlsweep.cli import main
+        from tlsweep.cli import _native_stderr as native_stderr
+        from tlsweep.cli._main import main
 
         signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         handlers = {s: signal.getsignal(s) for s in signals}
@@ -330,8 +330,8 @@ def cd_features(
     Extracted in this process into ``shared_cache`` with exactly the backbone of ``write_sweep``,
     so a sweep written with ``write_sweep(..., cats_dogs_small, cache_dir=shared_cache)`` hits it.
     """
-    from tlsweep.features import extract_all
-    from tlsweep.sweepfile import load_sweep
+    from tlsweep.config._sweepfile import load_sweep
+    from tlsweep.features._cache import extract_all
 
     sweep = write_sweep(
         tmp_path_factory.mktemp("cd_sweep") / "sweep.yaml", cats_dogs_small, cache_dir=shared_cache
@@ -345,8 +345,8 @@ def flowers_features(
     flowers_small: Path, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Any:
     """The cache entry of MobileNetV2 a0.35 96 px avg features of ``flowers_small`` (layout B)."""
-    from tlsweep.features import extract_all
-    from tlsweep.sweepfile import load_sweep
+    from tlsweep.config._sweepfile import load_sweep
+    from tlsweep.features._cache import extract_all
 
     sweep = write_sweep(
         tmp_path_factory.mktemp("fl_sweep") / "sweep.yaml", flowers_small, cache_dir=shared_cache
@@ -364,7 +364,7 @@ def keras_asks_for(bb: Any, monkeypatch: pytest.MonkeyPatch) -> str:
     (stopped right there: nothing is downloaded)."""
     from keras.src.utils import file_utils
 
-    from tlsweep.backbones import build_base
+    from tlsweep.backbones._build import build_base
 
     def stop(fname: str | None = None, *a: object, **kw: object) -> str:
         raise _Asked(fname)
@@ -384,8 +384,8 @@ def trial_inputs(tmp_path: Path) -> tuple[Any, dict[str, Any]]:
 
     import numpy as np
 
-    from tlsweep.objective import FeatureData
-    from tlsweep.sweepfile import load_sweep
+    from tlsweep.config._sweepfile import load_sweep
+    from tlsweep.study._objective import FeatureData
 
     bb = {"name": "MobileNetV2", "weights": "none", "input_size": 96, "pooling": "avg"}
     sweep = write_sweep(tmp_path / "s.yaml", tmp_path / "no_data", backbones=[bb])

@@ -78,7 +78,7 @@ def test_an_interrupt_held_since_the_ask_fails_the_trial_and_queues_it_again(
     """`tlsweep run` holds interrupts from asking for a trial until the objective's handler is
     in place (`started`); one that arrived meanwhile fails the trial there and queues its
     parameters again, instead of leaving it RUNNING."""
-    from tlsweep.objective import run_trial
+    from tlsweep.study._objective import run_trial
 
     cfg, features = trial_inputs(tmp_path)
     study = optuna.create_study(direction="maximize")
@@ -107,7 +107,7 @@ def test_an_interrupt_while_the_outcome_is_told_comes_after_it_is_recorded(
 ) -> None:
     """From telling the study a trial's outcome to closing its run, an interrupt is held: the
     trial is COMPLETE (not failed, not queued again) and the interrupt is raised after."""
-    from tlsweep.objective import run_trial
+    from tlsweep.study._objective import run_trial
 
     cfg, features = trial_inputs(tmp_path)
     study = optuna.create_study(direction="maximize")
@@ -132,7 +132,7 @@ def test_an_interrupt_a_library_turned_into_its_own_error_still_stops_the_study(
     """A library may turn a KeyboardInterrupt raised inside it into an error of its own (as
     TensorFlow does inside a tf.py_function): the trial is still an interrupted one (failed,
     queued again) and the stop goes on up, instead of a failed trial and the next starting."""
-    from tlsweep.objective import run_trial
+    from tlsweep.study._objective import run_trial
 
     cfg, features = trial_inputs(tmp_path)
     study = optuna.create_study(direction="maximize")

@@ -25,8 +25,9 @@ from typing import Any
 import pytest
 from conftest import run_cli, write_sweep
 
-from tlsweep import storage, stores, tracking
+from tlsweep import stores, tracking
 from tlsweep.errors import StoreError
+from tlsweep.study import _storage as storage
 
 # A fresh interpreter per child: forking a process that has loaded TensorFlow (or any threaded
 # library) may crash the child, depending on which tests this worker ran before.
@@ -421,9 +422,9 @@ def test_a_refused_run_leaves_no_new_store_behind(
 ) -> None:
     """A storage that cannot be opened leaves no mlflow.db (MLflow's default, in the current
     folder); a tracking store that is refused leaves no optuna.db."""
+    from tlsweep.config._sweepfile import load_sweep
     from tlsweep.errors import TlsweepError
     from tlsweep.sweep import run_sweep
-    from tlsweep.sweepfile import load_sweep
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -479,7 +480,7 @@ def _hold_then_wait(
     monkeypatch.setattr(storage, "LOCK_WAIT", 1)
     monkeypatch.setattr(storage, "LOCK_GIVE_UP", 600 if release_when_waiting else 3)
     handler = _Waiting()
-    lg = logging.getLogger("tlsweep.storage")
+    lg = logging.getLogger("tlsweep.study._storage")
     lg.addHandler(handler)
     monkeypatch.setattr(lg, "level", logging.DEBUG)
     pg = kind == "postgres"

@@ -263,7 +263,7 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         yield
         return
     try:
-        from tlsweep.shards import wait_flock
+        from tlsweep.files import wait_flock
 
         with contextlib.suppress(OSError):  # bounded, says who waits for what
             wait_flock(fd, folder, f"committing a store in {folder}")

@@ -1,24 +1,21 @@
 """One sweep end to end: features (cached) -> study (Optuna) -> runs (MLflow) -> summary.
 
 This is the only module that wires the steps together; each step lives in its own module. The
-checks before any work are :mod:`tlsweep.preflight`'s, the worker processes of ``--workers N``
-:mod:`tlsweep.launch`'s.
+checks before any work are :mod:`tlsweep.sweep`'s, the worker processes of ``--workers N``
+:mod:`tlsweep.study._launch`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tlsweep.config import SweepConfig
+from tlsweep.config import SweepConfig, changes, redact_url, resolved_record, resolved_yaml
 from tlsweep.errors import StudyError, StudyFailing
-from tlsweep.launch import extract_in_workers, run_workers, stop_held
-from tlsweep.preflight import preflight
-from tlsweep.resolved import changes, resolved_record, resolved_yaml
-from tlsweep.search import StudySummary, summarize
-from tlsweep.urls import redact_url
+from tlsweep.study import StudySummary, extract_in_workers, run_workers, stop_held, summarize
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +40,7 @@ def _parent_params(cfg: SweepConfig) -> dict[str, Any]:
 def attach_parent(cfg: SweepConfig, study: Any, tracker: Any, reopen: bool = True) -> str:
     """Find the study's parent MLflow run (resume) or create it, and remember it in the study;
     ``reopen=False`` leaves a found parent's state as it is (see ``Tracker.attach_parent``)."""
-    from tlsweep.search import PARENT_ATTR
+    from tlsweep.study import PARENT_ATTR
 
     rid = tracker.attach_parent(
         study.user_attrs.get(PARENT_ATTR), _parent_params(cfg), cfg.text, cfg.path.name, reopen
@@ -55,7 +52,7 @@ def attach_parent(cfg: SweepConfig, study: Any, tracker: Any, reopen: bool = Tru
 def record_resolved(cfg: SweepConfig, study: Any, tracker: Any) -> list[str]:
     """Store the resolved sweep with the study and log it to the parent run; on resume, log
     one line per setting that differs from the previous run of the study (and return them)."""
-    from tlsweep.search import RESOLVED_ATTR
+    from tlsweep.study import RESOLVED_ATTR
 
     record = resolved_record(cfg)
     previous = study.user_attrs.get(RESOLVED_ATTR)
@@ -87,7 +84,7 @@ def run_sweep(
     starts ``workers`` worker processes (``worker_argv``) on the same study, then waits.
     """
     from tlsweep.features import extract_all
-    from tlsweep.objective import check_setup
+    from tlsweep.study import check_setup
 
     preflight(cfg, cache=True)
     held: list[Any] = []  # `--workers N`: the workers, started to extract the missing features
@@ -134,10 +131,7 @@ def _run_study(
 ) -> StudySummary:
     """:func:`run_sweep` once the features exist (``held``: workers waiting for ``go``)."""
     from tlsweep.features import study_keys
-    from tlsweep.objective import load_features
-    from tlsweep.runner import StudyRunner
-    from tlsweep.search import open_study
-    from tlsweep.storage import open_storage
+    from tlsweep.study import StudyRunner, load_features, open_storage, open_study
     from tlsweep.tracking import Tracker, prepare_mlflow, resolve_uri
 
     # A command refused here leaves no new store behind: a broken tracking store is refused
@@ -205,7 +199,7 @@ def _finish_or_fail(
     try:
         _finish(cfg, study, tracker, summary, evaluate, done, extracted, finetune_progress)
     except Exception as e:  # noqa: BLE001 - re-raised as a one-line runtime failure
-        from tlsweep.objective import describe
+        from tlsweep.study import describe
         from tlsweep.tracking import tracking_errors
 
         log.debug("scoring the winner failed", exc_info=True)
@@ -219,7 +213,7 @@ def _finish_or_fail(
 
 def _close_after_error(cfg: SweepConfig, study: Any, tracker: Any) -> None:
     """Record the best trial and close the parent run after the run stopped on an error."""
-    from tlsweep.storage import storage_errors
+    from tlsweep.study import storage_errors
     from tlsweep.tracking import tracking_errors
 
     try:
@@ -230,8 +224,7 @@ def _close_after_error(cfg: SweepConfig, study: Any, tracker: Any) -> None:
 
 def _check_existing(cfg: SweepConfig, keys: dict[str, dict[str, Any]]) -> None:
     """Refuse, before extracting, to resume a study that was scored on other features."""
-    from tlsweep.search import check_data, existing_study
-    from tlsweep.storage import open_storage
+    from tlsweep.study import check_data, existing_study, open_storage
 
     try:
         storage = open_storage(cfg, must_exist=True)
@@ -246,7 +239,7 @@ def check_study_data(cfg: SweepConfig, study: Any) -> None:
     """Raise :class:`StudyError` if the sweep file's data, weights or settings no longer give
     the features the study's trials were scored on (reads the images; extracts nothing)."""
     from tlsweep.features import expected_keys
-    from tlsweep.search import check_data
+    from tlsweep.study import check_data
 
     check_data(cfg, study, expected_keys(cfg))
 
@@ -289,8 +282,8 @@ def finetune_winner(
 ) -> Any:
     """Run (or resume, or read back) the fine-tuning stage and put its outcome on the parent
     run, and with the study (for ``tlsweep status``)."""
-    from tlsweep.finetune import run_finetune
-    from tlsweep.search import FINETUNE_ATTR
+    from tlsweep.study import FINETUNE_ATTR
+    from tlsweep.winner import run_finetune
 
     ft = run_finetune(cfg, w, tracker, progress)
     if study is not None:
@@ -321,7 +314,7 @@ def _finetune_settings(cfg: SweepConfig) -> str:
 def recorded_finetune(cfg: SweepConfig, study: Any, summary: StudySummary) -> Any:
     """The fine-tuning outcome recorded with the study, if it is of the current best trial
     with the sweep file's current ``finetune:`` settings (else None: it would be stale)."""
-    from tlsweep.search import FINETUNE_ATTR
+    from tlsweep.study import FINETUNE_ATTR
 
     rec = study.user_attrs.get(FINETUNE_ATTR)
     if cfg.finetune is None or not rec or not summary.best:
@@ -330,7 +323,7 @@ def recorded_finetune(cfg: SweepConfig, study: Any, summary: StudySummary) -> An
         _finetune_settings(cfg)
     ):
         return None
-    from tlsweep.finetune import FinetuneResult
+    from tlsweep.winner import FinetuneResult
 
     return FinetuneResult(**rec["result"])
 
@@ -349,7 +342,8 @@ def export_winner(
     """
     import keras
 
-    from tlsweep import export, winner
+    from tlsweep import winner
+    from tlsweep import winner as export
 
     if cfg.finetune is None:
         w, reg = export.export(cfg, study, output, tracker, register)
@@ -366,3 +360,52 @@ def export_winner(
         model = export.build_export_model(w)
     reg = export.save_model(cfg, w, model, output, tracker, info, register=register)
     return w, ft, reg
+
+
+# --- before any work -------------------------------------------------------------------------
+def preflight(
+    cfg: SweepConfig, *, storage: bool = True, tracking: bool = True, cache: bool = False
+) -> None:
+    """Before any work: every store the command writes to can be reached and written.
+
+    A database or tracking server that is down or refuses the login, a folder that cannot be
+    written: one :class:`~tlsweep.errors.TlsweepError` line within seconds, and nothing created
+    (no database file, no MLflow experiment, no cache entry).
+    """
+    from tlsweep.config import check_can_write
+
+    if cache:
+        check_can_write(cfg.cache_dir, "cache_dir", "dir")
+    if storage:
+        url = cfg.storage
+        if url.startswith("sqlite:///"):
+            check_can_write(url[len("sqlite:///") :].partition("?")[0], "storage")
+        elif url.startswith("journal:"):
+            check_can_write(url[len("journal:") :], "storage")
+        else:
+            from tlsweep.study import check_database
+
+            check_database(url, "storage")
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if tracking and uri:
+        _check_tracking(uri)
+
+
+def _check_tracking(uri: str) -> None:
+    from urllib.parse import urlsplit
+
+    from tlsweep.config import TRACKING_DATABASES, check_can_write
+
+    scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
+    if scheme in ("http", "https"):
+        from tlsweep.tracking import check_server
+
+        check_server(uri)
+    elif scheme.startswith("sqlite"):
+        check_can_write(uri.partition(":///")[2].partition("?")[0] or uri, "tracking_uri")
+    elif scheme.partition("+")[0] in TRACKING_DATABASES:
+        from tlsweep.study import check_database
+
+        check_database(uri, "tracking_uri")
+    elif scheme == "file" or (not scheme and not uri.startswith(("file:", "databricks", "uc"))):
+        check_can_write(urlsplit(uri).path if scheme else uri, "tracking_uri", "dir")

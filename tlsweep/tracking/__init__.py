@@ -13,11 +13,16 @@ modules, each readable alone:
 * :mod:`tlsweep.tracking._store`: the tracking store itself: its URI, bounded HTTP retries, the
   quick server check, its errors, the tags that mark tlsweep's runs, finding a study read-only
   (``tlsweep ui``), and the local SQLite store's schema (built and checked by
-  :mod:`tlsweep.stores`).
+  :mod:`tlsweep.stores`);
+* :mod:`tlsweep.tracking._ui`: ``tlsweep ui``, MLflow's own server started on the store.
+
+Never touches the study's state.
 """
 
-from tlsweep.tracking._runs import Tracker, trial_run_name
-from tlsweep.tracking._store import (
+from __future__ import annotations
+
+from ._runs import Tracker, trial_run_name
+from ._store import (
     EXPERIMENT_KIND_TAG,
     MLFLOW_STORE,
     MODEL_TRAINING_KIND,
@@ -29,13 +34,17 @@ from tlsweep.tracking._store import (
     runs_page_url,
     tracking_errors,
 )
+from ._ui import ServerError, UiServer, check_port_free
 
 __all__ = [
     "EXPERIMENT_KIND_TAG",
     "MLFLOW_STORE",
     "MODEL_TRAINING_KIND",
+    "ServerError",
     "Tracker",
     "TrackingStoreUnavailable",
+    "UiServer",
+    "check_port_free",
     "check_server",
     "find_study_experiment",
     "prepare_mlflow",

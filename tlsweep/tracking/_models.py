@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from tlsweep.tracking._store import STUDY_TAG, mlflow_value
+from ._store import STUDY_TAG, mlflow_value
 
 log = logging.getLogger(__name__)
 

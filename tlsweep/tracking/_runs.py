@@ -25,11 +25,12 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from tlsweep.config import FINISHED
+from tlsweep.config import FINISHED, redact_url
 from tlsweep.errors import ServiceError
-from tlsweep.tracking._models import TrackerModels
-from tlsweep.tracking._stages import TrackerStages, unlogged
-from tlsweep.tracking._store import (
+
+from ._models import TrackerModels
+from ._stages import TrackerStages, unlogged
+from ._store import (
     EXPERIMENT_KIND_TAG,
     MODEL_TRAINING_KIND,
     ROLE_TAG,
@@ -43,7 +44,6 @@ from tlsweep.tracking._store import (
     resolve_uri,
     tracking_errors,
 )
-from tlsweep.urls import redact_url
 
 log = logging.getLogger(__name__)
 # What a run's name shows instead of a value, by state.

@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from tlsweep.tracking._store import ROLE_TAG, STAGE_KEY_TAG, STUDY_TAG, mlflow_value
+from ._store import ROLE_TAG, STAGE_KEY_TAG, STUDY_TAG, mlflow_value
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from tlsweep.config import (
     CHECK_HTTP_TIMEOUT,
     DEFAULT_HTTP_MAX_RETRIES,
     DEFAULT_HTTP_TIMEOUT,
+    redact_url,
 )
 from tlsweep.errors import ServiceError, TlsweepError
 from tlsweep.stores import StoreKind, count_rows, prepare
-from tlsweep.urls import redact_url
 
 # How tlsweep marks its experiments and runs (a study's parent run, its trials' child runs).
 ROLE_TAG = "tlsweep.role"

@@ -1,0 +1,26 @@
+"""The dense head: its compiled training graph, the trainer and the metrics (each metric
+once).
+
+Never touches Optuna or MLflow.
+"""
+
+from __future__ import annotations
+
+from ._graph import as_tensor
+from ._metrics import SCORES, better, bootstrap_intervals, evaluation, objective_value, scores
+from ._train import HeadParams, class_weight_vector, evaluate_head, train_head, train_heads
+
+__all__ = [
+    "HeadParams",
+    "SCORES",
+    "as_tensor",
+    "better",
+    "bootstrap_intervals",
+    "class_weight_vector",
+    "evaluate_head",
+    "evaluation",
+    "objective_value",
+    "scores",
+    "train_head",
+    "train_heads",
+]
