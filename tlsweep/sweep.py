@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from tlsweep.config import SweepConfig, changes, redact_url, resolved_record, resolved_yaml
@@ -274,6 +275,7 @@ def _finish(
             summary.finetune = ft
             if ft.accepted and ft.test is not None:
                 summary.test = ft.test
+    refresh_trials_table(tracker, study, cfg.backbones[0].label)  # every trial, one table
     tracker.close_parent(done)
 
 
@@ -409,3 +411,58 @@ def _check_tracking(uri: str) -> None:
         check_database(uri, "tracking_uri")
     elif scheme == "file" or (not scheme and not uri.startswith(("file:", "databricks", "uc"))):
         check_can_write(urlsplit(uri).path if scheme else uri, "tracking_uri", "dir")
+
+
+def init_sweep(
+    data_dir: Path, out: Path, *, force: bool = False, measure: int = 32
+) -> tuple[Any, Any, Any, str]:
+    """``tlsweep init``: survey ``data_dir``, plan a first sweep, time it here on ``measure``
+    images (0: not at all), write it to ``out``; returns (survey, plan, timing, text)."""
+    import re
+
+    from tlsweep.backbones import cached_backbones
+    from tlsweep.config import (
+        BackboneConfig,
+        Timing,
+        check_output,
+        plan,
+        render,
+        trial_budget,
+        write_new,
+    )
+    from tlsweep.features import extraction_timing
+    from tlsweep.head import trial_seconds
+    from tlsweep.images import survey
+
+    check_output(out, force=force)  # before any work: nothing to lose
+    s = survey(data_dir)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", data_dir.resolve().name).strip("_.") or "photos"
+    p = plan(s, cached_backbones(), study=name)
+    timing = None
+    if measure:
+        sample = s.image_paths[:: max(1, len(s.image_paths) // measure)][:measure]
+        per_image, width = 0.0, 0
+        for b in p.backbones:
+            # the cached file itself (Keras may have read another KERAS_HOME when imported);
+            # without one, random weights: they cost the same
+            weights = str(b["file"]) if b["file"] else "none"
+            bb = BackboneConfig(b["name"], weights, b["input_size"], "avg", b["args"])
+            seconds, w = extraction_timing(sample, bb)
+            per_image, width = per_image + seconds, max(width, w)
+        n = s.split_counts
+        trial = trial_seconds(n["train"], n["validation"], width, len(s.class_names), p.epochs)
+        trial *= p.cv_folds or 1
+        p.n_trials = trial_budget(trial)
+        timing = Timing(len(sample), per_image * len(s.image_paths), trial, trial * p.n_trials)
+    text = render(s, p, timing, out)
+    write_new(out, text, force=force)
+    return s, p, timing, text
+
+
+def refresh_trials_table(tracker: Any, study: Any, backbone: str | None = None) -> None:
+    """Every trial of ``study`` as one table on its parent run (``backbone``: the label of its
+    only backbone, when the trials do not draw one): the study's rows, MLflow's table."""
+    from tlsweep.study import trials_table
+    from tlsweep.tracking import log_trials_table
+
+    log_trials_table(tracker, trials_table(study, backbone))

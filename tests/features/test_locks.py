@@ -235,7 +235,7 @@ def test_a_lock_wait_is_bounded_and_names_the_holder(
     import sys
 
     from tlsweep.errors import ServiceError
-    from tlsweep.features import _shards as S
+    from tlsweep import files as S
 
     monkeypatch.setattr(S, "LOCK_POLL", 0.05)
     lock = tmp_path / "E.lock"
@@ -248,7 +248,9 @@ def test_a_lock_wait_is_bounded_and_names_the_holder(
         assert written["pid"] == holder.pid and written["host"] == socket.gethostname()
         who = f"pid {holder.pid} on host {socket.gethostname()} since {written['since']}"
         caplog.set_level("INFO", logger="tlsweep")
-        monkeypatch.setattr(config, "DEFAULT_LOCK_TIMEOUT", 0.3)  # the default, then the env's
+        import tlsweep.config  # where tlsweep.files reads the default
+
+        monkeypatch.setattr(tlsweep.config, "DEFAULT_LOCK_TIMEOUT", 0.3)  # the default, then env
         with pytest.raises(ServiceError, match="after 0.3s"), E.entry_lock(tmp_path, "E"):
             pytest.fail("the lock was taken while another process holds it")
         monkeypatch.setenv("TLSWEEP_LOCK_TIMEOUT", "0.5")

@@ -29,6 +29,7 @@ from tlsweep.tracking import (
     EXPERIMENT_KIND_TAG,
     MODEL_TRAINING_KIND,
     Tracker,
+    best_first_url,
     runs_page_url,
     trial_run_name,
 )
@@ -193,7 +194,7 @@ def test_trial_runs_are_named_by_number_backbone_and_outcome(tmp_path: Path) -> 
     params = {"backbone": label, "units": 64, "dropout": 0.2, "learning_rate": 1e-3}
     hist = [{"val_accuracy": 0.9, "val_loss": 0.3}]
     done, pruned, failed, stale = (t.start_trial(n, params, "w") for n in (12, 3, 4, 5))
-    assert t.client.get_run(done).info.run_name == f"trial 12 · {label} · running"
+    assert t.client.get_run(done).info.run_name == f"running · trial 12 · {label}"
     t.end_trial(done, "COMPLETE", hist, {}, value=0.97301)
     t.end_trial(pruned, "PRUNED", hist, {}, value=0.5)
     t.end_trial(failed, "FAIL", [], {}, error="ValueError: boom")
@@ -201,13 +202,13 @@ def test_trial_runs_are_named_by_number_backbone_and_outcome(tmp_path: Path) -> 
     Tracker(t.tracking_uri, "names").close_stale_runs({5: "PRUNED"}, alive=set())
     names = {r: t.client.get_run(r).info.run_name for r in (done, pruned, failed, stale)}
     assert names == {
-        done: f"trial 12 · {label} · 0.9730",
-        pruned: f"trial 3 · {label} · pruned",
-        failed: f"trial 4 · {label} · failed",
-        stale: f"trial 5 · {label} · pruned",
+        done: f"0.9730 · trial 12 · {label}",
+        pruned: f"pruned · trial 3 · {label}",
+        failed: f"failed · trial 4 · {label}",
+        stale: f"pruned · trial 5 · {label}",
     }
     assert t.client.get_run(parent).info.run_name == "names"
-    assert trial_run_name(7, "X", "COMPLETE", None) == "trial 7 · X · complete"
+    assert trial_run_name(7, "X", "COMPLETE", None) == "complete · trial 7 · X"
 
 
 def test_runs_page_url_opens_the_training_runs_table() -> None:
@@ -335,7 +336,11 @@ def test_ui_signal_stops_the_whole_server(tmp_path: Path, sig: signal.Signals) -
         t = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "ui_test")
         base = f"http://127.0.0.1:{port}"
         assert url == runs_page_url(base, t.experiment_id)
-        assert ui.urls() == [url, runs_page_url(base, t.experiment_id, t.find_parent())]
+        assert ui.urls() == [
+            url,
+            runs_page_url(base, t.experiment_id, t.find_parent()),
+            best_first_url(base, t.experiment_id, "val_accuracy", "maximize"),
+        ]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
             assert r.status == 200
         leader = ui.server_pid()
@@ -414,7 +419,7 @@ def test_real_sweep_runs_compare_well(real_sweep: Path) -> None:
     for n, c in enumerate(children):
         value = c.data.metrics["val_accuracy"]  # the last epoch's, the trial's value
         label = "MobileNetV2-alpha0.35-96-avg"
-        assert c.info.run_name == f"trial {n} · {label} · {value:.4f}"
+        assert c.info.run_name == f"{value:.4f} · trial {n} · {label}"
         assert c.data.params["backbone"] == label
     # the same plain params in every child, numbers as numbers, for MLflow's chart views
     keys = {frozenset(c.data.params) for c in children}
@@ -514,6 +519,109 @@ def test_browser_lands_on_the_training_runs(
                     assert page.get_by_text(genai, exact=True).filter(visible=True).count() == 0
                 row.scroll_into_view_if_needed()
                 page.screenshot(path=str(shots / "4-printed-parent-page.png"))
+            finally:
+                ctx.close()
+        print("screenshots:", *sorted(str(s) for s in shots.iterdir()), sep="\n  ")
+    finally:
+        if ui.proc.poll() is None:
+            ui.proc.send_signal(signal.SIGTERM)
+            ui.proc.wait(timeout=60)
+        ui.kill()
+    assert port_is_free(port)
+
+
+# --- a study larger than one page of the UI ------------------------------------------------------
+BIG_TRIALS = 150  # the UI pages at 100 runs
+BEST_TRIAL = 7  # an early trial: the UI's default order (newest first) leaves it off page one
+
+
+def big_store(tmp_path: Path) -> tuple[Path, dict[int, float]]:
+    """A sweep file and a tracking store holding a study of :data:`BIG_TRIALS` finished trials,
+    made through the tracking API (no training); returns the trials' values."""
+    from mlflow.entities import Metric, Param
+
+    sweep = tiny_store(tmp_path, studies=("big_study",))
+    t = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "big_study")
+    parent = t.find_parent()
+    # distinct values (151 is prime), the best one set apart
+    values = {n: round(0.5 + 0.4 * ((n * 37) % 151) / 151, 4) for n in range(BIG_TRIALS)}
+    values[BEST_TRIAL] = 0.9876
+    for n, v in values.items():
+        label = ("MobileNetV2-alpha0.35-160-avg", "MobileNet-alpha0.25-160-avg")[n % 2]
+        run = t.client.create_run(
+            t.experiment_id,
+            run_name=trial_run_name(n, label, "COMPLETE", v),
+            tags={
+                "mlflow.parentRunId": parent,
+                "tlsweep.study": "big_study",
+                "tlsweep.role": "trial",
+                "optuna.trial_number": str(n),
+                "optuna.state": "COMPLETE",
+            },
+        )
+        t.client.log_batch(
+            run.info.run_id,
+            metrics=[Metric("val_accuracy", v, 0, 0)],
+            params=[Param("backbone", label), Param("units", str(32 + n))],
+        )
+        t.client.set_terminated(run.info.run_id, "FINISHED")
+    return sweep, values
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_browser_best_first_address_opens_a_large_study_on_its_best_trial(
+    browser_path: str, tmp_path: Path
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    sweep, values = big_store(tmp_path)
+    best = max(values, key=values.get)
+    assert best == BEST_TRIAL
+    port = free_port()
+    ui = UiProcess(str(sweep), "--port", str(port), "--start-timeout", str(SERVER_WAIT))
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    try:
+        ui.wait_url()
+        deadline = time.monotonic() + 60
+        while len(ui.urls()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        best_first = ui.urls()[2]
+        assert "the trials, best first (by val_accuracy, highest first):\n" in "".join(ui.out)
+        assert best_first.endswith("&orderByKey=metrics.%60val_accuracy%60&orderByAsc=false")
+        with sync_playwright() as p:
+            ctx = p.chromium.launch_persistent_context(
+                tempfile.mkdtemp(dir=tmp_path, prefix="profile-"),
+                executable_path=browser_path,
+                args=CHROMIUM_ARGS,
+                headless=True,
+                viewport={"width": 1600, "height": 1000},
+            )
+            try:
+                page = ctx.new_page()
+                page.set_default_timeout(120_000)
+                trial_links = page.locator("a[href*='/runs/']", has_text=" · trial ")
+                # a fresh browser opens the runs page newest first, the trials under the
+                # study's run: expanded, the best trial (an early one) is beyond the first 100
+                page.goto(ui.urls()[0])
+                parent_row = page.locator(
+                    "[role=row]", has=page.locator("a[href*='/runs/']", has_text="big_study")
+                ).first
+                parent_row.locator("button[data-component-id*='runnamecellrenderer']").click()
+                trial_links.first.wait_for()
+                newest = f"trial {BIG_TRIALS - 1}"
+                assert trial_links.first.inner_text().split(" · ")[1] == newest
+                assert page.locator("a", has_text=f"· trial {best} ·").count() == 0
+                # the best-first address: the best trial first, then the next best
+                page.goto(best_first)
+                page.reload()  # a hash change alone keeps the page's state
+                trial_links.first.wait_for()
+                ranked = sorted(values, key=values.get, reverse=True)
+                shown = [trial_links.nth(i).inner_text() for i in range(5)]
+                assert shown[0].startswith(f"{values[best]:.4f} · trial {best} · ")
+                assert [s.split(" · ")[1] for s in shown] == [f"trial {n}" for n in ranked[:5]]
+                page.screenshot(path=str(shots / "ui-runs.png"))
             finally:
                 ctx.close()
         print("screenshots:", *sorted(str(s) for s in shots.iterdir()), sep="\n  ")

@@ -17,12 +17,15 @@ from ._build import (
     preprocess_layer,
     preprocessing_name,
 )
+from ._cached import CachedWeights, cached_backbones
 from ._registry import get_spec, list_backbones
 
 __all__ = [
+    "CachedWeights",
     "RANDOM_WEIGHTS_SEED",
     "build_base",
     "build_extractor",
+    "cached_backbones",
     "fetch_imagenet_weights",
     "get_spec",
     "imagenet_weights_path",

@@ -267,9 +267,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
         raise TlsweepError(
             f"{which}: no such study in the tracking store {redact_url(uri)}; {there}"
         )
+    order = (cfg.search.metric, cfg.search.direction)
     if uri.startswith(("http://", "https://")):
         print(f"study {cfg.study} on the tracking server {redact_url(uri)}; open:")
-        print_ui_pages(redact_url(uri), experiment_id, parent)
+        print_ui_pages(redact_url(uri), experiment_id, parent, order)
         return 0
     server = ui.UiServer(uri, args.host, args.port)
     defer = [True]  # while the server starts or stops, a signal is noted, not raised
@@ -294,7 +295,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
             print(f"tlsweep: error: {e}", file=sys.stderr)
             return 1
         print(f"MLflow UI: study {cfg.study}, its runs on {redact_url(uri)} (Ctrl-C to stop):")
-        print_ui_pages(server.url, experiment_id, parent)
+        print_ui_pages(server.url, experiment_id, parent, order)
         rc = server.wait()
         print(f"tlsweep: error: the MLflow server exited with code {rc}", file=sys.stderr)
         return 1

@@ -197,11 +197,20 @@ def print_test(w: Any, cfg: Any) -> None:
         print(f"  {n:<18} " + " ".join(f"{v:>6}" for v in row))
 
 
-def print_ui_pages(server_url: str, experiment_id: str, parent: str | None) -> None:
-    from tlsweep.tracking import runs_page_url
+def print_ui_pages(
+    server_url: str, experiment_id: str, parent: str | None, order: tuple[str, str] | None = None
+) -> None:
+    """The runs page, the study's own run and, with ``order`` (metric, direction), the trials
+    best first (the UI otherwise opens them by start time, 100 a page)."""
+    from tlsweep.tracking import best_first_url, runs_page_url
 
     print(runs_page_url(server_url, experiment_id))
     if parent:
-        print("the study's own run, with the winner's test metrics:")
+        print("the study's own run, with the winner's test metrics and the table of all trials:")
         print(runs_page_url(server_url, experiment_id, parent))
+    if order:
+        metric, direction = order
+        first = "highest" if direction == "maximize" else "lowest"
+        print(f"the trials, best first (by {metric}, {first} first):")
+        print(best_first_url(server_url, experiment_id, metric, direction))
     sys.stdout.flush()

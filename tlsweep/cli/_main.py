@@ -23,6 +23,8 @@ from tlsweep.config import MAX_WORKERS, redact_url
 from tlsweep.errors import TlsweepError
 
 from ._commands import cmd_backbones, cmd_cache, cmd_extract, cmd_run, cmd_status, cmd_ui, exit_code
+from ._help import order_commands
+from ._init import register_init
 from ._winner import cmd_best, cmd_export, cmd_predict
 
 
@@ -161,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in _EXTRA_COMMANDS:
         register(sub)
+    order_commands(p, sub)
     return p
 
 
@@ -257,11 +260,16 @@ def _register_run(sub: Any) -> None:
     u.set_defaults(func=cmd_ui)
 
 
-_EXTRA_COMMANDS: list[Any] = [_register_run]
+_EXTRA_COMMANDS: list[Any] = [_register_run, register_init]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        # no command: the help, on stderr, then the usage error argparse would give (exit 2)
+        parser.print_help(sys.stderr)
+        print("tlsweep: error: no COMMAND given; pick one of those above", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     restore = None
     if not args.verbose:

@@ -51,6 +51,9 @@ def cmd_best(args: argparse.Namespace) -> int:
                 finetune_winner(cfg, w, tracker, finetune_bar(getattr(args, "quiet", False)), study)
             )
     finally:
+        from tlsweep.sweep import refresh_trials_table
+
+        refresh_trials_table(tracker, study, cfg.backbones[0].label)
         tracker.release_parent()
     return 0
 

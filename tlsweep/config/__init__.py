@@ -38,6 +38,16 @@ from ._schema import (
     FinetuneConfig,
     SweepConfig,
 )
+from ._starter import (
+    Plan,
+    Timing,
+    check_output,
+    duration,
+    plan,
+    render,
+    trial_budget,
+    write_new,
+)
 from ._sweepfile import load_sweep, model_name
 from ._urls import TRACKING_DATABASES, parse_complaint, redact_url
 
@@ -65,16 +75,24 @@ __all__ = [
     "METRIC_DIRECTIONS",
     "MIN_VALIDATION_PER_CLASS",
     "Param",
+    "Plan",
     "SweepConfig",
     "TRACKING_DATABASES",
+    "Timing",
     "changes",
     "check_can_write",
+    "check_output",
+    "duration",
     "grid_values",
     "largest",
     "load_sweep",
     "model_name",
     "parse_complaint",
+    "plan",
     "redact_url",
+    "render",
     "resolved_record",
     "resolved_yaml",
+    "trial_budget",
+    "write_new",
 ]

@@ -7,6 +7,7 @@ Never touches training, Optuna or MLflow.
 from __future__ import annotations
 
 from ._cache import FINETUNE_DIR, IMAGES_DIR, FeatureCache, expected_keys, extract_all, study_keys
+from ._timing import extraction_timing
 
 __all__ = [
     "FINETUNE_DIR",
@@ -14,5 +15,6 @@ __all__ = [
     "IMAGES_DIR",
     "expected_keys",
     "extract_all",
+    "extraction_timing",
     "study_keys",
 ]

@@ -6,8 +6,9 @@ Never touches Optuna or MLflow.
 
 from __future__ import annotations
 
-from ._graph import as_tensor
+from ._graph import as_tensor, proba_loss_acc
 from ._metrics import SCORES, better, bootstrap_intervals, evaluation, objective_value, scores
+from ._timing import trial_seconds
 from ._train import HeadParams, class_weight_vector, evaluate_head, train_head, train_heads
 
 __all__ = [
@@ -20,7 +21,9 @@ __all__ = [
     "evaluate_head",
     "evaluation",
     "objective_value",
+    "proba_loss_acc",
     "scores",
     "train_head",
     "train_heads",
+    "trial_seconds",
 ]

@@ -18,12 +18,14 @@ from ._decode import (
 )
 from ._digests import content_digest, features_record, features_stat, file_digest
 from ._find import IMAGE_EXTENSIONS, SPLITS, ImageSet, find_images
+from ._survey import Survey, survey
 
 __all__ = [
     "CHUNK_BYTES",
     "IMAGE_EXTENSIONS",
     "ImageSet",
     "SPLITS",
+    "Survey",
     "ViewsVariant",
     "content_digest",
     "decoded_chunks",
@@ -34,6 +36,7 @@ __all__ = [
     "image_batches",
     "path_seeds",
     "read_failure",
+    "survey",
     "variant_pixels",
     "why_skipped",
 ]

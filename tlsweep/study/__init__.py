@@ -22,6 +22,7 @@ from ._search import (
     summarize,
 )
 from ._storage import check_database, open_storage, storage_errors
+from ._table import trials_table
 
 __all__ = [
     "FINETUNE_ATTR",
@@ -47,5 +48,6 @@ __all__ = [
     "summarize",
     "train_views",
     "training_options",
+    "trials_table",
     "wait_for_go",
 ]

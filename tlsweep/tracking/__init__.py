@@ -21,6 +21,7 @@ Never touches the study's state.
 
 from __future__ import annotations
 
+from ._compare import TRIALS_TABLE, best_first_url, log_trials_table
 from ._runs import Tracker, trial_run_name
 from ._store import (
     EXPERIMENT_KIND_TAG,
@@ -41,12 +42,15 @@ __all__ = [
     "MLFLOW_STORE",
     "MODEL_TRAINING_KIND",
     "ServerError",
+    "TRIALS_TABLE",
     "Tracker",
     "TrackingStoreUnavailable",
     "UiServer",
+    "best_first_url",
     "check_port_free",
     "check_server",
     "find_study_experiment",
+    "log_trials_table",
     "prepare_mlflow",
     "resolve_uri",
     "runs_page_url",

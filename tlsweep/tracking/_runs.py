@@ -10,8 +10,9 @@ process from the trial states Optuna recorded (:meth:`Tracker.close_stale_runs`)
 What a user sees in the MLflow UI is decided here too: the experiment is tagged as model
 training (so MLflow 3's UI opens its runs table, not its GenAI pages), the parent run is named
 after the study, and a child run's name says what a user scans for:
-``trial 12 · MobileNetV2-alpha0.35-160-avg · 0.9730`` (``pruned`` / ``failed`` instead of the
-value). The store's URI, retries and tags are :mod:`tlsweep.tracking._store`'s; the exported
+``0.9730 · trial 12 · MobileNetV2-alpha0.35-160-avg`` (``pruned`` / ``failed`` instead of the
+value), so a name cut short still shows the value. The store's URI, retries and tags are
+:mod:`tlsweep.tracking._store`'s; the exported
 model, its evaluation and the registry are :mod:`tlsweep.tracking._models`'s.
 
 This module knows nothing about Optuna's internals: it is handed numbers, states and params.
@@ -51,12 +52,15 @@ _STATE_WORDS = {"RUNNING": "running", "PRUNED": "pruned", "FAIL": "failed", "COM
 
 
 def trial_run_name(number: int, backbone: str, state: str, value: float | None = None) -> str:
-    """``trial 12 · MobileNetV2-alpha0.35-160-avg · 0.9730``; pruned and failed trials say so."""
+    """``0.9730 · trial 12 · MobileNetV2-alpha0.35-160-avg``; pruned and failed trials say so.
+
+    The outcome leads: the UI cuts a long name at about 25 characters, and the value is what a
+    user scans the runs for."""
     if state == "COMPLETE" and value is not None:
         outcome = f"{value:.4f}"
     else:
         outcome = _STATE_WORDS.get(state, state.lower())
-    return f"trial {number} · {backbone} · {outcome}"
+    return f"{outcome} · trial {number} · {backbone}"
 
 
 class Tracker(TrackerStages, TrackerModels):
