@@ -33,6 +33,7 @@ ORDER = [
     "study",
     "tracking",
     "winner",
+    "audit",
     "sweep",
     "cli",
     "__main__",

@@ -102,6 +102,9 @@ def run_sweep(
         )
         if worker_index is None:  # workers of `--workers N`: their parent has checked
             check_setup(cfg, [(bb, e) for bb, e, _ in entries])
+        from tlsweep.audit import eval_copies
+
+        entries, copies = eval_copies(cfg, entries)
         return _run_study(
             cfg,
             entries,
@@ -113,6 +116,7 @@ def run_sweep(
             evaluate_winner,
             finetune_progress,
             held,
+            copies,
         )
     finally:
         stop_held([p for p in held if not p.stdin.closed])  # not let go: an error stopped us
@@ -129,8 +133,10 @@ def _run_study(
     evaluate_winner: bool,
     finetune_progress: Callable[[int, int, int, int], None] | None,
     held: list[Any],
+    copies: Any = None,
 ) -> StudySummary:
-    """:func:`run_sweep` once the features exist (``held``: workers waiting for ``go``)."""
+    """:func:`run_sweep` once the features exist (``held``: workers waiting for ``go``;
+    ``copies``: validation and test images that copy training images, put on the parent run)."""
     from tlsweep.features import study_keys
     from tlsweep.study import StudyRunner, load_features, open_storage, open_study
     from tlsweep.tracking import Tracker, prepare_mlflow, resolve_uri
@@ -146,6 +152,7 @@ def _run_study(
         tracker = Tracker(cfg.tracking_uri, cfg.study)
         attach_parent(cfg, study, tracker)
         record_resolved(cfg, study, tracker)
+        _log_copies(cfg, tracker, copies)
         try:
             run_workers(workers, worker_argv or [], worker_env or {}, held)
         except BaseException:  # close the parent run; what stopped the workers goes on up
@@ -162,6 +169,7 @@ def _run_study(
     attach_parent(cfg, runner.study, tracker)
     if worker_index is None:  # the workers of `--workers N`: their parent has recorded it
         record_resolved(cfg, runner.study, tracker)
+        _log_copies(cfg, tracker, copies)
     done = False
     try:
         runner.run()
@@ -183,6 +191,19 @@ def _run_study(
             finetune_progress,
         )
     return summary
+
+
+def _log_copies(cfg: SweepConfig, tracker: Any, copies: Any) -> None:
+    """Warn about validation and test images that copy training images, and put their counts,
+    the copies found (a table) and the closest pairs (a PNG grid) on the parent run."""
+    if copies is not None:
+        from tlsweep.audit import log_on_parent, warn_copies
+
+        counts = warn_copies(cfg, copies)  # once the study is open: a refused study says why
+        tracker.log_parent_metrics({f"{s}_copies_of_train": n for s, n in counts.items()})
+        tracker.set_parent_tag("data_dedupe", cfg.data.dedupe)
+        tracker.log_parent_inputs(str(cfg.data.dir), copies.cache_key, copies.split_sizes)
+        log_on_parent(tracker, copies)
 
 
 def _finish_or_fail(
@@ -346,12 +367,13 @@ def export_winner(
 
     from tlsweep import winner
     from tlsweep import winner as export
+    from tlsweep.audit import scored_entries
 
     if cfg.finetune is None:
-        w, reg = export.export(cfg, study, output, tracker, register)
+        w, reg = export.export(cfg, study, output, tracker, register, scored_entries(cfg, study))
         return w, None, reg
     export.check_output(output)
-    w = winner.evaluate_and_log(cfg, study, tracker)
+    w = winner.evaluate_and_log(cfg, study, tracker, scored_entries(cfg, study))
     ft = finetune_winner(cfg, w, tracker, progress, study)
     info = {"model": "finetuned" if ft.accepted else "frozen", "finetune": ft.as_dict()}
     if ft.accepted:
@@ -466,3 +488,63 @@ def refresh_trials_table(tracker: Any, study: Any, backbone: str | None = None) 
     from tlsweep.tracking import log_trials_table
 
     log_trials_table(tracker, trials_table(study, backbone))
+
+
+# --- tlsweep audit: the features extracted as run does, the winner's head to score labels ---
+def audit_sweep(
+    cfg: SweepConfig,
+    backbone: str | None = None,
+    progress: Callable[[Any], Any] | None = None,
+) -> Any:
+    """``tlsweep audit``: extract what is missing (as ``run``), then audit the data on one
+    backbone's cached features (the first, or ``backbone`` by label or name): an
+    :class:`AuditReport`. Labels are scored with the study's winner's head
+    parameters when the study has a winner on that backbone, a default head otherwise."""
+    from tlsweep.audit import audit_entry, default_params
+    from tlsweep.errors import ConfigError
+    from tlsweep.features import FeatureCache, extract_all
+    from tlsweep.images import file_digests, find_images
+
+    labels = [bb.label for bb in cfg.backbones]
+    chosen = labels[0]
+    if backbone is not None:
+        named = [bb.label for bb in cfg.backbones if backbone in (bb.label, bb.name)]
+        if not named:
+            raise ConfigError(
+                f"--backbone: got '{backbone}'; the sweep file's backbones are "
+                f"{', '.join(labels)}; pass one of them"
+            )
+        chosen = named[0]
+    preflight(cfg, storage=False, tracking=False, cache=True)
+    entries = extract_all(cfg, progress)
+    entry = next(e for bb, e, _ in entries if bb.label == chosen)
+    images = find_images(cfg.data)
+    # the stat index extract_all has just brought up to date: nothing is hashed again
+    digests = file_digests(images, index=FeatureCache(cfg.cache_dir).stat_index(images.root))
+    params = _winner_params(cfg, chosen) or default_params(cfg.search.seed)
+    return audit_entry(images, digests, entry, params)
+
+
+def _winner_params(cfg: SweepConfig, label: str) -> Any:
+    """The HeadParams of the study's best trial if it exists and is on backbone ``label``."""
+    from tlsweep.head import HeadParams
+    from tlsweep.study import existing_study, open_storage, suggest
+
+    try:
+        study = existing_study(cfg, open_storage(cfg, must_exist=True))
+        best = study.best_trial if study is not None else None
+    except (StudyError, ValueError):
+        return None  # no storage, no study or no finished trial yet
+    if best is None:
+        return None
+    import optuna
+
+    try:
+        full = suggest(optuna.trial.FixedTrial(dict(best.params)), cfg)
+    except (ValueError, KeyError) as e:  # the search space changed since
+        log.info("the study's winner does not fit the sweep file (%s): default head", e)
+        return None
+    if full.get("backbone", label) != label:
+        return None
+    log.info("scoring labels with the head of the study's best trial %d", best.number)
+    return HeadParams.from_dict({**full, "seed": cfg.search.seed})

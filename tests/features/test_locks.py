@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from tlsweep.config import _schema as config
 from tlsweep.config._sweepfile import load_sweep
 from tlsweep.errors import ConfigError, StudyFailing, TlsweepError
 from tlsweep.features import _cache as F
@@ -234,8 +233,8 @@ def test_a_lock_wait_is_bounded_and_names_the_holder(
     import subprocess
     import sys
 
-    from tlsweep.errors import ServiceError
     from tlsweep import files as S
+    from tlsweep.errors import ServiceError
 
     monkeypatch.setattr(S, "LOCK_POLL", 0.05)
     lock = tmp_path / "E.lock"

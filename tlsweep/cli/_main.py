@@ -22,6 +22,7 @@ from typing import Any
 from tlsweep.config import MAX_WORKERS, redact_url
 from tlsweep.errors import TlsweepError
 
+from ._audit import cmd_audit
 from ._commands import cmd_backbones, cmd_cache, cmd_extract, cmd_run, cmd_status, cmd_ui, exit_code
 from ._help import order_commands
 from ._init import register_init
@@ -261,6 +262,33 @@ def _register_run(sub: Any) -> None:
 
 
 _EXTRA_COMMANDS: list[Any] = [_register_run, register_init]
+
+
+def _register_audit(sub: Any) -> None:
+    a = sub.add_parser(
+        "audit",
+        help="find exact and near duplicates across splits and likely label errors "
+        "(extracting missing features first)",
+    )
+    _add_common(a)
+    _add_verify(a)
+    a.add_argument(
+        "--backbone",
+        metavar="NAME",
+        type=_text("a backbone of the sweep file"),
+        help="audit on this backbone's features, by label or name (default: the first)",
+    )
+    a.add_argument(
+        "--json",
+        metavar="FILE",
+        type=_text("a file path"),
+        help="write the full report (paths relative to the data folder) to FILE",
+    )
+    a.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(func=cmd_audit)
+
+
+_EXTRA_COMMANDS.append(_register_audit)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

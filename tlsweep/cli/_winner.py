@@ -38,13 +38,14 @@ def _study_and_tracker(args: argparse.Namespace, cfg: Any = None) -> tuple[Any, 
 
 
 def cmd_best(args: argparse.Namespace) -> int:
+    from tlsweep.audit import scored_entries
     from tlsweep.sweep import finetune_winner
     from tlsweep.winner import evaluate_and_log
 
     _stop_on_signals()  # Ctrl-C, SIGTERM, SIGHUP: the parent run is left as it was found
     cfg, study, tracker = _study_and_tracker(args)
     try:
-        w = evaluate_and_log(cfg, study, tracker)
+        w = evaluate_and_log(cfg, study, tracker, scored_entries(cfg, study))
         print_test(w, cfg)
         if cfg.finetune is not None:
             print_finetune(

@@ -29,6 +29,9 @@ DEFAULT_STORAGE = "sqlite:///tlsweep.db"  # relative to the sweep file
 DEFAULT_VALIDATION_SPLIT = 0.2  # layout B only
 DEFAULT_TEST_SPLIT = 0.1  # layout B only
 DEFAULT_VERIFY = False  # True: re-read every image for the cache key, not trusting the stat index
+# "eval": drop validation and test images that copy a training image (tlsweep audit finds them)
+DEDUPE_CHOICES = ("off", "eval")
+DEFAULT_DEDUPE = "off"
 DEFAULT_SEED = 1337
 DEFAULT_POOLING = "avg"
 DEFAULT_WEIGHTS = "imagenet"
@@ -117,6 +120,7 @@ class DataConfig:
     test_split: float = DEFAULT_TEST_SPLIT
     seed: int = DEFAULT_SEED
     verify: bool = DEFAULT_VERIFY  # not part of any key: it changes how the images are hashed
+    dedupe: str = DEFAULT_DEDUPE  # part of the study's fingerprint: it changes the scores
 
 
 @dataclass(frozen=True)
@@ -270,6 +274,8 @@ class SweepConfig:
             value = getattr(self.search, key)
             if value != default:
                 payload[key] = dict(value) if isinstance(value, Mapping) else value
+        if self.data.dedupe != DEFAULT_DEDUPE:
+            payload["dedupe"] = self.data.dedupe
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:

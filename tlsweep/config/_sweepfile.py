@@ -40,6 +40,7 @@ from ._checks import (
 from ._params import OPTIMIZERS, parse_space
 from ._schema import (
     CLASS_WEIGHTS,
+    DEDUPE_CHOICES,
     DEFAULT_CACHE_DIR,
     DEFAULT_FINETUNE,
     DEFAULT_REGISTER,
@@ -71,7 +72,7 @@ _TOP_KEYS = (
 )
 _FINETUNE_KEYS = tuple(DEFAULT_FINETUNE)
 _AUGMENT_KEYS = tuple(DEFAULT_FINETUNE["augment"])
-_DATA_KEYS = ("dir", "validation_split", "test_split", "seed", "verify")
+_DATA_KEYS = ("dir", "validation_split", "test_split", "seed", "verify", "dedupe")
 _SEARCH_KEYS = (
     "n_trials",
     "timeout",
@@ -159,8 +160,18 @@ def load_sweep(
     dverify = field_value(data_raw, DataConfig, "verify") if verify is None else verify
     if not isinstance(dverify, bool):
         raise fail(where, "data.verify", dverify, "expected true or false")
+    ddedupe = field_value(data_raw, DataConfig, "dedupe")
+    if ddedupe is False:  # YAML 1.1 reads an unquoted `off` as false
+        ddedupe = "off"
+    if ddedupe not in DEDUPE_CHOICES:
+        raise fail(where, "data.dedupe", ddedupe, f"expected one of {', '.join(DEDUPE_CHOICES)}")
     data = DataConfig(
-        dir=ddir, validation_split=vsplit, test_split=tsplit, seed=dseed, verify=dverify
+        dir=ddir,
+        validation_split=vsplit,
+        test_split=tsplit,
+        seed=dseed,
+        verify=dverify,
+        dedupe=ddedupe,
     )
 
     # backbones

@@ -16,7 +16,7 @@ from ._decode import (
     variant_pixels,
     why_skipped,
 )
-from ._digests import content_digest, features_record, features_stat, file_digest
+from ._digests import content_digest, features_record, features_stat, file_digest, file_digests
 from ._find import IMAGE_EXTENSIONS, SPLITS, ImageSet, find_images
 from ._survey import Survey, survey
 
@@ -32,6 +32,7 @@ __all__ = [
     "features_record",
     "features_stat",
     "file_digest",
+    "file_digests",
     "find_images",
     "image_batches",
     "path_seeds",

@@ -196,9 +196,9 @@ def open_study(
     elif stored != fingerprint:
         raise StudyError(
             f"study '{cfg.study}' in {redact_url(cfg.storage)} was made with a different search "
-            "space (backbones, space, metric or direction changed); start a new study with --study "
-            f"NEW_NAME (or a new study: name), or delete the old one: optuna delete-study "
-            f"--study-name {cfg.study} --storage {redact_url(cfg.storage)}"
+            "space (backbones, space, metric, direction or data.dedupe changed); start a new "
+            "study with --study NEW_NAME (or a new study: name), or delete the old one: "
+            f"optuna delete-study --study-name {cfg.study} --storage {redact_url(cfg.storage)}"
         )
     if data is not None:
         check_data(cfg, study, data, store=True)

@@ -29,6 +29,7 @@ from typing import Any
 from tlsweep.config import FINISHED, redact_url
 from tlsweep.errors import ServiceError
 
+from ._lineage import dataset_inputs, log_trial_inputs
 from ._models import TrackerModels
 from ._stages import TrackerStages, unlogged
 from ._store import (
@@ -244,6 +245,7 @@ class Tracker(TrackerStages, TrackerModels):
             },
         )
         self._log_params(run.info.run_id, params)
+        log_trial_inputs(self.client, run.info.run_id, params)
         self._trials[run.info.run_id] = (number, backbone)
         return run.info.run_id
 
@@ -377,6 +379,27 @@ class Tracker(TrackerStages, TrackerModels):
     def set_parent_tag(self, key: str, value: str) -> None:
         if self.parent_run_id:
             self.client.set_tag(self.parent_run_id, key, value)
+
+    def log_parent_table(self, table: Mapping[str, list[Any]], artifact_file: str) -> None:
+        """A table (column -> values) on the parent run, once: MLflow appends to a table logged
+        again, and a resumed study (the same data) would list every row twice."""
+        if not self.parent_run_id:
+            return
+        folder = artifact_file.rpartition("/")[0] or None
+        if any(
+            a.path == artifact_file for a in self.client.list_artifacts(self.parent_run_id, folder)
+        ):
+            return
+        self.client.log_table(self.parent_run_id, dict(table), artifact_file)
+
+    def log_parent_inputs(self, data_dir: str, cache_key: str, sizes: Mapping[str, int]) -> None:
+        """The study's data on the parent run, as MLflow datasets (training, validation, and
+        test: the winner is scored on it there)."""
+        if self.parent_run_id:
+            splits = ("train", "validation", "test")
+            inputs = dataset_inputs(data_dir, cache_key, sizes, splits)
+            if inputs:
+                self.client.log_inputs(self.parent_run_id, datasets=inputs)
 
     def log_parent_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         if self.parent_run_id:

@@ -132,6 +132,7 @@ def export(
     output: str | Path,
     tracker: Any | None,
     register: str | None = None,
+    extracted: list | None = None,
 ) -> tuple[Winner, Registration | None]:
     """Write the winner as one ``.keras`` file (and log it to the parent run as an MLflow model).
 
@@ -139,7 +140,7 @@ def export(
     version of this registered model, promoted to ``@champion`` on its validation score.
     """
     check_output(output)
-    w = evaluate_and_log(cfg, study, tracker)
+    w = evaluate_and_log(cfg, study, tracker, extracted)
     return w, save_model(cfg, w, build_export_model(w), output, tracker, register=register)
 
 

@@ -1,0 +1,96 @@
+"""The audit as something to look at: the copies found as table columns, and a PNG grid of the
+closest pairs side by side (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+GRID_ROWS = 8  # pairs shown
+
+
+def copies_table(report: Any) -> dict[str, list[Any]]:
+    """One row per pair of copies: kind (exact / near), the two files, their splits and
+    classes, the cosine similarity of their features (1.0 for byte-identical files)."""
+    split_of, class_of = report.split_of, report.class_of
+    rows: list[tuple[str, str, str, float]] = []
+    for g in report.exact_duplicates:
+        first, *rest = g["files"]
+        rows += [("exact", first, other, 1.0) for other in rest]
+    rows += [("near", p["a"], p["b"], p["similarity"]) for p in report.near_duplicates]
+    return {
+        "kind": [r[0] for r in rows],
+        "a": [r[1] for r in rows],
+        "b": [r[2] for r in rows],
+        "splits": [f"{split_of.get(r[1], '?')}/{split_of.get(r[2], '?')}" for r in rows],
+        "classes": [f"{class_of.get(r[1], '?')}/{class_of.get(r[2], '?')}" for r in rows],
+        "similarity": [r[3] for r in rows],
+    }
+
+
+def copies_grid(report: Any, out: str | Path, rows: int = GRID_ROWS) -> bool:
+    """Write a PNG of the first ``rows`` pairs of :func:`copies_table` (exact copies across
+    splits first, then the closest near copies), each pair side by side with its files,
+    splits, classes and similarity. False (nothing written) when there is no pair."""
+    table = copies_table(report)
+    order = sorted(
+        range(len(table["a"])),
+        key=lambda i: (
+            table["splits"][i].split("/")[0] == table["splits"][i].split("/")[1],
+            -table["similarity"][i],
+        ),
+    )[:rows]
+    if not order:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, axes = plt.subplots(len(order), 2, figsize=(6, 3 * len(order)), squeeze=False)
+    for r, i in enumerate(order):
+        for c, key in enumerate(("a", "b")):
+            ax = axes[r][c]
+            ax.axis("off")
+            path = table[key][i]
+            try:
+                with Image.open(os.path.join(report.data_dir, path)) as im:
+                    ax.imshow(im.convert("RGB"))
+            except OSError:
+                ax.text(0.5, 0.5, "unreadable", ha="center")
+            split = table["splits"][i].split("/")[c]
+            cls = table["classes"][i].split("/")[c]
+            ax.set_title(f"{path}\n{split}, {cls}", fontsize=7)
+        axes[r][0].text(
+            1.05,
+            -0.08,
+            f"{table['kind'][i]}  {table['similarity'][i]:.3f}",
+            transform=axes[r][0].transAxes,
+            ha="center",
+            fontsize=8,
+        )
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return True
+
+
+TABLE = "audit/copies.json"
+
+
+def log_on_parent(tracker: Any, report: Any) -> None:
+    """The copies of ``report`` on the study's parent run (``tracker``: a
+    :class:`tlsweep.tracking.Tracker`): :data:`TABLE` (an MLflow table) and ``audit/copies.png``
+    (the grid), when there are any."""
+    import tempfile
+
+    table = copies_table(report)
+    if not table["a"]:
+        return
+    tracker.log_parent_table(table, TABLE)
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "copies.png"
+        if copies_grid(report, png):
+            tracker.log_parent_artifact(str(png), "audit")
