@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tlsweep.config import SweepConfig, changes, redact_url, resolved_record, resolved_yaml
-from tlsweep.errors import StudyError, StudyFailing
+from tlsweep.errors import StudyError, StudyFailing, TlsweepError
 from tlsweep.study import StudySummary, extract_in_workers, run_workers, stop_held, summarize
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,9 @@ def run_sweep(
             check_setup(cfg, [(bb, e) for bb, e, _ in entries])
         from tlsweep.audit import eval_copies
 
-        entries, copies = eval_copies(cfg, entries)
+        copies = None  # a worker of `--workers N` needs them only to leave them out
+        if worker_index is None or cfg.data.dedupe == "eval":
+            entries, copies = eval_copies(cfg, entries)
         return _run_study(
             cfg,
             entries,
@@ -203,7 +205,11 @@ def _log_copies(cfg: SweepConfig, tracker: Any, copies: Any) -> None:
         tracker.log_parent_metrics({f"{s}_copies_of_train": n for s, n in counts.items()})
         tracker.set_parent_tag("data_dedupe", cfg.data.dedupe)
         tracker.log_parent_inputs(str(cfg.data.dir), copies.cache_key, copies.split_sizes)
-        log_on_parent(tracker, copies)
+        try:  # a picture that cannot be drawn must not stop the study
+            log_on_parent(tracker, copies)
+        except Exception as e:  # noqa: BLE001 - matplotlib and MLflow raise many kinds
+            why = str(e).strip().partition("\n")[0] or type(e).__name__
+            log.warning("could not draw the copies found on the study's run: %s", why)
 
 
 def _finish_or_fail(
@@ -487,7 +493,11 @@ def refresh_trials_table(tracker: Any, study: Any, backbone: str | None = None) 
     from tlsweep.study import trials_table
     from tlsweep.tracking import log_trials_table
 
-    log_trials_table(tracker, trials_table(study, backbone))
+    try:  # a side table: a storage or MLflow hiccup here must not hide the command's outcome
+        log_trials_table(tracker, trials_table(study, backbone))
+    except Exception as e:  # noqa: BLE001 - storage, pandas and MLflow errors alike
+        why = str(e).strip().partition("\n")[0] or type(e).__name__
+        log.warning("could not refresh the table of trials on the study's run: %s", why)
 
 
 # --- tlsweep audit: the features extracted as run does, the winner's head to score labels ---
@@ -528,13 +538,14 @@ def audit_sweep(
 def _winner_params(cfg: SweepConfig, label: str) -> Any:
     """The HeadParams of the study's best trial if it exists and is on backbone ``label``."""
     from tlsweep.head import HeadParams
-    from tlsweep.study import existing_study, open_storage, suggest
+    from tlsweep.study import existing_study, open_storage, storage_errors, suggest
 
     try:
         study = existing_study(cfg, open_storage(cfg, must_exist=True))
         best = study.best_trial if study is not None else None
-    except (StudyError, ValueError):
-        return None  # no storage, no study or no finished trial yet
+    except (TlsweepError, ValueError, *storage_errors()) as e:
+        log.info("no study's winner to score the labels with (%s): default head", e)
+        return None  # no storage, no study, no finished trial yet, or a server that is down
     if best is None:
         return None
     import optuna

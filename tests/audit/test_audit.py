@@ -187,3 +187,31 @@ def test_similar_pairs_blockwise_equal_the_full_product() -> None:
         for i, j, s in got:
             assert s == pytest.approx(full[i, j], abs=1e-5)
     assert {(k, 10 + k) for k in range(5)} <= want
+
+
+def test_the_grid_draws_file_names_with_dollar_signs_as_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """matplotlib reads text between two '$' as mathematics: a file named so must not stop the
+    grid (and with it `run`)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from tlsweep.audit import _grid
+
+    for name in ("price$_$a.jpg", "price$_$b.jpg"):
+        (tmp_path / "train").mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8), "red").save(tmp_path / "train" / name)
+    table = {
+        "a": ["train/price$_$a.jpg"],
+        "b": ["train/price$_$b.jpg"],
+        "splits": ["train/test"],
+        "classes": ["c$x$/c"],
+        "similarity": [0.99],
+        "kind": ["near"],
+    }
+    monkeypatch.setattr(_grid, "copies_table", lambda report: table)
+    out = tmp_path / "grid.png"
+    assert _grid.copies_grid(SimpleNamespace(data_dir=str(tmp_path)), out)
+    assert out.stat().st_size > 0

@@ -190,3 +190,21 @@ def test_init_then_run_as_written(tmp_path: Path, keras_home: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "val_balanced_accuracy" in r.stdout, r.stdout
     assert data.is_dir()
+
+
+def test_init_names_with_line_breaks_still_give_a_valid_file(
+    tmp_path: Path, keras_home: Path, cli: CliInProcess
+) -> None:
+    """A folder or class name may hold a line break: the comments stay comments, and the file
+    still parses and loads."""
+    data = tmp_path / "ph\nstudy: injected\n#"
+    for name in ("daisy", "rose\nx: 1"):
+        (data / name).mkdir(parents=True)
+        for f in sorted((FLOWERS / name.partition("\n")[0]).iterdir())[:12]:
+            shutil.copy(f, data / name / f.name)
+    out = tmp_path / "sweep.yaml"
+    r = cli("init", str(data), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = yaml.safe_load(out.read_text())
+    assert doc["study"] != "injected"
+    assert load_sweep(out).data.dir == data.resolve()

@@ -59,10 +59,10 @@ def copies_grid(report: Any, out: str | Path, rows: int = GRID_ROWS) -> bool:
                 with Image.open(os.path.join(report.data_dir, path)) as im:
                     ax.imshow(im.convert("RGB"))
             except OSError:
-                ax.text(0.5, 0.5, "unreadable", ha="center")
+                ax.text(0.5, 0.5, "unreadable", ha="center", parse_math=False)
             split = table["splits"][i].split("/")[c]
             cls = table["classes"][i].split("/")[c]
-            ax.set_title(f"{path}\n{split}, {cls}", fontsize=7)
+            ax.set_title(f"{path}\n{split}, {cls}", fontsize=7, parse_math=False)  # "$" in names
         axes[r][0].text(
             1.05,
             -0.08,
@@ -70,6 +70,7 @@ def copies_grid(report: Any, out: str | Path, rows: int = GRID_ROWS) -> bool:
             transform=axes[r][0].transAxes,
             ha="center",
             fontsize=8,
+            parse_math=False,
         )
     fig.tight_layout()
     fig.savefig(out, dpi=80)

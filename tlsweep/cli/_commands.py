@@ -180,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     def on_trial(o: Any) -> None:
         value = f"{cfg.search.metric}={o.value:.4f}" if o.value is not None else "no value"
         best = f"best={o.best_value:.4f} (#{o.best_number})" if o.best_value is not None else ""
-        err = f"  {o.error[:120]}" if o.error else ""
+        err = f"  {redact_url(o.error)[:120]}" if o.error else ""  # redacted, then cut
         print(
             f"[{o.finished:>{len(str(n))}}/{n}] trial {o.number:<4} {o.state:<8} {value}  {best}  "
             f"{o.seconds:5.1f}s  {short_params(o.params, cfg)}{err}",

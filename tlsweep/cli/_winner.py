@@ -54,8 +54,10 @@ def cmd_best(args: argparse.Namespace) -> int:
     finally:
         from tlsweep.sweep import refresh_trials_table
 
-        refresh_trials_table(tracker, study, cfg.backbones[0].label)
-        tracker.release_parent()
+        try:
+            refresh_trials_table(tracker, study, cfg.backbones[0].label)
+        finally:
+            tracker.release_parent()
     return 0
 
 

@@ -177,6 +177,8 @@ def render(s: SurveyFacts, p: Plan, t: Timing | None, out: Path) -> str:
             f"{duration(t.extraction_s)} (once, cached after), the study about "
             f"{duration(t.study_s)} ({p.n_trials} trials, ~{t.seconds_per_trial:.1f} s each)."
         )
+    # a folder or class name may hold any character, a line break too: a comment stays one line
+    lines = ["# " + " ".join(line[1:].split()) for line in lines]
     lines += [
         f"# Run it: tlsweep run {out.name}; compare the trials: tlsweep ui {out.name}.",
         "# Every key and its default: the sweep-file reference in tlsweep's README.",
@@ -230,6 +232,10 @@ def check_output(out: Path, *, force: bool) -> None:
 def write_new(out: Path, text: str, *, force: bool) -> None:
     """Write ``text`` to ``out`` whole or not at all; an existing file only with ``force``."""
     import tempfile
+
+    import yaml
+
+    yaml.safe_load(text)  # the file runs as written, or nothing is written (a bug, not input)
 
     from tlsweep.errors import ConfigError
 

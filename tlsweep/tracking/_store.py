@@ -146,7 +146,7 @@ def first_line(e: BaseException) -> str:
     )
     lines = [x.strip() for x in msg.strip().splitlines() if x.strip()]
     text = reason.group(1).strip() if reason else (lines[0] if lines else type(e).__name__)
-    return redact_url(text[:200])
+    return redact_url(text)[:200]  # redacted first: a cut URL loses the '@' that marks a password
 
 
 def check_server(tracking_uri: str) -> None:

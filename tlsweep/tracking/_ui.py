@@ -146,9 +146,7 @@ class UiServer:
             "-c",
             _LAUNCHER,
             str(os.getpid()),
-            "ui",
-            "--backend-store-uri",
-            self.tracking_uri,
+            "ui",  # the store's URI goes by the environment (MLFLOW_BACKEND_STORE_URI): not in ps
             "--host",
             self.host,
             "--port",
@@ -160,6 +158,7 @@ class UiServer:
     def start(self) -> int:
         """Start the server in a new session (its own process group); returns its pid."""
         env = dict(os.environ)
+        env["MLFLOW_BACKEND_STORE_URI"] = self.tracking_uri  # a password stays out of `ps`
         # MLflow's job runner (huey consumers, for GenAI scorers and trace roll-ups) adds seven
         # processes the training-runs pages do not use: off unless the user's environment sets
         # MLFLOW_SERVER_ENABLE_JOB_EXECUTION.

@@ -1,6 +1,6 @@
 """Predictions of an exported model (:mod:`tlsweep.winner._export`) on image files and folders.
 
-Images are decoded and resized with the same code as the sweep's (:mod:`tlsweep.data`); the
+Images are decoded and resized with the same code as the sweep's (:mod:`tlsweep.images`); the
 class names come from the model file's metadata. Files that cannot be read are reported with a
 reason, never silently dropped.
 """
