@@ -4,7 +4,7 @@ Every default lives in this module, once (the head's search space in :mod:`tlswe
 where each head parameter is declared); the CLI reads them from here. The schema is the frozen
 dataclasses below, whose field defaults are the defaults of the sweep file's keys.
 :func:`tlsweep.config._sweepfile.load_sweep` reads and validates a sweep file into a
-:class:`SweepConfig`; :mod:`tlsweep.config` (its resolved record) records the configuration that ran.
+:class:`SweepConfig`; the resolved record (``_resolved``) keeps the configuration that ran.
 
 This module imports neither TensorFlow, Optuna nor MLflow.
 """

@@ -2,7 +2,7 @@
 
 One implementation of each metric serves the per-epoch validation metrics of a trial
 (:mod:`tlsweep.head`), the winner's test score (:mod:`tlsweep.winner`) and the fine-tuning
-stage's choice (:mod:`tlsweep.winner` (fine-tuning)); whether a metric is better higher or lower is read
+stage's choice (fine-tuning); whether a metric is better higher or lower is read
 from the one table of directions, :data:`tlsweep.config.METRIC_DIRECTIONS`. Every function
 takes ``proba`` as ``[n, n_classes]`` class probabilities and ``y`` as integer labels ``[n]``.
 """

@@ -1,4 +1,4 @@
-"""What the fine-tuning stage (:mod:`tlsweep.winner` (fine-tuning)) trains on: images decoded once, batches.
+"""What the fine-tuning stage trains on: images decoded once, batches.
 
 Speed: every usable image is decoded and resized once, at the model's input size, into a
 ``uint8`` memory-mapped array in the cache folder (:func:`image_cache`); epochs read batches
