@@ -96,6 +96,8 @@ def test_parent_run_has_test_metrics_and_reports(exported):
     assert sum(map(sum, cm)) == 40  # 20 test images per class
     assert metrics["class_names"] == ["cats", "dogs"]
     assert abs(metrics["accuracy"] - m["test_accuracy"]) < 1e-6
+    # the winner's mistakes as a picture, when it makes any
+    assert ("test/misclassified.png" in arts) == (m["test_accuracy"] < 1.0), sorted(arts)
 
 
 FRESH = r"""

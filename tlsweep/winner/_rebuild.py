@@ -186,7 +186,75 @@ def evaluate_and_log(
                 tracker.log_evaluation(w.test_proba, w.test_labels, list(w.entry.class_names))
             except Exception as e:  # noqa: BLE001 - the test score above is logged already
                 log.warning("MLflow's evaluation of the winner failed: %s", e)
+            try:  # the winner's mistakes, to look at rather than read
+                paths = [f["path"] for f in w.entry.manifest["files"] if f["split"] == "test"]
+                with tempfile.TemporaryDirectory() as tmp:
+                    png = Path(tmp) / "misclassified.png"
+                    if misclassified_grid(
+                        Path(cfg.data.dir),
+                        paths,
+                        w.test_labels,
+                        w.test_proba,
+                        list(w.entry.class_names),
+                        png,
+                    ):
+                        tracker.log_parent_artifact(str(png), "test")
+            except Exception as e:  # noqa: BLE001 - a picture must not undo the scores above
+                log.warning("could not draw the winner's misclassified test images: %s", e)
     return w
+
+
+MISCLASSIFIED_SHOWN = 16  # the most confident mistakes of the winner on the test split
+
+
+def misclassified_grid(
+    data_dir: Path,
+    paths: list[str],
+    labels: Any,
+    proba: Any,
+    class_names: list[str],
+    out: Path,
+    n: int = MISCLASSIFIED_SHOWN,
+) -> bool:
+    """A PNG of the test images the winner gets wrong, most confident mistakes first, each
+    with its file, true class and predicted class (and probability). False (nothing written)
+    when it gets none wrong."""
+    proba = np.asarray(proba, dtype=np.float64)
+    labels = np.asarray(labels)
+    if proba.ndim == 1 or proba.shape[1] == 1:  # two classes as one sigmoid output
+        p1 = proba.reshape(-1)
+        proba = np.stack([1.0 - p1, p1], axis=1)
+    pred = proba.argmax(axis=1)
+    wrong = np.flatnonzero(pred != labels)
+    if not len(wrong) or len(paths) != len(labels):
+        return False
+    wrong = wrong[np.argsort(-proba[wrong, pred[wrong]], kind="stable")][:n]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    cols = min(4, len(wrong))
+    rows = -(-len(wrong) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong, strict=False):
+        try:
+            with Image.open(data_dir / paths[i]) as im:
+                ax.imshow(im.convert("RGB"))
+        except OSError:
+            ax.text(0.5, 0.5, "unreadable", ha="center", parse_math=False)
+        title = (
+            f"{paths[i]}\ntrue {class_names[labels[i]]}, "
+            f"predicted {class_names[pred[i]]} ({proba[i, pred[i]]:.2f})"
+        )
+        ax.set_title(title, fontsize=7, parse_math=False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return True
 
 
 def _safe(name: str) -> str:
