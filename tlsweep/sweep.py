@@ -532,7 +532,26 @@ def audit_sweep(
     # the stat index extract_all has just brought up to date: nothing is hashed again
     digests = file_digests(images, index=FeatureCache(cfg.cache_dir).stat_index(images.root))
     params = _winner_params(cfg, chosen) or default_params(cfg.search.seed)
-    return audit_entry(images, digests, entry, params)
+    report = audit_entry(images, digests, entry, params)
+    _log_audit(cfg, report)
+    return report
+
+
+def _log_audit(cfg: SweepConfig, report: Any) -> None:
+    """The audit on the study's parent run when the study has one in the tracking store (an
+    audit before any run creates nothing there): the copies and the likely label errors, each
+    as an MLflow table and a grid of images."""
+    from tlsweep.audit import log_audit_on_parent
+    from tlsweep.tracking import Tracker, find_study_experiment, resolve_uri, tracking_errors
+
+    try:
+        _, parent, _ = find_study_experiment(resolve_uri(cfg.tracking_uri), cfg.study)
+        if parent is None:
+            return
+        log_audit_on_parent(Tracker(cfg.tracking_uri, cfg.study, parent_run_id=parent), report)
+        log.info("the audit is on the study's run %s (audit/)", parent)
+    except (*tracking_errors(), OSError, ValueError) as e:  # the report stands without it
+        log.warning("could not put the audit on the study's run: %s", e)
 
 
 def _winner_params(cfg: SweepConfig, label: str) -> Any:

@@ -172,3 +172,35 @@ def test_dedupe_off_written_plainly_in_yaml_is_off(tmp_path: Path) -> None:
     sweep.write_text(sweep.read_text().replace("data:\n", "data:\n  dedupe: off\n", 1))
     assert "dedupe: off" in sweep.read_text()
     assert load_sweep(sweep, check_data_dir=False).data.dedupe == "off"
+
+
+def test_audit_goes_on_the_study_run_and_creates_nothing_without_one(
+    cats_dogs_small: Path, tmp_path: Path, cli: Any
+) -> None:
+    """Before any run, audit creates no tracking store; after one, its copies and its likely
+    label errors are on the study's run as MLflow tables and grids."""
+    import json
+
+    from mlflow import MlflowClient
+
+    data = tmp_path / "data"
+    shutil.copytree(cats_dogs_small, data)
+    for f in sorted((data / "train" / "cats").iterdir())[:3]:  # filed under the wrong class
+        shutil.move(f, data / "train" / "dogs" / f"flipped-{f.name}")
+    sweep = write_sweep(tmp_path / "sweep.yaml", data, search=SEARCH)
+    first = cli("audit", str(sweep), "-q", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # no study yet: nothing made for it
+    assert cli("run", str(sweep), "-q", cwd=tmp_path).returncode == 0
+    out = cli("audit", str(sweep), "-q", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    parent = _parent(tmp_path)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "audit")}
+    assert {"audit/label_issues.json", "audit/label_issues.png"} <= arts, sorted(arts)
+    table = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "audit/label_issues.json")).read_text()
+    )
+    rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
+    assert rows and [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    assert all(r["file"].startswith(("train/", "validation/")) for r in rows)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ._dupes import BLOCK_ROWS, NEAR_THRESHOLD, exact_duplicates, near_duplicates, similar_pairs
 from ._eval import eval_copies, scored_entries, warn_copies, without
-from ._grid import copies_grid, copies_table, log_on_parent
+from ._grid import copies_grid, copies_table, log_audit_on_parent, log_on_parent, suspects_grid
 from ._labels import FOLDS, default_params, label_issues, out_of_fold_proba
 from ._report import AuditReport, audit_entry, copies_of_train, find_copies
 
@@ -28,11 +28,13 @@ __all__ = [
     "exact_duplicates",
     "find_copies",
     "label_issues",
+    "log_audit_on_parent",
     "log_on_parent",
     "near_duplicates",
     "out_of_fold_proba",
     "scored_entries",
     "similar_pairs",
+    "suspects_grid",
     "warn_copies",
     "without",
 ]

@@ -95,3 +95,60 @@ def log_on_parent(tracker: Any, report: Any) -> None:
         png = Path(tmp) / "copies.png"
         if copies_grid(report, png):
             tracker.log_parent_artifact(str(png), "audit")
+
+
+SUSPECTS_SHOWN = 16  # likely label errors drawn, most likely first
+SUSPECTS_TABLE = "audit/label_issues.json"
+
+
+def suspects_grid(report: Any, out: str | Path, n: int = SUSPECTS_SHOWN) -> bool:
+    """A PNG of the most likely label errors of ``report``, each with its file, the class it is
+    filed under and the class the heads believe. False (nothing written) when there are none."""
+    shown = report.label_issues[:n]
+    if not shown:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    cols = min(4, len(shown))
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, issue in zip(axes.flat, shown, strict=False):
+        try:
+            with Image.open(os.path.join(report.data_dir, issue["file"])) as im:
+                ax.imshow(im.convert("RGB"))
+        except OSError:
+            ax.text(0.5, 0.5, "unreadable", ha="center", parse_math=False)
+        ax.set_title(
+            f"#{issue['rank']} {issue['file']}\nfiled {issue['given']}, heads say "
+            f"{issue['suggested']} (p {issue['score']:.2f})",
+            fontsize=7,
+            parse_math=False,
+        )
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def log_audit_on_parent(tracker: Any, report: Any) -> None:
+    """``tlsweep audit``'s findings on the study's parent run: the copies (:func:`log_on_parent`)
+    and the likely label errors, as an MLflow table and a PNG grid, side by side in the UI."""
+    import tempfile
+
+    log_on_parent(tracker, report)
+    if not report.label_issues:
+        return
+    columns = ("rank", "file", "given", "suggested", "score")
+    tracker.log_parent_table(
+        {c: [i[c] for i in report.label_issues] for c in columns}, SUSPECTS_TABLE
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "label_issues.png"
+        if suspects_grid(report, png):
+            tracker.log_parent_artifact(str(png), "audit")
