@@ -450,6 +450,13 @@ def browser_path() -> str:
     return CHROMIUM
 
 
+def real_sweep_data_name(sweep: Path) -> str:
+    """The name the runs give their data folder in MLflow's Dataset column."""
+    import yaml
+
+    return Path(yaml.safe_load(sweep.read_text())["data"]["dir"]).name
+
+
 @pytest.mark.browser
 @pytest.mark.slow
 def test_browser_lands_on_the_training_runs(
@@ -499,6 +506,10 @@ def test_browser_lands_on_the_training_runs(
                 for name in trials:
                     page.locator(run_link, has_text=name).first.wait_for()
                 page.screenshot(path=str(shots / "2-trials-nested.png"))
+                # the Dataset column names what each trial trained on (MLflow datasets logged
+                # with the cache key as digest), not "-"
+                data = real_sweep_data_name(real_sweep)
+                page.get_by_text(f"{data}/train").filter(visible=True).first.wait_for()
                 # the parent's page: the winner's test metrics
                 page.locator(run_link, has_text="ui_browser").first.click()
                 page.wait_for_url(re.compile(f"/runs/{parent.info.run_id}"))
