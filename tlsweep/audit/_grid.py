@@ -3,9 +3,10 @@ closest pairs side by side (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
+
+from tlsweep.images import image_grid
 
 GRID_ROWS = 8  # pairs shown
 
@@ -41,41 +42,14 @@ def copies_grid(report: Any, out: str | Path, rows: int = GRID_ROWS) -> bool:
             -table["similarity"][i],
         ),
     )[:rows]
-    if not order:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    fig, axes = plt.subplots(len(order), 2, figsize=(6, 3 * len(order)), squeeze=False)
-    for r, i in enumerate(order):
+    items = []
+    for i in order:
         for c, key in enumerate(("a", "b")):
-            ax = axes[r][c]
-            ax.axis("off")
-            path = table[key][i]
-            try:
-                with Image.open(os.path.join(report.data_dir, path)) as im:
-                    ax.imshow(im.convert("RGB"))
-            except OSError:
-                ax.text(0.5, 0.5, "unreadable", ha="center", parse_math=False)
             split = table["splits"][i].split("/")[c]
             cls = table["classes"][i].split("/")[c]
-            ax.set_title(f"{path}\n{split}, {cls}", fontsize=7, parse_math=False)  # "$" in names
-        axes[r][0].text(
-            1.05,
-            -0.08,
-            f"{table['kind'][i]}  {table['similarity'][i]:.3f}",
-            transform=axes[r][0].transAxes,
-            ha="center",
-            fontsize=8,
-            parse_math=False,
-        )
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return True
+            how = f"{table['kind'][i]} {table['similarity'][i]:.3f}"
+            items.append((table[key][i], f"{table[key][i]}\n{split}, {cls}; {how}"))
+    return image_grid(report.data_dir, items, out, cols=2)
 
 
 TABLE = "audit/copies.json"
@@ -104,36 +78,15 @@ SUSPECTS_TABLE = "audit/label_issues.json"
 def suspects_grid(report: Any, out: str | Path, n: int = SUSPECTS_SHOWN) -> bool:
     """A PNG of the most likely label errors of ``report``, each with its file, the class it is
     filed under and the class the heads believe. False (nothing written) when there are none."""
-    shown = report.label_issues[:n]
-    if not shown:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    cols = min(4, len(shown))
-    rows = -(-len(shown) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, issue in zip(axes.flat, shown, strict=False):
-        try:
-            with Image.open(os.path.join(report.data_dir, issue["file"])) as im:
-                ax.imshow(im.convert("RGB"))
-        except OSError:
-            ax.text(0.5, 0.5, "unreadable", ha="center", parse_math=False)
-        ax.set_title(
-            f"#{issue['rank']} {issue['file']}\nfiled {issue['given']}, heads say "
-            f"{issue['suggested']} (p {issue['score']:.2f})",
-            fontsize=7,
-            parse_math=False,
+    items = [
+        (
+            i["file"],
+            f"#{i['rank']} {i['file']}\nfiled {i['given']}, heads say {i['suggested']} "
+            f"(p {i['score']:.2f})",
         )
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return True
+        for i in report.label_issues[:n]
+    ]
+    return image_grid(report.data_dir, items, out)
 
 
 def log_audit_on_parent(tracker: Any, report: Any) -> None:

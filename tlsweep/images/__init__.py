@@ -18,6 +18,7 @@ from ._decode import (
 )
 from ._digests import content_digest, features_record, features_stat, file_digest, file_digests
 from ._find import IMAGE_EXTENSIONS, SPLITS, ImageSet, find_images
+from ._grid import image_grid
 from ._survey import Survey, survey
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "file_digests",
     "find_images",
     "image_batches",
+    "image_grid",
     "path_seeds",
     "read_failure",
     "survey",

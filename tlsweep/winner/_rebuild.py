@@ -24,6 +24,7 @@ import numpy as np
 
 from tlsweep.config import SweepConfig
 from tlsweep.errors import StudyError
+from tlsweep.images import image_grid
 
 log = logging.getLogger(__name__)
 
@@ -229,32 +230,15 @@ def misclassified_grid(
     if not len(wrong) or len(paths) != len(labels):
         return False
     wrong = wrong[np.argsort(-proba[wrong, pred[wrong]], kind="stable")][:n]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    cols = min(4, len(wrong))
-    rows = -(-len(wrong) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, wrong, strict=False):
-        try:
-            with Image.open(data_dir / paths[i]) as im:
-                ax.imshow(im.convert("RGB"))
-        except OSError:
-            ax.text(0.5, 0.5, "unreadable", ha="center", parse_math=False)
-        title = (
+    items = [
+        (
+            paths[i],
             f"{paths[i]}\ntrue {class_names[labels[i]]}, "
-            f"predicted {class_names[pred[i]]} ({proba[i, pred[i]]:.2f})"
+            f"predicted {class_names[pred[i]]} ({proba[i, pred[i]]:.2f})",
         )
-        ax.set_title(title, fontsize=7, parse_math=False)
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return True
+        for i in wrong
+    ]
+    return image_grid(data_dir, items, out)
 
 
 def _safe(name: str) -> str:
