@@ -42,7 +42,7 @@ import numpy as np
 from tlsweep import backbones as bbs
 from tlsweep.config import BackboneConfig
 from tlsweep.errors import TlsweepError
-from tlsweep.files import held_lock
+from tlsweep.files import atomic_write, held_lock
 from tlsweep.images import features_record, features_stat, file_digest
 
 log = logging.getLogger(__name__)
@@ -210,14 +210,11 @@ def _unreadable(path: Path, e: OSError) -> TlsweepError:
 
 def _rewrite_manifest(path: Path, manifest: dict[str, Any]) -> None:
     """Replace the entry's manifest atomically (a checksum's new stat); best effort."""
-    tmp = path / f"manifest.json.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        tmp.write_text(json.dumps(manifest))
-        os.replace(tmp, path / "manifest.json")
+        with atomic_write(path / "manifest.json") as f:
+            f.write(json.dumps(manifest))
     except OSError as e:
         log.debug("%s: manifest not updated (%s)", path, e)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 def _checksum_ok(path: Path, manifest: dict[str, Any], verify: bool) -> bool:
