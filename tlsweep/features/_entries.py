@@ -33,13 +33,13 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tlsweep import backbones as bbs
+from tlsweep._version import version
 from tlsweep.config import BackboneConfig
 from tlsweep.errors import TlsweepError
 from tlsweep.files import atomic_write, held_lock
@@ -48,13 +48,6 @@ from tlsweep.images import features_record, features_stat, file_digest
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-
-
-def _version(pkg: str) -> str:
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return "absent"
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
@@ -104,7 +97,7 @@ def key_parts(bb: BackboneConfig, images_digest: str, fetch: bool = True) -> dic
         "preprocessing": bbs.preprocessing_name(bb),
         "resize": "bilinear-squash",
         "images": images_digest,
-        "versions": {p: _version(p) for p in ("keras", "tensorflow")},
+        "versions": {p: version(p) for p in ("keras", "tensorflow")},
     }
     if bb.augment is not None:
         parts["augment"] = bb.augment.key()

@@ -27,6 +27,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from tlsweep.errors import error_gist
+
 from ._search import study_storage, trial_id
 from ._storage import storage_errors
 
@@ -65,12 +67,6 @@ def worker_is_dead(worker: str) -> bool:
     except PermissionError:
         return False
     return _start_time(pid) != start
-
-
-def error_gist(e: BaseException) -> str:
-    """``Type: first line`` of an error, whatever its message (empty, blank, many lines)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 class HeartbeatLost(Exception):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tlsweep.config import SweepConfig
-from tlsweep.errors import ServiceError, TlsweepError
+from tlsweep.errors import ServiceError, TlsweepError, first_line
 from tlsweep.files import replaced_atomically
 
 from ._rebuild import Winner, evaluate_and_log
@@ -215,10 +215,7 @@ def _remove(made: list[Path]) -> None:
 
 
 def _why(e: OSError) -> str:
-    if e.strerror:
-        return e.strerror
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0][:200] if lines else type(e).__name__
+    return e.strerror or first_line(e)
 
 
 def read_metadata(model_path: str | Path) -> dict[str, Any]:
