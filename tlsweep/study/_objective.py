@@ -23,7 +23,12 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tlsweep.config import MIN_VALIDATION_PER_CLASS, BackboneConfig, SweepConfig
+from tlsweep.config import (
+    MIN_VALIDATION_PER_CLASS,
+    REPEAT_SEED_STRIDE,
+    BackboneConfig,
+    SweepConfig,
+)
 from tlsweep.errors import StudyError
 from tlsweep.interrupts import deferred
 from tlsweep.interrupts import requested as stop_requested
@@ -339,7 +344,11 @@ def run_trial(
                         data.n_classes,
                         # head i is repeat i % repeats of its fold: seeds seed, seed + 1, ...
                         [
-                            replace(hp, seed=cfg.search.seed + i % cfg.search.repeats)
+                            replace(
+                                hp,
+                                seed=cfg.search.seed
+                                + REPEAT_SEED_STRIDE * (i % cfg.search.repeats),
+                            )
                             for i in range(len(tasks))
                         ],
                         on_mean_epoch,

@@ -20,7 +20,18 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from tlsweep.config import FINISHED, Param, SweepConfig, grid_values, largest, redact_url
+from tlsweep.config import (
+    FINISHED,
+    HYPERBAND_MIN_RESOURCE,
+    MEDIAN_STARTUP_TRIALS,
+    MEDIAN_WARMUP_STEPS,
+    WORKER_SEED_STRIDE,
+    Param,
+    SweepConfig,
+    grid_values,
+    largest,
+    redact_url,
+)
 from tlsweep.errors import StudyError
 
 SPACE_ATTR = "tlsweep.space"
@@ -115,11 +126,15 @@ def make_pruner(cfg: SweepConfig) -> Any:
 
     p = cfg.search.pruner
     if p == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=MEDIAN_WARMUP_STEPS
+        )
     if p == "hyperband":
         # the resource is the epoch: a trial runs at most the largest epochs it can draw
         max_resource = int(largest(cfg.search.space["epochs"]))
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_resource)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=HYPERBAND_MIN_RESOURCE, max_resource=max_resource
+        )
     return optuna.pruners.NopPruner()
 
 
@@ -172,7 +187,7 @@ def open_study(
     n_existing = 0
     with contextlib.suppress(KeyError):
         n_existing = len(optuna.load_study(study_name=cfg.study, storage=storage).trials)
-    seed = cfg.search.seed + 7919 * seed_offset + n_existing
+    seed = cfg.search.seed + WORKER_SEED_STRIDE * seed_offset + n_existing
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from tlsweep.config import FinetuneConfig, SweepConfig
+from tlsweep.config import FINETUNE_SHUFFLE_STRIDE, FinetuneConfig, SweepConfig
 from tlsweep.errors import TlsweepError
 from tlsweep.files import held_lock
 from tlsweep.head import better, evaluation, objective_value
@@ -274,7 +274,7 @@ def _finetune(
                 labels,
                 rows["train"],
                 ft.batch_size,
-                shuffle_seed=cfg.search.seed * 1000 + epoch,
+                shuffle_seed=cfg.search.seed * FINETUNE_SHUFFLE_STRIDE + epoch,
                 augment=aug,
                 onehot=len(names) if smoothing else None,
             )
