@@ -83,22 +83,20 @@ def run_sweep(
     With ``workers > 1`` this process prepares everything (features, study, parent run) and
     starts ``workers`` worker processes (``worker_argv``) on the same study, then waits.
     """
-    from tlsweep.features import extract_all
+    from tlsweep.features import plan_extraction
     from tlsweep.study import check_setup
 
     preflight(cfg, cache=True)
     held: list[Any] = []  # `--workers N`: the workers, started to extract the missing features
-
-    def share(ready: Callable[[], bool]) -> None:
-        held.extend(extract_in_workers(workers, worker_argv or [], worker_env or {}, ready))
-
     try:
-        entries = extract_all(
-            cfg,
-            progress,
-            check=lambda keys: _check_existing(cfg, keys),
-            share=share if workers > 1 else None,
-        )
+        extraction = plan_extraction(cfg)
+        # a study made on other features is refused before minutes of extraction
+        _check_existing(cfg, extraction.expected())
+        if workers > 1 and not extraction.ready():  # the workers extract the shards, we wait
+            held.extend(
+                extract_in_workers(workers, worker_argv or [], worker_env or {}, extraction.ready)
+            )
+        entries = extraction.extract(progress)  # whatever is still missing
         if worker_index is None:  # workers of `--workers N`: their parent has checked
             check_setup(cfg, [(bb, e) for bb, e, _ in entries])
         return _run_study(

@@ -6,13 +6,24 @@ Never touches training, Optuna or MLflow.
 
 from __future__ import annotations
 
-from ._cache import FINETUNE_DIR, IMAGES_DIR, FeatureCache, expected_keys, extract_all, study_keys
+from ._cache import (
+    FINETUNE_DIR,
+    IMAGES_DIR,
+    Extraction,
+    FeatureCache,
+    expected_keys,
+    extract_all,
+    plan_extraction,
+    study_keys,
+)
 
 __all__ = [
+    "Extraction",
     "FINETUNE_DIR",
     "FeatureCache",
     "IMAGES_DIR",
     "expected_keys",
     "extract_all",
+    "plan_extraction",
     "study_keys",
 ]

@@ -61,13 +61,16 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
     """
     import optuna
 
-    from tlsweep.features import extract_all
+    from tlsweep.features import plan_extraction
     from tlsweep.head import HeadParams, evaluate_head, train_head
     from tlsweep.study import SEED_ATTR, check_data, suggest, train_views, training_options
 
     best = best_trial(study)
     # Never retrain the winner's parameters on features other than the ones it was chosen on.
-    extracted = extracted or extract_all(cfg, check=lambda keys: check_data(cfg, study, keys))
+    if not extracted:
+        extraction = plan_extraction(cfg)
+        check_data(cfg, study, extraction.expected())
+        extracted = extraction.extract()
     entries = {bb.label: (bb, e) for bb, e, _ in extracted}
     params = dict(best.params)
     # Replay the trial's parameters through the same suggest() code path (fixed ones included).
