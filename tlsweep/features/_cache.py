@@ -9,7 +9,7 @@ A missing entry's rows are cut into shards that every process asking for it (``r
 N``, other machines on the same cache folder) claims, extracts and writes (streamed to
 memory-mapped files, :mod:`tlsweep.features._extract`); a dead worker's shard is taken over, and the
 entry is joined and published under its lock once every shard is written, bit-identical to
-one worker's (:mod:`tlsweep.features._assemble`), by :meth:`FeatureCache.ensure_many`.
+one worker's (also :mod:`tlsweep.features._extract`), by :meth:`FeatureCache.ensure_many`.
 
 Computing a key imports no TensorFlow, and reads only the images whose stat changed: a stat
 index per data folder (``<cache_dir>/stat-index-<hash of the folder's path>.json``) maps each
@@ -39,7 +39,6 @@ from tlsweep.errors import TlsweepError
 from tlsweep.files import held_lock, lock_held, lock_holder
 from tlsweep.images import ImageSet, content_digest, find_images
 
-from ._assemble import assemble
 from ._entries import (
     Entry,
     cache_key,
@@ -51,7 +50,7 @@ from ._entries import (
     read_entry,
     report_skipped,
 )
-from ._extract import Job, Progress, RowPlan, extract_shards
+from ._extract import Job, Progress, RowPlan, assemble, extract_shards
 from ._shards import (
     CLAIM_STALE_AFTER,
     SHARDS_SUFFIX,
