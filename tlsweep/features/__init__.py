@@ -16,11 +16,16 @@ from ._cache import (
     plan_extraction,
     study_keys,
 )
+from ._entries import Entry
+from ._fusion import CachedEntry, FusedEntry
 
 __all__ = [
+    "CachedEntry",
+    "Entry",
     "Extraction",
     "FINETUNE_DIR",
     "FeatureCache",
+    "FusedEntry",
     "IMAGES_DIR",
     "expected_keys",
     "extract_all",

@@ -16,13 +16,18 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlsweep.config import SweepConfig
 from tlsweep.errors import ServiceError, TlsweepError, first_line
 from tlsweep.files import replaced_atomically
 
 from ._rebuild import Winner, evaluate_and_log
+
+if TYPE_CHECKING:
+    import optuna
+
+    from tlsweep.tracking import Tracker
 
 METADATA_NAME = "tlsweep.json"
 
@@ -127,9 +132,9 @@ class Registration:
 
 def export(
     cfg: SweepConfig,
-    study: Any,
+    study: optuna.Study,
     output: str | Path,
-    tracker: Any | None,
+    tracker: Tracker | None,
     register: str | None = None,
 ) -> tuple[Winner, Registration | None]:
     """Write the winner as one ``.keras`` file (and log it to the parent run as an MLflow model).
@@ -152,7 +157,7 @@ def save_model(
     w: Winner,
     model: Any,
     output: str | Path,
-    tracker: Any | None,
+    tracker: Tracker | None,
     extra: dict[str, Any] | None = None,
     register: str | None = None,
 ) -> Registration | None:

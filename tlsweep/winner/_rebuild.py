@@ -18,12 +18,19 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tlsweep.config import SweepConfig
 from tlsweep.errors import StudyError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from tlsweep.config import BackboneConfig
+    from tlsweep.features import CachedEntry
+    from tlsweep.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +40,8 @@ class Winner:
     number: int
     value: float
     params: dict[str, Any]
-    backbone: Any
-    entry: Any
+    backbone: BackboneConfig
+    entry: CachedEntry
     head: Any
     test: dict[str, Any] | None  # None: no test split
     test_proba: Any = None  # [n, classes] probabilities on the test split
@@ -44,7 +51,7 @@ class Winner:
     validation_single_view: float | None = None
 
 
-def best_trial(study: Any) -> Any:
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     try:
         return study.best_trial
     except ValueError:
@@ -53,7 +60,7 @@ def best_trial(study: Any) -> Any:
         ) from None
 
 
-def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winner:
+def rebuild(cfg: SweepConfig, study: optuna.Study, extracted: list | None = None) -> Winner:
     """Retrain the best trial's head on the cached features and score it on the test split.
 
     ``extracted``: what :func:`~tlsweep.features.extract_all` returned, when the caller has it
@@ -150,7 +157,10 @@ def score_test(cfg: SweepConfig, proba: Any, y: Any) -> dict[str, Any]:
 
 
 def evaluate_and_log(
-    cfg: SweepConfig, study: Any, tracker: Any | None, extracted: list | None = None
+    cfg: SweepConfig,
+    study: optuna.Study,
+    tracker: Tracker | None,
+    extracted: list | None = None,
 ) -> Winner:
     """Rebuild the winner, score it on the test split and put the results on the parent run."""
     w = rebuild(cfg, study, extracted)
@@ -208,7 +218,7 @@ def _confusion_text(test: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def log_reports(cfg: SweepConfig, study: Any, tracker: Any) -> list[str]:
+def log_reports(cfg: SweepConfig, study: optuna.Study, tracker: Tracker) -> list[str]:
     """Optuna's plots (HTML) and the per-backbone comparison on the parent run."""
     import warnings
 
