@@ -426,3 +426,13 @@ def create_database(url: str, name: str) -> str:
     finally:
         engine.dispose()
     return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+def readme_sweep() -> dict[str, Any]:
+    """The README's commented sweep file (the block under '## The sweep file'), parsed."""
+    import yaml
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## The sweep file") :]
+    block = section[section.index("```yaml\n") + len("```yaml\n") :]
+    return yaml.safe_load(block[: block.index("```")])

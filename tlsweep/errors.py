@@ -58,3 +58,19 @@ class StudyFailing(StudyError):
     """A runtime failure of the study: trials keep failing, the winner cannot be scored."""
 
     exit_code = 1
+
+
+def first_line(e: BaseException | str, limit: int | None = 200) -> str:
+    """The first non-blank line of an error's message (or of a text), stripped and cut to
+    ``limit`` characters; an error without a message gives its type's name, a blank text ""."""
+    text = e if isinstance(e, str) else str(e)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines:
+        return lines[0][:limit]
+    return "" if isinstance(e, str) else type(e).__name__
+
+
+def error_gist(e: BaseException) -> str:
+    """``Type: first line`` of an error, whatever its message (empty, blank, many lines)."""
+    line = first_line(str(e))
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__

@@ -7,6 +7,10 @@ holds it; after ``TLSWEEP_LOCK_TIMEOUT`` (default :data:`tlsweep.config.DEFAULT_
 seconds the wait ends with one :class:`~tlsweep.errors.ServiceError` naming the lock and its
 holder. Used by the feature cache (an entry's lock), fine-tuning (a stage's folder, the decoded
 images), the local Optuna storage and the local stores.
+
+A file that must be whole or absent (a manifest, a state, a shard, an exported model, a CSV) is
+written by :func:`atomic_write` (or :func:`replaced_atomically` for a writer that wants a path):
+a temporary file beside it, synced, then renamed over it; removed on any failure.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +135,38 @@ def held_lock(lock_path: Path, doing: str, timeout: float | None = None) -> Iter
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def temp_beside(path: Path, suffix: str = "") -> Path:
+    """A temporary name beside ``path`` (same folder, so the rename is atomic) that says who
+    writes it: ``<name>.tmp-<host>-<pid>-<id><suffix>``."""
+    who = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return path.with_name(f"{path.name}.tmp-{who}{suffix}")
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` for the caller to write (``suffix`` for writers that
+    want one, e.g. ``.keras``); once written it is synced and renamed over ``path``, which is
+    then whole or absent, never half-written. On any failure (Ctrl-C too) the temporary file
+    is removed and the error raised."""
+    tmp = temp_beside(Path(path), suffix)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "w", **open_args: Any) -> Iterator[IO[Any]]:
+    """``open(path, mode)`` for writing, whole or not at all (:func:`replaced_atomically`)."""
+    with replaced_atomically(path) as tmp, open(tmp, mode, **open_args) as f:
+        yield f

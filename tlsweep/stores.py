@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlsweep.errors import StoreError, TlsweepError
+from tlsweep.errors import StoreError, TlsweepError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def _build(path: Path, kind: StoreKind) -> Path:
         _unlink_all(tmp)
         if not isinstance(e, Exception):
             raise
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if isinstance(e, OSError) and e.strerror:
             first = f"{e.strerror.lower()} in {path.parent}"
         raise TlsweepError(

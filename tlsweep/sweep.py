@@ -12,11 +12,17 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlsweep.config import SweepConfig, changes, redact_url, resolved_record, resolved_yaml
 from tlsweep.errors import StudyError, StudyFailing, TlsweepError
 from tlsweep.study import StudySummary, extract_in_workers, run_workers, stop_held, summarize
+
+if TYPE_CHECKING:
+    import optuna
+
+    from tlsweep.tracking import Tracker
+    from tlsweep.winner import FinetuneResult, Registration, Winner
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +44,9 @@ def _parent_params(cfg: SweepConfig) -> dict[str, Any]:
     }
 
 
-def attach_parent(cfg: SweepConfig, study: Any, tracker: Any, reopen: bool = True) -> str:
+def attach_parent(
+    cfg: SweepConfig, study: optuna.Study, tracker: Tracker, reopen: bool = True
+) -> str:
     """Find the study's parent MLflow run (resume) or create it, and remember it in the study;
     ``reopen=False`` leaves a found parent's state as it is (see ``Tracker.attach_parent``)."""
     from tlsweep.study import PARENT_ATTR
@@ -50,7 +58,7 @@ def attach_parent(cfg: SweepConfig, study: Any, tracker: Any, reopen: bool = Tru
     return rid
 
 
-def record_resolved(cfg: SweepConfig, study: Any, tracker: Any) -> list[str]:
+def record_resolved(cfg: SweepConfig, study: optuna.Study, tracker: Tracker) -> list[str]:
     """Store the resolved sweep with the study and log it to the parent run; on resume, log
     one line per setting that differs from the previous run of the study (and return them)."""
     from tlsweep.study import RESOLVED_ATTR
@@ -84,22 +92,20 @@ def run_sweep(
     With ``workers > 1`` this process prepares everything (features, study, parent run) and
     starts ``workers`` worker processes (``worker_argv``) on the same study, then waits.
     """
-    from tlsweep.features import extract_all
+    from tlsweep.features import plan_extraction
     from tlsweep.study import check_setup
 
     preflight(cfg, cache=True)
     held: list[Any] = []  # `--workers N`: the workers, started to extract the missing features
-
-    def share(ready: Callable[[], bool]) -> None:
-        held.extend(extract_in_workers(workers, worker_argv or [], worker_env or {}, ready))
-
     try:
-        entries = extract_all(
-            cfg,
-            progress,
-            check=lambda keys: _check_existing(cfg, keys),
-            share=share if workers > 1 else None,
-        )
+        extraction = plan_extraction(cfg)
+        # a study made on other features is refused before minutes of extraction
+        _check_existing(cfg, extraction.expected())
+        if workers > 1 and not extraction.ready():  # the workers extract the shards, we wait
+            held.extend(
+                extract_in_workers(workers, worker_argv or [], worker_env or {}, extraction.ready)
+            )
+        entries = extraction.extract(progress)  # whatever is still missing
         if worker_index is None:  # workers of `--workers N`: their parent has checked
             check_setup(cfg, [(bb, e) for bb, e, _ in entries])
         from tlsweep.audit import eval_copies
@@ -214,8 +220,8 @@ def _log_copies(cfg: SweepConfig, tracker: Any, copies: Any) -> None:
 
 def _finish_or_fail(
     cfg: SweepConfig,
-    study: Any,
-    tracker: Any,
+    study: optuna.Study,
+    tracker: Tracker,
     summary: StudySummary,
     evaluate: bool,
     done: bool | None,
@@ -239,7 +245,7 @@ def _finish_or_fail(
         ) from None
 
 
-def _close_after_error(cfg: SweepConfig, study: Any, tracker: Any) -> None:
+def _close_after_error(cfg: SweepConfig, study: optuna.Study, tracker: Tracker) -> None:
     """Record the best trial and close the parent run after the run stopped on an error."""
     from tlsweep.study import storage_errors
     from tlsweep.tracking import tracking_errors
@@ -263,7 +269,7 @@ def _check_existing(cfg: SweepConfig, keys: dict[str, dict[str, Any]]) -> None:
         check_data(cfg, study, keys)
 
 
-def check_study_data(cfg: SweepConfig, study: Any) -> None:
+def check_study_data(cfg: SweepConfig, study: optuna.Study) -> None:
     """Raise :class:`StudyError` if the sweep file's data, weights or settings no longer give
     the features the study's trials were scored on (reads the images; extracts nothing)."""
     from tlsweep.features import expected_keys
@@ -274,8 +280,8 @@ def check_study_data(cfg: SweepConfig, study: Any) -> None:
 
 def _finish(
     cfg: SweepConfig,
-    study: Any,
-    tracker: Any,
+    study: optuna.Study,
+    tracker: Tracker,
     summary: StudySummary,
     evaluate: bool,
     done: bool | None = None,
@@ -307,8 +313,12 @@ def _finish(
 
 
 def finetune_winner(
-    cfg: SweepConfig, w: Any, tracker: Any, progress: Any = None, study: Any = None
-) -> Any:
+    cfg: SweepConfig,
+    w: Winner,
+    tracker: Tracker | None,
+    progress: Any = None,
+    study: optuna.Study | None = None,
+) -> FinetuneResult:
     """Run (or resume, or read back) the fine-tuning stage and put its outcome on the parent
     run, and with the study (for ``tlsweep status``)."""
     from tlsweep.study import FINETUNE_ATTR
@@ -340,7 +350,9 @@ def _finetune_settings(cfg: SweepConfig) -> str:
     return json.dumps(asdict(cfg.finetune) if cfg.finetune else None, sort_keys=True, default=str)
 
 
-def recorded_finetune(cfg: SweepConfig, study: Any, summary: StudySummary) -> Any:
+def recorded_finetune(
+    cfg: SweepConfig, study: optuna.Study, summary: StudySummary
+) -> FinetuneResult | None:
     """The fine-tuning outcome recorded with the study, if it is of the current best trial
     with the sweep file's current ``finetune:`` settings (else None: it would be stale)."""
     from tlsweep.study import FINETUNE_ATTR
@@ -359,12 +371,12 @@ def recorded_finetune(cfg: SweepConfig, study: Any, summary: StudySummary) -> An
 
 def export_winner(
     cfg: SweepConfig,
-    study: Any,
+    study: optuna.Study,
     output: Any,
-    tracker: Any,
+    tracker: Tracker | None,
     progress: Any = None,
     register: str | None = None,
-) -> tuple[Any, Any, Any]:
+) -> tuple[Winner, FinetuneResult | None, Registration | None]:
     """Export the winner: the fine-tuned model if it beat the frozen one on validation.
 
     Returns (the frozen winner, the fine-tuning result or None, the registration or None).

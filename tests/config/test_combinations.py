@@ -190,6 +190,26 @@ def test_hyperband_takes_the_largest_epochs_the_space_can_draw(tmp_path: Path) -
         assert pruner._max_resource == top, kind
 
 
+def test_the_pruners_take_their_settings_from_the_config_defaults(tmp_path: Path) -> None:
+    import tlsweep.config as defaults
+    from tlsweep.study._search import make_pruner
+
+    (tmp_path / "images").mkdir()
+    median = make_pruner(
+        load_sweep(
+            _write(tmp_path / "m", _doc(tmp_path / "images", tmp_path, "tpe", "median", "fixed"))
+        )
+    )
+    assert median._n_startup_trials == defaults.MEDIAN_STARTUP_TRIALS == 5
+    assert median._n_warmup_steps == defaults.MEDIAN_WARMUP_STEPS == 3
+    hyperband = make_pruner(
+        load_sweep(
+            _write(tmp_path / "h", _doc(tmp_path / "images", tmp_path, "tpe", "hyperband", "fixed"))
+        )
+    )
+    assert hyperband._min_resource == defaults.HYPERBAND_MIN_RESOURCE == 1
+
+
 def test_a_grid_with_fewer_points_than_trials_is_refused(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     doc = _doc(tmp_path / "images", tmp_path, "grid", "none", "fixed")

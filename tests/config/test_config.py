@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import write_sweep
+from conftest import readme_sweep, write_sweep
 
 from tlsweep.config import _params as P
 from tlsweep.config import _resolved as R
@@ -561,14 +561,7 @@ def test_tracking_uris_refused(tmp_path: Path, base: dict[str, Any], uri: Any) -
 
 # --- one declaration of the head's parameters, and every default written once ------------------
 README = Path(__file__).resolve().parents[2] / "README.md"
-
-
-def _readme_sweep() -> dict[str, Any]:
-    """The README's commented sweep file (the block under '## The sweep file'), parsed."""
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("## The sweep file") :]
-    block = section[section.index("```yaml\n") + len("```yaml\n") :]
-    return yaml.safe_load(block[: block.index("```")])
+_readme_sweep = readme_sweep  # shared with tests/features (conftest)
 
 
 def test_readme_space_block_is_generated_from_the_declaration() -> None:

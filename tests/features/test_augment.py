@@ -348,7 +348,7 @@ def test_real_backbone_export_computes_the_plain_view_not_the_views_mean(
 
 
 def test_readme_shows_every_augment_default() -> None:
-    from test_config import _readme_sweep
+    from conftest import readme_sweep as _readme_sweep
 
     from tlsweep.config._schema import DEFAULT_VIEWS
 

@@ -233,10 +233,11 @@ def test_a_lock_wait_is_bounded_and_names_the_holder(
     import subprocess
     import sys
 
-    from tlsweep import files as S
+    import tlsweep.config
+    from tlsweep import files
     from tlsweep.errors import ServiceError
 
-    monkeypatch.setattr(S, "LOCK_POLL", 0.05)
+    monkeypatch.setattr(files, "LOCK_POLL", 0.05)  # the lock helpers live in tlsweep.files
     lock = tmp_path / "E.lock"
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLD, str(lock)], stdout=subprocess.PIPE, text=True
@@ -247,9 +248,8 @@ def test_a_lock_wait_is_bounded_and_names_the_holder(
         assert written["pid"] == holder.pid and written["host"] == socket.gethostname()
         who = f"pid {holder.pid} on host {socket.gethostname()} since {written['since']}"
         caplog.set_level("INFO", logger="tlsweep")
-        import tlsweep.config  # where tlsweep.files reads the default
-
-        monkeypatch.setattr(tlsweep.config, "DEFAULT_LOCK_TIMEOUT", 0.3)  # the default, then env
+        # the default (read through the config's face), then the env's
+        monkeypatch.setattr(tlsweep.config, "DEFAULT_LOCK_TIMEOUT", 0.3)
         with pytest.raises(ServiceError, match="after 0.3s"), E.entry_lock(tmp_path, "E"):
             pytest.fail("the lock was taken while another process holds it")
         monkeypatch.setenv("TLSWEEP_LOCK_TIMEOUT", "0.5")

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from tlsweep.errors import BackboneError
+from tlsweep.errors import BackboneError, first_line
 
 from ._registry import REGISTRY, BackboneSpec, get_spec, list_backbones
 
@@ -210,7 +210,7 @@ def build_base(bb: BackboneSettings) -> Any:
             f"backbone {bb.label}: args: {e}; fix this backbone's args: in the sweep file"
         ) from None
     except ValueError as e:
-        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        msg = first_line(e, 300)
         fix = "args: and weights:" if weights not in (None, "imagenet") else "args:"
         raise BackboneError(
             f"backbone {bb.label}: Keras refused {bb.name}(args {dict(bb.args)}, weights "
@@ -225,12 +225,12 @@ def build_base(bb: BackboneSettings) -> Any:
         if weights == "imagenet":
             raise BackboneError(
                 f"{bb.name}: cannot load ImageNet weights ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:300] if str(e) else ''}); offline, put the file in "
+                f"{first_line(str(e), 300)}); offline, put the file in "
                 "$KERAS_HOME/models or set weights: to a weights file path"
             ) from None
         raise BackboneError(
             f"{bb.name}: cannot load weights from {weights} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:300] if str(e) else ''}); give a .h5/.weights.h5 file "
+            f"{first_line(str(e), 300)}); give a .h5/.weights.h5 file "
             f"saved from {bb.name} with include_top=False and the same args"
         ) from None
 

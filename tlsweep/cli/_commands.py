@@ -166,7 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # A worker of `--workers N`: its parent has reported the cache and the skipped files.
         for name in (
             "tlsweep.features._cache",
-            "tlsweep.features._assemble",
+            "tlsweep.features._extract",  # its assembly's "cache hit" lines
             "tlsweep.features._entries",
             "tlsweep.features._shards",
         ):

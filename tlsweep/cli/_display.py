@@ -8,7 +8,12 @@ never in the library. Bars go to stderr, results to stdout.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tlsweep.config import SweepConfig
+    from tlsweep.features import CachedEntry
+    from tlsweep.winner import FinetuneResult, Winner
 
 
 def bar_factory(disable: bool = False) -> Any:
@@ -62,7 +67,7 @@ def finetune_bar(disable: bool = False) -> Any:
     return progress
 
 
-def print_finetune(ft: Any) -> None:
+def print_finetune(ft: FinetuneResult) -> None:
     if ft is None:
         return
     kept = (
@@ -78,7 +83,7 @@ def print_finetune(ft: Any) -> None:
     )
 
 
-def views_cost(entry: Any) -> str:
+def views_cost(entry: CachedEntry) -> str:
     """``, 4 views of train: 5600 forward passes (2.80x)``: what augmented views cost."""
     views = entry.manifest.get("views")
     if not views:
@@ -162,7 +167,7 @@ def print_summary(summary: Any, cfg: Any) -> None:
             )
 
 
-def print_test(w: Any, cfg: Any) -> None:
+def print_test(w: Winner, cfg: SweepConfig) -> None:
     print(f"winner: trial {w.number}, validation {cfg.search.metric} {w.value:.4f}")
     if cfg.search.cv_folds or cfg.search.repeats > 1:  # the trial's value is a mean of heads
         heads = (cfg.search.cv_folds or 1) * cfg.search.repeats

@@ -107,6 +107,22 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
+# The study a command works on and where it lives, declared once for every command taking them
+_WHERE = {
+    "study": ("--study", "NAME", "study name (overrides study)"),
+    "storage": ("--storage", "URL", "Optuna storage URL (overrides storage)"),
+    "tracking_uri": ("--tracking-uri", "URI", "MLflow tracking URI (overrides tracking_uri)"),
+}
+
+
+def _add_where(p: argparse.ArgumentParser, *names: str) -> None:
+    """``--study``, ``--storage`` and/or ``--tracking-uri`` (``names``: their dests), each
+    with the same metavar and help in every command."""
+    for name in names:
+        flag, metavar, text = _WHERE[name]
+        p.add_argument(flag, metavar=metavar, help=text)
+
+
 def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--verify",
@@ -177,9 +193,7 @@ def _register_run(sub: Any) -> None:
     r.add_argument(
         "--n-trials", type=_int_at_least(1), metavar="N", help="finished trials to reach"
     )
-    r.add_argument("--study", metavar="NAME", help="study name (overrides study)")
-    r.add_argument("--storage", metavar="URL", help="Optuna storage URL (overrides storage)")
-    r.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI")
+    _add_where(r, "study", "storage", "tracking_uri")
     r.add_argument(
         "--workers",
         type=_int_at_least(1, MAX_WORKERS),
@@ -194,23 +208,18 @@ def _register_run(sub: Any) -> None:
 
     st = sub.add_parser("status", help="show the study: finished, pruned, failed, running, best")
     _add_common(st)
-    st.add_argument("--study", metavar="NAME")
-    st.add_argument("--storage", metavar="URL")
+    _add_where(st, "study", "storage")
     st.set_defaults(func=cmd_status)
 
     bst = sub.add_parser("best", help="retrain the best head and score it once on the test split")
     _add_common(bst)
-    bst.add_argument("--study", metavar="NAME")
-    bst.add_argument("--storage", metavar="URL")
-    bst.add_argument("--tracking-uri", metavar="URI")
+    _add_where(bst, "study", "storage", "tracking_uri")
     bst.set_defaults(func=cmd_best)
 
     ex = sub.add_parser("export", help="write the winner as one Keras model taking raw images")
     _add_common(ex)
     ex.add_argument("--output", "-o", required=True, metavar="FILE.keras", type=_text("a path"))
-    ex.add_argument("--study", metavar="NAME")
-    ex.add_argument("--storage", metavar="URL")
-    ex.add_argument("--tracking-uri", metavar="URI")
+    _add_where(ex, "study", "storage", "tracking_uri")
     ex.add_argument(
         "--register",
         metavar="NAME",
@@ -243,8 +252,7 @@ def _register_run(sub: Any) -> None:
         "ui", help="start the MLflow UI on the sweep's tracking store; print the study's runs page"
     )
     u.add_argument("sweep")
-    u.add_argument("--study", metavar="NAME", help="the study to show (overrides study)")
-    u.add_argument("--tracking-uri", metavar="URI")
+    _add_where(u, "study", "tracking_uri")
     u.add_argument(
         "--host", default=DEFAULT_UI_HOST, help=f"bind address (default {DEFAULT_UI_HOST})"
     )

@@ -11,9 +11,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from tlsweep.errors import ServiceError, TlsweepError
+from tlsweep.files import atomic_write
 
 from ._commands import _stop_on_signals, load
 from ._display import finetune_bar, print_finetune, print_test
@@ -151,17 +153,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.csv:
         out = os.path.abspath(args.csv)
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        tmp = f"{out}.tmp-{os.getpid()}"
-        try:  # written whole or not at all
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                w = csv.writer(f)
-                w.writerow(["file", "class", "probability"])
-                for r in rows:
-                    w.writerow([r["file"], r["class"], f"{r['probability']:.6f}"])
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_write(Path(out), "w", newline="", encoding="utf-8") as f:  # whole or not
+            w = csv.writer(f)
+            w.writerow(["file", "class", "probability"])
+            for r in rows:
+                w.writerow([r["file"], r["class"], f"{r['probability']:.6f}"])
     elif rows:
         width = max([len(r["file"]) for r in rows] + [4])
         print(f"{'file':<{width}}  {'class':<16} probability")

@@ -50,17 +50,9 @@ def _backbone_entry(bb: dict[str, Any]) -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     """tlsweep's version and those of the libraries that decide its results."""
-    from importlib import metadata
+    from tlsweep._version import versions as installed
 
-    from tlsweep._version import __version__
-
-    out = {"tlsweep": __version__}
-    for pkg in ("keras", "tensorflow", "optuna", "mlflow", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
+    return installed()
 
 
 def resolved_record(cfg: SweepConfig) -> dict[str, Any]:

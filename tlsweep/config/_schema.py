@@ -47,6 +47,16 @@ DEFAULT_METRIC = "val_accuracy"
 DEFAULT_HEARTBEAT_INTERVAL = 5  # seconds between a running trial's heartbeats
 DEFAULT_GRACE_PERIOD = 30  # seconds without a heartbeat before a trial is taken as dead
 DEFAULT_MAX_RETRY = 3  # how often the parameters of a trial killed mid-way are retried
+# the pruners' settings, and the strides that keep the seeds drawn from search.seed apart
+MEDIAN_STARTUP_TRIALS = 5  # median pruner: trials finished before it prunes any
+MEDIAN_WARMUP_STEPS = 3  # median pruner: epochs of a trial before it may be pruned
+HYPERBAND_MIN_RESOURCE = 1  # hyperband: fewest epochs a trial runs (most: the largest epochs)
+WORKER_SEED_STRIDE = 7919  # a prime: worker w's sampler seed is seed + w * this + trials so far
+REPEAT_SEED_STRIDE = 1  # repeat r of a trial trains its head with seed + r * this
+DROPOUT_SEED_STRIDE = 7919  # hidden layer i's dropout: the step's seed + (0, i * this)
+INIT_SEED_OFFSET = 1000  # layer i's initial weights: stateless seed (seed, this + i)
+VIEW_SEED_OFFSET = 1 << 20  # epoch e's choice of views: seed (seed, this + e), apart from dropout
+FINETUNE_SHUFFLE_STRIDE = 1000  # fine-tuning's epoch e shuffles the images with seed * this + e
 # seconds a command waits for a file lock another process holds (an entry being extracted, a
 # fine-tuning stage, a local store) before it stops with who holds it; TLSWEEP_LOCK_TIMEOUT wins
 DEFAULT_LOCK_TIMEOUT = 900.0

@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from tlsweep.errors import first_line
+
 from ._checks import fail
 
 # A URL's user and password in any text: the password runs from the first ":" after "//" to the
@@ -39,7 +41,7 @@ def parse_complaint(url: str, complaint: str) -> str:
     ``@`` quotes pieces of it, so with a password only the fix is given."""
     if _passwords(url):
         return "a '@', '/' or ':' in the password must be written %40, %2F, %3A"
-    return redact_url(complaint.strip().splitlines()[0][:200] if complaint.strip() else "")
+    return redact_url(first_line(complaint))
 
 
 def _no_raw_at(where: str, url: str, field_name: str) -> str:

@@ -9,7 +9,7 @@ A missing entry's rows are cut into shards that every process asking for it (``r
 N``, other machines on the same cache folder) claims, extracts and writes (streamed to
 memory-mapped files, :mod:`tlsweep.features._extract`); a dead worker's shard is taken over, and the
 entry is joined and published under its lock once every shard is written, bit-identical to
-one worker's (:mod:`tlsweep.features._assemble`), by :meth:`FeatureCache.ensure_many`.
+one worker's (also :mod:`tlsweep.features._extract`), by :meth:`FeatureCache.ensure_many`.
 
 Computing a key imports no TensorFlow, and reads only the images whose stat changed: a stat
 index per data folder (``<cache_dir>/stat-index-<hash of the folder's path>.json``) maps each
@@ -22,6 +22,7 @@ features to check them against their recorded checksum.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,6 @@ from tlsweep.errors import TlsweepError
 from tlsweep.files import held_lock, lock_held, lock_holder
 from tlsweep.images import ImageSet, content_digest, find_images
 
-from ._assemble import assemble
 from ._entries import (
     Entry,
     cache_key,
@@ -49,7 +50,7 @@ from ._entries import (
     read_entry,
     report_skipped,
 )
-from ._extract import Job, Progress, RowPlan, extract_shards
+from ._extract import Job, Progress, RowPlan, assemble, extract_shards
 from ._shards import (
     CLAIM_STALE_AFTER,
     SHARDS_SUFFIX,
@@ -326,56 +327,83 @@ class FeatureCache:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def extract_all(
-    cfg: SweepConfig,
-    progress: Callable[[BackboneConfig], Progress | None] | None = None,
-    check: Callable[[dict[str, dict[str, Any]]], None] | None = None,
-    share: Callable[[Callable[[], bool]], None] | None = None,
-) -> list[tuple[BackboneConfig, Entry, bool]]:
-    """Find the images once, then make sure every configured backbone's entry exists.
+@dataclass
+class Extraction:
+    """The entries a sweep needs, found before any is extracted (:func:`plan_extraction`).
 
-    ``check`` is called with :func:`study_keys`' view of the entries (label -> key and key
-    parts) before anything is extracted, so a study made on other features is refused before
-    minutes of extraction (a missing ImageNet file is downloaded first: its bytes are part of
-    the key). ``share`` is called when an entry is missing, before this process extracts
-    anything, with a function that tells whether every entry exists now: ``run --workers N``
-    starts its workers on the shards then and waits for them; this process extracts whatever
-    is still missing after it returns. Returns (resolved backbone, entry, was_cached) per
-    backbone, in sweep-file order.
+    Its steps are called in order by the caller (:mod:`tlsweep.sweep`): :meth:`expected` to
+    refuse a study made on other features before minutes of extraction, :meth:`ready` to tell
+    whether every entry exists (``run --workers N`` starts its workers on the shards when not,
+    and waits for them), then :meth:`extract` for whatever is still missing.
     """
-    resolved = list(cfg.backbones)  # load_sweep resolved them against the registry
+
+    backbones: list[BackboneConfig]  # resolved against the registry, in sweep-file order
+    images: ImageSet
+    cache: FeatureCache
+    digest: str  # the images' content digest, part of every key
+
+    @property
+    def plain(self) -> list[BackboneConfig]:
+        """Every entry that must exist, fused backbones' members included, extracted together
+        (one decode of each image for all of them); a fused backbone joins its members'."""
+        plain: list[BackboneConfig] = []
+        for bb in self.backbones:
+            for m in bb.members or (bb,):
+                if m not in plain:
+                    plain.append(m)
+        return plain
+
+    def expected(self) -> dict[str, Any]:
+        """:func:`study_keys`' view of the entries (label -> key and key parts), before
+        anything is extracted (a missing ImageNet file is downloaded: its bytes are in the key)."""
+        return {bb.label: _expected(bb, self.digest) for bb in self.backbones}
+
+    @functools.cached_property
+    def _keys(self) -> list[tuple[BackboneConfig, str]]:
+        return [(bb, cache_key(key_parts(bb, self.digest))) for bb in self.plain]
+
+    def ready(self) -> bool:
+        """Whether every entry exists now."""
+        return all(self.cache.lookup(bb, key) is not None for bb, key in self._keys)
+
+    def extract(
+        self, progress: Callable[[BackboneConfig], Progress | None] | None = None
+    ) -> list[tuple[BackboneConfig, Entry, bool]]:
+        """Make sure every entry exists; (resolved backbone, entry, was_cached) per backbone,
+        in sweep-file order."""
+        plain = self.plain
+        done = self.cache.ensure_many(
+            plain, self.images, self.digest, [progress(bb) for bb in plain] if progress else None
+        )
+        out = []
+        for bb in self.backbones:
+            if bb.members:
+                from ._fusion import fuse_entries
+
+                got = [done[plain.index(m)] for m in bb.members]
+                entry, cached = fuse_entries(bb, [e for e, _ in got]), all(c for _, c in got)
+            else:
+                entry, cached = done[plain.index(bb)]
+            report_skipped(entry)
+            check_usable(entry)
+            out.append((bb, entry, cached))
+        return out
+
+
+def plan_extraction(cfg: SweepConfig) -> Extraction:
+    """Find the images once and digest them (through the cache's stat index)."""
     images = find_images(cfg.data)
     cache = FeatureCache(cfg.cache_dir, verify=cfg.data.verify)
     digest = cache.images_digest(images, verify=cfg.data.verify)
-    if check is not None:
-        check({bb.label: _expected(bb, digest) for bb in resolved})
-    # Every entry that must exist, fused backbones' members included, extracted together (one
-    # decode of each image for all of them); a fused backbone joins its members' entries.
-    plain: list[BackboneConfig] = []
-    for bb in resolved:
-        for m in bb.members or (bb,):
-            if m not in plain:
-                plain.append(m)
-    if share is not None:
-        keys = [(bb, cache_key(key_parts(bb, digest))) for bb in plain]
-        if any(cache.lookup(bb, key) is None for bb, key in keys):
-            share(lambda: all(cache.lookup(bb, key) is not None for bb, key in keys))
-    done = cache.ensure_many(
-        plain, images, digest, [progress(bb) for bb in plain] if progress else None
-    )
-    out = []
-    for bb in resolved:
-        if bb.members:
-            from ._fusion import fuse_entries
+    return Extraction(list(cfg.backbones), images, cache, digest)
 
-            got = [done[plain.index(m)] for m in bb.members]
-            entry, cached = fuse_entries(bb, [e for e, _ in got]), all(c for _, c in got)
-        else:
-            entry, cached = done[plain.index(bb)]
-        report_skipped(entry)
-        check_usable(entry)
-        out.append((bb, entry, cached))
-    return out
+
+def extract_all(
+    cfg: SweepConfig, progress: Callable[[BackboneConfig], Progress | None] | None = None
+) -> list[tuple[BackboneConfig, Entry, bool]]:
+    """Make sure every configured backbone's entry exists (:func:`plan_extraction`, then
+    :meth:`Extraction.extract`)."""
+    return plan_extraction(cfg).extract(progress)
 
 
 def study_keys(entries: list[tuple[BackboneConfig, Entry, bool]]) -> dict[str, dict[str, Any]]:

@@ -33,28 +33,21 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tlsweep import backbones as bbs
+from tlsweep._version import version
 from tlsweep.config import BackboneConfig
 from tlsweep.errors import TlsweepError
-from tlsweep.files import held_lock
+from tlsweep.files import atomic_write, held_lock
 from tlsweep.images import features_record, features_stat, file_digest
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-
-
-def _version(pkg: str) -> str:
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return "absent"
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
@@ -104,7 +97,7 @@ def key_parts(bb: BackboneConfig, images_digest: str, fetch: bool = True) -> dic
         "preprocessing": bbs.preprocessing_name(bb),
         "resize": "bilinear-squash",
         "images": images_digest,
-        "versions": {p: _version(p) for p in ("keras", "tensorflow")},
+        "versions": {p: version(p) for p in ("keras", "tensorflow")},
     }
     if bb.augment is not None:
         parts["augment"] = bb.augment.key()
@@ -210,14 +203,11 @@ def _unreadable(path: Path, e: OSError) -> TlsweepError:
 
 def _rewrite_manifest(path: Path, manifest: dict[str, Any]) -> None:
     """Replace the entry's manifest atomically (a checksum's new stat); best effort."""
-    tmp = path / f"manifest.json.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        tmp.write_text(json.dumps(manifest))
-        os.replace(tmp, path / "manifest.json")
+        with atomic_write(path / "manifest.json") as f:
+            f.write(json.dumps(manifest))
     except OSError as e:
         log.debug("%s: manifest not updated (%s)", path, e)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 def _checksum_ok(path: Path, manifest: dict[str, Any], verify: bool) -> bool:

@@ -23,7 +23,7 @@ import numpy as np
 from tlsweep.config import BackboneConfig
 from tlsweep.errors import TlsweepError
 
-from ._entries import ManifestFields
+from ._entries import Entry, ManifestFields
 
 
 @dataclass
@@ -31,7 +31,7 @@ class FusedEntry(ManifestFields):
     """A read-only view with the interface of :class:`tlsweep.features._entries.Entry`."""
 
     backbone: BackboneConfig
-    members: list[Any]  # the members' Entry objects, in the fuse: order
+    members: list[Entry]  # in the fuse: order
     manifest: dict[str, Any]
     _rows: list[np.ndarray] = field(default_factory=list)  # per member: its row of each file
     _features: np.ndarray | None = None
@@ -73,7 +73,7 @@ class FusedEntry(ManifestFields):
         return out
 
 
-def fuse_entries(bb: BackboneConfig, members: list[Any]) -> FusedEntry:
+def fuse_entries(bb: BackboneConfig, members: list[Entry]) -> FusedEntry:
     """The fused view of ``members`` (cache entries of ``bb.members``, in the same order)."""
     first = members[0].manifest
     where = f"{bb.label}"
@@ -137,3 +137,6 @@ def fuse_entries(bb: BackboneConfig, members: list[Any]) -> FusedEntry:
     }
     rows_arr = [np.asarray(r, dtype=np.int64) for r in rows]
     return FusedEntry(bb, list(members), manifest, rows_arr)
+
+
+CachedEntry = Entry | FusedEntry  # what a backbone's features come from: one entry, or fused

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from tlsweep.files import lock_held
+from tlsweep.files import atomic_write, lock_held
 
 log = logging.getLogger(__name__)
 
@@ -231,20 +231,8 @@ class Shards:
         return Claim.create(path)
 
     def write(self, span: Span, feats: np.ndarray, rows: np.ndarray) -> None:
-        final = self._path(span, "npz")
-        tmp = final.with_name(
-            f"{final.name}.tmp-{_owner().replace(':', '-')}-{uuid.uuid4().hex[:8]}"
-        )
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, features=feats, rows=rows, owner=np.array(_owner()))
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+        with atomic_write(self._path(span, "npz"), "wb") as f:
+            np.savez(f, features=feats, rows=rows, owner=np.array(_owner()))
 
     def read(self, span: Span) -> tuple[np.ndarray, np.ndarray, str]:
         with np.load(self._path(span, "npz"), allow_pickle=False) as z:

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from tlsweep.config import DROPOUT_SEED_STRIDE
+
 log = logging.getLogger(__name__)
 
 # Keras's defaults, so results match Model.fit with the same optimizer.
@@ -43,7 +45,9 @@ def _forward(ws: tuple, x: Any, dropout: Any = None, seed: Any = None) -> Any:
         h = tf.nn.relu(tf.matmul(h, ws[2 * i]) + ws[2 * i + 1])
         if dropout is not None:
             keep = 1.0 - dropout
-            u = tf.random.stateless_uniform(tf.shape(h), seed=seed + tf.constant([0, 7919]) * i)
+            u = tf.random.stateless_uniform(
+                tf.shape(h), seed=seed + tf.constant([0, DROPOUT_SEED_STRIDE]) * i
+            )
             h = tf.where(u < keep, h / keep, tf.zeros_like(h))
     return tf.matmul(h, ws[-2]) + ws[-1]
 

@@ -20,7 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from tlsweep.config import DEFAULT_SEED, HEAD_PARAMETERS, HeadParam
+from tlsweep.config import (
+    DEFAULT_SEED,
+    HEAD_PARAMETERS,
+    INIT_SEED_OFFSET,
+    VIEW_SEED_OFFSET,
+    HeadParam,
+)
 
 from ._graph import (
     SLOTS,
@@ -32,8 +38,6 @@ from ._graph import (
     proba_loss_acc,
     probabilities,
 )
-
-VIEW_SEED = 1 << 20  # offsets the per-epoch view choice's seed from the epoch's dropout seed
 
 
 def _head_params_class(declared: tuple[HeadParam, ...] = HEAD_PARAMETERS) -> type:
@@ -201,7 +205,7 @@ class _Trainer:
         sizes = [self.n_features] + [params.units] * params.hidden_layers + [out_units]
         init: list[Any] = []
         for i in range(len(sizes) - 1):
-            init.append(glorot((sizes[i], sizes[i + 1]), (params.seed, 1000 + i)))
+            init.append(glorot((sizes[i], sizes[i + 1]), (params.seed, INIT_SEED_OFFSET + i)))
             init.append(tf.zeros((sizes[i + 1],), tf.float32))
 
         # This head's weights and optimizer slots; freed with it (the graph holds no state).
@@ -241,7 +245,11 @@ class _Trainer:
         if self.views is not None:  # this epoch's view of each image: a seeded choice
             k, n = int(self.views.shape[0]), int(self.views.shape[1])
             pick = tf.random.stateless_uniform(
-                [n], seed=[self.params.seed, VIEW_SEED + e], minval=0, maxval=k, dtype=tf.int32
+                [n],
+                seed=[self.params.seed, VIEW_SEED_OFFSET + e],
+                minval=0,
+                maxval=k,
+                dtype=tf.int32,
             )
             xt = tf.gather_nd(self.views, tf.stack([pick, tf.range(n)], axis=1))
         self.step, loss, acc = self.epoch_fn(

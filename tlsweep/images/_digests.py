@@ -8,16 +8,16 @@ stat changed (:func:`file_digests`). Pure Python: no TensorFlow.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from tlsweep.files import atomic_write
 
 from ._find import ImageSet, cores
 
@@ -110,21 +110,15 @@ def _read_stat_index(index: Path, root: str) -> dict[str, list]:
 def _write_stat_index(index: Path, root: str, files: dict[str, list]) -> None:
     """Replace the index atomically (temporary file, fsync, rename); a failure only logs: the
     index saves time, it is never needed."""
-    tmp = index.with_name(f".{index.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
     try:
         index.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
+        with atomic_write(index) as f:
             json.dump(
                 {"format": STAT_INDEX_FORMAT, "algorithm": "sha256", "root": root, "files": files},
                 f,
             )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, index)
     except OSError as e:
         log.warning("%s: cannot write the image stat index (%s); next run hashes again", index, e)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 def file_digests(

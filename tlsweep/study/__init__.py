@@ -7,7 +7,14 @@ Never touches MLflow.
 from __future__ import annotations
 
 from ._launch import die_with_parent, extract_in_workers, run_workers, stop_held, wait_for_go
-from ._objective import check_setup, describe, load_features, train_views, training_options
+from ._objective import (
+    TrialTracker,
+    check_setup,
+    describe,
+    load_features,
+    train_views,
+    training_options,
+)
 from ._runner import StudyRunner
 from ._search import (
     FINETUNE_ATTR,
@@ -31,6 +38,7 @@ __all__ = [
     "SEED_ATTR",
     "StudyRunner",
     "StudySummary",
+    "TrialTracker",
     "check_data",
     "check_database",
     "check_setup",

@@ -18,20 +18,54 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from tlsweep.config import MIN_VALIDATION_PER_CLASS, BackboneConfig, SweepConfig
+from tlsweep.config import (
+    MIN_VALIDATION_PER_CLASS,
+    REPEAT_SEED_STRIDE,
+    BackboneConfig,
+    SweepConfig,
+)
 from tlsweep.errors import StudyError
 from tlsweep.interrupts import deferred
 from tlsweep.interrupts import requested as stop_requested
 
 from ._search import SEED_ATTR, suggest
+
+if TYPE_CHECKING:
+    import optuna
+
+    from tlsweep.features import CachedEntry
 from ._storage import storage_errors
 
 log = logging.getLogger(__name__)
+
+
+class TrialTracker(Protocol):
+    """Where a trial's run is logged: a :class:`tlsweep.tracking.Tracker` (or a test double)."""
+
+    def errors(self) -> tuple[type[BaseException], ...]: ...
+
+    def start_trial(self, number: int, params: Mapping[str, Any], worker: str) -> str: ...
+
+    def log_trial_metrics(
+        self, run_id: str, history: list[Mapping[str, float]], final: Mapping[str, float]
+    ) -> None: ...
+
+    def end_trial(
+        self,
+        run_id: str,
+        state: str,
+        history: list[Mapping[str, float]],
+        final: Mapping[str, float],
+        error: str | None = None,
+        value: float | None = None,
+    ) -> None: ...
+
+    def close_stale_runs(self, trial_states: Mapping[int, str], alive: set[int]) -> int: ...
 
 
 @dataclass
@@ -39,7 +73,7 @@ class FeatureData:
     """One backbone's cached features, loaded once per process and shared by every trial."""
 
     backbone: BackboneConfig
-    entry: Any
+    entry: CachedEntry
     x_train: Any
     y_train: Any
     x_val: Any
@@ -48,7 +82,9 @@ class FeatureData:
     sizes: dict[str, int] = field(default_factory=dict)
 
 
-def load_features(backbones: list[tuple[BackboneConfig, Any]]) -> dict[str, FeatureData]:
+def load_features(
+    backbones: list[tuple[BackboneConfig, CachedEntry]],
+) -> dict[str, FeatureData]:
     """Memory-map every entry's train and validation split once (never the test split).
 
     A backbone with augmented views gets ``[views, n, features]`` for its training split (and
@@ -121,7 +157,7 @@ def stratified_folds(y: Any, k: int, seed: int) -> list[Any]:
     return [np.flatnonzero(fold_of == f) for f in range(k)]
 
 
-def check_setup(cfg: SweepConfig, backbones: list[tuple[BackboneConfig, Any]]) -> None:
+def check_setup(cfg: SweepConfig, backbones: list[tuple[BackboneConfig, CachedEntry]]) -> None:
     """Refuse what cannot work with these classes; warn about too few images to score on.
 
     Runs on the cache entries before any study or MLflow experiment is made.
@@ -219,11 +255,11 @@ class TrialResult:
 
 
 def run_trial(
-    study: Any,
-    trial: Any,
+    study: optuna.Study,
+    trial: optuna.Trial,
     cfg: SweepConfig,
     features: dict[str, FeatureData],
-    tracker: Any,
+    tracker: TrialTracker | None,
     worker: str,
     *,
     keep_alive: AbstractContextManager[Any] | None = None,
@@ -339,7 +375,11 @@ def run_trial(
                         data.n_classes,
                         # head i is repeat i % repeats of its fold: seeds seed, seed + 1, ...
                         [
-                            replace(hp, seed=cfg.search.seed + i % cfg.search.repeats)
+                            replace(
+                                hp,
+                                seed=cfg.search.seed
+                                + REPEAT_SEED_STRIDE * (i % cfg.search.repeats),
+                            )
                             for i in range(len(tasks))
                         ],
                         on_mean_epoch,

@@ -25,7 +25,12 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from tlsweep.errors import error_gist
+
+if TYPE_CHECKING:
+    import optuna
 
 from ._search import study_storage, trial_id
 from ._storage import storage_errors
@@ -65,12 +70,6 @@ def worker_is_dead(worker: str) -> bool:
     except PermissionError:
         return False
     return _start_time(pid) != start
-
-
-def error_gist(e: BaseException) -> str:
-    """``Type: first line`` of an error, whatever its message (empty, blank, many lines)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 class HeartbeatLost(Exception):
@@ -161,7 +160,7 @@ def _age_seconds(start: datetime.datetime) -> float:
     return (datetime.datetime.now(datetime.timezone.utc) - start).total_seconds()
 
 
-def run_may_still_be_closed(trial: Any, grace_period: float) -> bool:
+def run_may_still_be_closed(trial: optuna.trial.FrozenTrial, grace_period: float) -> bool:
     """Whether the worker of a finished trial may still be closing its MLflow run (it tells
     the study first): yes while that worker lives on this host; for a worker on another host,
     for ``grace_period`` seconds after the trial ended. Such a run is not stale."""
@@ -175,8 +174,8 @@ def run_may_still_be_closed(trial: Any, grace_period: float) -> bool:
 
 
 def recover(
-    study: Any,
-    retry: Callable[[Any, Any], None] | None,
+    study: optuna.Study,
+    retry: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None,
     grace_period: float = 30.0,
     lock: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> list[int]:

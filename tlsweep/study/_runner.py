@@ -17,17 +17,20 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlsweep.config import FINISHED, SweepConfig
 from tlsweep.errors import StudyFailing
 from tlsweep.interrupts import deferred
 from tlsweep.interrupts import requested as stop_requested
 
-from ._objective import FeatureData, TrialResult, run_trial
+from ._objective import FeatureData, TrialResult, TrialTracker, run_trial
 from ._recovery import WORKER_ATTR, Heartbeat, recover, run_may_still_be_closed, worker_id
 from ._search import best_of, counts, open_study, study_storage, trial_id
 from ._storage import open_storage, storage_lock
+
+if TYPE_CHECKING:
+    import optuna
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ class StudyRunner:
         self,
         cfg: SweepConfig,
         features: dict[str, FeatureData],
-        tracker: Any,
+        tracker: TrialTracker | None,
         on_trial: Callable[[TrialOutcome], None] | None = None,
         worker_index: int = 0,
     ):
@@ -96,7 +99,7 @@ class StudyRunner:
             }
             self.tracker.close_stale_runs(states, alive)
 
-    def _next_trial(self) -> tuple[Any | None, bool]:
+    def _next_trial(self) -> tuple[optuna.Trial | None, bool]:
         """(trial to run or None, study done?) decided under the storage lock."""
         with storage_lock(self.cfg.storage, self.cfg.study):
             c = counts(self.study)
@@ -163,7 +166,7 @@ class StudyRunner:
                 f"{first_number}: {first}; fix the cause and run again (finished trials are kept)"
             )
 
-    def _run_trial(self, trial: Any, started: Callable[[], None]) -> TrialResult:
+    def _run_trial(self, trial: optuna.Trial, started: Callable[[], None]) -> TrialResult:
         study, tid = self.study, trial_id(trial)
         s = self.cfg.search
         heartbeat = Heartbeat(self.storage, tid, s.heartbeat_interval, s.grace_period)

@@ -17,11 +17,26 @@ from __future__ import annotations
 import contextlib
 import statistics
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tlsweep.config import FINISHED, Param, SweepConfig, grid_values, largest, redact_url
+from tlsweep.config import (
+    FINISHED,
+    HYPERBAND_MIN_RESOURCE,
+    MEDIAN_STARTUP_TRIALS,
+    MEDIAN_WARMUP_STEPS,
+    WORKER_SEED_STRIDE,
+    Param,
+    SweepConfig,
+    grid_values,
+    largest,
+    redact_url,
+)
 from tlsweep.errors import StudyError
+
+if TYPE_CHECKING:
+    import optuna
 
 SPACE_ATTR = "tlsweep.space"
 DATA_ATTR = "tlsweep.data"  # label -> {"key", "parts"}: the feature cache entries of the study
@@ -38,17 +53,17 @@ STATES = (*FINISHED, "FAIL", "RUNNING", "WAITING")
 # the moment a trial is asked for, before the first report) or to fail a trial of another,
 # dead, process (``study.tell`` only accepts trials of this process). Both are stable since
 # Optuna 3 and used by Optuna's own storages; they are reached only through these two functions.
-def trial_id(trial: Any) -> int:
+def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
     """The storage id of a live ``optuna.Trial`` (or of a ``FrozenTrial`` read from the storage)."""
     return int(trial._trial_id)
 
 
-def study_storage(study: Any) -> Any:
+def study_storage(study: optuna.Study) -> optuna.storages.BaseStorage:
     """The storage object behind ``study``."""
     return study._storage
 
 
-def counts(study: Any) -> dict[str, int]:
+def counts(study: optuna.Study) -> dict[str, int]:
     """How many trials of the study are in each state."""
     out = dict.fromkeys(STATES, 0)
     for t in study.get_trials(deepcopy=False):
@@ -57,7 +72,7 @@ def counts(study: Any) -> dict[str, int]:
 
 
 # --- sampler, pruner, space --------------------------------------------------------------------
-def make_sampler(cfg: SweepConfig, seed: int) -> Any:
+def make_sampler(cfg: SweepConfig, seed: int) -> optuna.samplers.BaseSampler:
     import optuna
 
     s = cfg.search.sampler
@@ -104,26 +119,36 @@ def _grid_sampler(grid: dict[str, list[Any]], seed: int) -> Any:
     import optuna
 
     class _Grid(optuna.samplers.GridSampler):
-        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        def after_trial(
+            self,
+            study: optuna.Study,
+            trial: optuna.trial.FrozenTrial,
+            state: optuna.trial.TrialState,
+            values: Sequence[float] | None,
+        ) -> None:
             return None
 
     return _Grid(grid, seed=seed)
 
 
-def make_pruner(cfg: SweepConfig) -> Any:
+def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
     import optuna
 
     p = cfg.search.pruner
     if p == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=MEDIAN_WARMUP_STEPS
+        )
     if p == "hyperband":
         # the resource is the epoch: a trial runs at most the largest epochs it can draw
         max_resource = int(largest(cfg.search.space["epochs"]))
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_resource)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=HYPERBAND_MIN_RESOURCE, max_resource=max_resource
+        )
     return optuna.pruners.NopPruner()
 
 
-def suggest(trial: Any, cfg: SweepConfig) -> dict[str, Any]:
+def suggest(trial: optuna.trial.BaseTrial, cfg: SweepConfig) -> dict[str, Any]:
     """The trial's head parameters (sampled and fixed) and its backbone label."""
     out: dict[str, Any] = {}
     if len(cfg.backbones) > 1:
@@ -135,7 +160,7 @@ def suggest(trial: Any, cfg: SweepConfig) -> dict[str, Any]:
     return out
 
 
-def _suggest_one(trial: Any, p: Param) -> Any:
+def _suggest_one(trial: optuna.trial.BaseTrial, p: Param) -> Any:
     if p.kind == "fixed":
         return p.value
     if p.kind == "categorical":
@@ -148,11 +173,11 @@ def _suggest_one(trial: Any, p: Param) -> Any:
 # --- the study ---------------------------------------------------------------------------------
 def open_study(
     cfg: SweepConfig,
-    storage: Any,
+    storage: optuna.storages.BaseStorage,
     seed_offset: int = 0,
     create: bool = True,
     data: dict[str, dict[str, Any]] | None = None,
-) -> Any:
+) -> optuna.Study:
     """Create or resume the study; refuse one whose search space changed, or (given ``data``,
     label -> cache key and key parts, see :func:`check_data`) one made on other features."""
     import optuna
@@ -172,7 +197,7 @@ def open_study(
     n_existing = 0
     with contextlib.suppress(KeyError):
         n_existing = len(optuna.load_study(study_name=cfg.study, storage=storage).trials)
-    seed = cfg.search.seed + 7919 * seed_offset + n_existing
+    seed = cfg.search.seed + WORKER_SEED_STRIDE * seed_offset + n_existing
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -205,7 +230,7 @@ def open_study(
     return study
 
 
-def existing_study(cfg: SweepConfig, storage: Any) -> Any | None:
+def existing_study(cfg: SweepConfig, storage: optuna.storages.BaseStorage) -> optuna.Study | None:
     """The study if it exists in ``storage`` (nothing is created), else None."""
     import optuna
 
@@ -237,7 +262,7 @@ def _what_changed(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def check_data(
-    cfg: SweepConfig, study: Any, data: dict[str, dict[str, Any]], store: bool = False
+    cfg: SweepConfig, study: optuna.Study, data: dict[str, dict[str, Any]], store: bool = False
 ) -> None:
     """Refuse a study whose trials were scored on other features than ``data`` (label ->
     {"key", "parts"} of each backbone's feature cache entry): other images, splits, weights
@@ -266,7 +291,7 @@ def _space_json(cfg: SweepConfig) -> dict[str, Any]:
     return d
 
 
-def best_of(study: Any) -> tuple[float | None, int | None]:
+def best_of(study: optuna.Study) -> tuple[float | None, int | None]:
     """(value, number) of the study's best trial, or (None, None) before the first."""
     try:
         b = study.best_trial
@@ -296,7 +321,7 @@ class StudySummary:
         return sum(self.counts.get(s, 0) for s in FINISHED)
 
 
-def summarize(cfg: SweepConfig, study: Any, top: int = 5) -> StudySummary:
+def summarize(cfg: SweepConfig, study: optuna.Study, top: int = 5) -> StudySummary:
     """Counts, the best trials and the per-backbone comparison of a study."""
     trials = study.get_trials(deepcopy=False)
     sign = -1 if cfg.search.direction == "maximize" else 1

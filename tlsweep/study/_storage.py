@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tlsweep.config import DEFAULT_CONNECT_TIMEOUT, SweepConfig, parse_complaint, redact_url
-from tlsweep.errors import ConfigError, ServiceError, StudyError, StudyFailing
+from tlsweep.errors import ConfigError, ServiceError, StudyError, StudyFailing, first_line
 from tlsweep.stores import StoreKind, count_rows, prepare
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def open_storage(cfg: SweepConfig, must_exist: bool = False) -> Any:
                 ),
             )
         except Exception as e:  # SQLAlchemy raises many types for bad URLs and servers
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ServiceError(
                 f"storage: cannot open {redact_url(url)} ({redact_url(first)}); check the URL, "
                 "the server and its driver (pip install 'tlsweep[postgres]' for PostgreSQL)"

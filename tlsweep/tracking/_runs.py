@@ -40,10 +40,10 @@ from ._store import (
     STUDY_TAG,
     TRIAL_TAG,
     bound_http_retries,
-    first_line,
     mlflow_value,
     prepare_mlflow,
     resolve_uri,
+    store_gist,
     tracking_errors,
 )
 
@@ -84,7 +84,7 @@ class Tracker(TrackerStages, TrackerModels):
         except (MlflowException, SQLAlchemyError, OSError) as e:  # e.g. no right to make tables
             raise ServiceError(
                 f"tracking store {redact_url(self.tracking_uri)}: cannot open the experiment "
-                f"'{study}' ({first_line(e)}); check the tracking URI and the server, then run "
+                f"'{study}' ({store_gist(e)}); check the tracking URI and the server, then run "
                 "the command again"
             ) from None
         self.parent_run_id = parent_run_id

@@ -24,7 +24,7 @@ from tlsweep.config import (
     DEFAULT_HTTP_TIMEOUT,
     redact_url,
 )
-from tlsweep.errors import ServiceError, TlsweepError
+from tlsweep.errors import ServiceError, TlsweepError, first_line
 from tlsweep.stores import StoreKind, count_rows, prepare
 
 # How tlsweep marks its experiments and runs (a study's parent run, its trials' child runs).
@@ -102,7 +102,7 @@ def find_study_experiment(
             else []
         )
     except MlflowException as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e, None)
         raise TrackingStoreUnavailable(
             f"cannot read the tracking store {redact_url(tracking_uri)}: "
             f"{redact_url(first)[:300]}; check that it is up and reachable, then try again"
@@ -135,7 +135,7 @@ def bound_http_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(DEFAULT_HTTP_TIMEOUT))
 
 
-def first_line(e: BaseException) -> str:
+def store_gist(e: BaseException) -> str:
     """The gist of an MLflow, SQLAlchemy or connection error, short and without a password."""
 
     e = getattr(e, "orig", None) or e  # SQLAlchemy wraps the driver's error
@@ -144,8 +144,7 @@ def first_line(e: BaseException) -> str:
     reason = re.search(
         r"(\[Errno -?\d+\][^'\")\]]*|Read timed out|timed out|\d{3} [A-Z][^,;]*)", msg
     )
-    lines = [x.strip() for x in msg.strip().splitlines() if x.strip()]
-    text = reason.group(1).strip() if reason else (lines[0] if lines else type(e).__name__)
+    text = reason.group(1).strip() if reason else (first_line(msg, None) or type(e).__name__)
     return redact_url(text)[:200]  # redacted first: a cut URL loses the '@' that marks a password
 
 
@@ -175,7 +174,7 @@ def check_server(tracking_uri: str) -> None:
     except (MlflowException, OSError) as e:
         raise ServiceError(
             f"tracking server {redact_url(tracking_uri)}: not reachable or refused the request "
-            f"({first_line(e)}); start the server or fix --tracking-uri / tracking_uri (and "
+            f"({store_gist(e)}); start the server or fix --tracking-uri / tracking_uri (and "
             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD), then run the command again"
         ) from None
     finally:

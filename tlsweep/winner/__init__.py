@@ -6,14 +6,16 @@ Never imports the sweep loop back.
 
 from __future__ import annotations
 
-from ._export import build_export_model, check_output, export, save_model
+from ._export import Registration, build_export_model, check_output, export, save_model
 from ._finetune import FinetuneResult, run_finetune
 from ._finetune_files import clear_side, folder_bytes, side_folders
 from ._predict import find_files, predict
-from ._rebuild import evaluate_and_log
+from ._rebuild import Winner, evaluate_and_log
 
 __all__ = [
     "FinetuneResult",
+    "Registration",
+    "Winner",
     "build_export_model",
     "check_output",
     "clear_side",

@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlsweep.config import SweepConfig
-from tlsweep.errors import ServiceError, TlsweepError
+from tlsweep.errors import ServiceError, TlsweepError, first_line
+from tlsweep.files import replaced_atomically
 
 from ._rebuild import Winner, evaluate_and_log
+
+if TYPE_CHECKING:
+    import optuna
+
+    from tlsweep.tracking import Tracker
 
 METADATA_NAME = "tlsweep.json"
 
@@ -128,9 +132,9 @@ class Registration:
 
 def export(
     cfg: SweepConfig,
-    study: Any,
+    study: optuna.Study,
     output: str | Path,
-    tracker: Any | None,
+    tracker: Tracker | None,
     register: str | None = None,
     extracted: list | None = None,
 ) -> tuple[Winner, Registration | None]:
@@ -154,7 +158,7 @@ def save_model(
     w: Winner,
     model: Any,
     output: str | Path,
-    tracker: Any | None,
+    tracker: Tracker | None,
     extra: dict[str, Any] | None = None,
     register: str | None = None,
 ) -> Registration | None:
@@ -190,56 +194,34 @@ def write_atomically(model: Any, meta: dict[str, Any], output: Path) -> None:
     disk, Ctrl-C), and never mixed with another process's export to the same file.
 
     Each writer has its own temporary file in the target's folder (so the rename is atomic);
-    the last ``os.replace`` wins and the file is always one writer's whole model.
+    the last rename wins and the file is always one writer's whole model.
     """
     made = [d for d in (output.parent, *output.parent.parents) if not d.exists()]
-    tmp = None
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(
-            prefix=f".{output.name}.", suffix=".tmp.keras", dir=output.parent
-        )
-        os.close(fd)
-        tmp = Path(name)
-        model.save(tmp)  # overwrites the empty file mkstemp reserved
-        with zipfile.ZipFile(tmp, "a") as z:
-            z.writestr(METADATA_NAME, json.dumps(meta, indent=1, default=str))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600, as an ordinary new file would be
-        os.replace(tmp, output)
-        tmp = None
+        with replaced_atomically(output, suffix=".keras") as tmp:  # Keras wants the suffix
+            model.save(tmp)
+            with zipfile.ZipFile(tmp, "a") as z:
+                z.writestr(METADATA_NAME, json.dumps(meta, indent=1, default=str))
     except OSError as e:  # a full disk, a quota, a folder made read-only meanwhile
-        _remove(tmp, made)
+        _remove(made)
         raise ServiceError(
             f"--output {output}: cannot write the model ({_why(e)}); nothing was written: "
             "free some space (or pick another folder) and export again"
         ) from None
     except BaseException:  # Ctrl-C: no temporary file, no folder made for nothing
-        _remove(tmp, made)
+        _remove(made)
         raise
 
 
-def _remove(tmp: Path | None, made: list[Path]) -> None:
-    if tmp is not None:
-        tmp.unlink(missing_ok=True)
+def _remove(made: list[Path]) -> None:
     for d in made:  # deepest first
         with contextlib.suppress(OSError):
             d.rmdir()
 
 
 def _why(e: OSError) -> str:
-    if e.strerror:
-        return e.strerror
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0][:200] if lines else type(e).__name__
-
-
-def _umask() -> int:
-    """This process's umask, read without changing it (``os.umask`` sets it for every thread)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(x.split()[1], 8) for x in f if x.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return 0o022
+    return e.strerror or first_line(e)
 
 
 def read_metadata(model_path: str | Path) -> dict[str, Any]:

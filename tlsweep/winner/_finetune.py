@@ -35,14 +35,19 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tlsweep.config import FinetuneConfig, SweepConfig
+from tlsweep.config import FINETUNE_SHUFFLE_STRIDE, FinetuneConfig, SweepConfig
 from tlsweep.errors import TlsweepError
 from tlsweep.files import held_lock
 from tlsweep.head import better, evaluation, objective_value
+
+if TYPE_CHECKING:
+    from tlsweep.tracking import Tracker
+
+    from ._rebuild import Winner
 
 from ._finetune_data import augmentation, dataset, image_cache, image_size
 from ._finetune_files import (
@@ -144,7 +149,7 @@ def compile_model(model: Any, ft: FinetuneConfig, smoothing: float = 0.0) -> Non
 
 
 # --- the stage -----------------------------------------------------------------------------------
-def stage_key(cfg: SweepConfig, w: Any) -> str:
+def stage_key(cfg: SweepConfig, w: Winner) -> str:
     """What the fine-tuning depends on: the winner, its features, the settings and the seed."""
     payload = {
         "study": cfg.study,
@@ -167,8 +172,8 @@ def stage_key(cfg: SweepConfig, w: Any) -> str:
 
 def run_finetune(
     cfg: SweepConfig,
-    w: Any,
-    tracker: Any | None = None,
+    w: Winner,
+    tracker: Tracker | None = None,
     progress: FinetuneProgress | None = None,
 ) -> FinetuneResult:
     """Fine-tune the winner ``w`` (a :class:`tlsweep.winner._rebuild.Winner`), or resume, or return
@@ -189,8 +194,8 @@ def run_finetune(
 
 def _finetune(
     cfg: SweepConfig,
-    w: Any,
-    tracker: Any | None,
+    w: Winner,
+    tracker: Tracker | None,
     progress: FinetuneProgress | None,
     key: str,
     folder: Path,
@@ -274,7 +279,7 @@ def _finetune(
                 labels,
                 rows["train"],
                 ft.batch_size,
-                shuffle_seed=cfg.search.seed * 1000 + epoch,
+                shuffle_seed=cfg.search.seed * FINETUNE_SHUFFLE_STRIDE + epoch,
                 augment=aug,
                 onehot=len(names) if smoothing else None,
             )
@@ -362,7 +367,7 @@ def _finetune(
                 tracker.end_stage(run_id, status)
 
 
-def _log_pending(tracker: Any | None, run_id: str | None, state: dict[str, Any]) -> None:
+def _log_pending(tracker: Tracker | None, run_id: str | None, state: dict[str, Any]) -> None:
     """Log the epochs finished but not yet on the MLflow run (each exactly once).
 
     The run itself says which epochs it has: a counter kept in ``state.json`` would be stale

@@ -17,13 +17,16 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tlsweep.config import FinetuneConfig
 from tlsweep.errors import TlsweepError
 from tlsweep.files import held_lock
+
+if TYPE_CHECKING:
+    from tlsweep.features import CachedEntry
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ def image_size(bb: Any) -> int:
     return max(m.input_size for m in bb.members) if bb.members else bb.input_size
 
 
-def _images_digest(entry: Any) -> str:
+def _images_digest(entry: CachedEntry) -> str:
     members = getattr(entry, "members", None) or [entry]
     return members[0].manifest["key_parts"]["images"]
 
@@ -50,7 +53,7 @@ def _read_images(folder: Path, key: str, shape: tuple[int, ...]) -> np.ndarray |
     return None
 
 
-def image_cache(cache_dir: Path, entry: Any, size: int) -> tuple[np.ndarray, list[dict]]:
+def image_cache(cache_dir: Path, entry: CachedEntry, size: int) -> tuple[np.ndarray, list[dict]]:
     """Every usable file of ``entry`` decoded and resized to ``size`` once, uint8, memory-mapped.
 
     Returns (images [files, size, size, 3], the entry's file records, in the same order).

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from tlsweep.features import FINETUNE_DIR, IMAGES_DIR
+from tlsweep.files import atomic_write, replaced_atomically
 
 STATE = "state.json"
 LOCK = "lock"  # held by the one process working in the stage's folder
@@ -39,13 +40,8 @@ def read_state(folder: Path, key: str) -> dict[str, Any]:
 
 def write_state(folder: Path, state: dict[str, Any]) -> None:
     """Replace ``state.json`` atomically (written, synced, renamed)."""
-    path = folder / STATE
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+    with atomic_write(folder / STATE) as f:
         json.dump(state, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def add_seconds(folder: Path, key: str, seconds: float) -> None:
@@ -61,9 +57,8 @@ def save_best(model: Any, folder: Path, epoch: int) -> str:
     """The model's weights (no optimizer state) at its best validation score so far, named
     after the epoch; returns the name, for ``state.json``."""
     name = f"best-{epoch}.npz"
-    tmp = folder / f"best-{epoch}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, *model.get_weights())
-    os.replace(tmp, folder / name)
+    with replaced_atomically(folder / name, suffix=".npz") as tmp:  # savez adds .npz otherwise
+        np.savez(tmp, *model.get_weights())
     return name
 
 

@@ -18,13 +18,20 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tlsweep.config import SweepConfig
 from tlsweep.errors import StudyError
 from tlsweep.images import image_grid
+
+if TYPE_CHECKING:
+    import optuna
+
+    from tlsweep.config import BackboneConfig
+    from tlsweep.features import CachedEntry
+    from tlsweep.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +41,8 @@ class Winner:
     number: int
     value: float
     params: dict[str, Any]
-    backbone: Any
-    entry: Any
+    backbone: BackboneConfig
+    entry: CachedEntry
     head: Any
     test: dict[str, Any] | None  # None: no test split
     test_proba: Any = None  # [n, classes] probabilities on the test split
@@ -45,7 +52,7 @@ class Winner:
     validation_single_view: float | None = None
 
 
-def best_trial(study: Any) -> Any:
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     try:
         return study.best_trial
     except ValueError:
@@ -54,7 +61,7 @@ def best_trial(study: Any) -> Any:
         ) from None
 
 
-def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winner:
+def rebuild(cfg: SweepConfig, study: optuna.Study, extracted: list | None = None) -> Winner:
     """Retrain the best trial's head on the cached features and score it on the test split.
 
     ``extracted``: what :func:`~tlsweep.features.extract_all` returned, when the caller has it
@@ -62,13 +69,16 @@ def rebuild(cfg: SweepConfig, study: Any, extracted: list | None = None) -> Winn
     """
     import optuna
 
-    from tlsweep.features import extract_all
+    from tlsweep.features import plan_extraction
     from tlsweep.head import HeadParams, evaluate_head, train_head
     from tlsweep.study import SEED_ATTR, check_data, suggest, train_views, training_options
 
     best = best_trial(study)
     # Never retrain the winner's parameters on features other than the ones it was chosen on.
-    extracted = extracted or extract_all(cfg, check=lambda keys: check_data(cfg, study, keys))
+    if not extracted:
+        extraction = plan_extraction(cfg)
+        check_data(cfg, study, extraction.expected())
+        extracted = extraction.extract()
     entries = {bb.label: (bb, e) for bb, e, _ in extracted}
     params = dict(best.params)
     # Replay the trial's parameters through the same suggest() code path (fixed ones included).
@@ -148,7 +158,10 @@ def score_test(cfg: SweepConfig, proba: Any, y: Any) -> dict[str, Any]:
 
 
 def evaluate_and_log(
-    cfg: SweepConfig, study: Any, tracker: Any | None, extracted: list | None = None
+    cfg: SweepConfig,
+    study: optuna.Study,
+    tracker: Tracker | None,
+    extracted: list | None = None,
 ) -> Winner:
     """Rebuild the winner, score it on the test split and put the results on the parent run."""
     w = rebuild(cfg, study, extracted)
@@ -257,7 +270,7 @@ def _confusion_text(test: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def log_reports(cfg: SweepConfig, study: Any, tracker: Any) -> list[str]:
+def log_reports(cfg: SweepConfig, study: optuna.Study, tracker: Tracker) -> list[str]:
     """Optuna's plots (HTML) and the per-backbone comparison on the parent run."""
     import warnings
 
