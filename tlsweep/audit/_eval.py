@@ -67,11 +67,12 @@ def scored_entries(cfg: SweepConfig, study: Any) -> list[tuple[Any, Any, bool]] 
     otherwise (they extract as they always have)."""
     if cfg.data.dedupe != "eval":
         return None
-    from tlsweep.features import extract_all
+    from tlsweep.features import plan_extraction
     from tlsweep.study import check_data
 
-    entries = extract_all(cfg, check=lambda keys: check_data(cfg, study, keys))
-    return eval_copies(cfg, entries)[0]
+    extraction = plan_extraction(cfg)
+    check_data(cfg, study, extraction.expected())  # before anything is extracted
+    return eval_copies(cfg, extraction.extract())[0]
 
 
 def without(entry: Any, paths: set[str]) -> Any:
