@@ -7,8 +7,8 @@ from importlib import metadata
 import pytest
 
 import tlsweep
-from tlsweep._version import LIBRARIES, version, versions
 from tlsweep.errors import error_gist, first_line
+from tlsweep.versions import LIBRARIES, version, versions
 
 
 @pytest.mark.parametrize(

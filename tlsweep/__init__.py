@@ -5,8 +5,8 @@ Images -> features (cached once per backbone) -> trials (Optuna) -> runs (MLflow
 
 from __future__ import annotations
 
-from tlsweep._version import __version__
 from tlsweep.config import SweepConfig, load_sweep
 from tlsweep.errors import TlsweepError
+from tlsweep.versions import __version__
 
 __all__ = ["SweepConfig", "TlsweepError", "load_sweep", "__version__"]

@@ -50,7 +50,7 @@ def _backbone_entry(bb: dict[str, Any]) -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     """tlsweep's version and those of the libraries that decide its results."""
-    from tlsweep._version import versions as installed
+    from tlsweep.versions import versions as installed
 
     return installed()
 

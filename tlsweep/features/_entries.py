@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 
 from tlsweep import backbones as bbs
-from tlsweep._version import version
 from tlsweep.config import BackboneConfig
 from tlsweep.errors import TlsweepError
 from tlsweep.files import atomic_write, held_lock
 from tlsweep.images import features_record, features_stat, file_digest
+from tlsweep.versions import version
 
 log = logging.getLogger(__name__)
 
