@@ -37,11 +37,13 @@ def copied(cats_dogs_small: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     return {"dir": tmp, "data": data, "sweep": sweep}
 
 
-def _parent(tmp: Path) -> Any:
+def _parent(tmp: Path, study: str = "test") -> Any:
+    """The parent run of ``study`` (the experiment is named after it; another test of this
+    module adds a second study to the same store, in whatever order the tests run)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
-    (exp,) = [e for e in client.search_experiments() if e.name != "Default"]
+    exp = client.get_experiment_by_name(study)
     runs = client.search_runs([exp.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("tlsweep.role") == "study"]
     return parent
