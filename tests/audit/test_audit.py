@@ -215,3 +215,22 @@ def test_the_grid_draws_file_names_with_dollar_signs_as_text(
     out = tmp_path / "grid.png"
     assert _grid.copies_grid(SimpleNamespace(data_dir=str(tmp_path)), out)
     assert out.stat().st_size > 0
+
+
+def test_a_report_that_cannot_be_written_is_one_line_after_the_summary(
+    cats_dogs_small: Path, cli: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The audit is done when --json fails to write: the summary is shown, then one line."""
+    from tlsweep.audit import AuditReport
+
+    def refuse(self: Any, path: Any) -> None:
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(AuditReport, "write_json", refuse)
+    sweep = write_sweep(tmp_path / "sweep.yaml", cats_dogs_small)
+    out = cli("audit", str(sweep), "--json", str(tmp_path / "a.json"), "-q")
+    assert out.returncode == 1, out.stderr
+    assert "exact duplicates" in out.stdout
+    errors = [x for x in out.stderr.splitlines() if x.startswith("tlsweep: error: ")]
+    assert len(errors) == 1 and errors[0].startswith("tlsweep: error: --json "), out.stderr
+    assert "Traceback" not in out.stderr

@@ -21,10 +21,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.json is not None:
         check_can_write(args.json, "--json")
     report = audit_sweep(cfg, args.backbone, bar_factory(args.quiet))
+    print_report(report)  # first: a report that cannot be written is still seen
     if args.json is not None:
-        report.write_json(args.json)
-    print_report(report)
-    if args.json is not None:
+        try:
+            report.write_json(args.json)
+        except OSError as e:
+            from tlsweep.errors import ServiceError
+
+            raise ServiceError(
+                f"--json {args.json}: cannot write the report ({e.strerror or e}); "
+                "the summary is above: fix the path and run again (the features are cached)"
+            ) from None
         print(f"full report: {args.json}")
     return 0
 
